@@ -1,0 +1,236 @@
+//! Types shared by the kernel programs (`ebpf/`) and the agent (`agent/`).
+//!
+//! Everything here crosses the user/kernel boundary through BPF maps, so every type is
+//! `#[repr(C)]`, made of fixed-width integers with explicit padding, and has its size
+//! pinned by a compile-time assert. Byte order is stated on each field. A layout change
+//! gets a new `_V2` type and new map names rather than a silent reinterpretation.
+//!
+//! Addresses are always carried as 16 bytes: IPv6 as is, IPv4 as the v4-mapped IPv6
+//! address `::ffff:a.b.c.d`. That lets one map and one code path serve connect4,
+//! connect6 and v4-mapped connects from dual-stack sockets.
+#![no_std]
+
+use core::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+
+/// Program names: the entry function names in `ebpf/src/main.rs`.
+///
+/// Prefixed so they clash neither with ELF section names nor with libc symbols
+/// (a program called `sockops` or `getsockopt` confuses the loader).
+pub mod prog {
+    pub const CONNECT4: &str = "sy_connect4";
+    pub const CONNECT6: &str = "sy_connect6";
+    pub const GETPEERNAME4: &str = "sy_getpeername4";
+    pub const GETPEERNAME6: &str = "sy_getpeername6";
+    pub const SOCK_OPS: &str = "sy_sock_ops";
+    /// Every program the agent attaches, in attach order.
+    pub const ALL: [&str; 5] = [SOCK_OPS, GETPEERNAME4, GETPEERNAME6, CONNECT4, CONNECT6];
+}
+
+/// Map names (at most 15 bytes: the kernel's BPF_OBJ_NAME_LEN).
+pub mod map {
+    pub const SERVICES: &str = "SY_SERVICES";
+    pub const AGENT: &str = "SY_AGENT";
+    pub const SOCK_ORIG: &str = "SY_SOCK_ORIG";
+    pub const CLIENT_ORIG: &str = "SY_CLIENT_ORIG";
+    pub const COUNTERS: &str = "SY_COUNTERS";
+}
+
+/// An IP address and port in the map encoding.
+///
+/// Used as the service-address key (`SY_SERVICES`), as the client-address key
+/// (`SY_CLIENT_ORIG`) and as the remembered original destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAddrV1 {
+    /// IPv6 address or v4-mapped IPv4 address, as four words each holding four bytes in
+    /// network order (the kernel's `s6_addr32` / `user_ip6` layout).
+    pub addr: [u32; 4],
+    /// Port in network byte order (the kernel's `user_port` layout, low 16 bits).
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<SockAddrV1>() == 20);
+
+/// Third word of a v4-mapped address (`::ffff:0:0/96`), in network order.
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+impl SockAddrV1 {
+    /// From an IPv4 address word as the kernel hands it over (network order) and a
+    /// network-order port.
+    pub const fn from_v4_raw(ip4: u32, port_be: u16) -> Self {
+        Self { addr: [0, 0, V4_MAPPED_WORD, ip4], port: port_be, _pad: 0 }
+    }
+
+    /// From IPv6 address words (network order) and a network-order port.
+    pub const fn from_v6_raw(ip6: [u32; 4], port_be: u16) -> Self {
+        Self { addr: ip6, port: port_be, _pad: 0 }
+    }
+
+    /// True when the address is v4-mapped (`::ffff:a.b.c.d`).
+    pub const fn is_v4_mapped(&self) -> bool {
+        self.addr[0] == 0 && self.addr[1] == 0 && self.addr[2] == V4_MAPPED_WORD
+    }
+
+    fn octets(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        for (chunk, word) in out.chunks_exact_mut(4).zip(self.addr) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        out
+    }
+
+    /// The socket address, with v4-mapped addresses turned back into IPv4.
+    pub fn to_socket_addr(&self) -> SocketAddr {
+        let v6 = Ipv6Addr::from(self.octets());
+        let port = u16::from_be(self.port);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), port),
+            None => SocketAddr::V6(SocketAddrV6::new(v6, port, 0, 0)),
+        }
+    }
+}
+
+impl From<SocketAddr> for SockAddrV1 {
+    /// IPv4 becomes v4-mapped; a v4-mapped IPv6 address is already in that form, so both
+    /// spellings of one destination encode to the same key, as they are the same
+    /// destination to the kernel.
+    fn from(sa: SocketAddr) -> Self {
+        let v6 = match sa.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        let o = v6.octets();
+        let mut addr = [0u32; 4];
+        for (i, word) in addr.iter_mut().enumerate() {
+            *word = u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]);
+        }
+        Self { addr, port: sa.port().to_be(), _pad: 0 }
+    }
+}
+
+/// Value of `SY_SERVICES`: which service a service address belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceV1 {
+    /// Index of the service in the agent's configuration (host order). The kernel only
+    /// needs to know the address is a service; the id is for `bpftool map dump` readers.
+    pub id: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(core::mem::size_of::<ServiceV1>() == 8);
+
+/// Value of the single-slot `SY_AGENT` array: where redirected connects go.
+///
+/// Until the agent writes it (`listen_port == 0`) the programs redirect nothing, so a
+/// half-loaded agent can never send connections to a listener that is not there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentV1 {
+    /// IPv4 listener address, network order (normally 127.0.0.1).
+    pub listen_v4: u32,
+    /// IPv6 listener address, network-order words (normally ::1).
+    pub listen_v6: [u32; 4],
+    /// Listener port, network order. 0 means "agent not ready: redirect nothing".
+    pub listen_port: u16,
+    pub _pad: u16,
+    /// SO_MARK carried by the agent's own upstream sockets (host order). Sockets with
+    /// this mark are never redirected; setting SO_MARK needs CAP_NET_ADMIN, so an
+    /// application cannot use it to slip past the redirect.
+    pub mark: u32,
+    pub _pad2: u32,
+    /// Network namespace cookie of the agent's listener (host order). Connects from
+    /// other namespaces are passed untouched: 127.0.0.1 there is not our listener.
+    pub netns_cookie: u64,
+}
+const _: () = assert!(core::mem::size_of::<AgentV1>() == 40);
+
+/// Original destination of a redirected connection, as the client dialled it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDstV1 {
+    /// The service address the application connected to.
+    pub dst: SockAddrV1,
+    /// Address family of the client's socket (host order: AF_INET = 2, AF_INET6 = 10).
+    /// A dual-stack socket dialling a v4-mapped address has AF_INET6 here.
+    pub family: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<OrigDstV1>() == 24);
+
+/// Linux address family numbers (stable ABI; libc is not available in the kernel crate).
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Indices into the per-CPU `SY_COUNTERS` array: one per kernel-side decision.
+pub mod counter {
+    /// connect rewritten to the agent's listener.
+    pub const REDIRECTED: u32 = 0;
+    /// TCP connect whose destination is not a service address.
+    pub const PASSED: u32 = 1;
+    /// connect from a socket carrying the agent's mark (the agent's own upstreams).
+    pub const SKIPPED_MARK: u32 = 2;
+    /// connect from another network namespace than the agent's.
+    pub const SKIPPED_NETNS: u32 = 3;
+    /// connect of a non-TCP socket (UDP, raw...).
+    pub const SKIPPED_NOT_TCP: u32 = 4;
+    /// service address hit while the agent was not ready (no listener published).
+    pub const SKIPPED_NOT_READY: u32 = 5;
+    /// a map update or helper failed; the connect was let through unchanged.
+    pub const ERRORS: u32 = 6;
+    /// sock_ops published a client address -> original destination entry.
+    pub const ORIG_DST_PUBLISHED: u32 = 7;
+    /// getpeername answered with the service address instead of the listener.
+    pub const PEER_REWRITTEN: u32 = 8;
+    /// Number of counters (the array's max_entries).
+    pub const COUNT: u32 = 9;
+    /// Names, by index, for logs and metrics.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "redirected",
+        "passed",
+        "skipped_mark",
+        "skipped_netns",
+        "skipped_not_tcp",
+        "skipped_not_ready",
+        "errors",
+        "orig_dst_published",
+        "peer_rewritten",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all four are repr(C), integers only, with explicit padding, so every bit
+    // pattern is valid and there are no implicit padding bytes.
+    unsafe impl aya::Pod for super::SockAddrV1 {}
+    unsafe impl aya::Pod for super::ServiceV1 {}
+    unsafe impl aya::Pod for super::AgentV1 {}
+    unsafe impl aya::Pod for super::OrigDstV1 {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_and_v4_mapped_encode_alike_and_round_trip() {
+        let v4: SocketAddr = "10.96.0.10:6379".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:10.96.0.10]:6379".parse().unwrap();
+        let k = SockAddrV1::from(v4);
+        assert_eq!(k, SockAddrV1::from(mapped));
+        assert!(k.is_v4_mapped());
+        assert_eq!(k.to_socket_addr(), v4);
+        // The kernel hands over user_ip4 as a network-order word and user_port likewise.
+        let raw_ip = u32::from_ne_bytes([10, 96, 0, 10]);
+        assert_eq!(SockAddrV1::from_v4_raw(raw_ip, 6379u16.to_be()), k);
+    }
+
+    #[test]
+    fn v6_round_trips() {
+        let v6: SocketAddr = "[fd96::10]:80".parse().unwrap();
+        let k = SockAddrV1::from(v6);
+        assert!(!k.is_v4_mapped());
+        assert_eq!(k.to_socket_addr(), v6);
+        assert_eq!(k.addr[0].to_ne_bytes(), [0xfd, 0x96, 0, 0]);
+        assert_eq!(k.port.to_ne_bytes(), [0, 80]);
+    }
+}

@@ -1,0 +1,295 @@
+//! The configuration file: serde types, defaults and validation.
+//!
+//! A config is either wholly valid or rejected with every problem listed, each naming its
+//! field (`services[1].addresses[0]`) and, for syntax errors, the line and column. The
+//! agent never starts half-configured.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Default port of the agent's outbound listener (same as linkerd2-proxy and ztunnel's
+/// outbound port, so operators recognise it).
+pub const DEFAULT_LISTEN_PORT: u16 = 15001;
+/// Default SO_MARK of the agent's upstream sockets: "SY" in ASCII. Must not be 0, the mark
+/// every ordinary socket carries.
+pub const DEFAULT_MARK: u32 = 0x5359;
+/// Default time the agent lets open connections finish after SIGTERM.
+pub const DEFAULT_DRAIN_SECS: u64 = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {} is not valid YAML for switchyard", path.display())]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    #[error("config file {} has {} problem(s):\n{}", path.display(), problems.len(), Problems(problems))]
+    Invalid { path: PathBuf, problems: Vec<Problem> },
+}
+
+/// One validation problem: the field path and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub field: String,
+    pub message: String,
+}
+
+struct Problems<'a>(&'a [Problem]);
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  {}: {}", p.field, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub agent: AgentConfig,
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Port of the outbound listener on 127.0.0.1 and [::1].
+    pub listen_port: u16,
+    /// cgroup v2 directory to attach to. Default: the cgroup2 root found in /proc/mounts.
+    pub cgroup: Option<PathBuf>,
+    /// SO_MARK of the agent's upstream sockets; such sockets are never redirected.
+    pub mark: u32,
+    /// Seconds open connections may run on after SIGTERM before they are cut.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            listen_port: DEFAULT_LISTEN_PORT,
+            cgroup: None,
+            mark: DEFAULT_MARK,
+            drain_timeout_secs: DEFAULT_DRAIN_SECS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Addresses applications dial (`ip:port`, `[v6]:port`).
+    pub addresses: Vec<SocketAddr>,
+    /// Where the agent sends the connections.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parse and validate config text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config =
+            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config.canonical())
+        } else {
+            Err(ConfigError::Invalid { path: path.to_owned(), problems })
+        }
+    }
+
+    /// Every validation problem, in field order.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut problem = |field: String, message: String| out.push(Problem { field, message });
+        let a = &self.agent;
+        if a.listen_port == 0 {
+            problem("agent.listen_port".into(), "must be a port from 1 to 65535".into());
+        }
+        if a.mark == 0 {
+            problem(
+                "agent.mark".into(),
+                "must not be 0: every ordinary socket has mark 0, so nothing would be redirected".into(),
+            );
+        }
+        if let Some(cg) = &a.cgroup
+            && !cg.is_absolute()
+        {
+            problem("agent.cgroup".into(), format!("`{}` must be an absolute path", cg.display()));
+        }
+        let listeners = [
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), a.listen_port),
+            SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), a.listen_port),
+        ];
+
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut owners: HashMap<SocketAddr, usize> = HashMap::new();
+        for (i, svc) in self.services.iter().enumerate() {
+            let at = |field: &str| format!("services[{i}].{field}");
+            if svc.name.trim().is_empty() {
+                problem(at("name"), "must not be empty".into());
+            } else if let Some(first) = names.insert(&svc.name, i) {
+                problem(at("name"), format!("`{}` is already the name of services[{first}]", svc.name));
+            }
+            if svc.addresses.is_empty() {
+                problem(at("addresses"), "must list at least one service address (ip:port)".into());
+            }
+            for (j, addr) in svc.addresses.iter().enumerate() {
+                let field = at(&format!("addresses[{j}]"));
+                let addr = canonical(*addr);
+                if let Some(msg) = unusable(addr) {
+                    problem(field, msg);
+                } else if listeners.contains(&addr) {
+                    problem(field, format!("{addr} is the agent's own listener; connections would loop"));
+                } else if let Some(first) = owners.insert(addr, i) {
+                    problem(field, format!("{addr} is already an address of services[{first}]"));
+                }
+            }
+            if svc.endpoints.is_empty() {
+                problem(at("endpoints"), "must list at least one endpoint (ip:port)".into());
+            }
+            for (j, ep) in svc.endpoints.iter().enumerate() {
+                if let Some(msg) = unusable(canonical(*ep)) {
+                    problem(at(&format!("endpoints[{j}]")), msg);
+                }
+            }
+        }
+        out
+    }
+
+    /// The same config with v4-mapped IPv6 addresses written as IPv4, the form the kernel
+    /// and the lookups use.
+    fn canonical(mut self) -> Self {
+        for svc in &mut self.services {
+            svc.addresses.iter_mut().for_each(|a| *a = canonical(*a));
+            svc.endpoints.iter_mut().for_each(|a| *a = canonical(*a));
+        }
+        self
+    }
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+fn unusable(addr: SocketAddr) -> Option<String> {
+    if addr.port() == 0 {
+        Some(format!("{addr} has port 0"))
+    } else if addr.ip().is_unspecified() {
+        Some(format!("{addr} is the unspecified address"))
+    } else if addr.ip().is_multicast() {
+        Some(format!("{addr} is a multicast address"))
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.yaml"))
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse(text) {
+            Err(ConfigError::Invalid { problems, .. }) => problems.into_iter().map(|p| p.field).collect(),
+            other => panic!("expected validation problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn full_config_parses_with_defaults() {
+        let c = parse(
+            "services:\n  - name: redis\n    addresses: [\"10.96.0.10:6379\", \"[fd96::10]:6379\", \"[::ffff:10.96.0.11]:6379\"]\n    endpoints: [\"10.0.0.2:6379\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.agent, AgentConfig::default());
+        assert_eq!(c.services[0].addresses[2], "10.96.0.11:6379".parse().unwrap(), "v4-mapped is canonicalised");
+    }
+
+    #[test]
+    fn syntax_errors_name_field_and_line() {
+        let err =
+            parse("services:\n  - name: web\n    addresses: [\"10.96.0.300:80\"]\n    endpoints: []\n").unwrap_err();
+        let ConfigError::Parse { source, .. } = &err else { panic!("{err:?}") };
+        let msg = source.to_string();
+        assert!(msg.contains("services[0].addresses[0]"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = parse("agent:\n  listen_prot: 1\n").unwrap_err();
+        let ConfigError::Parse { source, .. } = &err else { panic!("{err:?}") };
+        assert!(source.to_string().contains("listen_prot"), "{source}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let fields = problems(
+            r#"
+agent: { mark: 0, listen_port: 15001 }
+services:
+  - name: a
+    addresses: ["10.96.0.1:80", "127.0.0.1:15001"]
+    endpoints: []
+  - name: a
+    addresses: ["[::ffff:10.96.0.1]:80", "0.0.0.0:80"]
+    endpoints: ["10.0.0.1:0"]
+  - name: ""
+    addresses: []
+    endpoints: ["10.0.0.1:80"]
+"#,
+        );
+        assert_eq!(
+            fields,
+            [
+                "agent.mark",
+                "services[0].addresses[1]",
+                "services[0].endpoints",
+                "services[1].name",
+                "services[1].addresses[0]",
+                "services[1].addresses[1]",
+                "services[1].endpoints[0]",
+                "services[2].name",
+                "services[2].addresses",
+            ]
+        );
+    }
+
+    #[test]
+    fn invalid_display_lists_problems() {
+        let err = parse("agent: { listen_port: 0 }\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("test.yaml has 1 problem(s)"), "{text}");
+        assert!(text.contains("agent.listen_port: must be a port"), "{text}");
+    }
+}

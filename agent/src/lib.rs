@@ -1,0 +1,27 @@
+//! Switchyard: a transparent node agent for service-to-service traffic.
+//!
+//! # Layout
+//!
+//! * [`config`]: the YAML config file: serde types, defaults, validation that names the
+//!   bad field.
+//! * [`redirect`]: the kernel side seen from userspace (the only user of aya): host checks,
+//!   loading and attaching the eBPF programs, their maps and counters.
+//! * [`state`]: the services and their endpoints, indexed by service address. Pure.
+//! * [`balance`]: endpoint choice. Pure.
+//! * [`proxy`]: listeners, the accept loop and per-connection byte copying.
+//! * [`app`]: the composition root: wires the above together and owns start-up order and
+//!   shutdown.
+//!
+//! The path of one connection: an application in the attached cgroup calls `connect()` to
+//! a service address; `cgroup/connect4|6` rewrites it to the agent's loopback listener and
+//! records the original destination; `proxy` accepts, asks `redirect` for the original
+//! destination by the client's address, `state` names the service, `balance` picks an
+//! endpoint, and `proxy` connects with the agent's SO_MARK (which the kernel programs
+//! never redirect) and copies bytes. See docs/design.md.
+
+pub mod app;
+pub mod balance;
+pub mod config;
+pub mod proxy;
+pub mod redirect;
+pub mod state;

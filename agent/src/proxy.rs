@@ -1,0 +1,190 @@
+//! The outbound proxy: accept redirected connections, find where the client meant to go,
+//! pick an endpoint, connect with the agent's mark and copy bytes both ways.
+//!
+//! One tokio task and one tracing span per connection. Per-connection errors end in that
+//! task with a debug log; only accept errors back off (mini-redis `server.rs`).
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, AsRawFd as _},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use nix::sys::socket::{setsockopt, sockopt};
+use tokio::{
+    io::copy_bidirectional,
+    net::{TcpListener, TcpSocket, TcpStream},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument as _, debug, debug_span, field, warn};
+
+use crate::{redirect::OrigDstTable, state::Snapshot};
+
+/// How long an upstream connect may take before the client connection is reset.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(
+        "cannot listen on {addr}: is another switchyard (or anything else) using port {}? \
+         Stop it or set agent.listen_port",
+        addr.port()
+    )]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("read the network namespace cookie of the listener (SO_NETNS_COOKIE needs Linux 5.14+)")]
+    NetnsCookie(#[source] io::Error),
+}
+
+/// The outbound listeners: 127.0.0.1 always, [::1] where the host has IPv6.
+pub struct Listeners {
+    pub v4: TcpListener,
+    pub v6: Option<TcpListener>,
+}
+
+impl Listeners {
+    pub async fn bind(port: u16) -> Result<Self, ProxyError> {
+        let bind = |ip: IpAddr| async move {
+            let addr = SocketAddr::new(ip, port);
+            TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })
+        };
+        let v4 = bind(Ipv4Addr::LOCALHOST.into()).await?;
+        let v6 = match bind(Ipv6Addr::LOCALHOST.into()).await {
+            Ok(l) => Some(l),
+            // A host with IPv6 disabled has no ::1; it has no IPv6 services to reach either.
+            Err(ProxyError::Bind { source, .. }) if source.kind() == io::ErrorKind::AddrNotAvailable => {
+                warn!("no IPv6 loopback address on this host; IPv6 service addresses will not be proxied");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(Self { v4, v6 })
+    }
+
+    /// Cookie of the network namespace the listeners live in. The kernel programs only
+    /// redirect connects made in this namespace: elsewhere 127.0.0.1 is not us.
+    pub fn netns_cookie(&self) -> Result<u64, ProxyError> {
+        // SO_NETNS_COOKIE from asm-generic/socket.h (Linux 5.14+); libc does not export it
+        // for every target.
+        const SO_NETNS_COOKIE: libc::c_int = 71;
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: valid fd, buffer and length for a u64 option.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.v4.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_NETNS_COOKIE,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 { Ok(cookie) } else { Err(ProxyError::NetnsCookie(io::Error::last_os_error())) }
+    }
+}
+
+/// Everything a connection task needs, shared by all of them.
+pub struct Proxy {
+    state: Arc<Snapshot>,
+    orig: OrigDstTable,
+    mark: u32,
+    next_id: AtomicU64,
+}
+
+impl Proxy {
+    pub fn new(state: Arc<Snapshot>, orig: OrigDstTable, mark: u32) -> Arc<Self> {
+        Arc::new(Self { state, orig, mark, next_id: AtomicU64::new(1) })
+    }
+
+    /// Accept until `stop` fires; each connection runs as a task on `tasks`, so the
+    /// caller can wait for them to drain.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, tasks: TaskTracker, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((client, peer)) => {
+                    backoff = Duration::from_millis(10);
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let span = debug_span!(
+                        "outbound",
+                        conn.id = id,
+                        client.addr = %peer,
+                        orig.dst = field::Empty,
+                        service = field::Empty,
+                        endpoint = field::Empty,
+                    );
+                    tasks.spawn(Arc::clone(&self).handle(client, peer).instrument(span));
+                }
+                Err(e) => {
+                    // Out of fds or memory: wait and retry rather than spin or exit.
+                    warn!(error = %e, retry_in = ?backoff, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+        let span = tracing::Span::current();
+        let Some(orig) = self.orig.lookup(peer) else {
+            debug!("no original destination recorded for this client (not redirected?); closing");
+            return;
+        };
+        span.record("orig.dst", field::display(orig));
+        let Some(service) = self.state.service_for(orig) else {
+            debug!("original destination is not a known service; closing");
+            return;
+        };
+        span.record("service", service.name.as_str());
+        let Some(endpoint) = service.balancer.pick(&service.endpoints) else {
+            debug!("service has no endpoints; resetting");
+            reset(&client);
+            return;
+        };
+        span.record("endpoint", field::display(endpoint));
+        let mut upstream = match self.connect(endpoint).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "upstream connect failed; resetting client");
+                reset(&client);
+                return;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        // copy_bidirectional forwards a half-close: EOF from one side becomes a write
+        // shutdown towards the other, and copying goes on in the open direction.
+        match copy_bidirectional(&mut client, &mut upstream).await {
+            Ok((to_upstream, to_client)) => debug!(bytes.out = to_upstream, bytes.in = to_client, "closed"),
+            Err(e) => debug!(error = %e, "connection ended with an error"),
+        }
+    }
+
+    /// Connect to an endpoint with the agent's mark, so the connect programs let it pass.
+    async fn connect(&self, endpoint: SocketAddr) -> io::Result<TcpStream> {
+        let socket = if endpoint.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        setsockopt(&socket.as_fd(), sockopt::Mark, &self.mark).map_err(io::Error::from)?;
+        tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(endpoint)).await.map_err(|_| {
+            io::Error::new(io::ErrorKind::TimedOut, format!("connect timed out after {CONNECT_TIMEOUT:?}"))
+        })?
+    }
+}
+
+/// Close with RST so the client sees the failure at once instead of a clean EOF.
+fn reset(client: &TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let _ = setsockopt(&client.as_fd(), sockopt::Linger, &linger);
+}

@@ -1,0 +1,160 @@
+//! Idempotent set-up of everything the build, tests and demo need on a fresh machine of
+//! our kind (rustup with stable and nightly, Debian): rust-src for nightly, bpf-linker
+//! built against nightly's own LLVM, and the Debian tools the tests drive. Each step
+//! checks first and does nothing when already done, so a second run takes well under a
+//! second.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+/// bpf-linker version that builds against the LLVM nightly rustc ships (see README).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages, by a command each provides.
+const DEBIAN: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("bpftool", "bpftool"),
+    ("setpriv", "util-linux"),
+    ("unshare", "util-linux"),
+    ("curl", "curl"),
+    ("python3", "python3"),
+    ("redis-server", "redis-server"),
+    ("redis-cli", "redis-tools"),
+];
+
+pub fn all() -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    debian_packages()
+}
+
+/// Toolchain only: what `cargo build` of the agent needs.
+pub fn toolchain() -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("run {cmd:?}"))?;
+    ensure!(status.success(), "{cmd:?} failed ({status})");
+    Ok(())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
+        .context("the nightly toolchain is needed to build the eBPF programs; install it with rustup")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    eprintln!("xtask: adding rust-src to the nightly toolchain");
+    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+fn bpf_linker_works() -> bool {
+    Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+/// `cargo install bpf-linker` wants a system LLVM of the newest major; we build it against
+/// the libLLVM that nightly rustc itself ships instead, so the two always agree. That
+/// library has no unversioned name, so a prefix directory supplies the names the build
+/// and the loader look for. The prefix is kept (the built linker's RUNPATH points there)
+/// and named after the library, so a nightly update makes a new one.
+fn bpf_linker() -> anyhow::Result<()> {
+    if bpf_linker_works() {
+        return Ok(());
+    }
+    let sysroot = PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim());
+    let libdir = sysroot.join("lib");
+    let lib = std::fs::read_dir(&libdir)
+        .with_context(|| format!("list {}", libdir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so.") && name.contains("-rust-"))
+        .with_context(|| format!("no libLLVM.so.*-rust-* in {}", libdir.display()))?;
+    let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let major = llvm_major(&version).context("rustc +nightly -vV names no LLVM version")?;
+
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let prefix = cargo_home.join("switchyard-llvm").join(&lib);
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib).with_context(|| format!("create {}", prefix_lib.display()))?;
+    for name in ["libLLVM.so".to_owned(), format!("libLLVM-{major}.so"), lib.clone()] {
+        let link = prefix_lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(libdir.join(&lib), &link).with_context(|| format!("symlink {}", link.display()))?;
+    }
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against {lib} (LLVM {major}); about a minute and a half"
+    );
+    status(
+        Command::new("cargo")
+            .args(["+nightly", "install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
+            .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+            .env("LLVM_PREFIX", &prefix)
+            // Not inside our workspace, whose config must not leak into the install.
+            .current_dir(&prefix),
+    )?;
+    ensure!(bpf_linker_works(), "bpf-linker was installed but does not run (`bpf-linker --version`)");
+    Ok(())
+}
+
+fn llvm_major(rustc_vv: &str) -> Option<u32> {
+    rustc_vv.lines().find_map(|l| l.strip_prefix("LLVM version: "))?.split('.').next()?.trim().parse().ok()
+}
+
+fn on_path(cmd: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    // sbin directories are not always on a non-login root PATH; look there too.
+    std::env::split_paths(&path).chain(["/usr/sbin", "/sbin"].map(PathBuf::from)).any(|dir| dir.join(cmd).is_file())
+}
+
+fn debian_packages() -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = DEBIAN.iter().filter(|(cmd, _)| !on_path(cmd)).map(|(_, pkg)| *pkg).collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("missing Debian packages {}; run as root so xtask can apt-get install them", missing.join(" "));
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    let apt = || {
+        let mut c = Command::new("apt-get");
+        c.env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    status(apt().args(["update", "-q"]))?;
+    status(apt().args(["install", "-y", "-q", "--no-install-recommends"]).args(&missing))
+}
+
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|u| u.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llvm_major_from_rustc_version() {
+        let vv = "rustc 1.97.0-nightly (e50aa6fba 2026-05-19)\nhost: x86_64-unknown-linux-gnu\nLLVM version: 22.1.4\n";
+        assert_eq!(llvm_major(vv), Some(22));
+        assert_eq!(llvm_major("rustc 1.0\n"), None);
+    }
+}

@@ -1,0 +1,101 @@
+//! `cargo xtask demo`: the agent, real backends and real clients in a throwaway network
+//! namespace and cgroup (the end-to-end harness's `Topology`), with a running commentary.
+//! Everything it creates is removed when it ends, on error too (the harness's guards).
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, ensure};
+use switchyard_tests::{Agent, Topology, addr, kernel_counters};
+
+pub fn run(bin: &Path) -> anyhow::Result<()> {
+    if !crate::bootstrap::is_root() {
+        bail!("the demo loads eBPF programs and creates network namespaces: run it as root");
+    }
+    let topo = Topology::new();
+    let [b0, b1] = addr::BACKEND_V4;
+    println!(
+        "== Throwaway node: network namespace {} (agent + clients), cgroup {}",
+        topo.node.name,
+        topo.cgroup.path.display()
+    );
+    println!("   backends in namespace {} at {b0} and {b1}", topo.backend.name);
+
+    // Three HTTP endpoints, each answering with its own name, and one redis.
+    let endpoints = [(b0, 8080), (b1, 8080), (b0, 8081)];
+    let mut servers = Vec::new();
+    for (ip, port) in endpoints {
+        let root = topo.dir.path().join(format!("www-{ip}-{port}"));
+        std::fs::create_dir_all(&root)?;
+        std::fs::write(root.join("index.html"), format!("hello from backend {ip}:{port}\n"))?;
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "http.server", &port.to_string(), "--bind", ip]).current_dir(&root);
+        servers.push(topo.backend_server(&mut cmd, || topo.node_can_connect(&format!("{ip}:{port}"))));
+    }
+    let mut redis = Command::new("redis-server");
+    redis
+        .args(["--bind", b0, "--port", "6379", "--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .current_dir(topo.dir.path());
+    servers.push(topo.backend_server(&mut redis, || topo.node_can_connect(&format!("{b0}:6379"))));
+
+    let config = format!(
+        r#"agent:
+  cgroup: {cg}
+services:
+  - name: web
+    addresses: ["10.96.0.20:80", "[fd96::20]:80"]
+    endpoints: ["{b0}:8080", "{b1}:8080", "{b0}:8081"]
+  - name: redis
+    addresses: ["10.96.0.30:6379"]
+    endpoints: ["{b0}:6379"]
+"#,
+        cg = topo.cgroup.path.display()
+    );
+    println!("\n== Config\n{config}");
+    let agent = Agent::start_bin(bin, &topo, &config);
+    println!("== Agent running (pid {}); attached to the cgroup: {:?}", agent.pid(), topo.attached_programs());
+
+    println!("\n== curl, inside the cgroup, dialling the service address (no proxy settings):");
+    for url in ["http://10.96.0.20/"; 6].into_iter().chain(["http://[fd96::20]/"]) {
+        let out = topo.client(Command::new("curl").args([
+            "-sS",
+            "--max-time",
+            "5",
+            "-w",
+            "  (curl's peer: %{remote_ip}:%{remote_port})",
+            url,
+        ]));
+        ensure!(out.status.success(), "curl {url} failed: {}", String::from_utf8_lossy(&out.stderr));
+        println!("   curl {url:22} -> {}", String::from_utf8_lossy(&out.stdout).replace('\n', ""));
+    }
+
+    println!("\n== redis-cli, dialling 10.96.0.30:6379:");
+    for args in [&["SET", "demo", "hello"][..], &["INCR", "visits"], &["INCR", "visits"], &["GET", "demo"]] {
+        let out = topo.client(Command::new("redis-cli").args(["-h", "10.96.0.30", "-p", "6379"]).args(args));
+        ensure!(out.status.success(), "redis-cli failed: {}", String::from_utf8_lossy(&out.stderr));
+        println!("   redis-cli {:18} -> {}", args.join(" "), String::from_utf8_lossy(&out.stdout).trim());
+    }
+
+    println!("\n== A destination that is not a service is not touched (no route for 10.96.0.99 here):");
+    let out = topo.client(Command::new("curl").args(["-sS", "--max-time", "5", "http://10.96.0.99/"]));
+    println!("   curl http://10.96.0.99/ -> {}", String::from_utf8_lossy(&out.stderr).trim());
+
+    let log = agent.stop();
+    println!("\n== What the agent did (one line per proxied connection):");
+    for line in log.lines().filter(|l| l.contains("outbound{") && (l.contains(" closed") || l.contains(" ended"))) {
+        let fields: Vec<&str> = line
+            .split_whitespace()
+            .filter(|w| ["orig.dst=", "service=", "endpoint=", "bytes.", "error="].iter().any(|p| w.starts_with(p)))
+            .map(|w| w.trim_end_matches("}:"))
+            .collect();
+        println!("   {}", fields.join(" "));
+    }
+    let counters = kernel_counters(&log);
+    let order = ["redirected", "passed", "skipped_mark", "orig_dst_published", "peer_rewritten", "errors"];
+    let shown: Vec<String> = order.iter().map(|k| format!("{k}={}", counters.get(*k).copied().unwrap_or(0))).collect();
+    println!("\n== Kernel counters (per decision, summed over CPUs): {}", shown.join(" "));
+    drop(servers);
+    let left = topo.attached_programs();
+    ensure!(left.is_empty(), "programs still attached after the agent stopped: {left:?}");
+    println!("\n== Agent stopped; nothing left attached. Removing the namespaces and cgroup.");
+    Ok(())
+}

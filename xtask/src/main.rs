@@ -1,0 +1,142 @@
+//! `cargo xtask <command>`: everything beyond a plain `cargo build`.
+//!
+//! * `bootstrap`: install what the build, tests and demo need (idempotent, fast when done).
+//! * `build [--release]`: bootstrap the toolchain, then build the agent.
+//! * `test [-- ARGS]`: bootstrap, build the agent, then run unit and root end-to-end tests.
+//! * `demo`: bootstrap, build, then show a real client's traffic through the agent.
+
+mod bootstrap;
+mod demo;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, ensure};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install rust-src, bpf-linker and the Debian tools the tests and demo use.
+    Bootstrap,
+    /// Build the agent (target/debug/switchyard, or target/release with --release).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Unit tests and the root-only end-to-end tests. Extra args go to `cargo test`.
+    Test {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the agent against local backends in a throwaway namespace and cgroup.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Bootstrap => bootstrap::all(),
+        Cmd::Build { release } => {
+            bootstrap::toolchain()?;
+            build_agent(release).map(|bin| println!("{}", bin.display()))
+        }
+        Cmd::Test { args } => {
+            bootstrap::all()?;
+            let bin = build_agent(false)?;
+            test(&bin, &args)
+        }
+        Cmd::Demo => {
+            bootstrap::all()?;
+            let bin = build_agent(false)?;
+            demo::run(&bin)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Build the agent binary and return its path.
+fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "switchyard"]);
+    if release {
+        cmd.arg("--release");
+    }
+    bootstrap::status(&mut cmd).context("build the agent")?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
+    Ok(target.join(if release { "release" } else { "debug" }).join("switchyard"))
+}
+
+/// `cargo test --workspace` with the agent binary handed to the end-to-end tests, output
+/// passed through, and one closing line that adds up every suite.
+fn test(bin: &std::path::Path, args: &[String]) -> anyhow::Result<()> {
+    if !bootstrap::is_root() {
+        eprintln!("xtask: not root: the end-to-end tests will be SKIPPED (and fail under CI=true)");
+    }
+    let mut child = cargo()
+        .args(["test", "--workspace"])
+        .args(args)
+        .env("SWITCHYARD_BIN", bin)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("run cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let line = line.context("read cargo test output")?;
+        println!("{line}");
+        if let Some((p, f)) = suite_counts(&line) {
+            passed += p;
+            failed += f;
+        }
+    }
+    let status = child.wait().context("wait for cargo test")?;
+    println!("\ntotal: {passed} passed, {failed} failed");
+    ensure!(status.success(), "cargo test failed ({status})");
+    ensure!(passed > 0, "no test ran");
+    Ok(())
+}
+
+/// (passed, failed) from a libtest summary line:
+/// `test result: ok. 8 passed; 0 failed; 0 ignored; ...`.
+fn suite_counts(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split(';')
+            .find_map(|part| part.trim().trim_start_matches("ok. ").trim_start_matches("FAILED. ").strip_suffix(word))
+            .and_then(|n| n.trim().parse().ok())
+    };
+    Some((count(" passed")?, count(" failed")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::suite_counts;
+
+    #[test]
+    fn reads_libtest_summaries() {
+        assert_eq!(
+            suite_counts("test result: ok. 8 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out"),
+            Some((8, 0))
+        );
+        assert_eq!(suite_counts("test result: FAILED. 3 passed; 5 failed; 0 ignored"), Some((3, 5)));
+        assert_eq!(suite_counts("running 8 tests"), None);
+    }
+}
