@@ -101,7 +101,7 @@ fn log_counters(redirect: &Redirect) {
     match redirect.counters() {
         Ok(counters) => {
             let text: Vec<String> = counters.iter().map(|(name, n)| format!("{name}={n}")).collect();
-            info!(counters = %text.join(" "), "kernel counters");
+            info!(counters = %text.join(" "), tracked_sockets = redirect.tracked_sockets(), "kernel counters");
         }
         Err(e) => warn!(error = %e, "cannot read kernel counters"),
     }

@@ -34,7 +34,7 @@ pub enum ConfigError {
     Parse {
         path: PathBuf,
         #[source]
-        source: serde_yaml::Error,
+        source: serde_yaml_ng::Error,
     },
     #[error("config file {} has {} problem(s):\n{}", path.display(), problems.len(), Problems(problems))]
     Invalid { path: PathBuf, problems: Vec<Problem> },
@@ -115,7 +115,7 @@ impl Config {
     /// Parse and validate config text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let config: Config =
-            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+            serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
         let problems = config.problems();
         if problems.is_empty() {
             Ok(config.canonical())

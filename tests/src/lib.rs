@@ -216,18 +216,21 @@ impl Topology {
         proc
     }
 
-    /// The probe echo server on `port` of every backend address, v4 and v6.
+    /// The probe echo server on `port` of every backend address, v4 and v6. Returns once
+    /// each address answers from the node namespace (IPv6 neighbour discovery on a fresh
+    /// veth can lag behind the bind).
     pub fn echo_servers(&self, port: u16) -> Proc {
+        let targets: Vec<String> = addr::BACKEND_V4
+            .iter()
+            .map(|a| format!("{a}:{port}"))
+            .chain(addr::BACKEND_V6.iter().map(|a| format!("[{a}]:{port}")))
+            .collect();
         let mut cmd = Command::new(probe_bin());
         cmd.arg("serve");
-        for a in addr::BACKEND_V4 {
-            cmd.args(["--listen", &format!("{a}:{port}")]);
+        for t in &targets {
+            cmd.args(["--listen", t]);
         }
-        for a in addr::BACKEND_V6 {
-            cmd.args(["--listen", &format!("[{a}]:{port}")]);
-        }
-        let target = format!("{}:{port}", addr::BACKEND_V4[1]);
-        self.backend_server(&mut cmd, || self.node_can_connect(&target))
+        self.backend_server(&mut cmd, || targets.iter().all(|t| self.node_can_connect(t)))
     }
 
     /// Whether a plain TCP connect from the node namespace (outside the test cgroup, so
@@ -262,13 +265,18 @@ impl Topology {
 
     /// Names of the programs attached to the test cgroup, as bpftool reports them.
     pub fn attached_programs(&self) -> Vec<String> {
-        let out = sh(Command::new("bpftool").args(["cgroup", "show"]).arg(&self.cgroup.path));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .skip(1) // header
-            .filter_map(|l| l.split_whitespace().last().map(str::to_owned))
-            .collect()
+        attached_programs(&self.cgroup.path)
     }
+}
+
+/// Names of the programs attached to `cgroup`, as bpftool reports them.
+pub fn attached_programs(cgroup: &Path) -> Vec<String> {
+    let out = sh(Command::new("bpftool").args(["cgroup", "show"]).arg(cgroup));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1) // header
+        .filter_map(|l| l.split_whitespace().last().map(str::to_owned))
+        .collect()
 }
 
 impl Default for Topology {
@@ -355,6 +363,7 @@ impl From<Output> for Probe {
 pub struct Agent {
     child: Option<Child>,
     log: Arc<Mutex<String>>,
+    cgroup: PathBuf,
 }
 
 impl Agent {
@@ -381,7 +390,7 @@ impl Agent {
                 log.push('\n');
             }
         });
-        let mut agent = Self { child: Some(child), log };
+        let mut agent = Self { child: Some(child), log, cgroup: topo.cgroup.path.clone() };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !agent.log().contains("switchyard ready") {
             let exited = agent.child.as_mut().unwrap().try_wait().expect("wait").is_some();
@@ -419,10 +428,13 @@ impl Agent {
         (status, self.log())
     }
 
-    /// SIGTERM, and require a clean exit.
+    /// SIGTERM; require a clean exit that leaves nothing attached to the cgroup.
     pub fn stop(self) -> String {
+        let cgroup = self.cgroup.clone();
         let (status, log) = self.stop_with(nix::sys::signal::Signal::SIGTERM);
         assert!(status.success(), "switchyard exited with {status}:\n{log}");
+        let left = attached_programs(&cgroup);
+        assert!(left.is_empty(), "still attached to {} after a clean stop: {left:?}", cgroup.display());
         log
     }
 }
@@ -440,7 +452,8 @@ impl Drop for Agent {
 pub fn kernel_counters(log: &str) -> HashMap<String, u64> {
     let line =
         log.lines().find(|l| l.contains("kernel counters")).unwrap_or_else(|| panic!("no counters in log:\n{log}"));
-    let text = line.split("counters=").last().unwrap_or_default().trim_matches('"');
+    // `counters=a=1 b=2 tracked_sockets=0`: every name=value after the first `counters=`.
+    let text = line.split_once("counters=").map(|(_, rest)| rest).unwrap_or_default();
     text.split_whitespace()
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.parse().unwrap_or_else(|_| panic!("bad counter {kv:?}", kv = (k, v)))))

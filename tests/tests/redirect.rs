@@ -4,7 +4,7 @@
 use std::{collections::HashSet, process::Command, time::Duration};
 
 use nix::sys::signal::Signal;
-use switchyard_tests::{Agent, Topology, addr, eventually, kernel_counters, require_root, require_tools};
+use switchyard_tests::{Agent, Proc, Topology, addr, eventually, kernel_counters, require_root, require_tools};
 
 const ENETUNREACH: &str = "101";
 
@@ -30,13 +30,21 @@ services:
     )
 }
 
+/// The start of most tests: root check, tools, a topology, echo servers on port 7000 of
+/// every backend address. `None` means skipped (loudly, and never under CI=true).
+fn echo_node(test: &str, tools: &[&str]) -> Option<(Topology, Proc)> {
+    if !require_root(test) {
+        return None;
+    }
+    require_tools(tools);
+    let topo = Topology::new();
+    let servers = topo.echo_servers(7000);
+    Some((topo, servers))
+}
+
 #[test]
 fn v4_service_reaches_every_endpoint_with_bytes_intact() {
-    if !require_root("v4_service_reaches_every_endpoint_with_bytes_intact") {
-        return;
-    }
-    let topo = Topology::new();
-    let _servers = topo.echo_servers(7000);
+    let Some((topo, _servers)) = echo_node("v4_service_reaches_every_endpoint_with_bytes_intact", &[]) else { return };
     let agent = Agent::start(&topo, &echo_config(&topo));
 
     let mut reached = HashSet::new();
@@ -57,17 +65,15 @@ fn v4_service_reaches_every_endpoint_with_bytes_intact() {
     assert_eq!(counters["orig_dst_published"], 4, "{log}");
     assert_eq!(counters["errors"], 0, "{log}");
     assert!(counters["peer_rewritten"] >= 4, "{log}");
+    // Every client socket has closed, so the kernel tracks none of them any more.
+    assert_eq!(counters["tracked_sockets"], 0, "{log}");
     // The agent recovered each original destination and named the service.
     assert!(log.matches("orig.dst=10.96.0.10:7000").count() >= 4, "{log}");
 }
 
 #[test]
 fn v6_and_v4_mapped_service_addresses_are_redirected() {
-    if !require_root("v6_and_v4_mapped_service_addresses_are_redirected") {
-        return;
-    }
-    let topo = Topology::new();
-    let _servers = topo.echo_servers(7000);
+    let Some((topo, _servers)) = echo_node("v6_and_v4_mapped_service_addresses_are_redirected", &[]) else { return };
     let agent = Agent::start(&topo, &echo_config(&topo));
 
     let v6 = topo.probe("[fd96::10]:7000", 1 << 20).ok();
@@ -146,11 +152,7 @@ services:
 
 #[test]
 fn destinations_that_are_not_services_are_untouched() {
-    if !require_root("destinations_that_are_not_services_are_untouched") {
-        return;
-    }
-    let topo = Topology::new();
-    let _servers = topo.echo_servers(7000);
+    let Some((topo, _servers)) = echo_node("destinations_that_are_not_services_are_untouched", &[]) else { return };
     let agent = Agent::start(&topo, &echo_config(&topo));
 
     // A real endpoint dialled directly: reached as is, peer not rewritten.
@@ -170,11 +172,9 @@ fn destinations_that_are_not_services_are_untouched() {
 
 #[test]
 fn the_agents_own_connections_are_not_redirected_back_to_it() {
-    if !require_root("the_agents_own_connections_are_not_redirected_back_to_it") {
+    let Some((topo, _servers)) = echo_node("the_agents_own_connections_are_not_redirected_back_to_it", &[]) else {
         return;
-    }
-    let topo = Topology::new();
-    let _servers = topo.echo_servers(7000);
+    };
     // The service address is also the endpoint's real address, and the agent runs in the
     // hooked cgroup: without the mark check its upstream connect would come back to it.
     let ep = format!("{}:7000", addr::BACKEND_V4[0]);
@@ -193,12 +193,10 @@ fn the_agents_own_connections_are_not_redirected_back_to_it() {
 
 #[test]
 fn stopping_or_killing_the_agent_leaves_nothing_attached() {
-    if !require_root("stopping_or_killing_the_agent_leaves_nothing_attached") {
+    let Some((topo, _servers)) = echo_node("stopping_or_killing_the_agent_leaves_nothing_attached", &["bpftool"])
+    else {
         return;
-    }
-    require_tools(&["bpftool"]);
-    let topo = Topology::new();
-    let _servers = topo.echo_servers(7000);
+    };
     assert!(topo.attached_programs().is_empty(), "fresh cgroup has nothing attached");
 
     for signal in [Signal::SIGTERM, Signal::SIGKILL] {
@@ -220,6 +218,27 @@ fn stopping_or_killing_the_agent_leaves_nothing_attached() {
         assert_eq!(topo.probe("10.10.0.2:7000", 10).ok().get("hello"), Some("10.10.0.2:7000"));
         assert_eq!(topo.probe("10.96.0.10:7000", 0).get("connect_errno"), Some(ENETUNREACH));
     }
+}
+
+#[test]
+fn a_second_agent_on_a_busy_port_refuses_to_start_and_attaches_nothing() {
+    let Some((topo, _servers)) =
+        echo_node("a_second_agent_on_a_busy_port_refuses_to_start_and_attaches_nothing", &["bpftool"])
+    else {
+        return;
+    };
+    let first = Agent::start(&topo, &echo_config(&topo));
+    let mut cmd = Command::new(switchyard_tests::switchyard_bin());
+    cmd.arg("run").arg("--config").arg(topo.dir.path().join("switchyard.yaml"));
+    let second = switchyard_tests::run(topo.in_node(&mut cmd, true), Duration::from_secs(20));
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "a second agent started on the same port:\n{stderr}");
+    assert!(stderr.contains("cannot listen on 127.0.0.1:15001"), "{stderr}");
+    assert!(stderr.contains("agent.listen_port"), "the message says what to change: {stderr}");
+    // The first agent is untouched and still the only one attached.
+    assert_eq!(topo.attached_programs().len(), 5);
+    assert_eq!(topo.probe("10.96.0.10:7000", 1000).ok().get("echo_bytes"), Some("1000"));
+    first.stop();
 }
 
 #[test]

@@ -63,6 +63,7 @@ pub enum RedirectError {
 pub struct Redirect {
     cgroup: PathBuf,
     counters: PerCpuArray<MapData, u64>,
+    sock_orig: HashMap<MapData, u64, OrigDstV1>,
     // Last: dropping it detaches the programs, after everything above is done with.
     _ebpf: Ebpf,
 }
@@ -101,6 +102,7 @@ impl Redirect {
         agent_map.set(0, agent, 0).map_err(|source| RedirectError::Map { name: map::AGENT, source })?;
         let orig = OrigDstTable { map: typed_map(&mut ebpf, map::CLIENT_ORIG)? };
         let counters = typed_map(&mut ebpf, map::COUNTERS)?;
+        let sock_orig = typed_map(&mut ebpf, map::SOCK_ORIG)?;
 
         let cgroup_dir =
             File::open(cgroup).map_err(|source| RedirectError::OpenCgroup { path: cgroup.to_owned(), source })?;
@@ -110,7 +112,13 @@ impl Redirect {
             attach(&mut ebpf, name, &cgroup_dir, cgroup)?;
         }
         info!(cgroup = %cgroup.display(), programs = prog::ALL.len(), "attached redirect programs");
-        Ok((Self { cgroup: cgroup.to_owned(), counters, _ebpf: ebpf }, orig))
+        Ok((Self { cgroup: cgroup.to_owned(), counters, sock_orig, _ebpf: ebpf }, orig))
+    }
+
+    /// Redirected sockets the kernel still tracks. Entries go when sockets close, so once
+    /// every client is gone this is 0; anything else is a leak.
+    pub fn tracked_sockets(&self) -> usize {
+        self.sock_orig.keys().filter(Result::is_ok).count()
     }
 
     /// The kernel's decision counters, summed over CPUs, by name.
