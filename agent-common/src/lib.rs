@@ -30,8 +30,8 @@ pub mod prog {
 pub mod map {
     pub const SERVICES: &str = "SY_SERVICES";
     pub const AGENT: &str = "SY_AGENT";
-    pub const SOCK_ORIG: &str = "SY_SOCK_ORIG";
-    pub const CLIENT_ORIG: &str = "SY_CLIENT_ORIG";
+    pub const SOCK_ORIG: &str = "SY_SOCK_ORIG2";
+    pub const CLIENT_ORIG: &str = "SY_CLIENT_ORIG2";
     pub const COUNTERS: &str = "SY_COUNTERS";
 }
 
@@ -144,18 +144,35 @@ pub struct AgentV1 {
 }
 const _: () = assert!(core::mem::size_of::<AgentV1>() == 40);
 
-/// Original destination of a redirected connection, as the client dialled it.
+/// Original destination of a redirected connection, as the client dialled it, and who
+/// dialled it. V2: adds the client's process and cgroup (recorded at connect time, when
+/// the kernel knows them and the agent cannot).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OrigDstV1 {
+pub struct OrigDstV2 {
     /// The service address the application connected to.
     pub dst: SockAddrV1,
     /// Address family of the client's socket (host order: AF_INET = 2, AF_INET6 = 10).
     /// A dual-stack socket dialling a v4-mapped address has AF_INET6 here.
     pub family: u16,
     pub _pad: u16,
+    /// Process (thread group) id of the task that called connect (host order).
+    pub pid: u32,
+    pub _pad2: u32,
+    /// cgroup v2 id of that task (host order): the pod or unit it belongs to.
+    pub cgroup_id: u64,
+    /// Its command name (`comm`), NUL-padded.
+    pub comm: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<OrigDstV1>() == 24);
+const _: () = assert!(core::mem::size_of::<OrigDstV2>() == 56);
+
+impl OrigDstV2 {
+    /// The command name as text (up to the first NUL).
+    pub fn comm_str(&self) -> &str {
+        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
+        core::str::from_utf8(&self.comm[..end]).unwrap_or("?")
+    }
+}
 
 /// Linux address family numbers (stable ABI; libc is not available in the kernel crate).
 pub const AF_INET: u16 = 2;
@@ -204,7 +221,7 @@ mod pod {
     unsafe impl aya::Pod for super::SockAddrV1 {}
     unsafe impl aya::Pod for super::ServiceV1 {}
     unsafe impl aya::Pod for super::AgentV1 {}
-    unsafe impl aya::Pod for super::OrigDstV1 {}
+    unsafe impl aya::Pod for super::OrigDstV2 {}
 }
 
 #[cfg(test)]

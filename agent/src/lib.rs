@@ -6,9 +6,13 @@
 //!   bad field.
 //! * [`redirect`]: the kernel side seen from userspace (the only user of aya): host checks,
 //!   loading and attaching the eBPF programs, their maps and counters.
-//! * [`state`]: the services and their endpoints, indexed by service address. Pure.
-//! * [`balance`]: endpoint choice. Pure.
-//! * [`proxy`]: listeners, the accept loop and per-connection byte copying.
+//! * [`state`]: immutable snapshots of the services, their endpoints and policy, indexed
+//!   by service address; carries live endpoint state across reloads.
+//! * [`balance`]: endpoint choice: health and ejection, locality tiers, the balancing
+//!   policies. Pure, clocked by the caller.
+//! * [`proxy`]: listeners, the accept loop, per-connection byte copying; `proxy::upstream`
+//!   connects to an endpoint with retries on others.
+//! * [`health`]: active health checks (TCP connect or HTTP GET).
 //! * [`app`]: the composition root: wires the above together and owns start-up order and
 //!   shutdown.
 //!
@@ -22,6 +26,7 @@
 pub mod app;
 pub mod balance;
 pub mod config;
+pub mod health;
 pub mod proxy;
 pub mod redirect;
 pub mod state;

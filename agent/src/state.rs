@@ -1,18 +1,21 @@
-//! The agent's picture of the world: which service owns each service address, and its
-//! endpoints. Pure data and lookups; built once from a config and shared as an `Arc`.
-//! (Live updates arrive with discovery; the data path will then read the latest snapshot.)
+//! The agent's picture of the world: which service owns each service address, its
+//! endpoints and its policy. A [`Snapshot`] is immutable; a config change builds a new one
+//! that carries the live endpoint state (load, health, drain) over from the last, and is
+//! published on a `tokio::sync::watch`. The data path only ever reads the latest one.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
-use crate::{balance::RoundRobin, config::Config};
+use crate::{
+    balance::{Balancer, Endpoint, EndpointState, Tier},
+    config::{Config, ServiceConfig},
+};
 
 /// One logical service.
 #[derive(Debug)]
 pub struct Service {
     pub name: String,
-    pub addresses: Vec<SocketAddr>,
-    pub endpoints: Vec<SocketAddr>,
-    pub balancer: RoundRobin,
+    pub config: ServiceConfig,
+    pub balancer: Balancer,
 }
 
 /// Every service, indexed by service address.
@@ -22,20 +25,50 @@ pub struct Snapshot {
     by_addr: HashMap<SocketAddr, usize>,
 }
 
+/// An endpoint that left service (removed, or now terminating): its open connections get
+/// `drain_timeout`, after which the caller cuts them with `cut_if_still_draining(generation)`.
+pub struct Departure {
+    pub service: String,
+    pub addr: SocketAddr,
+    pub state: Arc<EndpointState>,
+    pub drain_timeout: Duration,
+    pub generation: u64,
+}
+
 impl Snapshot {
-    /// Build from a validated config (addresses are unique and canonical there).
-    pub fn from_config(config: &Config) -> Self {
+    /// Build from a validated config, reusing the live state of endpoints `prev` knew.
+    pub fn build(config: &Config, prev: Option<&Snapshot>) -> Self {
         let mut snap = Self::default();
         for (id, svc) in config.services.iter().enumerate() {
             for addr in &svc.addresses {
                 snap.by_addr.insert(*addr, id);
             }
-            snap.services.push(Service {
-                name: svc.name.clone(),
-                addresses: svc.addresses.clone(),
-                endpoints: svc.endpoints.clone(),
-                balancer: RoundRobin::default(),
-            });
+            let old = prev.and_then(|p| p.service_named(&svc.name));
+            let endpoints = svc
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let d = e.detail();
+                    let state = old
+                        .and_then(|o| o.balancer.endpoints().iter().find(|x| x.addr == d.address))
+                        .map(|x| Arc::clone(&x.state))
+                        .unwrap_or_default();
+                    let tier = tier(&config.agent.zone, &config.agent.region, &d.zone, &d.region);
+                    Endpoint {
+                        addr: d.address,
+                        weight: d.weight,
+                        tier,
+                        terminating: d.terminating,
+                        zone: d.zone,
+                        region: d.region,
+                        node: d.node,
+                        state,
+                    }
+                })
+                .collect();
+            let balancer =
+                Balancer::new(svc.balance, endpoints, svc.failure_accrual.clone(), svc.locality.spill_threshold);
+            snap.services.push(Service { name: svc.name.clone(), config: svc.clone(), balancer });
         }
         snap
     }
@@ -47,9 +80,67 @@ impl Snapshot {
         self.by_addr.get(&dst).map(|&i| &self.services[i])
     }
 
+    pub fn service_named(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    pub fn services(&self) -> &[Service] {
+        &self.services
+    }
+
     /// (service index, service address) pairs, for the kernel's services map.
     pub fn service_addresses(&self) -> impl Iterator<Item = (u32, SocketAddr)> + '_ {
-        self.services.iter().enumerate().flat_map(|(i, s)| s.addresses.iter().map(move |a| (i as u32, *a)))
+        self.services.iter().enumerate().flat_map(|(i, s)| s.config.addresses.iter().map(move |a| (i as u32, *a)))
+    }
+
+    /// Compare with the snapshot this one replaces: endpoints back in service stop
+    /// draining; endpoints that left start, and are returned so the caller can arm their
+    /// drain deadlines.
+    pub fn departures_since(&self, prev: &Snapshot) -> Vec<Departure> {
+        let mut out = Vec::new();
+        let in_service: HashMap<(&str, SocketAddr), &Endpoint> = self
+            .services
+            .iter()
+            .flat_map(|s| s.balancer.endpoints().iter().map(move |e| ((s.name.as_str(), e.addr), e)))
+            .filter(|(_, e)| !e.terminating)
+            .collect();
+        for e in in_service.values() {
+            e.state.stop_draining();
+        }
+        for svc in &prev.services {
+            // A service that disappeared drains under its old timeout.
+            let drain_timeout = self.service_named(&svc.name).unwrap_or(svc).config.drain_timeout;
+            for e in svc.balancer.endpoints() {
+                if in_service.contains_key(&(svc.name.as_str(), e.addr)) {
+                    continue;
+                }
+                if let Some(generation) = e.state.start_draining() {
+                    out.push(Departure {
+                        service: svc.name.clone(),
+                        addr: e.addr,
+                        state: Arc::clone(&e.state),
+                        drain_timeout,
+                        generation,
+                    });
+                }
+            }
+        }
+        // Endpoints that arrive already terminating drain too (their connections may
+        // predate an agent restart only in theory, but the state must say draining).
+        for svc in &self.services {
+            for e in svc.balancer.endpoints().iter().filter(|e| e.terminating) {
+                if let Some(generation) = e.state.start_draining() {
+                    out.push(Departure {
+                        service: svc.name.clone(),
+                        addr: e.addr,
+                        state: Arc::clone(&e.state),
+                        drain_timeout: svc.config.drain_timeout,
+                        generation,
+                    });
+                }
+            }
+        }
+        out
     }
 
     pub fn len(&self) -> usize {
@@ -61,24 +152,88 @@ impl Snapshot {
     }
 }
 
+/// Locality tier of an endpoint seen from this node. Without a node zone every endpoint
+/// is local: locality is opt-in.
+fn tier(
+    node_zone: &Option<String>,
+    node_region: &Option<String>,
+    zone: &Option<String>,
+    region: &Option<String>,
+) -> Tier {
+    let Some(node_zone) = node_zone else { return Tier::Local };
+    let same_region = match (node_region, region) {
+        (Some(a), Some(b)) => a == b,
+        // Zones are unique across regions in every cloud's naming; no region given on
+        // either side means "the same region" when the zones match.
+        _ => true,
+    };
+    if same_region && zone.as_ref() == Some(node_zone) {
+        Tier::Local
+    } else if node_region.is_some() && node_region == region {
+        Tier::Region
+    } else {
+        Tier::Remote
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
     use super::*;
 
+    fn config(text: &str) -> Config {
+        Config::parse(text, Path::new("t.yaml")).unwrap()
+    }
+
     #[test]
     fn lookup_by_any_spelling_of_a_service_address() {
-        let config = Config::parse(
-            "services:\n  - name: web\n    addresses: [\"10.96.0.1:80\", \"[fd96::1]:80\"]\n    endpoints: [\"10.0.0.1:8080\"]\n",
-            Path::new("t.yaml"),
-        )
-        .unwrap();
-        let snap = Snapshot::from_config(&config);
+        let snap = Snapshot::build(
+            &config(
+                "services:\n  - name: web\n    addresses: [\"10.96.0.1:80\", \"[fd96::1]:80\"]\n    endpoints: [\"10.0.0.1:8080\"]\n",
+            ),
+            None,
+        );
         for dst in ["10.96.0.1:80", "[::ffff:10.96.0.1]:80", "[fd96::1]:80"] {
             assert_eq!(snap.service_for(dst.parse().unwrap()).map(|s| s.name.as_str()), Some("web"), "{dst}");
         }
         assert!(snap.service_for("10.96.0.1:81".parse().unwrap()).is_none());
         assert_eq!(snap.service_addresses().count(), 2);
+    }
+
+    #[test]
+    fn tiers_follow_the_node_zone_and_region() {
+        let (z, r) = (Some("a".to_owned()), Some("r1".to_owned()));
+        let s = |v: &str| Some(v.to_owned());
+        assert_eq!(tier(&None, &None, &s("b"), &s("r2")), Tier::Local, "no node zone: locality off");
+        assert_eq!(tier(&z, &r, &s("a"), &s("r1")), Tier::Local);
+        assert_eq!(tier(&z, &r, &s("a"), &None), Tier::Local);
+        assert_eq!(tier(&z, &r, &s("b"), &s("r1")), Tier::Region);
+        assert_eq!(tier(&z, &r, &s("c"), &s("r2")), Tier::Remote);
+        assert_eq!(tier(&z, &r, &None, &None), Tier::Remote);
+    }
+
+    #[test]
+    fn a_rebuild_keeps_endpoint_state_and_reports_departures() {
+        let one = config(
+            "services:\n  - name: web\n    addresses: [\"10.96.0.1:80\"]\n    endpoints: [\"10.0.0.1:80\", \"10.0.0.2:80\", \"10.0.0.3:80\"]\n    drain_timeout: 7s\n",
+        );
+        let a = Snapshot::build(&one, None);
+        let state_of = |s: &Snapshot, i: usize| Arc::clone(&s.services()[0].balancer.endpoints()[i].state);
+        let two = config(
+            "services:\n  - name: web\n    addresses: [\"10.96.0.1:80\"]\n    endpoints: [\"10.0.0.1:80\", { address: \"10.0.0.3:80\", terminating: true }]\n    drain_timeout: 7s\n",
+        );
+        let b = Snapshot::build(&two, Some(&a));
+        assert!(Arc::ptr_eq(&state_of(&a, 0), &state_of(&b, 0)), "state carried over");
+        let gone: Vec<SocketAddr> = b.departures_since(&a).iter().map(|d| d.addr).collect();
+        assert_eq!(gone.len(), 2);
+        assert!(gone.contains(&"10.0.0.2:80".parse().unwrap()) && gone.contains(&"10.0.0.3:80".parse().unwrap()));
+        assert!(b.departures_since(&a).is_empty(), "already draining: reported once");
+        // Back in service: the pending deadline must not cut it.
+        let c = Snapshot::build(&one, Some(&b));
+        assert!(c.departures_since(&b).is_empty());
+        let token = state_of(&a, 2).drain_token();
+        state_of(&a, 2).cut_if_still_draining(1);
+        assert!(!token.is_cancelled());
     }
 }

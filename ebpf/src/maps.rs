@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
-use switchyard_common::{AgentV1, OrigDstV1, ServiceV1, SockAddrV1, counter};
+use switchyard_common::{AgentV1, OrigDstV2, ServiceV1, SockAddrV1, counter};
 
 /// Service addresses to redirect. Key: service address (v4 as v4-mapped); value: the
 /// service's index. Written by the agent, read by connect4/6.
@@ -25,16 +25,16 @@ pub static AGENT: Array<AgentV1> = Array::with_max_entries(1, 0);
 /// saw (a connect that failed before the SYN) cannot leak forever; sized for 65,536
 /// concurrent redirected connections on a node, past which the oldest lose only their
 /// getpeername rewrite.
-#[map(name = "SY_SOCK_ORIG")]
-pub static SOCK_ORIG: LruHashMap<u64, OrigDstV1> = LruHashMap::with_max_entries(65_536, 0);
+#[map(name = "SY_SOCK_ORIG2")]
+pub static SOCK_ORIG: LruHashMap<u64, OrigDstV2> = LruHashMap::with_max_entries(65_536, 0);
 
 /// Client address (as the agent sees the peer) -> original destination.
 /// Written by sock_ops at TCP_CONNECT_CB; read and deleted by the agent after accept, and
 /// deleted by sock_ops when the client socket closes. Entries live only between connect
 /// and accept, so the size only has to cover an accept backlog; LRU for the same leak
 /// reason as SY_SOCK_ORIG.
-#[map(name = "SY_CLIENT_ORIG")]
-pub static CLIENT_ORIG: LruHashMap<SockAddrV1, OrigDstV1> = LruHashMap::with_max_entries(65_536, 0);
+#[map(name = "SY_CLIENT_ORIG2")]
+pub static CLIENT_ORIG: LruHashMap<SockAddrV1, OrigDstV2> = LruHashMap::with_max_entries(65_536, 0);
 
 /// Per-CPU decision counters, indexed by `switchyard_common::counter`. Written by every
 /// program; summed and exported by the agent. Per-CPU so the hot path needs no atomics.

@@ -13,10 +13,13 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
         bpf_sock_ops,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie,
+    },
     programs::{SockAddrContext, SockOpsContext},
 };
-use switchyard_common::{AF_INET, AgentV1, OrigDstV1, SockAddrV1, counter};
+use switchyard_common::{AF_INET, AgentV1, OrigDstV2, SockAddrV1, counter};
 
 use crate::maps::{AGENT, CLIENT_ORIG, SERVICES, SOCK_ORIG, count};
 
@@ -116,7 +119,18 @@ pub fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
     // route the connection, so leave it alone.
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDstV1 { dst, family, _pad: 0 };
+    // connect() runs in the calling task, so "current" is the client process.
+    // SAFETY: helpers valid for cgroup sock_addr programs.
+    let orig = unsafe {
+        OrigDstV2 {
+            dst,
+            family,
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            cgroup_id: bpf_get_current_cgroup_id(),
+            comm: bpf_get_current_comm().unwrap_or_default(),
+            ..Default::default()
+        }
+    };
     SOCK_ORIG.insert(cookie, orig, 0).map_err(|_| EMAP)?;
     let to = listener_for(agent, &dst);
     // SAFETY: user_ip4/user_ip6/user_port are writable in connect hooks.

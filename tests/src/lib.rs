@@ -140,7 +140,11 @@ pub struct Cgroup {
 
 impl Cgroup {
     fn new(name: &str) -> Self {
-        let path = cgroup2_root().join(name);
+        Self::new_in(&cgroup2_root(), name)
+    }
+
+    fn new_in(parent: &Path, name: &str) -> Self {
+        let path = parent.join(name);
         std::fs::create_dir(&path).unwrap_or_else(|e| panic!("create cgroup {}: {e}", path.display()));
         let procs = File::options().write(true).open(path.join("cgroup.procs")).expect("open cgroup.procs");
         Self { path, procs }
@@ -160,6 +164,14 @@ impl Drop for Cgroup {
 /// A child process killed (and reaped) on drop.
 pub struct Proc(pub Child);
 
+impl Proc {
+    /// Kill it now (SIGKILL, as a crash would) and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -167,34 +179,94 @@ impl Drop for Proc {
     }
 }
 
-/// The node and backend namespaces, the veth between them, and the test's cgroup.
+/// The node namespace, backend "hosts" each joined to it by a veth pair, and the test's
+/// cgroup.
 pub struct Topology {
     pub node: Netns,
-    pub backend: Netns,
+    /// hosts[0] is the backend with the `addr::BACKEND_*` addresses; host i > 0 has
+    /// 10.10.i.2 and fd10:i::2 (see [`host_v4`]).
+    pub hosts: Vec<Netns>,
     pub cgroup: Cgroup,
     pub dir: tempfile::TempDir,
 }
 
+/// IPv4 address of backend host `i`: 10.10.i.2 (host 0 also has 10.10.0.3).
+pub fn host_v4(i: usize) -> String {
+    format!("10.10.{i}.2")
+}
+
 impl Topology {
+    /// The node and one backend host.
     pub fn new() -> Self {
+        Self::with_hosts(1)
+    }
+
+    /// The node and `n` backend hosts, each on its own veth: a fault injected into one
+    /// host (black-holing, slowness) touches no other.
+    pub fn with_hosts(n: usize) -> Self {
         let id = unique("sy");
         let node = Netns::new(format!("{id}-node"));
-        let backend = Netns::new(format!("{id}-be"));
-        let (a, b) = (format!("{id}a"), format!("{id}b"));
-        ip(&format!("-n {} link add {a} type veth peer name {b} netns {}", node.name, backend.name));
-        ip(&format!("-n {} addr add {}/24 dev {a}", node.name, addr::NODE_V4));
-        ip(&format!("-n {} addr add {}/64 dev {a} nodad", node.name, addr::NODE_V6));
-        ip(&format!("-n {} link set {a} up", node.name));
-        for v4 in addr::BACKEND_V4 {
-            ip(&format!("-n {} addr add {v4}/24 dev {b}", backend.name));
+        let hosts: Vec<Netns> = (0..n.max(1)).map(|i| Netns::new(format!("{id}-h{i}"))).collect();
+        for (i, host) in hosts.iter().enumerate() {
+            let (a, b) = (format!("{id}a{i}"), format!("{id}b{i}"));
+            ip(&format!("-n {} link add {a} type veth peer name {b} netns {}", node.name, host.name));
+            ip(&format!("-n {} addr add 10.10.{i}.1/24 dev {a}", node.name));
+            ip(&format!("-n {} addr add fd10:{i}::1/64 dev {a} nodad", node.name));
+            ip(&format!("-n {} link set {a} up", node.name));
+            let (v4, v6): (Vec<String>, Vec<String>) = if i == 0 {
+                (addr::BACKEND_V4.map(String::from).into(), addr::BACKEND_V6.map(String::from).into())
+            } else {
+                (vec![host_v4(i)], vec![format!("fd10:{i}::2")])
+            };
+            for a4 in v4 {
+                ip(&format!("-n {} addr add {a4}/24 dev {b}", host.name));
+            }
+            for a6 in v6 {
+                ip(&format!("-n {} addr add {a6}/64 dev {b} nodad", host.name));
+            }
+            ip(&format!("-n {} link set {b} up", host.name));
         }
-        for v6 in addr::BACKEND_V6 {
-            ip(&format!("-n {} addr add {v6}/64 dev {b} nodad", backend.name));
-        }
-        ip(&format!("-n {} link set {b} up", backend.name));
         let cgroup = Cgroup::new(&format!("switchyard-test-{id}"));
         let dir = tempfile::Builder::new().prefix("switchyard-test-").tempdir().expect("temp dir");
-        Self { node, backend, cgroup, dir }
+        Self { node, hosts, cgroup, dir }
+    }
+
+    /// The first backend host.
+    pub fn backend(&self) -> &Netns {
+        &self.hosts[0]
+    }
+
+    /// Make backend host `i` drop everything it sends back to the node: its connects from
+    /// the node then time out, as with a crashed machine or a partition.
+    pub fn blackhole_host(&self, i: usize) {
+        ip(&format!("-n {} route add blackhole 10.10.{i}.1/32", self.hosts[i].name));
+    }
+
+    /// A cgroup below the test cgroup (so the programs apply to it too): a distinct
+    /// client identity for affinity tests.
+    pub fn child_cgroup(&self, name: &str) -> Cgroup {
+        Cgroup::new_in(&self.cgroup.path, name)
+    }
+
+    /// The probe echo server on host `i`, port `port`, greeting after `delay_ms`.
+    pub fn echo_server(&self, i: usize, port: u16, delay_ms: u64) -> Proc {
+        let target = format!("{}:{port}", host_v4(i));
+        let mut cmd = Command::new(probe_bin());
+        cmd.args(["serve", "--listen", &target, "--delay-ms", &delay_ms.to_string()]);
+        let child = enter(&mut cmd, &self.hosts[i], None).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
+        let proc = Proc(child.unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")));
+        eventually(Duration::from_secs(10), &format!("echo server on {target}"), || self.node_can_connect(&target));
+        proc
+    }
+
+    /// Start `sy-probe load` against `target` in the test cgroup (or `cgroup`).
+    pub fn load(&self, target: &str, args: &[&str], cgroup: Option<&Cgroup>) -> Load {
+        let mut cmd = Command::new(probe_bin());
+        cmd.args(["load", "--connect", target]).args(args);
+        let cmd = enter(&mut cmd, &self.node, Some(cgroup.unwrap_or(&self.cgroup)));
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn load");
+        let stdout = read_all(child.stdout.take());
+        Load { child: Some(child), stdout: Some(stdout) }
     }
 
     /// Make `cmd` start inside the node namespace, and inside the test cgroup (where the
@@ -203,9 +275,14 @@ impl Topology {
         enter(cmd, &self.node, in_cgroup.then_some(&self.cgroup))
     }
 
-    /// Make `cmd` start inside the backend namespace.
+    /// Make `cmd` start inside backend host `i`.
+    pub fn in_host<'c>(&self, i: usize, cmd: &'c mut Command) -> &'c mut Command {
+        enter(cmd, &self.hosts[i], None)
+    }
+
+    /// Make `cmd` start inside the (first) backend host.
     pub fn in_backend<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
-        enter(cmd, &self.backend, None)
+        enter(cmd, self.backend(), None)
     }
 
     /// Start a server in the backend namespace and wait until `ready` says it is up.
@@ -305,20 +382,45 @@ fn enter<'c>(cmd: &'c mut Command, netns: &Netns, cgroup: Option<&Cgroup>) -> &'
     }
 }
 
-/// Run to completion or kill after `limit`; every client in the tests is bounded.
+/// Run to completion or kill after `limit`; every client in the tests is bounded. Output
+/// is read while the command runs, so a chatty one cannot block on a full pipe.
 pub fn run(cmd: &mut Command, limit: Duration) -> Output {
     let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
     let mut child = child.unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let stdout = read_all(child.stdout.take());
+    let stderr = read_all(child.stderr.take());
+    let status = wait_bounded(&mut child, limit);
+    let (stdout, stderr) = (stdout.join().expect("stdout"), stderr.join().expect("stderr"));
+    let status = status.unwrap_or_else(|| {
+        panic!("{cmd:?} did not finish within {limit:?}; stdout: {}", String::from_utf8_lossy(&stdout))
+    });
+    Output { status, stdout, stderr }
+}
+
+fn read_all(pipe: Option<impl std::io::Read + Send + 'static>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+/// Wait for `child` up to `limit`; past it, kill it (it is ours) and return None.
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + limit;
-    while child.try_wait().expect("wait").is_none() {
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return Some(status);
+        }
         if Instant::now() > deadline {
             let _ = child.kill();
-            let out = child.wait_with_output().expect("collect output");
-            panic!("{cmd:?} did not finish within {limit:?}; stdout: {}", String::from_utf8_lossy(&out.stdout));
+            let _ = child.wait();
+            return None;
         }
         thread::sleep(Duration::from_millis(10));
     }
-    child.wait_with_output().expect("collect output")
 }
 
 /// Poll `f` until it holds or `limit` passes, then panic naming `what`.
@@ -328,6 +430,68 @@ pub fn eventually(limit: Duration, what: &str, f: impl Fn() -> bool) {
         assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
         thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// A running `sy-probe load`, killed on drop. Its output is collected as it comes (a
+/// run prints a line per connection, more than a pipe holds).
+pub struct Load {
+    child: Option<Child>,
+    stdout: Option<thread::JoinHandle<Vec<u8>>>,
+}
+
+/// One connection of a load run.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub start_ms: u128,
+    pub end_ms: u128,
+    /// The endpoint that answered, or the error.
+    pub outcome: Result<String, String>,
+}
+
+impl Load {
+    /// Wait (bounded) for the run to end and parse its lines.
+    pub fn wait(mut self) -> Vec<Conn> {
+        let mut child = self.child.take().expect("running");
+        let status = wait_bounded(&mut child, Duration::from_secs(120)).expect("load finishes within 120 s");
+        let text =
+            String::from_utf8_lossy(&self.stdout.take().expect("reader").join().expect("load output")).into_owned();
+        assert!(status.success(), "load failed ({status}): {text}");
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.splitn(6, ' ');
+                (f.next()? == "conn").then_some(())?;
+                let (start_ms, end_ms) = (f.next()?.parse().ok()?, f.next()?.parse().ok()?);
+                let ok = f.next()? == "ok";
+                let endpoint = f.next()?.to_owned();
+                let outcome = if ok { Ok(endpoint) } else { Err(f.next().unwrap_or("").to_owned()) };
+                Some(Conn { start_ms, end_ms, outcome })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, the clock `sy-probe load` stamps connections with.
+pub fn epoch_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+/// Share of successful connections per endpoint.
+pub fn shares(conns: &[Conn]) -> HashMap<String, f64> {
+    let ok: Vec<&String> = conns.iter().filter_map(|c| c.outcome.as_ref().ok()).collect();
+    let mut out = HashMap::new();
+    for e in &ok {
+        *out.entry((*e).clone()).or_insert(0.0) += 1.0 / ok.len() as f64;
+    }
+    out
 }
 
 /// What one probe client run printed.
@@ -412,17 +576,8 @@ impl Agent {
     pub fn stop_with(mut self, signal: nix::sys::signal::Signal) -> (ExitStatus, String) {
         let mut child = self.child.take().expect("running");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).expect("signal agent");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("switchyard did not exit after {signal}:\n{}", self.log());
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
+        let status = wait_bounded(&mut child, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("switchyard did not exit after {signal}:\n{}", self.log()));
         // Let the reader thread drain the pipe.
         thread::sleep(Duration::from_millis(100));
         (status, self.log())

@@ -18,6 +18,7 @@ services:
   - name: echo
     addresses: ["10.96.0.10:7000"]
     endpoints: ["{b0}:7000", "{b1}:7000"]
+    balance: round-robin
   - name: echo6
     addresses: ["[fd96::10]:7000"]
     endpoints: ["[{c0}]:7000", "[{c1}]:7000"]

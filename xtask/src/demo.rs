@@ -18,7 +18,7 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
         topo.node.name,
         topo.cgroup.path.display()
     );
-    println!("   backends in namespace {} at {b0} and {b1}", topo.backend.name);
+    println!("   backends in namespace {} at {b0} and {b1}", topo.backend().name);
 
     // Three HTTP endpoints, each answering with its own name, and one redis.
     let endpoints = [(b0, 8080), (b1, 8080), (b0, 8081)];

@@ -20,7 +20,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 pub use host::{HostError, attach_cgroup, cgroup2_root, check_privileges};
-use switchyard_common::{AgentV1, OrigDstV1, ServiceV1, SockAddrV1, counter, map, prog};
+use switchyard_common::{AgentV1, OrigDstV2, ServiceV1, SockAddrV1, counter, map, prog};
 use tracing::info;
 
 /// The compiled programs, built by build.rs from `ebpf/`.
@@ -62,22 +62,33 @@ pub enum RedirectError {
 /// Loaded and attached programs plus the maps the agent writes. Detaches on drop.
 pub struct Redirect {
     cgroup: PathBuf,
+    services: HashMap<MapData, SockAddrV1, ServiceV1>,
     counters: PerCpuArray<MapData, u64>,
-    sock_orig: HashMap<MapData, u64, OrigDstV1>,
+    sock_orig: HashMap<MapData, u64, OrigDstV2>,
     // Last: dropping it detaches the programs, after everything above is done with.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 /// Read side of `SY_CLIENT_ORIG`, shared by the proxy's connection tasks.
 pub struct OrigDstTable {
-    map: HashMap<MapData, SockAddrV1, OrigDstV1>,
+    map: HashMap<MapData, SockAddrV1, OrigDstV2>,
+}
+
+/// Where a redirected client meant to go, and who it is.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub dst: SocketAddr,
+    pub pid: u32,
+    pub cgroup_id: u64,
+    pub comm: String,
 }
 
 impl OrigDstTable {
-    /// The service address a client dialled, given the peer address of the connection the
-    /// agent accepted. The kernel removes the entry when the client socket closes.
-    pub fn lookup(&self, client: SocketAddr) -> Option<SocketAddr> {
-        self.map.get(&SockAddrV1::from(client), 0).ok().map(|o| o.dst.to_socket_addr())
+    /// The original destination and client of a connection the agent accepted, by its
+    /// peer address. The kernel removes the entry when the client socket closes.
+    pub fn lookup(&self, client: SocketAddr) -> Option<Origin> {
+        let o = self.map.get(&SockAddrV1::from(client), 0).ok()?;
+        Some(Origin { dst: o.dst.to_socket_addr(), pid: o.pid, cgroup_id: o.cgroup_id, comm: o.comm_str().to_owned() })
     }
 }
 
@@ -92,27 +103,43 @@ impl Redirect {
     ) -> Result<(Self, OrigDstTable), RedirectError> {
         let mut ebpf = Ebpf::load(OBJECT).map_err(RedirectError::Load)?;
 
-        let mut svc_map: HashMap<_, SockAddrV1, ServiceV1> = typed_map(&mut ebpf, map::SERVICES)?;
-        for (id, addr) in services {
-            svc_map
-                .insert(SockAddrV1::from(addr), ServiceV1 { id, _reserved: 0 }, 0)
-                .map_err(|source| RedirectError::Map { name: map::SERVICES, source })?;
-        }
+        let services_map = typed_map(&mut ebpf, map::SERVICES)?;
         let mut agent_map: Array<_, AgentV1> = typed_map(&mut ebpf, map::AGENT)?;
         agent_map.set(0, agent, 0).map_err(|source| RedirectError::Map { name: map::AGENT, source })?;
         let orig = OrigDstTable { map: typed_map(&mut ebpf, map::CLIENT_ORIG)? };
         let counters = typed_map(&mut ebpf, map::COUNTERS)?;
         let sock_orig = typed_map(&mut ebpf, map::SOCK_ORIG)?;
+        let mut redirect = Self { cgroup: cgroup.to_owned(), services: services_map, counters, sock_orig, ebpf };
+        redirect.sync_services(services)?;
 
         let cgroup_dir =
             File::open(cgroup).map_err(|source| RedirectError::OpenCgroup { path: cgroup.to_owned(), source })?;
         // sock_ops and getpeername first, connect last: by the time a connect can be
         // redirected, everything that follows it through is in place.
         for name in prog::ALL {
-            attach(&mut ebpf, name, &cgroup_dir, cgroup)?;
+            attach(&mut redirect.ebpf, name, &cgroup_dir, cgroup)?;
         }
         info!(cgroup = %cgroup.display(), programs = prog::ALL.len(), "attached redirect programs");
-        Ok((Self { cgroup: cgroup.to_owned(), counters, sock_orig, _ebpf: ebpf }, orig))
+        Ok((redirect, orig))
+    }
+
+    /// Make the kernel's service addresses exactly `services`: add the new, delete the gone.
+    /// Entries that stay are never deleted, so connects to them are redirected throughout.
+    pub fn sync_services(
+        &mut self,
+        services: impl IntoIterator<Item = (u32, SocketAddr)>,
+    ) -> Result<(), RedirectError> {
+        let err = |source| RedirectError::Map { name: map::SERVICES, source };
+        let want: std::collections::HashMap<SockAddrV1, u32> =
+            services.into_iter().map(|(id, addr)| (SockAddrV1::from(addr), id)).collect();
+        let have: Vec<SockAddrV1> = self.services.keys().collect::<Result<_, _>>().map_err(err)?;
+        for key in have.iter().filter(|k| !want.contains_key(k)) {
+            self.services.remove(key).map_err(err)?;
+        }
+        for (key, id) in want {
+            self.services.insert(key, ServiceV1 { id, _reserved: 0 }, 0).map_err(err)?;
+        }
+        Ok(())
     }
 
     /// Redirected sockets the kernel still tracks. Entries go when sockets close, so once

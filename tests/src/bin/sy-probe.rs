@@ -1,9 +1,10 @@
 //! A small real client and server for the end-to-end tests, std only.
 //!
-//! `sy-probe serve --listen ADDR [--listen ADDR ...]`
+//! `sy-probe serve --listen ADDR [--listen ADDR ...] [--delay-ms D]`
 //!   For each connection: send `HELLO <local address>\n` (so the client learns which
-//!   endpoint it reached), then echo every byte until the client half-closes, then
-//!   half-close back and close. Prints `listening` once every address is bound.
+//!   endpoint it reached; after D ms with --delay-ms, a server that answers slowly), then
+//!   echo every byte until the client half-closes, then half-close back and close. Prints
+//!   `listening` once every address is bound.
 //!
 //! `sy-probe client --connect ADDR [--bytes N]`
 //!   Connect (an IPv6 address, v4-mapped included, uses an AF_INET6 socket), print
@@ -11,13 +12,24 @@
 //!   reading the echo, half-close after the last byte, and check that exactly the same N
 //!   bytes come back before EOF: `echo_bytes=N`. A failed connect prints
 //!   `connect_errno=<errno>` and exits 2; any other failure exits 1.
+//!
+//! `sy-probe load --connect ADDR --conns N --concurrency C [--duration-ms D] [--hold-ms H]`
+//!   Continuous load: C workers open connections one after another until N are done or
+//!   D ms have passed (both bounds always apply). Each connection reads the greeting,
+//!   echoes 64 bytes, holds H ms and echoes again (so a cut is seen), and closes. One line per connection:
+//!   `conn <start_ms> <end_ms> ok <endpoint>` or `conn <start_ms> <end_ms> fail - <error>`
+//!   (milliseconds since the Unix epoch), then `ok=N failed=M`.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     thread,
-    time::Duration,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 fn main() -> ExitCode {
@@ -25,21 +37,31 @@ fn main() -> ExitCode {
     let values =
         |flag: &str| -> Vec<String> { args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].clone()).collect() };
     let addr = |s: &String| s.parse::<SocketAddr>().unwrap_or_else(|e| panic!("bad address {s}: {e}"));
+    let number = |flag: &str, default: u64| values(flag).first().map(|v| v.parse().expect(flag)).unwrap_or(default);
     match args.first().map(String::as_str) {
-        Some("serve") => serve(values("--listen").iter().map(addr).collect()),
+        Some("serve") => serve(values("--listen").iter().map(addr).collect(), number("--delay-ms", 0)),
+        Some("load") => load(
+            values("--connect").first().map(addr).expect("--connect ADDR"),
+            number("--conns", 100),
+            number("--concurrency", 1),
+            Duration::from_millis(number("--duration-ms", 60_000)),
+            Duration::from_millis(number("--hold-ms", 0)),
+        ),
         Some("client") => {
             let target = values("--connect").first().map(addr).expect("--connect ADDR");
             let bytes = values("--bytes").first().map(|b| b.parse().expect("--bytes N")).unwrap_or(0);
             client(target, bytes)
         }
         _ => {
-            eprintln!("usage: sy-probe serve --listen ADDR... | client --connect ADDR [--bytes N]");
+            eprintln!(
+                "usage: sy-probe serve --listen ADDR... | client --connect ADDR [--bytes N] | load --connect ADDR ..."
+            );
             ExitCode::FAILURE
         }
     }
 }
 
-fn serve(addrs: Vec<SocketAddr>) -> ExitCode {
+fn serve(addrs: Vec<SocketAddr>, delay_ms: u64) -> ExitCode {
     let listeners: Vec<TcpListener> =
         addrs.iter().map(|a| TcpListener::bind(a).unwrap_or_else(|e| panic!("bind {a}: {e}"))).collect();
     println!("listening");
@@ -49,7 +71,10 @@ fn serve(addrs: Vec<SocketAddr>) -> ExitCode {
         .map(|l| {
             thread::spawn(move || {
                 for conn in l.incoming().flatten() {
-                    thread::spawn(move || echo(conn));
+                    thread::spawn(move || {
+                        thread::sleep(Duration::from_millis(delay_ms));
+                        echo(conn)
+                    });
                 }
             })
         })
@@ -153,4 +178,67 @@ fn client(target: SocketAddr, bytes: u64) -> ExitCode {
     }
     println!("echo_bytes={got}");
     if got == bytes { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+fn epoch_ms() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+/// One load connection: the endpoint that answered, or why it failed.
+fn one_conn(target: SocketAddr, hold: Duration) -> Result<String, String> {
+    let conn = TcpStream::connect_timeout(&target, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
+    // Short enough that a connection stuck on a black-holed endpoint ends within the test.
+    conn.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
+    let mut hello = String::new();
+    reader.read_line(&mut hello).map_err(|e| format!("greeting: {e}"))?;
+    let endpoint =
+        hello.strip_prefix("HELLO ").ok_or_else(|| format!("no greeting (got {hello:?})"))?.trim().to_owned();
+    let mut writer = conn;
+    let payload = [0x5au8; 64];
+    writer.write_all(&payload).map_err(|e| format!("send: {e}"))?;
+    let mut back = [0u8; 64];
+    reader.read_exact(&mut back).map_err(|e| format!("echo: {e}"))?;
+    if back != payload {
+        return Err("echo differs".into());
+    }
+    if !hold.is_zero() {
+        // Held connections talk again at the end, so a connection cut meanwhile fails.
+        thread::sleep(hold);
+        writer.write_all(&payload).map_err(|e| format!("send after hold: {e}"))?;
+        reader.read_exact(&mut back).map_err(|e| format!("echo after hold: {e}"))?;
+    }
+    Ok(endpoint)
+}
+
+fn load(target: SocketAddr, conns: u64, concurrency: u64, duration: Duration, hold: Duration) -> ExitCode {
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(0));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let workers: Vec<_> = (0..concurrency.max(1))
+        .map(|_| {
+            let (next, ok, failed) = (Arc::clone(&next), Arc::clone(&ok), Arc::clone(&failed));
+            thread::spawn(move || {
+                while next.fetch_add(1, Ordering::Relaxed) < conns && started.elapsed() < duration {
+                    let start = epoch_ms();
+                    let line = match one_conn(target, hold) {
+                        Ok(endpoint) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                            format!("conn {start} {} ok {endpoint}", epoch_ms())
+                        }
+                        Err(e) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            format!("conn {start} {} fail - {e}", epoch_ms())
+                        }
+                    };
+                    println!("{line}");
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    println!("ok={} failed={}", ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    ExitCode::SUCCESS
 }

@@ -12,6 +12,12 @@ use std::{
 };
 
 use serde::Deserialize;
+pub use service::{
+    BalanceKind, ConnectConfig, EndpointConfig, EndpointDetail, FailureAccrualConfig, HealthCheckConfig,
+    HealthCheckKind, LocalityConfig, ServiceConfig,
+};
+
+mod service;
 
 /// Default port of the agent's outbound listener (same as linkerd2-proxy and ztunnel's
 /// outbound port, so operators recognise it).
@@ -81,6 +87,10 @@ pub struct AgentConfig {
     pub mark: u32,
     /// Seconds open connections may run on after SIGTERM before they are cut.
     pub drain_timeout_secs: u64,
+    /// Where this node is, for locality-aware balancing (Kubernetes' topology.kubernetes.io
+    /// zone and region labels). Without a zone, every endpoint counts as local.
+    pub zone: Option<String>,
+    pub region: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -90,18 +100,10 @@ impl Default for AgentConfig {
             cgroup: None,
             mark: DEFAULT_MARK,
             drain_timeout_secs: DEFAULT_DRAIN_SECS,
+            zone: None,
+            region: None,
         }
     }
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceConfig {
-    pub name: String,
-    /// Addresses applications dial (`ip:port`, `[v6]:port`).
-    pub addresses: Vec<SocketAddr>,
-    /// Where the agent sends the connections.
-    pub endpoints: Vec<SocketAddr>,
 }
 
 impl Config {
@@ -174,11 +176,16 @@ impl Config {
             if svc.endpoints.is_empty() {
                 problem(at("endpoints"), "must list at least one endpoint (ip:port)".into());
             }
+            let mut seen = HashMap::new();
             for (j, ep) in svc.endpoints.iter().enumerate() {
-                if let Some(msg) = unusable(canonical(*ep)) {
+                let addr = canonical(ep.address());
+                if let Some(msg) = unusable(addr) {
                     problem(at(&format!("endpoints[{j}]")), msg);
+                } else if let Some(first) = seen.insert(addr, j) {
+                    problem(at(&format!("endpoints[{j}]")), format!("{addr} is already endpoints[{first}]"));
                 }
             }
+            svc.policy_problems(&format!("services[{i}]"), &mut problem);
         }
         out
     }
@@ -188,7 +195,7 @@ impl Config {
     fn canonical(mut self) -> Self {
         for svc in &mut self.services {
             svc.addresses.iter_mut().for_each(|a| *a = canonical(*a));
-            svc.endpoints.iter_mut().for_each(|a| *a = canonical(*a));
+            svc.endpoints.iter_mut().for_each(|e| *e.address_mut() = canonical(e.address()));
         }
         self
     }
@@ -243,6 +250,25 @@ mod tests {
         let msg = source.to_string();
         assert!(msg.contains("services[0].addresses[0]"), "{msg}");
         assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn endpoint_errors_name_the_endpoint_and_what_is_wrong() {
+        let msg = |text: &str| match parse(text).unwrap_err() {
+            ConfigError::Parse { source, .. } => source.to_string(),
+            e => panic!("{e:?}"),
+        };
+        let head = "services:\n  - name: a\n    addresses: [\"10.96.0.1:80\"]\n";
+        let bad_addr = msg(&format!("{head}    endpoints: [\"10.0.0.1:80\", \"10.0.0.300:80\"]\n"));
+        assert!(
+            bad_addr.contains("services[0].endpoints[1]") && bad_addr.contains("`10.0.0.300:80` is not an ip:port"),
+            "{bad_addr}"
+        );
+        let bad_key = msg(&format!("{head}    endpoints: [{{ address: \"10.0.0.1:80\", wieght: 2 }}]\n"));
+        assert!(bad_key.contains("unknown field `wieght`"), "{bad_key}");
+        let ok =
+            parse(&format!("{head}    endpoints: [{{ address: \"10.0.0.1:80\", weight: 2, zone: a }}]\n")).unwrap();
+        assert_eq!(ok.services[0].endpoints[0].detail().weight, 2);
     }
 
     #[test]

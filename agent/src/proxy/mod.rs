@@ -1,5 +1,6 @@
 //! The outbound proxy: accept redirected connections, find where the client meant to go,
-//! pick an endpoint, connect with the agent's mark and copy bytes both ways.
+//! open the upstream side (`upstream`: pick, connect with the mark, retry elsewhere) and
+//! copy bytes both ways until close, or until the endpoint's drain deadline.
 //!
 //! One tokio task and one tracing span per connection. Per-connection errors end in that
 //! task with a debug log; only accept errors back off (mini-redis `server.rs`).
@@ -18,15 +19,15 @@ use std::{
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::{
     io::copy_bidirectional,
-    net::{TcpListener, TcpSocket, TcpStream},
+    net::{TcpListener, TcpStream},
+    sync::watch,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, debug, debug_span, field, warn};
 
-use crate::{redirect::OrigDstTable, state::Snapshot};
+use crate::{balance::hash, redirect::OrigDstTable, state::Snapshot};
 
-/// How long an upstream connect may take before the client connection is reset.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub mod upstream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -93,14 +94,14 @@ impl Listeners {
 
 /// Everything a connection task needs, shared by all of them.
 pub struct Proxy {
-    state: Arc<Snapshot>,
+    state: watch::Receiver<Arc<Snapshot>>,
     orig: OrigDstTable,
     mark: u32,
     next_id: AtomicU64,
 }
 
 impl Proxy {
-    pub fn new(state: Arc<Snapshot>, orig: OrigDstTable, mark: u32) -> Arc<Self> {
+    pub fn new(state: watch::Receiver<Arc<Snapshot>>, orig: OrigDstTable, mark: u32) -> Arc<Self> {
         Arc::new(Self { state, orig, mark, next_id: AtomicU64::new(1) })
     }
 
@@ -121,6 +122,8 @@ impl Proxy {
                         "outbound",
                         conn.id = id,
                         client.addr = %peer,
+                        client.pid = field::Empty,
+                        client.comm = field::Empty,
                         orig.dst = field::Empty,
                         service = field::Empty,
                         endpoint = field::Empty,
@@ -139,47 +142,51 @@ impl Proxy {
 
     async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
         let span = tracing::Span::current();
-        let Some(orig) = self.orig.lookup(peer) else {
+        let Some(origin) = self.orig.lookup(peer) else {
             debug!("no original destination recorded for this client (not redirected?); closing");
             return;
         };
-        span.record("orig.dst", field::display(orig));
-        let Some(service) = self.state.service_for(orig) else {
+        span.record("orig.dst", field::display(origin.dst));
+        span.record("client.pid", origin.pid);
+        span.record("client.comm", origin.comm.as_str());
+        // The snapshot is held for the connection's life: a reload does not change the
+        // endpoint under an open connection.
+        let snapshot = Arc::clone(&self.state.borrow());
+        let Some(service) = snapshot.service_for(origin.dst) else {
             debug!("original destination is not a known service; closing");
             return;
         };
         span.record("service", service.name.as_str());
-        let Some(endpoint) = service.balancer.pick(&service.endpoints) else {
-            debug!("service has no endpoints; resetting");
-            reset(&client);
-            return;
-        };
-        span.record("endpoint", field::display(endpoint));
-        let mut upstream = match self.connect(endpoint).await {
-            Ok(s) => s,
+        // Affinity (ring hash) follows the client workload: its cgroup.
+        let up = match upstream::connect(service, hash(origin.cgroup_id), self.mark).await {
+            Ok(up) => up,
             Err(e) => {
-                debug!(error = %e, "upstream connect failed; resetting client");
+                debug!(error = %e, "no endpoint could be reached; resetting client");
                 reset(&client);
                 return;
             }
         };
+        span.record("endpoint", field::display(up.endpoint.addr));
+        debug!(
+            attempts = up.attempts,
+            locality = up.tier.name(),
+            connect_us = up.connect_latency.as_micros() as u64,
+            "connected"
+        );
+        let mut upstream = up.stream;
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
+        let drain = up.endpoint.state.drain_token();
         // copy_bidirectional forwards a half-close: EOF from one side becomes a write
         // shutdown towards the other, and copying goes on in the open direction.
-        match copy_bidirectional(&mut client, &mut upstream).await {
-            Ok((to_upstream, to_client)) => debug!(bytes.out = to_upstream, bytes.in = to_client, "closed"),
-            Err(e) => debug!(error = %e, "connection ended with an error"),
+        tokio::select! {
+            r = copy_bidirectional(&mut client, &mut upstream) => match r {
+                Ok((to_upstream, to_client)) => debug!(bytes.out = to_upstream, bytes.in = to_client, "closed"),
+                Err(e) => debug!(error = %e, "connection ended with an error"),
+            },
+            _ = drain.cancelled() => debug!("endpoint left service and its drain deadline passed; closing"),
         }
-    }
-
-    /// Connect to an endpoint with the agent's mark, so the connect programs let it pass.
-    async fn connect(&self, endpoint: SocketAddr) -> io::Result<TcpStream> {
-        let socket = if endpoint.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        setsockopt(&socket.as_fd(), sockopt::Mark, &self.mark).map_err(io::Error::from)?;
-        tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(endpoint)).await.map_err(|_| {
-            io::Error::new(io::ErrorKind::TimedOut, format!("connect timed out after {CONNECT_TIMEOUT:?}"))
-        })?
+        drop(up.guard);
     }
 }
 

@@ -1,0 +1,237 @@
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn ep(i: u8, weight: u32, tier: Tier) -> Endpoint {
+    Endpoint {
+        addr: SocketAddr::from(([10, 0, 0, i], 80)),
+        weight,
+        zone: None,
+        region: None,
+        node: None,
+        tier,
+        terminating: false,
+        state: Arc::new(EndpointState::default()),
+    }
+}
+
+fn accrual() -> FailureAccrualConfig {
+    FailureAccrualConfig { consecutive_failures: 1, ..Default::default() }
+}
+
+fn balancer(kind: BalanceKind, eps: Vec<Endpoint>) -> Balancer {
+    Balancer::new(kind, eps, accrual(), 0.7)
+}
+
+/// Share of `n` picks per endpoint's last address byte.
+fn shares(b: &Balancer, n: usize, key: impl Fn(usize) -> u64) -> HashMap<u8, f64> {
+    let now = Instant::now();
+    let mut count = HashMap::new();
+    for k in 0..n {
+        let p = b.pick(key(k), &[], now).expect("a pick");
+        let SocketAddr::V4(a) = p.endpoint.addr else { unreachable!() };
+        *count.entry(a.ip().octets()[3]).or_insert(0usize) += 1;
+    }
+    count.into_iter().map(|(k, c)| (k, c as f64 / n as f64)).collect()
+}
+
+fn eject(e: &Endpoint) {
+    assert!(matches!(e.state.on_connect_failed(Instant::now(), &accrual()), Change::Ejected(_)));
+}
+
+#[test]
+fn round_robin_is_exact_and_weights_scale_it() {
+    let b =
+        balancer(BalanceKind::RoundRobin, vec![ep(1, 1, Tier::Local), ep(2, 1, Tier::Local), ep(3, 2, Tier::Local)]);
+    let s = shares(&b, 400, |_| 0);
+    assert_eq!((s[&1], s[&2], s[&3]), (0.25, 0.25, 0.5));
+}
+
+#[test]
+fn random_follows_weights_within_tolerance() {
+    let b = balancer(BalanceKind::Random, vec![ep(1, 3, Tier::Local), ep(2, 1, Tier::Local)]);
+    let s = shares(&b, 20_000, |_| 0);
+    assert!((0.72..0.78).contains(&s[&1]), "weight 3 of 4 got {}", s[&1]);
+}
+
+#[test]
+fn weighted_load_aware_policies_hold_connections_in_proportion_to_weight() {
+    // p2c and least connections weigh load by weight (Envoy's weighted least request):
+    // with connections held open, the weight-3 endpoint ends up with 3x as many.
+    for kind in [BalanceKind::P2cEwma, BalanceKind::LeastConnections] {
+        let b = balancer(kind, vec![ep(1, 3, Tier::Local), ep(2, 1, Tier::Local)]);
+        let now = Instant::now();
+        let held: Vec<_> = (0..400).map(|_| b.pick(0, &[], now).unwrap().endpoint.state.begin()).collect();
+        let heavy = b.endpoints()[0].state.active();
+        assert!((290..=310).contains(&heavy), "{kind:?}: weight 3 of 4 holds {heavy} of {}", held.len());
+    }
+}
+
+#[test]
+fn least_connections_picks_the_least_loaded() {
+    let b = balancer(BalanceKind::LeastConnections, vec![ep(1, 1, Tier::Local), ep(2, 1, Tier::Local)]);
+    let _busy = [b.endpoints()[0].state.begin(), b.endpoints()[0].state.begin()];
+    let s = shares(&b, 100, |_| 0);
+    assert_eq!(s[&2], 1.0);
+}
+
+#[test]
+fn p2c_avoids_an_endpoint_with_many_open_connections() {
+    let b = balancer(BalanceKind::P2cEwma, vec![ep(1, 1, Tier::Local), ep(2, 1, Tier::Local), ep(3, 1, Tier::Local)]);
+    let _busy: Vec<_> = (0..10).map(|_| b.endpoints()[0].state.begin()).collect();
+    let s = shares(&b, 3000, |_| 0);
+    assert!(s.get(&1).copied().unwrap_or(0.0) < 0.01, "loaded endpoint still got {:?}", s.get(&1));
+}
+
+#[test]
+fn p2c_prefers_the_endpoint_with_the_lower_latency_estimate() {
+    let b = balancer(BalanceKind::P2cEwma, vec![ep(1, 1, Tier::Local), ep(2, 1, Tier::Local)]);
+    let now = Instant::now();
+    b.endpoints()[0].state.on_connect_ok(Duration::from_millis(50), now);
+    b.endpoints()[1].state.on_connect_ok(Duration::from_micros(100), now);
+    assert_eq!(shares(&b, 200, |_| 0)[&2], 1.0);
+}
+
+#[test]
+fn ejected_endpoints_are_skipped_until_the_panic_threshold() {
+    let b = balancer(
+        BalanceKind::RoundRobin,
+        vec![ep(1, 1, Tier::Local), ep(2, 1, Tier::Local), ep(3, 1, Tier::Local), ep(4, 1, Tier::Local)],
+    );
+    eject(&b.endpoints()[0]);
+    let s = shares(&b, 300, |_| 0);
+    assert!(!s.contains_key(&1));
+    eject(&b.endpoints()[1]);
+    // 2 of 4 out is exactly 50%: not past the threshold yet.
+    assert_eq!(shares(&b, 300, |_| 0).len(), 2);
+    eject(&b.endpoints()[2]);
+    let s = shares(&b, 400, |_| 0);
+    assert_eq!(s.len(), 4, "panic: health ignored, everything used: {s:?}");
+    assert!(b.stats.panics.load(Ordering::Relaxed) >= 400);
+}
+
+#[test]
+fn a_retry_goes_to_an_endpoint_not_yet_tried() {
+    let b = balancer(BalanceKind::P2cEwma, vec![ep(1, 1, Tier::Local), ep(2, 1, Tier::Local), ep(3, 1, Tier::Local)]);
+    let now = Instant::now();
+    for _ in 0..100 {
+        let first = b.pick(0, &[], now).unwrap().endpoint.addr;
+        let second = b.pick(0, &[first], now).unwrap().endpoint.addr;
+        assert_ne!(first, second);
+        let third = b.pick(0, &[first, second], now).unwrap().endpoint.addr;
+        assert!(third != first && third != second);
+        // All tried: one of them again rather than nothing.
+        assert!(b.pick(0, &[first, second, third], now).is_some());
+    }
+}
+
+#[test]
+fn terminating_endpoints_get_no_new_connections() {
+    let mut eps = vec![ep(1, 1, Tier::Local), ep(2, 1, Tier::Local)];
+    eps[0].terminating = true;
+    let b = balancer(BalanceKind::RoundRobin, eps);
+    assert_eq!(shares(&b, 50, |_| 0)[&2], 1.0);
+    let mut only = vec![ep(1, 1, Tier::Local)];
+    only[0].terminating = true;
+    assert!(balancer(BalanceKind::RoundRobin, only).pick(0, &[], Instant::now()).is_none());
+}
+
+#[test]
+fn locality_keeps_traffic_local_spills_in_proportion_and_returns() {
+    let b = balancer(
+        BalanceKind::RoundRobin,
+        vec![ep(1, 1, Tier::Local), ep(2, 1, Tier::Local), ep(3, 1, Tier::Local), ep(9, 1, Tier::Region)],
+    );
+    let s = shares(&b, 3000, |_| 0);
+    assert!(!s.contains_key(&9), "healthy local tier keeps everything: {s:?}");
+    // 2 of 3 local healthy = 0.67 < 0.7: about 1 - 0.67/0.7 = 5% spills.
+    eject(&b.endpoints()[0]);
+    let spilled = shares(&b, 20_000, |_| 0).get(&9).copied().unwrap_or(0.0);
+    assert!((0.03..0.07).contains(&spilled), "spilled share {spilled}");
+    eject(&b.endpoints()[1]);
+    eject(&b.endpoints()[2]);
+    // All local out (3 of 4 = 75% > 50% would be panic), so raise the cap for this check.
+    let b2 = Balancer::new(
+        BalanceKind::RoundRobin,
+        b.endpoints().to_vec(),
+        FailureAccrualConfig { max_ejected_percent: 100, ..accrual() },
+        0.7,
+    );
+    assert_eq!(shares(&b2, 100, |_| 0)[&9], 1.0, "local tier dead: all spill");
+    for e in &b2.endpoints()[..3] {
+        e.state.on_connect_ok(Duration::from_micros(100), Instant::now());
+    }
+    assert!(!shares(&b2, 300, |_| 0).contains_key(&9), "local tier back: traffic returns");
+    assert!(b2.stats.by_tier[Tier::Region as usize].load(Ordering::Relaxed) >= 100);
+}
+
+#[test]
+fn ring_hash_keeps_clients_on_their_endpoint_and_moves_only_those_of_a_lost_one() {
+    let b = balancer(BalanceKind::RingHash, (1..=4).map(|i| ep(i, 1, Tier::Local)).collect());
+    let now = Instant::now();
+    let owner = |c: u64| b.pick(hash(c), &[], now).unwrap().endpoint.addr;
+    let before: Vec<_> = (0..500).map(owner).collect();
+    assert_eq!(before, (0..500).map(owner).collect::<Vec<_>>(), "stable");
+    let lost = b.endpoints()[1].addr;
+    eject(&b.endpoints()[1]);
+    for (c, was) in before.iter().enumerate() {
+        let now_on = owner(c as u64);
+        if *was == lost {
+            assert_ne!(now_on, lost);
+        } else {
+            assert_eq!(now_on, *was, "client {c} moved although its endpoint is healthy");
+        }
+    }
+}
+
+#[test]
+fn an_endpoint_past_its_back_off_gets_one_trial_then_full_return() {
+    let b =
+        balancer(BalanceKind::RoundRobin, vec![ep(1, 1, Tier::Local), ep(2, 1, Tier::Local), ep(3, 1, Tier::Local)]);
+    let e = &b.endpoints()[0];
+    eject(e);
+    let later = Instant::now() + Duration::from_secs(5);
+    let picks: Vec<_> = (0..30).map(|_| b.pick(0, &[], later).unwrap().endpoint.addr).collect();
+    assert_eq!(picks.iter().filter(|&&a| a == e.addr).count(), 1, "exactly one trial while it is in flight");
+    e.state.on_connect_ok(Duration::from_micros(100), later);
+    let picks: Vec<_> = (0..30).map(|_| b.pick(0, &[], later).unwrap().endpoint.addr).collect();
+    assert_eq!(picks.iter().filter(|&&a| a == e.addr).count(), 10, "back in the rotation");
+}
+
+proptest! {
+    /// Whatever the health, weights and exclusions: a pick is never a terminating
+    /// endpoint, and never an excluded one while a healthy untried endpoint exists.
+    #[test]
+    fn picks_respect_terminating_and_exclusions(
+        spec in prop::collection::vec((1u32..5, any::<bool>(), any::<bool>(), any::<bool>(), 0usize..3), 1..8),
+        kind in prop::sample::select(vec![
+            BalanceKind::P2cEwma, BalanceKind::LeastConnections, BalanceKind::RoundRobin,
+            BalanceKind::Random, BalanceKind::RingHash,
+        ]),
+        key in any::<u64>(),
+    ) {
+        let eps: Vec<Endpoint> = spec.iter().enumerate().map(|(i, &(w, term, ejected, _, tier))| {
+            let mut e = ep(i as u8 + 1, w, Tier::ALL[tier]);
+            e.terminating = term;
+            if ejected { eject(&e); }
+            e
+        }).collect();
+        let exclude: Vec<SocketAddr> = eps.iter().zip(&spec).filter(|(_, s)| s.3).map(|(e, _)| e.addr).collect();
+        let b = Balancer::new(kind, eps.clone(), accrual(), 0.7);
+        let now = Instant::now();
+        match b.pick(key, &exclude, now) {
+            None => prop_assert!(eps.iter().all(|e| e.terminating)
+                || eps.iter().filter(|e| !e.terminating).all(|e| e.state.availability(now) == Avail::Out)),
+            Some(p) => {
+                prop_assert!(!p.endpoint.terminating);
+                let healthy_untried = eps.iter().any(|e| !e.terminating && !exclude.contains(&e.addr)
+                    && e.state.availability(now) != Avail::Out);
+                if healthy_untried && !p.panic {
+                    prop_assert!(!exclude.contains(&p.endpoint.addr));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! Per-service traffic policy: balancing, connect retries, failure accrual, active health
+//! checks, locality and draining. Every field has a default, so a service needs only a
+//! name, addresses and endpoints.
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// Addresses applications dial (`ip:port`, `[v6]:port`).
+    pub addresses: Vec<SocketAddr>,
+    /// Where the agent sends the connections.
+    pub endpoints: Vec<EndpointConfig>,
+    #[serde(default)]
+    pub balance: BalanceKind,
+    #[serde(default)]
+    pub connect: ConnectConfig,
+    #[serde(default)]
+    pub failure_accrual: FailureAccrualConfig,
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+    #[serde(default)]
+    pub locality: LocalityConfig,
+    /// How long connections to a removed or terminating endpoint may go on.
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+fn default_drain() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// An endpoint: `"ip:port"`, or a map with weight and locality.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EndpointConfig {
+    Plain(SocketAddr),
+    Detailed(EndpointDetail),
+}
+
+// By hand rather than `#[serde(untagged)]`, whose only error is "did not match any
+// variant": this way a bad address or an unknown key is named as such.
+impl<'de> Deserialize<'de> for EndpointConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = EndpointConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an endpoint: \"ip:port\" or { address, weight, zone, region, node, terminating }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                v.parse()
+                    .map(EndpointConfig::Plain)
+                    .map_err(|_| E::custom(format!("`{v}` is not an ip:port address (IPv6 as [addr]:port)")))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                EndpointDetail::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(EndpointConfig::Detailed)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointDetail {
+    pub address: SocketAddr,
+    /// Relative share of new connections (default 1).
+    #[serde(default = "one")]
+    pub weight: u32,
+    pub zone: Option<String>,
+    pub region: Option<String>,
+    pub node: Option<String>,
+    /// Terminating: no new connections; open ones drain (Kubernetes' `terminating`).
+    #[serde(default)]
+    pub terminating: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl EndpointConfig {
+    pub fn detail(&self) -> EndpointDetail {
+        match self {
+            Self::Plain(address) => EndpointDetail {
+                address: *address,
+                weight: 1,
+                zone: None,
+                region: None,
+                node: None,
+                terminating: false,
+            },
+            Self::Detailed(d) => d.clone(),
+        }
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        match self {
+            Self::Plain(a) => *a,
+            Self::Detailed(d) => d.address,
+        }
+    }
+
+    pub(super) fn address_mut(&mut self) -> &mut SocketAddr {
+        match self {
+            Self::Plain(a) => a,
+            Self::Detailed(d) => &mut d.address,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BalanceKind {
+    /// Power of two choices over a peak-EWMA cost (linkerd, Finagle).
+    #[default]
+    P2cEwma,
+    LeastConnections,
+    RoundRobin,
+    Random,
+    /// Consistent hashing on the client (its cgroup: the pod or unit) for affinity.
+    RingHash,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectConfig {
+    /// One connect attempt may take this long.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts per client connection, each on a different endpoint where there is one.
+    pub attempts: u32,
+    /// All attempts together may take this long.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+impl Default for ConnectConfig {
+    fn default() -> Self {
+        Self { timeout: Duration::from_secs(1), attempts: 3, deadline: Duration::from_secs(3) }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailureAccrualConfig {
+    /// Consecutive connect failures that eject an endpoint.
+    pub consecutive_failures: u32,
+    /// First ejection lasts about this long (jittered); each one after doubles it.
+    #[serde(with = "humantime_serde")]
+    pub base_ejection: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_ejection: Duration,
+    /// Panic threshold: when more than this share of endpoints is unhealthy, health is
+    /// ignored rather than sending the whole service's traffic to a few (Envoy: 50).
+    pub max_ejected_percent: u32,
+}
+
+impl Default for FailureAccrualConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_secs(2),
+            max_ejection: Duration::from_secs(60),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    pub kind: HealthCheckKind,
+    /// HTTP only: the path to GET (default `/`).
+    pub path: Option<String>,
+    /// HTTP only: the status that means healthy (default 200).
+    pub status: Option<u16>,
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successes that bring an endpoint back.
+    #[serde(default = "two")]
+    pub rise: u32,
+    /// Consecutive failures that take it out.
+    #[serde(default = "three")]
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheckKind {
+    /// A TCP connect succeeds.
+    Tcp,
+    /// `GET path` answers with `status`.
+    Http,
+}
+
+impl HealthCheckConfig {
+    /// For an HTTP check: (path, expected status), defaults filled in.
+    pub fn http(&self) -> Option<(&str, u16)> {
+        (self.kind == HealthCheckKind::Http).then(|| (self.path.as_deref().unwrap_or("/"), self.status.unwrap_or(200)))
+    }
+}
+
+fn default_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn two() -> u32 {
+    2
+}
+fn three() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalityConfig {
+    /// A locality tier keeps all of its traffic while at least this share of its
+    /// endpoints is healthy; below it, the deficit spills to the next tier in proportion
+    /// (Envoy's overprovisioning factor 1.4 is a threshold of about 0.71).
+    pub spill_threshold: f64,
+}
+
+impl Default for LocalityConfig {
+    fn default() -> Self {
+        Self { spill_threshold: 0.7 }
+    }
+}
+
+impl ServiceConfig {
+    /// Problems with the policy fields, named under `at` (e.g. `services[2]`).
+    pub(super) fn policy_problems(&self, at: &str, problem: &mut impl FnMut(String, String)) {
+        let c = &self.connect;
+        if c.timeout.is_zero() {
+            problem(format!("{at}.connect.timeout"), "must be more than 0".into());
+        }
+        if !(1..=10).contains(&c.attempts) {
+            problem(format!("{at}.connect.attempts"), format!("{} is not between 1 and 10", c.attempts));
+        }
+        if c.deadline < c.timeout {
+            problem(format!("{at}.connect.deadline"), "must be at least connect.timeout".into());
+        }
+        let f = &self.failure_accrual;
+        if f.consecutive_failures == 0 {
+            problem(format!("{at}.failure_accrual.consecutive_failures"), "must be at least 1".into());
+        }
+        if f.base_ejection.is_zero() || f.max_ejection < f.base_ejection {
+            problem(
+                format!("{at}.failure_accrual"),
+                "base_ejection must be more than 0 and max_ejection at least base_ejection".into(),
+            );
+        }
+        if f.max_ejected_percent > 100 {
+            problem(format!("{at}.failure_accrual.max_ejected_percent"), "must be from 0 to 100".into());
+        }
+        if let Some(h) = &self.health_check {
+            if h.interval.is_zero() || h.timeout.is_zero() {
+                problem(format!("{at}.health_check"), "interval and timeout must be more than 0".into());
+            }
+            if h.rise == 0 || h.fall == 0 {
+                problem(format!("{at}.health_check"), "rise and fall must be at least 1".into());
+            }
+            if h.kind == HealthCheckKind::Tcp && (h.path.is_some() || h.status.is_some()) {
+                problem(format!("{at}.health_check"), "path and status apply to kind: http only".into());
+            }
+            if let Some((path, status)) = h.http() {
+                if !path.starts_with('/') {
+                    problem(format!("{at}.health_check.path"), format!("`{path}` must start with /"));
+                }
+                if !(100..=599).contains(&status) {
+                    problem(format!("{at}.health_check.status"), format!("{status} is not an HTTP status"));
+                }
+            }
+        }
+        let t = self.locality.spill_threshold;
+        if !(t > 0.0 && t <= 1.0) {
+            problem(format!("{at}.locality.spill_threshold"), format!("{t} is not in (0, 1]"));
+        }
+        for (j, ep) in self.endpoints.iter().enumerate() {
+            if ep.detail().weight == 0 {
+                problem(
+                    format!("{at}.endpoints[{j}].weight"),
+                    "must be at least 1 (mark the endpoint terminating to stop new connections)".into(),
+                );
+            }
+        }
+    }
+}
