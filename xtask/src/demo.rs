@@ -44,6 +44,7 @@ services:
   - name: web
     addresses: ["10.96.0.20:80", "[fd96::20]:80"]
     endpoints: ["{b0}:8080", "{b1}:8080", "{b0}:8081"]
+    balance: round-robin
   - name: redis
     addresses: ["10.96.0.30:6379"]
     endpoints: ["{b0}:6379"]
@@ -54,18 +55,22 @@ services:
     let agent = Agent::start_bin(bin, &topo, &config);
     println!("== Agent running (pid {}); attached to the cgroup: {:?}", agent.pid(), topo.attached_programs());
 
-    println!("\n== curl, inside the cgroup, dialling the service address (no proxy settings):");
-    for url in ["http://10.96.0.20/"; 6].into_iter().chain(["http://[fd96::20]/"]) {
-        let out = topo.client(Command::new("curl").args([
-            "-sS",
-            "--max-time",
-            "5",
-            "-w",
-            "  (curl's peer: %{remote_ip}:%{remote_port})",
-            url,
-        ]));
+    let curl = |url: &str| -> anyhow::Result<()> {
+        let w = "  (curl's peer: %{remote_ip}:%{remote_port})";
+        let out = topo.client(Command::new("curl").args(["-sS", "--max-time", "5", "-w", w, url]));
         ensure!(out.status.success(), "curl {url} failed: {}", String::from_utf8_lossy(&out.stderr));
         println!("   curl {url:22} -> {}", String::from_utf8_lossy(&out.stdout).replace('\n', ""));
+        Ok(())
+    };
+    println!("\n== curl, inside the cgroup, dialling the service address (no proxy settings):");
+    for url in ["http://10.96.0.20/"; 6].into_iter().chain(["http://[fd96::20]/"]) {
+        curl(url)?;
+    }
+
+    println!("\n== Backend {b1}:8080 dies; the clients do not notice (retried elsewhere, then ejected):");
+    servers[1].kill();
+    for url in ["http://10.96.0.20/"; 6] {
+        curl(url)?;
     }
 
     println!("\n== redis-cli, dialling 10.96.0.30:6379:");
@@ -80,7 +85,10 @@ services:
     println!("   curl http://10.96.0.99/ -> {}", String::from_utf8_lossy(&out.stderr).trim());
 
     let log = agent.stop();
-    println!("\n== What the agent did (one line per proxied connection):");
+    println!("\n== What the agent did (ejections, then one line per proxied connection):");
+    for line in log.lines().filter_map(|l| l.find("ejecting endpoint").map(|at| &l[at..])) {
+        println!("   {line}");
+    }
     for line in log.lines().filter(|l| l.contains("outbound{") && (l.contains(" closed") || l.contains(" ended"))) {
         let fields: Vec<&str> = line
             .split_whitespace()
