@@ -6,22 +6,24 @@
 //! is not there. Shutdown reverses it: detach first (new connects go where they were
 //! aimed), then stop accepting, then let open connections drain.
 //!
-//! SIGHUP re-reads the config file. A bad file is rejected with its problems logged and
-//! the running config stays in force; a good one is applied without dropping anything:
-//! endpoints that left get their drain time, state of the others carries over.
+//! After start-up, changes arrive from SIGHUP (re-read the config file) and from the
+//! discovery sources. Each is merged with the rest and validated as a whole; a bad one is
+//! rejected with its problems logged and the running state stays in force; a good one is
+//! applied without dropping anything: endpoints that left get their drain time, state of
+//! the others carries over.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
 use switchyard_common::{AgentV1, SockAddrV1};
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
-    sync::watch,
+    sync::{mpsc, watch},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
@@ -29,6 +31,7 @@ use tracing::{error, info, warn};
 use crate::{
     balance::Tier,
     config::Config,
+    discovery::{self, Sources, Update, dns::Dns},
     health,
     proxy::{Listeners, Proxy},
     redirect::{self, Redirect},
@@ -49,28 +52,45 @@ pub fn check(path: &Path) -> anyhow::Result<String> {
 
 /// `switchyard run`: run the agent until SIGINT or SIGTERM.
 pub async fn run(path: &Path) -> anyhow::Result<()> {
-    let mut config = Config::load(path)?;
+    let main = Config::load(path)?;
     redirect::check_privileges()?;
-    let cgroup = redirect::attach_cgroup(config.agent.cgroup.as_deref())?;
+    let cgroup = redirect::attach_cgroup(main.agent.cgroup.as_deref())?;
     let mut signals = Signals::new()?;
+    let listeners = Listeners::bind(main.agent.listen_port).await?;
 
-    let listeners = Listeners::bind(config.agent.listen_port).await?;
+    // Sources: what they say at start-up is part of the first snapshot.
+    let (updates, mut incoming) = mpsc::channel(256);
+    let mut sources = Sources::default();
+    let _catalog_watch = match &main.agent.catalog {
+        Some(catalog) => {
+            sources.catalog = discovery::catalog::load(catalog).context("load the catalog (agent.catalog)")?;
+            Some(discovery::catalog::watch(catalog, updates.clone())?)
+        }
+        None => None,
+    };
+    let dns = Dns::new(&main.agent.dns, updates.clone())?;
+    let targets = discovery::dns_targets(&sources.merge(&main));
+    sources.resolved = dns.resolve_all(&targets, Duration::from_secs(5)).await;
+    let merged = validated(sources.merge(&main))
+        .map_err(|p| anyhow::anyhow!("the catalog clashes with {}:\n{p}", path.display()))?;
+
     let agent = AgentV1 {
         listen_v4: u32::from_ne_bytes(Ipv4Addr::LOCALHOST.octets()),
         listen_v6: SockAddrV1::from(SocketAddr::from((Ipv6Addr::LOCALHOST, 0))).addr,
-        listen_port: config.agent.listen_port.to_be(),
-        mark: config.agent.mark,
+        listen_port: main.agent.listen_port.to_be(),
+        mark: main.agent.mark,
         netns_cookie: listeners.netns_cookie()?,
         ..Default::default()
     };
-    let snapshot = Arc::new(Snapshot::build(&config, None));
+    let snapshot = Arc::new(Snapshot::build(&merged, &sources.resolved, None));
     arm_drain_deadlines(snapshot.departures_since(&Snapshot::default()));
     let (publish, latest) = watch::channel(Arc::clone(&snapshot));
-    let (mut redirect, orig) =
+    let (redirect, orig) =
         Redirect::start(&cgroup, agent, snapshot.service_addresses()).context("start the transparent redirect")?;
-    let mark = config.agent.mark;
-    let mut checks = CancellationToken::new();
-    health::spawn(&snapshot, mark, &checks);
+    let mark = main.agent.mark;
+    let drain = Duration::from_secs(main.agent.drain_timeout_secs);
+    let mut running = Running { main, sources, publish, redirect, checks: CancellationToken::new(), dns, mark };
+    running.restart_background(&merged);
 
     let proxy = Proxy::new(latest, orig, mark);
     let tasks = TaskTracker::new();
@@ -80,36 +100,31 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         accept_loops.push(tokio::spawn(Arc::clone(&proxy).serve(v6, tasks.clone(), stop.clone())));
     }
     info!(
-        listen.port = config.agent.listen_port,
+        listen.port = running.main.agent.listen_port,
         cgroup = %cgroup.display(),
         services = snapshot.len(),
         "switchyard ready"
     );
 
     let signal = loop {
-        match signals.next().await {
-            "SIGHUP" => {
-                if let Some(applied) = reload(path, &config, &publish, &mut redirect) {
-                    checks.cancel();
-                    checks = CancellationToken::new();
-                    health::spawn(&publish.borrow(), mark, &checks);
-                    config = applied;
-                }
-            }
-            stop_signal => break stop_signal,
+        tokio::select! {
+            signal = signals.next() => match signal {
+                "SIGHUP" => running.reload_file(path),
+                stop_signal => break stop_signal,
+            },
+            Some(update) = incoming.recv() => running.update(update),
         }
     };
     info!(signal, "shutting down");
-    log_counters(&redirect);
-    log_service_stats(&publish.borrow());
-    drop(redirect);
-    checks.cancel();
+    log_counters(&running.redirect);
+    log_service_stats(&running.publish.borrow());
+    running.checks.cancel();
+    drop(running);
     stop.cancel();
     for l in accept_loops {
         let _ = l.await;
     }
     tasks.close();
-    let drain = Duration::from_secs(config.agent.drain_timeout_secs);
     if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
         warn!(open = tasks.len(), after = ?drain, "connections still open at the drain deadline; cutting them");
     }
@@ -117,39 +132,92 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Apply the config file again. Returns the config now in force, or None when the file
-/// was rejected (the running config stays).
-fn reload(
-    path: &Path,
-    running: &Config,
-    publish: &watch::Sender<Arc<Snapshot>>,
-    redirect: &mut Redirect,
-) -> Option<Config> {
-    let mut new = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            let e = anyhow::Error::from(e);
-            error!(error = format!("{e:#}"), "config reload rejected; still serving the last good config");
-            return None;
+/// The merged config if it is valid, else its problems as text.
+fn validated(merged: Config) -> Result<Config, String> {
+    let problems = merged.problems();
+    if problems.is_empty() {
+        Ok(merged.canonical())
+    } else {
+        Err(problems.iter().map(|p| format!("  {}: {}", p.field, p.message)).collect::<Vec<_>>().join("\n"))
+    }
+}
+
+/// The agent's live state: the config and source contributions in force, and what acts on
+/// them. Dropping it detaches the kernel programs (the `Redirect` inside).
+struct Running {
+    main: Config,
+    sources: Sources,
+    publish: watch::Sender<Arc<Snapshot>>,
+    redirect: Redirect,
+    checks: CancellationToken,
+    dns: Dns,
+    mark: u32,
+}
+
+impl Running {
+    /// SIGHUP: re-read the main config file.
+    fn reload_file(&mut self, path: &Path) {
+        let mut new = match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                let e = anyhow::Error::from(e);
+                error!(error = format!("{e:#}"), "config reload rejected; still serving the last good config");
+                return;
+            }
+        };
+        if new.agent != self.main.agent {
+            warn!(
+                "agent settings (listen_port, cgroup, mark, zone, catalog, ...) only change on restart; reloading services"
+            );
+            new.agent = self.main.agent.clone();
         }
-    };
-    if new.agent != running.agent {
-        warn!("agent settings (listen_port, cgroup, mark, zone, ...) only change on restart; reloading services");
-        new.agent = running.agent.clone();
+        if let Err(problems) = self.apply(new, self.sources.clone(), "config file") {
+            error!(error = %problems, "config reload rejected: it clashes with other sources; still serving the last good config");
+        }
     }
-    let prev = Arc::clone(&publish.borrow());
-    let next = Arc::new(Snapshot::build(&new, Some(&prev)));
-    // Publish before the kernel learns new addresses, so the agent knows every service it
-    // may be sent. (A removed address can, for a moment, still be redirected and is then
-    // closed: the service is gone either way.)
-    publish.send_replace(Arc::clone(&next));
-    if let Err(e) = redirect.sync_services(next.service_addresses()) {
-        let e = anyhow::Error::from(e);
-        error!(error = format!("{e:#}"), "could not update the kernel's service addresses");
+
+    /// An update from a discovery source.
+    fn update(&mut self, update: Update) {
+        let source = update.source();
+        let mut candidate = self.sources.clone();
+        if let Err(e) = candidate.apply(update) {
+            error!(source, error = %e, "update rejected; still serving the last good state");
+            return;
+        }
+        if let Err(problems) = self.apply(self.main.clone(), candidate, source) {
+            error!(source, error = %problems, "update rejected: the result would be invalid; still serving the last good state");
+        }
     }
-    arm_drain_deadlines(next.departures_since(&prev));
-    info!(services = next.len(), "config reloaded");
-    Some(new)
+
+    /// Make `main` + `sources` the running state if together they are valid.
+    fn apply(&mut self, main: Config, sources: Sources, source: &str) -> Result<(), String> {
+        let started = Instant::now();
+        let merged = validated(sources.merge(&main))?;
+        let prev = Arc::clone(&self.publish.borrow());
+        let next = Arc::new(Snapshot::build(&merged, &sources.resolved, Some(&prev)));
+        // Publish before the kernel learns new addresses, so the agent knows every service
+        // it may be sent. (A removed address can, for a moment, still be redirected and is
+        // then closed: the service is gone either way.)
+        self.publish.send_replace(Arc::clone(&next));
+        if let Err(e) = self.redirect.sync_services(next.service_addresses()) {
+            let e = anyhow::Error::from(e);
+            error!(error = format!("{e:#}"), "could not update the kernel's service addresses");
+        }
+        arm_drain_deadlines(next.departures_since(&prev));
+        self.main = main;
+        self.sources = sources;
+        self.restart_background(&merged);
+        info!(source, services = next.len(), took_us = started.elapsed().as_micros() as u64, "configuration applied");
+        Ok(())
+    }
+
+    /// Health checks follow the snapshot; DNS refreshes follow the names in use.
+    fn restart_background(&mut self, merged: &Config) {
+        self.checks.cancel();
+        self.checks = CancellationToken::new();
+        health::spawn(&self.publish.borrow(), self.mark, &self.checks);
+        self.dns.track(&discovery::dns_targets(merged), &self.sources.resolved);
+    }
 }
 
 /// Endpoints that left service keep their connections until their drain deadline.

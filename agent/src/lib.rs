@@ -13,6 +13,8 @@
 //! * [`proxy`]: listeners, the accept loop, per-connection byte copying; `proxy::upstream`
 //!   connects to an endpoint with retries on others.
 //! * [`health`]: active health checks (TCP connect or HTTP GET).
+//! * [`discovery`]: sources beyond the config file: the watched catalog file and DNS
+//!   names, each sending updates that `app` merges, validates and applies.
 //! * [`app`]: the composition root: wires the above together and owns start-up order and
 //!   shutdown.
 //!
@@ -26,6 +28,7 @@
 pub mod app;
 pub mod balance;
 pub mod config;
+pub mod discovery;
 pub mod health;
 pub mod proxy;
 pub mod redirect;

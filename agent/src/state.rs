@@ -7,8 +7,11 @@ use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use crate::{
     balance::{Balancer, Endpoint, EndpointState, Tier},
-    config::{Config, ServiceConfig},
+    config::{Config, ServiceConfig, Target},
 };
+
+/// DNS answers by name: (address, weight) pairs; weight is the SRV weight, 1 for A/AAAA.
+pub type Resolved = HashMap<Target, Vec<(SocketAddr, u32)>>;
 
 /// One logical service.
 #[derive(Debug)]
@@ -36,36 +39,43 @@ pub struct Departure {
 }
 
 impl Snapshot {
-    /// Build from a validated config, reusing the live state of endpoints `prev` knew.
-    pub fn build(config: &Config, prev: Option<&Snapshot>) -> Self {
+    /// Build from a validated config, with DNS names as `resolved` has them (a name not
+    /// resolved yet contributes no endpoint), reusing the live state of endpoints `prev`
+    /// knew.
+    pub fn build(config: &Config, resolved: &Resolved, prev: Option<&Snapshot>) -> Self {
         let mut snap = Self::default();
         for (id, svc) in config.services.iter().enumerate() {
             for addr in &svc.addresses {
                 snap.by_addr.insert(*addr, id);
             }
             let old = prev.and_then(|p| p.service_named(&svc.name));
-            let endpoints = svc
-                .endpoints
-                .iter()
-                .map(|e| {
-                    let d = e.detail();
+            let mut endpoints: Vec<Endpoint> = Vec::new();
+            for e in &svc.endpoints {
+                let concrete = match &e.target {
+                    Target::Addr(a) => vec![(*a, 1)],
+                    name => resolved.get(name).cloned().unwrap_or_default(),
+                };
+                for (addr, weight) in concrete {
+                    // Two names may resolve to one address: the first listing wins.
+                    if endpoints.iter().any(|x| x.addr == addr) {
+                        continue;
+                    }
                     let state = old
-                        .and_then(|o| o.balancer.endpoints().iter().find(|x| x.addr == d.address))
+                        .and_then(|o| o.balancer.endpoints().iter().find(|x| x.addr == addr))
                         .map(|x| Arc::clone(&x.state))
                         .unwrap_or_default();
-                    let tier = tier(&config.agent.zone, &config.agent.region, &d.zone, &d.region);
-                    Endpoint {
-                        addr: d.address,
-                        weight: d.weight,
-                        tier,
-                        terminating: d.terminating,
-                        zone: d.zone,
-                        region: d.region,
-                        node: d.node,
+                    endpoints.push(Endpoint {
+                        addr,
+                        weight: e.weight.saturating_mul(weight.max(1)),
+                        tier: tier(&config.agent.zone, &config.agent.region, &e.zone, &e.region),
+                        terminating: e.terminating,
+                        zone: e.zone.clone(),
+                        region: e.region.clone(),
+                        node: e.node.clone(),
                         state,
-                    }
-                })
-                .collect();
+                    });
+                }
+            }
             let balancer =
                 Balancer::new(svc.balance, endpoints, svc.failure_accrual.clone(), svc.locality.spill_threshold);
             snap.services.push(Service { name: svc.name.clone(), config: svc.clone(), balancer });
@@ -192,6 +202,7 @@ mod tests {
             &config(
                 "services:\n  - name: web\n    addresses: [\"10.96.0.1:80\", \"[fd96::1]:80\"]\n    endpoints: [\"10.0.0.1:8080\"]\n",
             ),
+            &Resolved::new(),
             None,
         );
         for dst in ["10.96.0.1:80", "[::ffff:10.96.0.1]:80", "[fd96::1]:80"] {
@@ -199,6 +210,37 @@ mod tests {
         }
         assert!(snap.service_for("10.96.0.1:81".parse().unwrap()).is_none());
         assert_eq!(snap.service_addresses().count(), 2);
+    }
+
+    #[test]
+    fn dns_names_expand_to_their_answers_with_srv_weights() {
+        let cfg = config(
+            "services:\n  - name: web\n    addresses: [\"10.96.0.1:80\"]\n    endpoints: [\"web.example:8080\", { srv: _http._tcp.web.example, weight: 2 }, \"10.0.0.9:80\"]\n",
+        );
+        let mut resolved = Resolved::new();
+        resolved.insert(
+            Target::Host { name: "web.example".into(), port: 8080 },
+            vec![("10.0.0.1:8080".parse().unwrap(), 1), ("10.0.0.2:8080".parse().unwrap(), 1)],
+        );
+        resolved.insert(
+            Target::Srv("_http._tcp.web.example".into()),
+            vec![("10.0.0.2:8080".parse().unwrap(), 5), ("10.0.0.3:9090".parse().unwrap(), 3)],
+        );
+        let snap = Snapshot::build(&cfg, &resolved, None);
+        let eps: Vec<(String, u32)> =
+            snap.services()[0].balancer.endpoints().iter().map(|e| (e.addr.to_string(), e.weight)).collect();
+        assert_eq!(
+            eps,
+            [
+                ("10.0.0.1:8080".into(), 1),
+                ("10.0.0.2:8080".into(), 1),
+                ("10.0.0.3:9090".into(), 6),
+                ("10.0.0.9:80".into(), 1)
+            ]
+        );
+        // Not resolved yet: the name contributes nothing, the address still counts.
+        let snap = Snapshot::build(&cfg, &Resolved::new(), None);
+        assert_eq!(snap.services()[0].balancer.endpoints().len(), 1);
     }
 
     #[test]
@@ -218,19 +260,19 @@ mod tests {
         let one = config(
             "services:\n  - name: web\n    addresses: [\"10.96.0.1:80\"]\n    endpoints: [\"10.0.0.1:80\", \"10.0.0.2:80\", \"10.0.0.3:80\"]\n    drain_timeout: 7s\n",
         );
-        let a = Snapshot::build(&one, None);
+        let a = Snapshot::build(&one, &Resolved::new(), None);
         let state_of = |s: &Snapshot, i: usize| Arc::clone(&s.services()[0].balancer.endpoints()[i].state);
         let two = config(
             "services:\n  - name: web\n    addresses: [\"10.96.0.1:80\"]\n    endpoints: [\"10.0.0.1:80\", { address: \"10.0.0.3:80\", terminating: true }]\n    drain_timeout: 7s\n",
         );
-        let b = Snapshot::build(&two, Some(&a));
+        let b = Snapshot::build(&two, &Resolved::new(), Some(&a));
         assert!(Arc::ptr_eq(&state_of(&a, 0), &state_of(&b, 0)), "state carried over");
         let gone: Vec<SocketAddr> = b.departures_since(&a).iter().map(|d| d.addr).collect();
         assert_eq!(gone.len(), 2);
         assert!(gone.contains(&"10.0.0.2:80".parse().unwrap()) && gone.contains(&"10.0.0.3:80".parse().unwrap()));
         assert!(b.departures_since(&a).is_empty(), "already draining: reported once");
         // Back in service: the pending deadline must not cut it.
-        let c = Snapshot::build(&one, Some(&b));
+        let c = Snapshot::build(&one, &Resolved::new(), Some(&b));
         assert!(c.departures_since(&b).is_empty());
         let token = state_of(&a, 2).drain_token();
         state_of(&a, 2).cut_if_still_draining(1);

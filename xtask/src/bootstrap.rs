@@ -24,6 +24,7 @@ const DEBIAN: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("redis-server", "redis-server"),
     ("redis-cli", "redis-tools"),
+    ("dnsmasq", "dnsmasq-base"),
 ];
 
 pub fn all() -> anyhow::Result<()> {

@@ -9,12 +9,13 @@ use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
 pub use service::{
-    BalanceKind, ConnectConfig, EndpointConfig, EndpointDetail, FailureAccrualConfig, HealthCheckConfig,
-    HealthCheckKind, LocalityConfig, ServiceConfig,
+    BalanceKind, ConnectConfig, EndpointConfig, FailureAccrualConfig, HealthCheckConfig, HealthCheckKind,
+    LocalityConfig, Origin, ServiceConfig, Target,
 };
 
 mod service;
@@ -67,7 +68,7 @@ impl fmt::Display for Problems<'_> {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -91,6 +92,40 @@ pub struct AgentConfig {
     /// zone and region labels). Without a zone, every endpoint counts as local.
     pub zone: Option<String>,
     pub region: Option<String>,
+    /// A file of more services (`services:` only), watched: edits apply within a second,
+    /// a broken edit is rejected and the last good catalog stays in force.
+    pub catalog: Option<PathBuf>,
+    /// How endpoint host names and SRV names are resolved.
+    pub dns: DnsConfig,
+    /// Watch a Kubernetes API server for Services, EndpointSlices and this Node.
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Name servers to ask (`ip:port`); empty means the host's /etc/resolv.conf.
+    pub servers: Vec<SocketAddr>,
+    /// Answers are re-resolved when their TTL runs out, clamped to [min_ttl, max_ttl].
+    #[serde(with = "humantime_serde")]
+    pub min_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        Self { servers: Vec::new(), min_ttl: Duration::from_secs(1), max_ttl: Duration::from_secs(300) }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file; default: in-cluster service account, else $KUBECONFIG/~/.kube/config.
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (for its zone and region labels); default $NODE_NAME.
+    pub node_name: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -102,6 +137,9 @@ impl Default for AgentConfig {
             drain_timeout_secs: DEFAULT_DRAIN_SECS,
             zone: None,
             region: None,
+            catalog: None,
+            dns: DnsConfig::default(),
+            kubernetes: None,
         }
     }
 }
@@ -150,14 +188,18 @@ impl Config {
             SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), a.listen_port),
         ];
 
-        let mut names: HashMap<&str, usize> = HashMap::new();
-        let mut owners: HashMap<SocketAddr, usize> = HashMap::new();
-        for (i, svc) in self.services.iter().enumerate() {
-            let at = |field: &str| format!("services[{i}].{field}");
+        let mut names: HashMap<&str, String> = HashMap::new();
+        let mut owners: HashMap<SocketAddr, String> = HashMap::new();
+        let mut per_origin: HashMap<&Origin, usize> = HashMap::new();
+        for svc in &self.services {
+            let index = per_origin.entry(&svc.origin).or_default();
+            let label = svc.origin.label(*index, &svc.name);
+            *index += 1;
+            let at = |field: &str| format!("{label}.{field}");
             if svc.name.trim().is_empty() {
                 problem(at("name"), "must not be empty".into());
-            } else if let Some(first) = names.insert(&svc.name, i) {
-                problem(at("name"), format!("`{}` is already the name of services[{first}]", svc.name));
+            } else if let Some(first) = names.insert(&svc.name, label.clone()) {
+                problem(at("name"), format!("`{}` is already the name of {first}", svc.name));
             }
             if svc.addresses.is_empty() {
                 problem(at("addresses"), "must list at least one service address (ip:port)".into());
@@ -169,33 +211,37 @@ impl Config {
                     problem(field, msg);
                 } else if listeners.contains(&addr) {
                     problem(field, format!("{addr} is the agent's own listener; connections would loop"));
-                } else if let Some(first) = owners.insert(addr, i) {
-                    problem(field, format!("{addr} is already an address of services[{first}]"));
+                } else if let Some(first) = owners.insert(addr, label.clone()) {
+                    problem(field, format!("{addr} is already an address of {first}"));
                 }
             }
-            if svc.endpoints.is_empty() {
+            // A discovered service may have no endpoint for a while (none ready yet).
+            if svc.endpoints.is_empty() && svc.origin != Origin::Kubernetes {
                 problem(at("endpoints"), "must list at least one endpoint (ip:port)".into());
             }
             let mut seen = HashMap::new();
             for (j, ep) in svc.endpoints.iter().enumerate() {
-                let addr = canonical(ep.address());
-                if let Some(msg) = unusable(addr) {
+                if let Some(msg) = ep.target.addr().and_then(|a| unusable(canonical(a))) {
                     problem(at(&format!("endpoints[{j}]")), msg);
-                } else if let Some(first) = seen.insert(addr, j) {
-                    problem(at(&format!("endpoints[{j}]")), format!("{addr} is already endpoints[{first}]"));
+                } else if let Some(first) = seen.insert(&ep.target, j) {
+                    problem(at(&format!("endpoints[{j}]")), format!("{} is already endpoints[{first}]", ep.target));
                 }
             }
-            svc.policy_problems(&format!("services[{i}]"), &mut problem);
+            svc.policy_problems(&label, &mut problem);
         }
         out
     }
 
     /// The same config with v4-mapped IPv6 addresses written as IPv4, the form the kernel
     /// and the lookups use.
-    fn canonical(mut self) -> Self {
+    pub(crate) fn canonical(mut self) -> Self {
         for svc in &mut self.services {
             svc.addresses.iter_mut().for_each(|a| *a = canonical(*a));
-            svc.endpoints.iter_mut().for_each(|e| *e.address_mut() = canonical(e.address()));
+            for e in &mut svc.endpoints {
+                if let Target::Addr(a) = &mut e.target {
+                    *a = canonical(*a);
+                }
+            }
         }
         self
     }
@@ -261,14 +307,14 @@ mod tests {
         let head = "services:\n  - name: a\n    addresses: [\"10.96.0.1:80\"]\n";
         let bad_addr = msg(&format!("{head}    endpoints: [\"10.0.0.1:80\", \"10.0.0.300:80\"]\n"));
         assert!(
-            bad_addr.contains("services[0].endpoints[1]") && bad_addr.contains("`10.0.0.300:80` is not an ip:port"),
+            bad_addr.contains("services[0].endpoints[1]") && bad_addr.contains("`10.0.0.300:80` is neither ip:port"),
             "{bad_addr}"
         );
         let bad_key = msg(&format!("{head}    endpoints: [{{ address: \"10.0.0.1:80\", wieght: 2 }}]\n"));
         assert!(bad_key.contains("unknown field `wieght`"), "{bad_key}");
         let ok =
             parse(&format!("{head}    endpoints: [{{ address: \"10.0.0.1:80\", weight: 2, zone: a }}]\n")).unwrap();
-        assert_eq!(ok.services[0].endpoints[0].detail().weight, 2);
+        assert_eq!(ok.services[0].endpoints[0].weight, 2);
     }
 
     #[test]

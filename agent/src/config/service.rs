@@ -27,89 +27,171 @@ pub struct ServiceConfig {
     /// How long connections to a removed or terminating endpoint may go on.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Which source defined it (set by the source, never read from a file).
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+/// The source a service came from: names it in error messages.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum Origin {
+    #[default]
+    File,
+    Catalog,
+    Kubernetes,
+}
+
+impl Origin {
+    /// How a problem names the `index`th service of this origin.
+    pub fn label(&self, index: usize, name: &str) -> String {
+        match self {
+            Origin::File => format!("services[{index}]"),
+            Origin::Catalog => format!("catalog services[{index}]"),
+            Origin::Kubernetes => format!("kubernetes service `{name}`"),
+        }
+    }
 }
 
 fn default_drain() -> Duration {
     Duration::from_secs(30)
 }
 
-/// An endpoint: `"ip:port"`, or a map with weight and locality.
-#[derive(Debug, Clone, PartialEq)]
-pub enum EndpointConfig {
-    Plain(SocketAddr),
-    Detailed(EndpointDetail),
+/// Where an endpoint is: an address, or a DNS name the agent resolves and re-resolves.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    Addr(SocketAddr),
+    /// `host:port`: every A and AAAA record of `host`, on `port`.
+    Host {
+        name: String,
+        port: u16,
+    },
+    /// An SRV name (`_http._tcp.web.example`): its targets, ports and weights.
+    Srv(String),
 }
 
-// By hand rather than `#[serde(untagged)]`, whose only error is "did not match any
-// variant": this way a bad address or an unknown key is named as such.
-impl<'de> Deserialize<'de> for EndpointConfig {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = EndpointConfig;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("an endpoint: \"ip:port\" or { address, weight, zone, region, node, terminating }")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                v.parse()
-                    .map(EndpointConfig::Plain)
-                    .map_err(|_| E::custom(format!("`{v}` is not an ip:port address (IPv6 as [addr]:port)")))
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                EndpointDetail::deserialize(serde::de::value::MapAccessDeserializer::new(map))
-                    .map(EndpointConfig::Detailed)
-            }
+impl Target {
+    /// `ip:port`, `[v6]:port` or `host:port`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(Target::Addr(addr));
         }
-        d.deserialize_any(Visitor)
+        let bad = || format!("`{text}` is neither ip:port ([v6]:port) nor host:port");
+        let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if !is_dns_name(host) {
+            return Err(bad());
+        }
+        Ok(Target::Host { name: host.trim_end_matches('.').to_ascii_lowercase(), port })
+    }
+
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            Target::Addr(a) => Some(*a),
+            _ => None,
+        }
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct EndpointDetail {
-    pub address: SocketAddr,
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Addr(a) => write!(f, "{a}"),
+            Target::Host { name, port } => write!(f, "{name}:{port}"),
+            Target::Srv(name) => write!(f, "srv:{name}"),
+        }
+    }
+}
+
+/// RFC 1123 host name (underscores allowed, as SRV owner names use them). A numeric last
+/// label is refused: it is a mistyped IP address (`10.0.0.300`), not a name.
+pub fn is_dns_name(name: &str) -> bool {
+    let name = name.trim_end_matches('.');
+    let numeric_tld = name.rsplit('.').next().is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+    !name.is_empty()
+        && !numeric_tld
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+/// An endpoint: `"ip:port"`, `"host:port"`, or a map with `address` (or `srv`) and
+/// weight, locality and terminating.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointConfig {
+    pub target: Target,
     /// Relative share of new connections (default 1).
-    #[serde(default = "one")]
     pub weight: u32,
     pub zone: Option<String>,
     pub region: Option<String>,
     pub node: Option<String>,
     /// Terminating: no new connections; open ones drain (Kubernetes' `terminating`).
-    #[serde(default)]
     pub terminating: bool,
+}
+
+impl EndpointConfig {
+    pub fn new(target: Target) -> Self {
+        Self { target, weight: 1, zone: None, region: None, node: None, terminating: false }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointMap {
+    address: Option<String>,
+    srv: Option<String>,
+    #[serde(default = "one")]
+    weight: u32,
+    zone: Option<String>,
+    region: Option<String>,
+    node: Option<String>,
+    #[serde(default)]
+    terminating: bool,
 }
 
 fn one() -> u32 {
     1
 }
 
-impl EndpointConfig {
-    pub fn detail(&self) -> EndpointDetail {
-        match self {
-            Self::Plain(address) => EndpointDetail {
-                address: *address,
-                weight: 1,
-                zone: None,
-                region: None,
-                node: None,
-                terminating: false,
-            },
-            Self::Detailed(d) => d.clone(),
+// By hand rather than `#[serde(untagged)]`, whose only error is "did not match any
+// variant": this way a bad address or an unknown key is named as such.
+impl<'de> Deserialize<'de> for EndpointConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = EndpointConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an endpoint: \"ip:port\", \"host:port\" or { address | srv, weight, zone, region, node, terminating }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Target::parse(v).map(EndpointConfig::new).map_err(E::custom)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                let m = EndpointMap::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                let target = match (m.address, m.srv) {
+                    (Some(a), None) => Target::parse(&a).map_err(A::Error::custom)?,
+                    (None, Some(srv)) if is_dns_name(&srv) => {
+                        Target::Srv(srv.trim_end_matches('.').to_ascii_lowercase())
+                    }
+                    (None, Some(srv)) => return Err(A::Error::custom(format!("`{srv}` is not a DNS name"))),
+                    _ => return Err(A::Error::custom("give exactly one of `address` or `srv`")),
+                };
+                Ok(EndpointConfig {
+                    target,
+                    weight: m.weight,
+                    zone: m.zone,
+                    region: m.region,
+                    node: m.node,
+                    terminating: m.terminating,
+                })
+            }
         }
-    }
-
-    pub fn address(&self) -> SocketAddr {
-        match self {
-            Self::Plain(a) => *a,
-            Self::Detailed(d) => d.address,
-        }
-    }
-
-    pub(super) fn address_mut(&mut self) -> &mut SocketAddr {
-        match self {
-            Self::Plain(a) => a,
-            Self::Detailed(d) => &mut d.address,
-        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -285,7 +367,7 @@ impl ServiceConfig {
             problem(format!("{at}.locality.spill_threshold"), format!("{t} is not in (0, 1]"));
         }
         for (j, ep) in self.endpoints.iter().enumerate() {
-            if ep.detail().weight == 0 {
+            if ep.weight == 0 {
                 problem(
                     format!("{at}.endpoints[{j}].weight"),
                     "must be at least 1 (mark the endpoint terminating to stop new connections)".into(),
