@@ -68,6 +68,12 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         }
         None => None,
     };
+    if let Some(k8s) = &main.agent.kubernetes {
+        let view = discovery::kubernetes::start(k8s, updates.clone(), Duration::from_secs(30))
+            .await
+            .context("watch the Kubernetes API (agent.kubernetes)")?;
+        sources.cluster = view;
+    }
     let dns = Dns::new(&main.agent.dns, updates.clone())?;
     let targets = discovery::dns_targets(&sources.merge(&main));
     sources.resolved = dns.resolve_all(&targets, Duration::from_secs(5)).await;

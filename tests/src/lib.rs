@@ -8,6 +8,8 @@
 //! them, so a connect that is not redirected fails with ENETUNREACH and never leaves the
 //! machine. Guards remove namespaces and cgroups on drop, panics included.
 
+pub mod kube_api;
+
 use std::{
     collections::HashMap,
     fs::File,

@@ -32,6 +32,24 @@ pub struct ServiceConfig {
     pub origin: Origin,
 }
 
+impl ServiceConfig {
+    /// A service with the default policy and no addresses or endpoints yet.
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            addresses: Vec::new(),
+            endpoints: Vec::new(),
+            balance: BalanceKind::default(),
+            connect: ConnectConfig::default(),
+            failure_accrual: FailureAccrualConfig::default(),
+            health_check: None,
+            locality: LocalityConfig::default(),
+            drain_timeout: default_drain(),
+            origin: Origin::File,
+        }
+    }
+}
+
 /// The source a service came from: names it in error messages.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub enum Origin {

@@ -7,6 +7,7 @@
 
 pub mod catalog;
 pub mod dns;
+pub mod kubernetes;
 
 use std::{collections::BTreeSet, net::SocketAddr};
 
@@ -22,6 +23,8 @@ pub enum Update {
     Catalog(Result<Vec<ServiceConfig>, String>),
     /// A fresh answer for a DNS name.
     Dns { target: Target, answer: Vec<(SocketAddr, u32)> },
+    /// The cluster's services and this node's locality.
+    Kubernetes(kubernetes::ClusterView),
 }
 
 impl Update {
@@ -30,6 +33,7 @@ impl Update {
         match self {
             Update::Catalog(_) => "catalog",
             Update::Dns { .. } => "dns",
+            Update::Kubernetes(_) => "kubernetes",
         }
     }
 }
@@ -39,6 +43,7 @@ impl Update {
 pub struct Sources {
     pub catalog: Vec<ServiceConfig>,
     pub resolved: Resolved,
+    pub cluster: kubernetes::ClusterView,
 }
 
 impl Sources {
@@ -51,15 +56,20 @@ impl Sources {
             Update::Dns { target, answer } => {
                 self.resolved.insert(target, answer);
             }
+            Update::Kubernetes(view) => self.cluster = view,
         }
         Ok(())
     }
 
     /// The effective config: the main file's agent settings and services, then the
-    /// catalog's.
+    /// catalog's, then the cluster's. The node's zone and region come from the file when
+    /// set there, else from the Node's labels.
     pub fn merge(&self, main: &Config) -> Config {
         let mut merged = main.clone();
         merged.services.extend(self.catalog.iter().cloned());
+        merged.services.extend(self.cluster.services.iter().cloned());
+        merged.agent.zone = merged.agent.zone.or_else(|| self.cluster.zone.clone());
+        merged.agent.region = merged.agent.region.or_else(|| self.cluster.region.clone());
         merged
     }
 }
