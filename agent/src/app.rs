@@ -29,6 +29,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
 use crate::{
+    admin,
     balance::Tier,
     config::Config,
     discovery::{self, Sources, Update, dns::Dns},
@@ -37,6 +38,25 @@ use crate::{
     redirect::{self, Redirect},
     state::{Departure, Snapshot},
 };
+
+/// `switchyard resolve`: ask the running agent how `target` resolves; text or JSON.
+pub async fn resolve(target: &str, admin_addr: SocketAddr, json: bool) -> anyhow::Result<String> {
+    let path = format!(
+        "/resolve?target={}",
+        percent_encoding::utf8_percent_encode(target, percent_encoding::NON_ALPHANUMERIC)
+    );
+    let (status, body) = admin::get(admin_addr, &path).await?;
+    let value: serde_json::Value = serde_json::from_str(&body)
+        .with_context(|| format!("the admin API answered {status} with non-JSON: {body}"))?;
+    if status != 200 {
+        anyhow::bail!("{}", value["error"].as_str().unwrap_or(&body));
+    }
+    if json {
+        return Ok(serde_json::to_string_pretty(&value)?);
+    }
+    let tree: crate::resolve::Node = serde_json::from_value(value).context("read the resolution tree")?;
+    Ok(crate::resolve::render(&tree).trim_end().to_owned())
+}
 
 /// `switchyard check`: parse and validate, and say what the config holds.
 pub fn check(path: &Path) -> anyhow::Result<String> {
@@ -57,6 +77,10 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     let cgroup = redirect::attach_cgroup(main.agent.cgroup.as_deref())?;
     let mut signals = Signals::new()?;
     let listeners = Listeners::bind(main.agent.listen_port).await?;
+    let admin_listener = match main.agent.admin {
+        Some(addr) => Some(admin::bind(addr).await?),
+        None => None,
+    };
 
     // Sources: what they say at start-up is part of the first snapshot.
     let (updates, mut incoming) = mpsc::channel(256);
@@ -96,11 +120,14 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     let mark = main.agent.mark;
     let drain = Duration::from_secs(main.agent.drain_timeout_secs);
     let mut running = Running { main, sources, publish, redirect, checks: CancellationToken::new(), dns, mark };
+    let stop = CancellationToken::new();
     running.restart_background(&merged);
 
+    if let Some(l) = admin_listener {
+        tokio::spawn(admin::serve(l, latest.clone(), stop.clone()));
+    }
     let proxy = Proxy::new(latest, orig, mark);
     let tasks = TaskTracker::new();
-    let stop = CancellationToken::new();
     let mut accept_loops = vec![tokio::spawn(Arc::clone(&proxy).serve(listeners.v4, tasks.clone(), stop.clone()))];
     if let Some(v6) = listeners.v6 {
         accept_loops.push(tokio::spawn(Arc::clone(&proxy).serve(v6, tasks.clone(), stop.clone())));

@@ -15,6 +15,9 @@
 //! * [`health`]: active health checks (TCP connect or HTTP GET).
 //! * [`discovery`]: sources beyond the config file: the watched catalog file and DNS
 //!   names, each sending updates that `app` merges, validates and applies.
+//! * [`resolve`]: a service's resolution tree (routes down to endpoint health).
+//! * [`admin`]: the localhost admin HTTP API (`/resolve`, `/ready`, `/live`) and the
+//!   CLI's client for it.
 //! * [`app`]: the composition root: wires the above together and owns start-up order and
 //!   shutdown.
 //!
@@ -25,6 +28,7 @@
 //! endpoint, and `proxy` connects with the agent's SO_MARK (which the kernel programs
 //! never redirect) and copies bytes. See docs/design.md.
 
+pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod config;
@@ -32,4 +36,5 @@ pub mod discovery;
 pub mod health;
 pub mod proxy;
 pub mod redirect;
+pub mod resolve;
 pub mod state;

@@ -26,6 +26,18 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show how a service (by name or address) resolves, down to endpoint health, from
+    /// the running agent.
+    Resolve {
+        /// Service name, or an address applications dial (ip:port).
+        target: String,
+        /// The agent's admin API.
+        #[arg(long, default_value = "127.0.0.1:4191")]
+        admin: std::net::SocketAddr,
+        /// Print JSON instead of a tree.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -40,6 +52,12 @@ fn main() -> ExitCode {
         Command::Run { config } => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(switchyard::app::run(&config))),
+        Command::Resolve { target, admin, json } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(switchyard::app::resolve(&target, admin, json)))
+            .map(|out| println!("{out}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,11 +3,16 @@
 //! that carries the live endpoint state (load, health, drain) over from the last, and is
 //! published on a `tokio::sync::watch`. The data path only ever reads the latest one.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use crate::{
-    balance::{Balancer, Endpoint, EndpointState, Tier},
-    config::{Config, ServiceConfig, Target},
+    balance::{Avail, Balancer, Endpoint, EndpointState, Tier},
+    config::{Config, MAX_ROUTE_DEPTH, ServiceConfig, Target},
 };
 
 /// DNS answers by name: (address, weight) pairs; weight is the SRV weight, 1 for A/AAAA.
@@ -21,11 +26,12 @@ pub struct Service {
     pub balancer: Balancer,
 }
 
-/// Every service, indexed by service address.
+/// Every service, indexed by service address and by name.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     services: Vec<Service>,
     by_addr: HashMap<SocketAddr, usize>,
+    by_name: HashMap<String, usize>,
 }
 
 /// An endpoint that left service (removed, or now terminating): its open connections get
@@ -78,6 +84,7 @@ impl Snapshot {
             }
             let balancer =
                 Balancer::new(svc.balance, endpoints, svc.failure_accrual.clone(), svc.locality.spill_threshold);
+            snap.by_name.insert(svc.name.clone(), snap.services.len());
             snap.services.push(Service { name: svc.name.clone(), config: svc.clone(), balancer });
         }
         snap
@@ -91,7 +98,61 @@ impl Snapshot {
     }
 
     pub fn service_named(&self, name: &str) -> Option<&Service> {
-        self.services.iter().find(|s| s.name == name)
+        self.by_name.get(name).map(|&i| &self.services[i])
+    }
+
+    /// The concrete services (those with endpoints) a new connection to `service` may
+    /// use, in the order to try: a split contributes the one branch drawn for this
+    /// connection, a failover its healthy branches in order, then the others.
+    pub fn concrete_for<'a>(&'a self, service: &'a Service, now: Instant) -> Vec<&'a Service> {
+        let mut out = Vec::new();
+        self.expand(service, now, 0, &mut out);
+        out
+    }
+
+    fn expand<'a>(&'a self, svc: &'a Service, now: Instant, depth: usize, out: &mut Vec<&'a Service>) {
+        if depth > MAX_ROUTE_DEPTH {
+            return;
+        }
+        let Some(route) = &svc.config.route else {
+            if !out.iter().any(|s| std::ptr::eq(*s, svc)) {
+                out.push(svc);
+            }
+            return;
+        };
+        if !route.split.is_empty() {
+            let total: u32 = route.split.iter().map(|b| b.weight).sum();
+            let mut n = fastrand::u32(..total.max(1));
+            for b in &route.split {
+                if n < b.weight {
+                    if let Some(t) = self.service_named(&b.service) {
+                        self.expand(t, now, depth + 1, out);
+                    }
+                    return;
+                }
+                n -= b.weight;
+            }
+        } else {
+            let branches: Vec<&Service> = route.failover.iter().filter_map(|n| self.service_named(n)).collect();
+            let (healthy, rest): (Vec<&Service>, Vec<&Service>) =
+                branches.into_iter().partition(|b| self.has_healthy(b, now, depth + 1));
+            for b in healthy.into_iter().chain(rest) {
+                self.expand(b, now, depth + 1, out);
+            }
+        }
+    }
+
+    /// Whether a new connection to `svc` could find a healthy endpoint.
+    pub fn has_healthy(&self, svc: &Service, now: Instant, depth: usize) -> bool {
+        if depth > MAX_ROUTE_DEPTH {
+            return false;
+        }
+        match &svc.config.route {
+            None => svc.balancer.endpoints().iter().any(|e| !e.terminating && e.state.availability(now) != Avail::Out),
+            Some(r) => {
+                r.targets().iter().filter_map(|n| self.service_named(n)).any(|t| self.has_healthy(t, now, depth + 1))
+            }
+        }
     }
 
     pub fn services(&self) -> &[Service] {
@@ -241,6 +302,26 @@ mod tests {
         // Not resolved yet: the name contributes nothing, the address still counts.
         let snap = Snapshot::build(&cfg, &Resolved::new(), None);
         assert_eq!(snap.services()[0].balancer.endpoints().len(), 1);
+    }
+
+    #[test]
+    fn routes_split_by_weight_and_fail_over_to_healthy_branches() {
+        let cfg = config(
+            "services:\n  - { name: web, addresses: [\"10.96.0.1:80\"], route: { split: [{ service: v1, weight: 90 }, { service: v2, weight: 10 }] } }\n  - { name: v1, endpoints: [\"10.0.0.1:80\"] }\n  - { name: v2, endpoints: [\"10.0.0.2:80\"], failure_accrual: { consecutive_failures: 1 } }\n  - { name: db, addresses: [\"10.96.0.2:80\"], route: { failover: [v2, v1] } }\n",
+        );
+        let snap = Snapshot::build(&cfg, &Resolved::new(), None);
+        let now = Instant::now();
+        let web = snap.service_named("web").unwrap();
+        let picks: Vec<&str> = (0..2000).map(|_| snap.concrete_for(web, now)[0].name.as_str()).collect();
+        let v2 = picks.iter().filter(|n| **n == "v2").count() as f64 / picks.len() as f64;
+        assert!((0.07..0.13).contains(&v2), "90/10 split gave v2 {v2}");
+        let db = snap.service_named("db").unwrap();
+        let order = |s: &Snapshot| s.concrete_for(db, now).iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        assert_eq!(order(&snap), ["v2", "v1"], "first healthy branch first");
+        let v2_ep = &snap.service_named("v2").unwrap().balancer.endpoints()[0];
+        v2_ep.state.on_connect_failed(now, snap.service_named("v2").unwrap().balancer.accrual());
+        assert_eq!(order(&snap), ["v1", "v2"], "unhealthy branch last");
+        assert!(snap.has_healthy(db, now, 0));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::{
 use serde::Deserialize;
 pub use service::{
     BalanceKind, ConnectConfig, EndpointConfig, FailureAccrualConfig, HealthCheckConfig, HealthCheckKind,
-    LocalityConfig, Origin, ServiceConfig, Target,
+    LocalityConfig, Origin, Route, ServiceConfig, SplitBranch, Target,
 };
 
 mod service;
@@ -99,7 +99,12 @@ pub struct AgentConfig {
     pub dns: DnsConfig,
     /// Watch a Kubernetes API server for Services, EndpointSlices and this Node.
     pub kubernetes: Option<KubernetesConfig>,
+    /// Where the admin API listens (keep it on loopback); `null` turns it off.
+    pub admin: Option<SocketAddr>,
 }
+
+/// Default admin API address (linkerd2-proxy's admin port).
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 4191);
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -140,6 +145,7 @@ impl Default for AgentConfig {
             catalog: None,
             dns: DnsConfig::default(),
             kubernetes: None,
+            admin: Some(DEFAULT_ADMIN),
         }
     }
 }
@@ -201,8 +207,15 @@ impl Config {
             } else if let Some(first) = names.insert(&svc.name, label.clone()) {
                 problem(at("name"), format!("`{}` is already the name of {first}", svc.name));
             }
-            if svc.addresses.is_empty() {
-                problem(at("addresses"), "must list at least one service address (ip:port)".into());
+            let routed_to = self
+                .services
+                .iter()
+                .any(|o| o.route.as_ref().is_some_and(|r| r.targets().contains(&svc.name.as_str())));
+            if svc.addresses.is_empty() && !routed_to {
+                problem(
+                    at("addresses"),
+                    "must list at least one service address (ip:port), unless another service routes to it".into(),
+                );
             }
             for (j, addr) in svc.addresses.iter().enumerate() {
                 let field = at(&format!("addresses[{j}]"));
@@ -216,8 +229,16 @@ impl Config {
                 }
             }
             // A discovered service may have no endpoint for a while (none ready yet).
-            if svc.endpoints.is_empty() && svc.origin != Origin::Kubernetes {
-                problem(at("endpoints"), "must list at least one endpoint (ip:port)".into());
+            match &svc.route {
+                Some(_) if !svc.endpoints.is_empty() => {
+                    problem(at("route"), "give either endpoints or a route, not both".into())
+                }
+                Some(route) => route_problems(self, svc, route, &at, &mut problem),
+                // A discovered service may have no endpoint for a while (none ready yet).
+                None if svc.endpoints.is_empty() && svc.origin != Origin::Kubernetes => {
+                    problem(at("endpoints"), "must list at least one endpoint (ip:port), or give a route".into())
+                }
+                None => {}
             }
             let mut seen = HashMap::new();
             for (j, ep) in svc.endpoints.iter().enumerate() {
@@ -230,6 +251,11 @@ impl Config {
             svc.policy_problems(&label, &mut problem);
         }
         out
+    }
+
+    /// The service called `name`.
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.name == name)
     }
 
     /// The same config with v4-mapped IPv6 addresses written as IPv4, the form the kernel
@@ -246,6 +272,46 @@ impl Config {
         self
     }
 }
+
+/// Route targets must exist, weights must add up to something, and following routes
+/// must end at concrete services: no cycles, at most `MAX_ROUTE_DEPTH` hops.
+fn route_problems(
+    config: &Config,
+    svc: &ServiceConfig,
+    route: &Route,
+    at: &impl Fn(&str) -> String,
+    problem: &mut impl FnMut(String, String),
+) {
+    if route.split.is_empty() == route.failover.is_empty() {
+        problem(at("route"), "give exactly one of `split` (weighted) or `failover` (ordered)".into());
+    }
+    if !route.split.is_empty() && route.split.iter().map(|b| b.weight).sum::<u32>() == 0 {
+        problem(at("route.split"), "weights must not all be 0".into());
+    }
+    for target in route.targets() {
+        if config.service(target).is_none() {
+            problem(at("route"), format!("names `{target}`, which is not a service"));
+        }
+    }
+    // Depth-first walk from this service; finding it again is a cycle.
+    let mut stack: Vec<(&str, usize)> = route.targets().into_iter().map(|t| (t, 1)).collect();
+    while let Some((name, depth)) = stack.pop() {
+        if name == svc.name {
+            problem(at("route"), format!("leads back to `{}` (a cycle)", svc.name));
+            return;
+        }
+        if depth > MAX_ROUTE_DEPTH {
+            problem(at("route"), format!("is more than {MAX_ROUTE_DEPTH} routes deep"));
+            return;
+        }
+        if let Some(next) = config.service(name).and_then(|s| s.route.as_ref()) {
+            stack.extend(next.targets().into_iter().map(|t| (t, depth + 1)));
+        }
+    }
+}
+
+/// Longest chain of routes a connection may follow.
+pub const MAX_ROUTE_DEPTH: usize = 8;
 
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
@@ -315,6 +381,28 @@ mod tests {
         let ok =
             parse(&format!("{head}    endpoints: [{{ address: \"10.0.0.1:80\", weight: 2, zone: a }}]\n")).unwrap();
         assert_eq!(ok.services[0].endpoints[0].weight, 2);
+    }
+
+    #[test]
+    fn routes_must_reach_concrete_services_without_cycles() {
+        let ok = parse(
+            "services:\n  - { name: web, addresses: [\"10.96.0.1:80\"], route: { split: [{ service: v1, weight: 90 }, { service: v2, weight: 10 }] } }\n  - { name: v1, endpoints: [\"10.0.0.1:80\"] }\n  - { name: v2, route: { failover: [v1] } }\n",
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        let fields = problems(
+            "services:\n  - { name: a, addresses: [\"10.96.0.1:80\"], route: { failover: [b, nope] } }\n  - { name: b, route: { split: [{ service: a, weight: 1 }] } }\n  - { name: c, endpoints: [\"10.0.0.1:80\"] }\n  - { name: d, addresses: [\"10.96.0.2:80\"], endpoints: [\"10.0.0.1:80\"], route: { failover: [c] } }\n  - { name: e, endpoints: [\"10.0.0.1:80\"] }\n",
+        );
+        assert_eq!(
+            fields,
+            [
+                "services[0].route",
+                "services[0].route",
+                "services[1].route",
+                "services[3].route",
+                "services[4].addresses"
+            ],
+            "missing target, cycle (from both ends), unreachable service, endpoints and route together"
+        );
     }
 
     #[test]

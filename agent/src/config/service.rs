@@ -10,10 +10,16 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
-    /// Addresses applications dial (`ip:port`, `[v6]:port`).
+    /// Addresses applications dial (`ip:port`, `[v6]:port`). A service without any is
+    /// reachable only as the target of another service's route.
+    #[serde(default)]
     pub addresses: Vec<SocketAddr>,
-    /// Where the agent sends the connections.
+    /// Where the agent sends the connections (a concrete service)...
+    #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// ...or to which other services (a logical service), decided per connection.
+    #[serde(default)]
+    pub route: Option<Route>,
     #[serde(default)]
     pub balance: BalanceKind,
     #[serde(default)]
@@ -32,6 +38,34 @@ pub struct ServiceConfig {
     pub origin: Origin,
 }
 
+/// How a logical service reaches concrete ones (linkerd 1's delegation, in miniature):
+/// exactly one of `split` and `failover`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Each new connection goes to one branch, chosen by weight (canary: 90/10).
+    #[serde(default)]
+    pub split: Vec<SplitBranch>,
+    /// The first branch with a healthy endpoint takes new connections; a connection whose
+    /// attempts all fail in one branch moves on to the next.
+    #[serde(default)]
+    pub failover: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SplitBranch {
+    pub service: String,
+    pub weight: u32,
+}
+
+impl Route {
+    /// The services the route names, in order.
+    pub fn targets(&self) -> Vec<&str> {
+        self.split.iter().map(|b| b.service.as_str()).chain(self.failover.iter().map(String::as_str)).collect()
+    }
+}
+
 impl ServiceConfig {
     /// A service with the default policy and no addresses or endpoints yet.
     pub fn named(name: &str) -> Self {
@@ -39,6 +73,7 @@ impl ServiceConfig {
             name: name.to_owned(),
             addresses: Vec::new(),
             endpoints: Vec::new(),
+            route: None,
             balance: BalanceKind::default(),
             connect: ConnectConfig::default(),
             failure_accrual: FailureAccrualConfig::default(),

@@ -157,8 +157,10 @@ impl Proxy {
             return;
         };
         span.record("service", service.name.as_str());
-        // Affinity (ring hash) follows the client workload: its cgroup.
-        let up = match upstream::connect(service, hash(origin.cgroup_id), self.mark).await {
+        // Routes are followed per connection; affinity (ring hash) follows the client
+        // workload: its cgroup.
+        let candidates = snapshot.concrete_for(service, std::time::Instant::now());
+        let up = match upstream::connect(&candidates, hash(origin.cgroup_id), self.mark).await {
             Ok(up) => up,
             Err(e) => {
                 debug!(error = %e, "no endpoint could be reached; resetting client");
@@ -168,6 +170,7 @@ impl Proxy {
         };
         span.record("endpoint", field::display(up.endpoint.addr));
         debug!(
+            concrete = %up.service.name,
             attempts = up.attempts,
             locality = up.tier.name(),
             connect_us = up.connect_latency.as_micros() as u64,

@@ -22,6 +22,8 @@ use crate::{
 /// A connected upstream and what it took.
 pub struct Upstream<'a> {
     pub stream: TcpStream,
+    /// The concrete service connected to (the dialled one, or where its route led).
+    pub service: &'a Service,
     pub endpoint: &'a Endpoint,
     pub tier: Tier,
     pub attempts: u32,
@@ -44,8 +46,26 @@ pub enum ConnectError {
     },
 }
 
-/// Connect a client (identified by `key` for affinity) to one of `service`'s endpoints.
-pub async fn connect(service: &Service, key: u64, mark: u32) -> Result<Upstream<'_>, ConnectError> {
+/// Connect a client (identified by `key` for affinity) to an endpoint of the first of
+/// `candidates` (concrete services, in failover order) that has one reachable.
+pub async fn connect<'a>(candidates: &[&'a Service], key: u64, mark: u32) -> Result<Upstream<'a>, ConnectError> {
+    let mut last = ConnectError::NoEndpoint;
+    for (i, service) in candidates.iter().enumerate() {
+        match connect_one(service, key, mark).await {
+            Ok(up) => return Ok(up),
+            Err(e) => {
+                if i + 1 < candidates.len() {
+                    debug!(service = %service.name, error = %e, "no endpoint reachable here; failing over to the next branch");
+                }
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+/// Connect to one of `service`'s endpoints, retrying others.
+async fn connect_one<'a>(service: &'a Service, key: u64, mark: u32) -> Result<Upstream<'a>, ConnectError> {
     let cfg = &service.config.connect;
     let start = Instant::now();
     let deadline = start + cfg.deadline;
@@ -74,6 +94,7 @@ pub async fn connect(service: &Service, key: u64, mark: u32) -> Result<Upstream<
                 report(service, ep, ep.state.on_connect_ok(latency, Instant::now()));
                 return Ok(Upstream {
                     stream,
+                    service,
                     endpoint: ep,
                     tier: pick.tier,
                     attempts: attempt,

@@ -1,0 +1,174 @@
+//! The resolution tree of a service, as linkerd 1's delegator showed it: from what an
+//! application dials, through routes (split weights, failover order), down to each
+//! endpoint with its health, weight and locality. Built from the live snapshot (for the
+//! admin API) and rendered as text (for `switchyard resolve`).
+
+use std::{fmt::Write as _, net::SocketAddr, time::Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    balance::{Avail, Endpoint},
+    config::MAX_ROUTE_DEPTH,
+    state::{Service, Snapshot},
+};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Node {
+    pub service: String,
+    pub addresses: Vec<String>,
+    /// "split", "failover" or "endpoints".
+    pub kind: String,
+    /// Split weight, as a percentage, or failover position, for a branch.
+    pub branch: Option<String>,
+    /// A new connection here would find a healthy endpoint.
+    pub healthy: bool,
+    pub children: Vec<Node>,
+    pub endpoints: Vec<EndpointNode>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EndpointNode {
+    pub address: String,
+    /// healthy, trial, ejected, failing-checks or terminating.
+    pub health: String,
+    pub weight: u32,
+    pub locality: String,
+    pub open_connections: u32,
+}
+
+/// The tree for `target`: a service name or one of its addresses (`ip:port`).
+pub fn tree(snapshot: &Snapshot, target: &str, now: Instant) -> Option<Node> {
+    let service = match target.parse::<SocketAddr>() {
+        Ok(addr) => snapshot.service_for(addr)?,
+        Err(_) => snapshot.service_named(target)?,
+    };
+    Some(node(snapshot, service, None, now, 0))
+}
+
+fn node(snapshot: &Snapshot, svc: &Service, branch: Option<String>, now: Instant, depth: usize) -> Node {
+    let mut n = Node {
+        service: svc.name.clone(),
+        addresses: svc.config.addresses.iter().map(ToString::to_string).collect(),
+        kind: "endpoints".into(),
+        branch,
+        healthy: snapshot.has_healthy(svc, now, depth),
+        children: Vec::new(),
+        endpoints: Vec::new(),
+    };
+    match &svc.config.route {
+        None => n.endpoints = svc.balancer.endpoints().iter().map(|e| endpoint(e, now)).collect(),
+        Some(_) if depth >= MAX_ROUTE_DEPTH => {}
+        Some(route) if !route.split.is_empty() => {
+            n.kind = "split".into();
+            let total: u32 = route.split.iter().map(|b| b.weight).sum::<u32>().max(1);
+            for b in &route.split {
+                if let Some(t) = snapshot.service_named(&b.service) {
+                    let pct = format!("{:.0}%", 100.0 * b.weight as f64 / total as f64);
+                    n.children.push(node(snapshot, t, Some(pct), now, depth + 1));
+                }
+            }
+        }
+        Some(route) => {
+            n.kind = "failover".into();
+            for (i, name) in route.failover.iter().enumerate() {
+                if let Some(t) = snapshot.service_named(name) {
+                    n.children.push(node(snapshot, t, Some(format!("#{}", i + 1)), now, depth + 1));
+                }
+            }
+        }
+    }
+    n
+}
+
+fn endpoint(e: &Endpoint, now: Instant) -> EndpointNode {
+    let health = if e.terminating {
+        "terminating"
+    } else if !e.state.checked_healthy() {
+        "failing-checks"
+    } else {
+        match e.state.availability(now) {
+            Avail::Healthy => "healthy",
+            Avail::Trial => "trial",
+            Avail::Out => "ejected",
+        }
+    };
+    EndpointNode {
+        address: e.addr.to_string(),
+        health: health.into(),
+        weight: e.weight,
+        locality: e.tier.name().into(),
+        open_connections: e.state.active(),
+    }
+}
+
+/// Text rendering, one line per node, with tree branches.
+pub fn render(root: &Node) -> String {
+    let mut out = String::new();
+    line(&mut out, root, "", "");
+    out
+}
+
+fn line(out: &mut String, n: &Node, lead: &str, child_lead: &str) {
+    let branch = n.branch.as_deref().map(|b| format!("{b} ")).unwrap_or_default();
+    let addrs = if n.addresses.is_empty() { String::new() } else { format!(" [{}]", n.addresses.join(", ")) };
+    let health = if n.healthy { "healthy" } else { "NO HEALTHY ENDPOINT" };
+    let _ = writeln!(out, "{lead}{branch}{}{addrs}  {} ({health})", n.service, n.kind);
+    let count = n.children.len() + n.endpoints.len();
+    for (i, c) in n.children.iter().enumerate() {
+        let last = i + 1 == count;
+        line(
+            out,
+            c,
+            &format!("{child_lead}{}", if last { "└─ " } else { "├─ " }),
+            &format!("{child_lead}{}", if last { "   " } else { "│  " }),
+        );
+    }
+    for (i, e) in n.endpoints.iter().enumerate() {
+        let last = n.children.len() + i + 1 == count;
+        let _ = writeln!(
+            out,
+            "{child_lead}{}{}  {}  weight={} locality={} open={}",
+            if last { "└─ " } else { "├─ " },
+            e.address,
+            e.health,
+            e.weight,
+            e.locality,
+            e.open_connections
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{config::Config, state::Resolved};
+
+    #[test]
+    fn tree_follows_routes_down_to_endpoint_health() {
+        let cfg = Config::parse(
+            "services:\n  - { name: web, addresses: [\"10.96.0.1:80\"], route: { split: [{ service: v1, weight: 9 }, { service: v2, weight: 1 }] } }\n  - { name: v1, endpoints: [\"10.0.0.1:80\", \"10.0.0.2:80\"], failure_accrual: { consecutive_failures: 1 } }\n  - { name: v2, endpoints: [{ address: \"10.0.0.3:80\", terminating: true }] }\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        let snap = Snapshot::build(&cfg, &Resolved::new(), None);
+        let now = Instant::now();
+        let v1 = snap.service_named("v1").unwrap();
+        v1.balancer.endpoints()[1].state.on_connect_failed(now, v1.balancer.accrual());
+        let t = tree(&snap, "10.96.0.1:80", now).unwrap();
+        assert_eq!(tree(&snap, "web", now), Some(t.clone()), "by name or by address");
+        assert_eq!((t.kind.as_str(), t.children.len()), ("split", 2));
+        assert_eq!(t.children[0].branch.as_deref(), Some("90%"));
+        let health: Vec<&str> = t.children[0].endpoints.iter().map(|e| e.health.as_str()).collect();
+        assert_eq!(health, ["healthy", "ejected"]);
+        assert!(!t.children[1].healthy, "only a terminating endpoint");
+        let text = render(&t);
+        assert!(text.starts_with("web [10.96.0.1:80]  split (healthy)\n"), "{text}");
+        assert!(text.contains("├─ 90% v1  endpoints (healthy)"), "{text}");
+        assert!(text.contains("│  └─ 10.0.0.2:80  ejected  weight=1"), "{text}");
+        assert!(text.contains("└─ 10% v2  endpoints (NO HEALTHY ENDPOINT)"), "{text}");
+        assert!(tree(&snap, "nope", now).is_none());
+    }
+}
