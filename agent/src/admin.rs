@@ -4,11 +4,19 @@
 //!   is ready).
 //! * `GET /resolve?target=NAME|IP:PORT`: the resolution tree of a service, as JSON (what
 //!   `switchyard resolve` prints).
+//! * `GET /status`: how many changes were applied, and each source's last rejected
+//!   change (cleared once that source sends a good one).
 //!
 //! Every request gets an answer (the service's error type is `Infallible`); lookups read
 //! the latest snapshot and never wait on discovery.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
 
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::{
@@ -46,12 +54,53 @@ pub enum AdminError {
     },
 }
 
+/// What the agent says about its sources, for `/status`.
+#[derive(Debug, Default)]
+pub struct Status(Mutex<StatusView>);
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct StatusView {
+    pub applied_changes: u64,
+    pub last_applied_source: Option<String>,
+    /// By source: the last change that was refused and why.
+    pub rejected: BTreeMap<String, Rejection>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Rejection {
+    pub error: String,
+    pub at_unix_ms: u128,
+}
+
+impl Status {
+    pub fn applied(&self, source: &str) {
+        let mut s = self.0.lock().unwrap();
+        s.applied_changes += 1;
+        s.last_applied_source = Some(source.to_owned());
+        s.rejected.remove(source);
+    }
+
+    pub fn rejected(&self, source: &str, error: String) {
+        let at_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        self.0.lock().unwrap().rejected.insert(source.to_owned(), Rejection { error, at_unix_ms });
+    }
+
+    pub fn view(&self) -> StatusView {
+        self.0.lock().unwrap().clone()
+    }
+}
+
 /// Bind now (so a busy port fails start-up with a clear error), serve until `stop`.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
     TcpListener::bind(addr).await.map_err(|source| AdminError::Bind { addr, source })
 }
 
-pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    state: watch::Receiver<Arc<Snapshot>>,
+    status: Arc<Status>,
+    stop: CancellationToken,
+) {
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -63,18 +112,19 @@ pub async fn serve(listener: TcpListener, state: watch::Receiver<Arc<Snapshot>>,
                 }
             },
         };
-        let state = state.clone();
+        let (state, status) = (state.clone(), Arc::clone(&status));
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let snapshot = Arc::clone(&state.borrow());
-                async move { Ok::<_, Infallible>(answer(&req, &snapshot)) }
+                let status = status.view();
+                async move { Ok::<_, Infallible>(answer(&req, &snapshot, &status)) }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
 
-fn answer(req: &Request<Incoming>, snapshot: &Snapshot) -> Response<Full<Bytes>> {
+fn answer(req: &Request<Incoming>, snapshot: &Snapshot, status: &StatusView) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String, kind: &str| {
         Response::builder().status(status).header("content-type", kind).body(Full::new(Bytes::from(body))).unwrap()
     };
@@ -82,6 +132,7 @@ fn answer(req: &Request<Incoming>, snapshot: &Snapshot) -> Response<Full<Bytes>>
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n".into(), "text/plain"),
         "/ready" => text(StatusCode::OK, "ready\n".into(), "text/plain"),
+        "/status" => json_body(StatusCode::OK, serde_json::to_value(status).unwrap_or_default()),
         "/resolve" => {
             let target = req.uri().query().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("target="));
             let Some(target) = target.map(|t| percent_encoding::percent_decode_str(t).decode_utf8_lossy().into_owned())

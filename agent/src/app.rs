@@ -119,12 +119,22 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
         Redirect::start(&cgroup, agent, snapshot.service_addresses()).context("start the transparent redirect")?;
     let mark = main.agent.mark;
     let drain = Duration::from_secs(main.agent.drain_timeout_secs);
-    let mut running = Running { main, sources, publish, redirect, checks: CancellationToken::new(), dns, mark };
+    let status = Arc::new(admin::Status::default());
+    let mut running = Running {
+        main,
+        sources,
+        publish,
+        redirect,
+        checks: CancellationToken::new(),
+        dns,
+        mark,
+        status: Arc::clone(&status),
+    };
     let stop = CancellationToken::new();
     running.restart_background(&merged);
 
     if let Some(l) = admin_listener {
-        tokio::spawn(admin::serve(l, latest.clone(), stop.clone()));
+        tokio::spawn(admin::serve(l, latest.clone(), status, stop.clone()));
     }
     let proxy = Proxy::new(latest, orig, mark);
     let tasks = TaskTracker::new();
@@ -185,6 +195,7 @@ struct Running {
     checks: CancellationToken,
     dns: Dns,
     mark: u32,
+    status: Arc<admin::Status>,
 }
 
 impl Running {
@@ -192,11 +203,7 @@ impl Running {
     fn reload_file(&mut self, path: &Path) {
         let mut new = match Config::load(path) {
             Ok(c) => c,
-            Err(e) => {
-                let e = anyhow::Error::from(e);
-                error!(error = format!("{e:#}"), "config reload rejected; still serving the last good config");
-                return;
-            }
+            Err(e) => return self.reject("config file", format!("{:#}", anyhow::Error::from(e))),
         };
         if new.agent != self.main.agent {
             warn!(
@@ -205,8 +212,14 @@ impl Running {
             new.agent = self.main.agent.clone();
         }
         if let Err(problems) = self.apply(new, self.sources.clone(), "config file") {
-            error!(error = %problems, "config reload rejected: it clashes with other sources; still serving the last good config");
+            self.reject("config file", format!("the result would be invalid:\n{problems}"));
         }
+    }
+
+    /// Log a rejected change and record it for `/status`; nothing else changes.
+    fn reject(&self, source: &str, error: String) {
+        error!(source, error = error.as_str(), "update rejected; still serving the last good state");
+        self.status.rejected(source, error);
     }
 
     /// An update from a discovery source.
@@ -214,11 +227,10 @@ impl Running {
         let source = update.source();
         let mut candidate = self.sources.clone();
         if let Err(e) = candidate.apply(update) {
-            error!(source, error = %e, "update rejected; still serving the last good state");
-            return;
+            return self.reject(source, e);
         }
         if let Err(problems) = self.apply(self.main.clone(), candidate, source) {
-            error!(source, error = %problems, "update rejected: the result would be invalid; still serving the last good state");
+            self.reject(source, format!("the result would be invalid:\n{problems}"));
         }
     }
 
@@ -241,6 +253,7 @@ impl Running {
         self.sources = sources;
         self.restart_background(&merged);
         info!(source, services = next.len(), took_us = started.elapsed().as_micros() as u64, "configuration applied");
+        self.status.applied(source);
         Ok(())
     }
 

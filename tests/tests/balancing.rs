@@ -296,9 +296,11 @@ fn reload_drains_removed_endpoints_and_a_bad_reload_keeps_the_last_good_config()
     // A broken edit is rejected, loudly, and the last good config keeps serving.
     std::fs::write(&path, "services: [ { name: oops, addresses: [\"10.96.0.10:7000\"] } ]\n").unwrap();
     hup();
-    eventually(Duration::from_secs(5), "rejection", || agent.log().contains("config reload rejected"));
+    eventually(Duration::from_secs(5), "rejection", || {
+        agent.log().contains("source=\"config file\" error=\"config file")
+    });
     let log = agent.log();
-    let rejected = log.lines().find(|l| l.contains("config reload rejected")).unwrap();
+    let rejected = log.lines().find(|l| l.contains("update rejected") && l.contains("source=\"config file\"")).unwrap();
     assert!(rejected.contains("services[0].endpoints: must list at least one endpoint"), "names the field: {rejected}");
     let still = topo.load("10.96.0.10:7000", &["--conns", "10"], None).wait();
     assert!(still.iter().all(|c| c.outcome.is_ok()), "{still:?}");

@@ -12,6 +12,8 @@ use std::{
 
 use switchyard_tests::{Agent, Proc, Topology, eventually, host_v4, require_root, require_tools, shares};
 
+// `/status` is read with curl, so the catalog test needs it.
+
 const ENETUNREACH: &str = "101";
 
 fn echo_hosts(test: &str, n: usize) -> Option<(Topology, Vec<Proc>)> {
@@ -52,6 +54,7 @@ fn save_truncate_write(path: &Path, text: &str) {
 #[test]
 fn catalog_edits_apply_live_and_broken_edits_keep_the_last_good_catalog() {
     let Some((topo, _servers)) = echo_hosts("catalog_edits_apply_live", 2) else { return };
+    require_tools(&["curl"]);
     let (h0, h1) = (host_v4(0) + ":7000", host_v4(1) + ":7000");
     let catalog = topo.dir.path().join("catalog.yaml");
     std::fs::write(&catalog, format!("services:\n{}", svc("a", "10.96.0.10:7000", &h0))).unwrap();
@@ -96,6 +99,13 @@ fn catalog_edits_apply_live_and_broken_edits_keep_the_last_good_catalog() {
     let line = agent.log().lines().find(|l| l.contains("update rejected")).unwrap().to_owned();
     assert!(line.contains("source=\"catalog\"") || line.contains("source=catalog"), "{line}");
     assert!(line.contains("services[0].endpoints[0]"), "names the field: {line}");
+    // ...and in the agent's status, on the admin API.
+    let mut curl = Command::new("curl");
+    curl.args(["-sS", "--max-time", "5", "http://127.0.0.1:4191/status"]);
+    let status = switchyard_tests::run(topo.in_node(&mut curl, false), Duration::from_secs(10));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status is JSON");
+    let error = status["rejected"]["catalog"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("services[0].endpoints[0]"), "status names the rejected catalog: {status}");
     assert_eq!(reached(&topo, "10.96.0.11:7000").as_deref(), Some(h1.as_str()), "still serving b");
     assert_eq!(reached(&topo, "10.96.0.10:7000").as_deref(), Some(h1.as_str()), "still serving a");
 
