@@ -6,12 +6,21 @@
 //!   `switchyard resolve` prints).
 //! * `GET /status`: how many changes were applied, and each source's last rejected
 //!   change (cleared once that source sends a good one).
+//! * `GET /conns[?service=&endpoint=&client=]`: live connections (JSON), with who opened
+//!   them, where they went and bytes so far. `client` matches pid, command or cgroup.
+//! * `GET /services`, `GET /services/<name>`: services, endpoints, health, weights,
+//!   locality and connection counts (JSON).
+//! * `GET /metrics`: Prometheus text format.
+//! * `GET /config`: the effective configuration (file, catalog and cluster merged).
+//! * `GET /log-level`, `PUT /log-level` (body: a tracing filter such as `debug` or
+//!   `info,switchyard=debug`): read or change logging at run time.
+//! * `GET /`: the dashboard, one self-contained page (no external assets).
 //!
 //! Every request gets an answer (the service's error type is `Infallible`); lookups read
 //! the latest snapshot and never wait on discovery.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -30,7 +39,13 @@ use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::{resolve, state::Snapshot};
+use crate::{
+    config::Config,
+    redirect::KernelCounters,
+    resolve,
+    state::Snapshot,
+    stats::{ConnView, Stats, metrics::DecisionLabels},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -95,12 +110,21 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
     TcpListener::bind(addr).await.map_err(|source| AdminError::Bind { addr, source })
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    state: watch::Receiver<Arc<Snapshot>>,
-    status: Arc<Status>,
-    stop: CancellationToken,
-) {
+/// Changes the log filter; returns the filter now in force or why it was refused.
+pub type LogControl = Arc<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
+
+/// Everything the admin API reads.
+#[derive(Clone)]
+pub struct AdminState {
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub config: watch::Receiver<Arc<Config>>,
+    pub status: Arc<Status>,
+    pub stats: Arc<Stats>,
+    pub kernel: Arc<KernelCounters>,
+    pub log: LogControl,
+}
+
+pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -112,47 +136,114 @@ pub async fn serve(
                 }
             },
         };
-        let (state, status) = (state.clone(), Arc::clone(&status));
+        let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let snapshot = Arc::clone(&state.borrow());
-                let status = status.view();
-                async move { Ok::<_, Infallible>(answer(&req, &snapshot, &status)) }
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(answer(req, &state).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
 
-fn answer(req: &Request<Incoming>, snapshot: &Snapshot, status: &StatusView) -> Response<Full<Bytes>> {
-    let text = |status: StatusCode, body: String, kind: &str| {
-        Response::builder().status(status).header("content-type", kind).body(Full::new(Bytes::from(body))).unwrap()
-    };
-    let json_body = |status: StatusCode, v: serde_json::Value| text(status, v.to_string(), "application/json");
-    match req.uri().path() {
-        "/live" => text(StatusCode::OK, "live\n".into(), "text/plain"),
-        "/ready" => text(StatusCode::OK, "ready\n".into(), "text/plain"),
-        "/status" => json_body(StatusCode::OK, serde_json::to_value(status).unwrap_or_default()),
-        "/resolve" => {
-            let target = req.uri().query().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("target="));
-            let Some(target) = target.map(|t| percent_encoding::percent_decode_str(t).decode_utf8_lossy().into_owned())
-            else {
-                return json_body(
-                    StatusCode::BAD_REQUEST,
-                    json!({"error": "give ?target=SERVICE-NAME or ?target=IP:PORT"}),
-                );
-            };
-            match resolve::tree(snapshot, &target, Instant::now()) {
-                Some(tree) => json_body(StatusCode::OK, serde_json::to_value(tree).unwrap_or_default()),
-                None => json_body(
-                    StatusCode::NOT_FOUND,
-                    json!({"error": format!("no service is named `{target}` or has it as an address")}),
-                ),
+fn response(status: StatusCode, body: impl Into<Bytes>, kind: &str) -> Response<Full<Bytes>> {
+    Response::builder().status(status).header("content-type", kind).body(Full::new(body.into())).unwrap()
+}
+
+fn json_response(status: StatusCode, v: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    response(status, serde_json::to_vec(v).unwrap_or_default(), "application/json")
+}
+
+fn not_found(what: String) -> Response<Full<Bytes>> {
+    json_response(StatusCode::NOT_FOUND, &json!({ "error": what }))
+}
+
+async fn answer(req: Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    let query: HashMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned()))
+        .collect();
+    let path = req.uri().path().to_owned();
+    let snapshot = Arc::clone(&state.snapshot.borrow());
+    match (req.method().as_str(), path.as_str()) {
+        ("GET", "/") => response(StatusCode::OK, DASHBOARD, "text/html; charset=utf-8"),
+        ("GET", "/live") => response(StatusCode::OK, "live\n", "text/plain"),
+        ("GET", "/ready") => response(StatusCode::OK, "ready\n", "text/plain"),
+        ("GET", "/status") => json_response(StatusCode::OK, &state.status.view()),
+        ("GET", "/config") => json_response(StatusCode::OK, &**state.config.borrow()),
+        ("GET", "/metrics") => {
+            if let Ok(counters) = state.kernel.read() {
+                for (decision, n) in counters {
+                    let labels = DecisionLabels { decision: decision.into() };
+                    state.stats.metrics.kernel.get_or_create(&labels).set(n as i64);
+                }
+            }
+            response(StatusCode::OK, state.stats.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
+        }
+        ("GET", "/conns") => {
+            let conns: Vec<ConnView> =
+                state.stats.conns.list().into_iter().filter(|c| conn_matches(c, &query)).collect();
+            json_response(StatusCode::OK, &conns)
+        }
+        ("GET", "/services") => json_response(StatusCode::OK, &resolve::services(&snapshot, Instant::now())),
+        ("GET", p) if p.starts_with("/services/") => {
+            let name = percent_encoding::percent_decode_str(&p["/services/".len()..]).decode_utf8_lossy().into_owned();
+            match resolve::services(&snapshot, Instant::now()).into_iter().find(|s| s.service == name) {
+                Some(s) => json_response(StatusCode::OK, &s),
+                None => not_found(format!("no service is named `{name}`")),
             }
         }
-        other => json_body(StatusCode::NOT_FOUND, json!({"error": format!("no such admin path `{other}`")})),
+        ("GET", "/resolve") => {
+            let Some(target) = query.get("target") else {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"error": "give ?target=SERVICE-NAME or ?target=IP:PORT"}),
+                );
+            };
+            match resolve::tree(&snapshot, target, Instant::now()) {
+                Some(tree) => json_response(StatusCode::OK, &tree),
+                None => not_found(format!("no service is named `{target}` or has it as an address")),
+            }
+        }
+        ("GET", "/log-level") => match (state.log)(None) {
+            Ok(current) => response(StatusCode::OK, current + "\n", "text/plain"),
+            Err(e) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &json!({ "error": e })),
+        },
+        ("PUT" | "POST", "/log-level") => {
+            let body = match req.into_body().collect().await {
+                Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_owned(),
+                Err(e) => return json_response(StatusCode::BAD_REQUEST, &json!({ "error": e.to_string() })),
+            };
+            match (state.log)(Some(&body)) {
+                Ok(now) => response(StatusCode::OK, now + "\n", "text/plain"),
+                Err(e) => json_response(StatusCode::BAD_REQUEST, &json!({ "error": e })),
+            }
+        }
+        (_, other) => not_found(format!("no such admin path `{other}`")),
     }
 }
+
+/// `/conns` filters: exact service or endpoint; client matches pid, command or cgroup.
+fn conn_matches(c: &ConnView, q: &HashMap<String, String>) -> bool {
+    let service_ok = q.get("service").is_none_or(|s| c.service.as_ref() == Some(s));
+    let endpoint_ok = q.get("endpoint").is_none_or(|e| c.route.as_ref().is_some_and(|r| r.endpoint.to_string() == *e));
+    let client_ok = q.get("client").is_none_or(|want| {
+        c.client.as_ref().is_some_and(|cl| {
+            cl.pid.to_string() == *want
+                || cl.comm == *want
+                || cl.cgroup.as_deref().is_some_and(|g| g.contains(want.as_str()))
+        })
+    });
+    service_ok && endpoint_ok && client_ok
+}
+
+/// The dashboard: one self-contained HTML page.
+const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// `GET path` from the admin API at `addr`: (status, body). For the CLI.
 pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), AdminError> {

@@ -37,6 +37,7 @@ use crate::{
     proxy::{Listeners, Proxy},
     redirect::{self, Redirect},
     state::{Departure, Snapshot},
+    stats::Stats,
 };
 
 /// `switchyard resolve`: ask the running agent how `target` resolves; text or JSON.
@@ -71,7 +72,7 @@ pub fn check(path: &Path) -> anyhow::Result<String> {
 }
 
 /// `switchyard run`: run the agent until SIGINT or SIGTERM.
-pub async fn run(path: &Path) -> anyhow::Result<()> {
+pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     let main = Config::load(path)?;
     redirect::check_privileges()?;
     let cgroup = redirect::attach_cgroup(main.agent.cgroup.as_deref())?;
@@ -115,15 +116,19 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     let snapshot = Arc::new(Snapshot::build(&merged, &sources.resolved, None));
     arm_drain_deadlines(snapshot.departures_since(&Snapshot::default()));
     let (publish, latest) = watch::channel(Arc::clone(&snapshot));
+    let (publish_config, effective) = watch::channel(Arc::new(merged.clone()));
     let (redirect, orig) =
         Redirect::start(&cgroup, agent, snapshot.service_addresses()).context("start the transparent redirect")?;
     let mark = main.agent.mark;
     let drain = Duration::from_secs(main.agent.drain_timeout_secs);
     let status = Arc::new(admin::Status::default());
+    let stats = Stats::new(redirect::cgroup2_root().ok());
+    let kernel = redirect.counters();
     let mut running = Running {
         main,
         sources,
         publish,
+        publish_config,
         redirect,
         checks: CancellationToken::new(),
         dns,
@@ -134,9 +139,17 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     running.restart_background(&merged);
 
     if let Some(l) = admin_listener {
-        tokio::spawn(admin::serve(l, latest.clone(), status, stop.clone()));
+        let state = admin::AdminState {
+            snapshot: latest.clone(),
+            config: effective,
+            status,
+            stats: Arc::clone(&stats),
+            kernel,
+            log,
+        };
+        tokio::spawn(admin::serve(l, state, stop.clone()));
     }
-    let proxy = Proxy::new(latest, orig, mark);
+    let proxy = Proxy::new(latest, orig, mark, Arc::clone(&stats));
     let tasks = TaskTracker::new();
     let mut accept_loops = vec![tokio::spawn(Arc::clone(&proxy).serve(listeners.v4, tasks.clone(), stop.clone()))];
     if let Some(v6) = listeners.v6 {
@@ -191,6 +204,8 @@ struct Running {
     main: Config,
     sources: Sources,
     publish: watch::Sender<Arc<Snapshot>>,
+    /// The effective (merged) configuration, for the admin API's `/config`.
+    publish_config: watch::Sender<Arc<Config>>,
     redirect: Redirect,
     checks: CancellationToken,
     dns: Dns,
@@ -244,6 +259,7 @@ impl Running {
         // it may be sent. (A removed address can, for a moment, still be redirected and is
         // then closed: the service is gone either way.)
         self.publish.send_replace(Arc::clone(&next));
+        self.publish_config.send_replace(Arc::new(merged.clone()));
         if let Err(e) = self.redirect.sync_services(next.service_addresses()) {
             let e = anyhow::Error::from(e);
             error!(error = format!("{e:#}"), "could not update the kernel's service addresses");
@@ -304,7 +320,7 @@ impl Signals {
 }
 
 fn log_counters(redirect: &Redirect) {
-    match redirect.counters() {
+    match redirect.counters().read() {
         Ok(counters) => {
             let text: Vec<String> = counters.iter().map(|(name, n)| format!("{name}={n}")).collect();
             info!(counters = %text.join(" "), tracked_sockets = redirect.tracked_sockets(), "kernel counters");

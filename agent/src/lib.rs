@@ -15,9 +15,11 @@
 //! * [`health`]: active health checks (TCP connect or HTTP GET).
 //! * [`discovery`]: sources beyond the config file: the watched catalog file and DNS
 //!   names, each sending updates that `app` merges, validates and applies.
+//! * [`stats`]: the live connection table, Prometheus metrics, cgroup paths.
 //! * [`resolve`]: a service's resolution tree (routes down to endpoint health).
 //! * [`admin`]: the localhost admin HTTP API (`/resolve`, `/ready`, `/live`) and the
 //!   CLI's client for it.
+//! * [`cli`]: `switchyard conns`, `services`, `top`: tables over the admin API.
 //! * [`app`]: the composition root: wires the above together and owns start-up order and
 //!   shutdown.
 //!
@@ -31,6 +33,7 @@
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod cli;
 pub mod config;
 pub mod discovery;
 pub mod health;
@@ -38,3 +41,4 @@ pub mod proxy;
 pub mod redirect;
 pub mod resolve;
 pub mod state;
+pub mod stats;

@@ -3,13 +3,22 @@
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer as _, fmt, layer::SubscriberExt as _, reload, util::SubscriberInitExt as _};
 
 #[derive(Parser)]
 #[command(name = "switchyard", version, about = "Transparent node agent for service-to-service traffic")]
 struct Cli {
+    /// Log lines as text, or as one JSON object per line (for log pipelines).
+    #[arg(long, global = true, value_enum, default_value = "text", env = "SWITCHYARD_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -26,6 +35,40 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// List live connections (from the running agent).
+    Conns {
+        /// Only connections to this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only connections to this endpoint (ip:port).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Only connections from this client: pid, command, or part of its cgroup path.
+        #[arg(long)]
+        client: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:4191")]
+        admin: std::net::SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List services with endpoint health and connection counts.
+    Services {
+        #[arg(long, default_value = "127.0.0.1:4191")]
+        admin: std::net::SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live view of connections sorted by traffic, refreshed every interval.
+    Top {
+        #[arg(long, default_value = "127.0.0.1:4191")]
+        admin: std::net::SocketAddr,
+        /// Refresh interval in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+        /// Stop after this many refreshes (0: until interrupted).
+        #[arg(long, default_value_t = 0)]
+        iterations: u64,
+    },
     /// Show how a service (by name or address) resolves, down to endpoint health, from
     /// the running agent.
     Resolve {
@@ -40,24 +83,55 @@ enum Command {
     },
 }
 
+/// Install logging; returns the control the admin API uses to change the filter.
+fn init_logging(format: LogFormat) -> switchyard::admin::LogControl {
+    let initial = std::env::var("SWITCHYARD_LOG").unwrap_or_else(|_| "info".into());
+    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let fmt = match format {
+        LogFormat::Text => fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).boxed(),
+        LogFormat::Json => fmt::layer().json().flatten_event(true).with_writer(std::io::stderr).boxed(),
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+    let current = std::sync::Mutex::new(initial);
+    std::sync::Arc::new(move |new: Option<&str>| {
+        let mut current = current.lock().unwrap();
+        if let Some(spec) = new {
+            let filter = EnvFilter::try_new(spec).map_err(|e| format!("`{spec}` is not a log filter: {e}"))?;
+            handle.reload(filter).map_err(|e| e.to_string())?;
+            tracing::info!(filter = spec, "log filter changed");
+            *current = spec.to_owned();
+        }
+        Ok(current.clone())
+    })
+}
+
+/// Run one admin API client command on a small runtime.
+fn client<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(fut)
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cli = Cli::parse();
+    let log = init_logging(cli.log_format);
     let result = match cli.command {
         Command::Check { config } => switchyard::app::check(&config).map(|summary| println!("{summary}")),
         Command::Run { config } => tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(switchyard::app::run(&config))),
-        Command::Resolve { target, admin, json } => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(switchyard::app::resolve(&target, admin, json)))
-            .map(|out| println!("{out}")),
+            .and_then(|rt| rt.block_on(switchyard::app::run(&config, log))),
+        Command::Resolve { target, admin, json } => {
+            client(switchyard::app::resolve(&target, admin, json)).map(|out| println!("{out}"))
+        }
+        Command::Conns { service, endpoint, client: who, admin, json } => {
+            let filters = [("service", service), ("endpoint", endpoint), ("client", who)];
+            client(switchyard::cli::conns(admin, &filters, json)).map(|out| println!("{out}"))
+        }
+        Command::Services { admin, json } => {
+            client(switchyard::cli::services(admin, json)).map(|out| println!("{out}"))
+        }
+        Command::Top { admin, interval_ms, iterations } => {
+            client(switchyard::cli::top(admin, std::time::Duration::from_millis(interval_ms.max(100)), iterations))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

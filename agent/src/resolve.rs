@@ -34,7 +34,54 @@ pub struct EndpointNode {
     pub health: String,
     pub weight: u32,
     pub locality: String,
+    pub zone: Option<String>,
+    pub node: Option<String>,
     pub open_connections: u32,
+    pub connects_ok: u64,
+    pub connects_failed: u64,
+}
+
+/// One service for `/services`: its own endpoints, or where its route leads.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServiceSummary {
+    pub service: String,
+    pub addresses: Vec<String>,
+    pub origin: String,
+    pub balance: String,
+    /// "endpoints", "split" or "failover".
+    pub kind: String,
+    pub route: Vec<String>,
+    pub healthy: bool,
+    pub endpoints: Vec<EndpointNode>,
+}
+
+/// Every service, in snapshot order.
+pub fn services(snapshot: &Snapshot, now: Instant) -> Vec<ServiceSummary> {
+    snapshot
+        .services()
+        .iter()
+        .map(|svc| {
+            let route = svc.config.route.as_ref();
+            ServiceSummary {
+                service: svc.name.clone(),
+                addresses: svc.config.addresses.iter().map(ToString::to_string).collect(),
+                origin: format!("{:?}", svc.config.origin).to_lowercase(),
+                balance: serde_json::to_value(svc.balancer.kind())
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                kind: match route {
+                    None => "endpoints",
+                    Some(r) if !r.split.is_empty() => "split",
+                    Some(_) => "failover",
+                }
+                .into(),
+                route: route.map(|r| r.targets().into_iter().map(str::to_owned).collect()).unwrap_or_default(),
+                healthy: snapshot.has_healthy(svc, now, 0),
+                endpoints: svc.balancer.endpoints().iter().map(|e| endpoint(e, now)).collect(),
+            }
+        })
+        .collect()
 }
 
 /// The tree for `target`: a service name or one of its addresses (`ip:port`).
@@ -98,7 +145,11 @@ fn endpoint(e: &Endpoint, now: Instant) -> EndpointNode {
         health: health.into(),
         weight: e.weight,
         locality: e.tier.name().into(),
+        zone: e.zone.clone(),
+        node: e.node.clone(),
         open_connections: e.state.active(),
+        connects_ok: e.state.connects_ok.load(std::sync::atomic::Ordering::Relaxed),
+        connects_failed: e.state.connects_failed.load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 

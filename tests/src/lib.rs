@@ -337,6 +337,34 @@ impl Topology {
         Probe::from(run(self.in_node(&mut cmd, true), Duration::from_secs(60)))
     }
 
+    /// Start a long-running client in the node namespace and the test cgroup.
+    pub fn spawn_client(&self, cmd: &mut Command) -> Proc {
+        let child = self.in_node(cmd, true).stdout(Stdio::piped()).stderr(Stdio::null()).spawn();
+        Proc(child.unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")))
+    }
+
+    /// Run a command in the node namespace outside the test cgroup (admin API calls,
+    /// CLI commands) and return its stdout, panicking on failure.
+    pub fn node_output(&self, cmd: &mut Command) -> String {
+        let out = run(self.in_node(cmd, false), Duration::from_secs(30));
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// GET a path of the agent's admin API (127.0.0.1:4191 in the node namespace).
+    pub fn admin_get(&self, path: &str) -> String {
+        self.node_output(
+            Command::new("curl")
+                .args(["-sS", "--fail-with-body", "--max-time", "10"])
+                .arg(format!("http://127.0.0.1:4191{path}")),
+        )
+    }
+
     /// Run any client command in the node namespace and the test cgroup.
     pub fn client(&self, cmd: &mut Command) -> Output {
         run(self.in_node(cmd, true), Duration::from_secs(60))
@@ -538,12 +566,25 @@ impl Agent {
         Self::start_bin(&switchyard_bin(), topo, config)
     }
 
+    /// [`Agent::start`] with extra environment (for example a JSON log format).
+    pub fn start_env(topo: &Topology, config: &str, env: &[(&str, &str)]) -> Self {
+        Self::launch(&switchyard_bin(), topo, config, env)
+    }
+
     /// [`Agent::start`] with an explicit binary.
     pub fn start_bin(bin: &Path, topo: &Topology, config: &str) -> Self {
+        Self::launch(bin, topo, config, &[])
+    }
+
+    fn launch(bin: &Path, topo: &Topology, config: &str, env: &[(&str, &str)]) -> Self {
         let path = topo.dir.path().join("switchyard.yaml");
         std::fs::write(&path, config).expect("write config");
         let mut cmd = Command::new(bin);
-        cmd.arg("run").arg("--config").arg(&path).env("SWITCHYARD_LOG", "info,switchyard=debug");
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env("SWITCHYARD_LOG", "info,switchyard=debug")
+            .envs(env.iter().copied());
         let child = topo.in_node(&mut cmd, true).stdout(Stdio::null()).stderr(Stdio::piped()).spawn();
         let mut child = child.expect("spawn switchyard");
         let log = Arc::new(Mutex::new(String::new()));

@@ -25,12 +25,48 @@ const DEBIAN: &[(&str, &str)] = &[
     ("redis-server", "redis-server"),
     ("redis-cli", "redis-tools"),
     ("dnsmasq", "dnsmasq-base"),
+    ("chromium", "chromium"),
 ];
 
 pub fn all() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
-    debian_packages()
+    debian_packages()?;
+    python_packages()?;
+    node_packages()
+}
+
+/// The tests parse `/metrics` with the Prometheus project's own parser.
+fn python_packages() -> anyhow::Result<()> {
+    let have =
+        Command::new("python3").args(["-c", "import prometheus_client"]).output().is_ok_and(|o| o.status.success());
+    if have {
+        return Ok(());
+    }
+    eprintln!("xtask: installing the Python package prometheus-client (the tests' metrics parser)");
+    status(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "prometheus-client",
+    ]))
+}
+
+/// playwright-core drives Debian's Chromium for the dashboard test (no browser download).
+fn node_packages() -> anyhow::Result<()> {
+    let dir = crate::workspace_root().join("tests/dashboard");
+    if dir.join("node_modules/playwright-core/package.json").is_file() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing playwright-core for the dashboard test");
+    status(
+        Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+            .env("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+            .current_dir(dir),
+    )
 }
 
 /// Toolchain only: what `cargo build` of the agent needs.

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 pub use service::{
     BalanceKind, ConnectConfig, EndpointConfig, FailureAccrualConfig, HealthCheckConfig, HealthCheckKind,
     LocalityConfig, Origin, Route, ServiceConfig, SplitBranch, Target,
@@ -68,7 +68,7 @@ impl fmt::Display for Problems<'_> {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -77,7 +77,7 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// Port of the outbound listener on 127.0.0.1 and [::1].
@@ -106,7 +106,7 @@ pub struct AgentConfig {
 /// Default admin API address (linkerd2-proxy's admin port).
 pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 4191);
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Name servers to ask (`ip:port`); empty means the host's /etc/resolv.conf.
@@ -124,7 +124,7 @@ impl Default for DnsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct KubernetesConfig {
     /// A kubeconfig file; default: in-cluster service account, else $KUBECONFIG/~/.kube/config.

@@ -4,9 +4,9 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
@@ -34,13 +34,13 @@ pub struct ServiceConfig {
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
     /// Which source defined it (set by the source, never read from a file).
-    #[serde(skip)]
+    #[serde(skip_deserializing)]
     pub origin: Origin,
 }
 
 /// How a logical service reaches concrete ones (linkerd 1's delegation, in miniature):
 /// exactly one of `split` and `failover`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     /// Each new connection goes to one branch, chosen by weight (canary: 90/10).
@@ -52,7 +52,7 @@ pub struct Route {
     pub failover: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SplitBranch {
     pub service: String,
@@ -86,7 +86,8 @@ impl ServiceConfig {
 }
 
 /// The source a service came from: names it in error messages.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Origin {
     #[default]
     File,
@@ -192,7 +193,7 @@ impl EndpointConfig {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct EndpointMap {
     address: Option<String>,
@@ -208,6 +209,26 @@ struct EndpointMap {
 
 fn one() -> u32 {
     1
+}
+
+/// Written back as the map form (for `/config`).
+impl Serialize for EndpointConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (address, srv) = match &self.target {
+            Target::Srv(name) => (None, Some(name.clone())),
+            other => (Some(other.to_string()), None),
+        };
+        EndpointMap {
+            address,
+            srv,
+            weight: self.weight,
+            zone: self.zone.clone(),
+            region: self.region.clone(),
+            node: self.node.clone(),
+            terminating: self.terminating,
+        }
+        .serialize(s)
+    }
 }
 
 // By hand rather than `#[serde(untagged)]`, whose only error is "did not match any
@@ -248,7 +269,7 @@ impl<'de> Deserialize<'de> for EndpointConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum BalanceKind {
     /// Power of two choices over a peak-EWMA cost (linkerd, Finagle).
@@ -261,7 +282,7 @@ pub enum BalanceKind {
     RingHash,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ConnectConfig {
     /// One connect attempt may take this long.
@@ -280,7 +301,7 @@ impl Default for ConnectConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct FailureAccrualConfig {
     /// Consecutive connect failures that eject an endpoint.
@@ -306,7 +327,7 @@ impl Default for FailureAccrualConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckConfig {
     pub kind: HealthCheckKind,
@@ -326,7 +347,7 @@ pub struct HealthCheckConfig {
     pub fall: u32,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthCheckKind {
     /// A TCP connect succeeds.
@@ -355,7 +376,7 @@ fn three() -> u32 {
     3
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LocalityConfig {
     /// A locality tier keeps all of its traffic while at least this share of its

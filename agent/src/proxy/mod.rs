@@ -25,7 +25,16 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, debug, debug_span, field, warn};
 
-use crate::{balance::hash, redirect::OrigDstTable, state::Snapshot};
+use crate::{
+    balance::hash,
+    redirect::OrigDstTable,
+    state::Snapshot,
+    stats::{
+        Counted, Metrics, Stats,
+        conns::{Client, Route},
+        metrics::{BytesLabels, Direction, UnservedLabels},
+    },
+};
 
 pub mod upstream;
 
@@ -97,12 +106,13 @@ pub struct Proxy {
     state: watch::Receiver<Arc<Snapshot>>,
     orig: OrigDstTable,
     mark: u32,
+    stats: Arc<Stats>,
     next_id: AtomicU64,
 }
 
 impl Proxy {
-    pub fn new(state: watch::Receiver<Arc<Snapshot>>, orig: OrigDstTable, mark: u32) -> Arc<Self> {
-        Arc::new(Self { state, orig, mark, next_id: AtomicU64::new(1) })
+    pub fn new(state: watch::Receiver<Arc<Snapshot>>, orig: OrigDstTable, mark: u32, stats: Arc<Stats>) -> Arc<Self> {
+        Arc::new(Self { state, orig, mark, stats, next_id: AtomicU64::new(1) })
     }
 
     /// Accept until `stop` fires; each connection runs as a task on `tasks`, so the
@@ -128,7 +138,7 @@ impl Proxy {
                         service = field::Empty,
                         endpoint = field::Empty,
                     );
-                    tasks.spawn(Arc::clone(&self).handle(client, peer).instrument(span));
+                    tasks.spawn(Arc::clone(&self).handle(client, peer, id).instrument(span));
                 }
                 Err(e) => {
                     // Out of fds or memory: wait and retry rather than spin or exit.
@@ -140,30 +150,47 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+    async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr, id: u64) {
         let span = tracing::Span::current();
+        let conn = self.stats.conns.open(id, peer);
+        let metrics = &self.stats.metrics;
+        let unserved = |reason: &str| metrics.unserved.get_or_create(&UnservedLabels { reason: reason.into() }).inc();
         let Some(origin) = self.orig.lookup(peer) else {
             debug!("no original destination recorded for this client (not redirected?); closing");
+            conn.outcome("not_redirected");
+            unserved("not_redirected");
             return;
         };
         span.record("orig.dst", field::display(origin.dst));
         span.record("client.pid", origin.pid);
         span.record("client.comm", origin.comm.as_str());
+        conn.client(Client {
+            pid: origin.pid,
+            comm: origin.comm.clone(),
+            cgroup_id: origin.cgroup_id,
+            cgroup: None,
+            original_dst: origin.dst,
+        });
         // The snapshot is held for the connection's life: a reload does not change the
         // endpoint under an open connection.
         let snapshot = Arc::clone(&self.state.borrow());
         let Some(service) = snapshot.service_for(origin.dst) else {
             debug!("original destination is not a known service; closing");
+            conn.outcome("unknown_service");
+            unserved("unknown_service");
             return;
         };
         span.record("service", service.name.as_str());
+        conn.service(&service.name);
         // Routes are followed per connection; affinity (ring hash) follows the client
         // workload: its cgroup.
         let candidates = snapshot.concrete_for(service, std::time::Instant::now());
-        let up = match upstream::connect(&candidates, hash(origin.cgroup_id), self.mark).await {
+        let up = match upstream::connect(&candidates, hash(origin.cgroup_id), self.mark, metrics).await {
             Ok(up) => up,
             Err(e) => {
                 debug!(error = %e, "no endpoint could be reached; resetting client");
+                conn.outcome("no_endpoint");
+                unserved("no_endpoint");
                 reset(&client);
                 return;
             }
@@ -176,19 +203,47 @@ impl Proxy {
             connect_us = up.connect_latency.as_micros() as u64,
             "connected"
         );
+        conn.connected(Route {
+            service: service.name.clone(),
+            concrete: up.service.name.clone(),
+            endpoint: up.endpoint.addr,
+            locality: up.tier.name(),
+            attempts: up.attempts,
+            connect_us: up.connect_latency.as_micros() as u64,
+        });
+        let labels = Metrics::endpoint(&up.service.name, up.endpoint.addr);
+        metrics.connections.get_or_create(&labels).inc();
+        let open = metrics.open.get_or_create(&labels).clone();
+        open.inc();
+        let bytes = |direction| {
+            let l = BytesLabels { service: labels.service.clone(), endpoint: labels.endpoint.clone(), direction };
+            metrics.bytes.get_or_create(&l).clone()
+        };
+        let (out_metric, in_metric) = (bytes(Direction::Out), bytes(Direction::In));
         let mut upstream = up.stream;
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
         let drain = up.endpoint.state.drain_token();
-        // copy_bidirectional forwards a half-close: EOF from one side becomes a write
-        // shutdown towards the other, and copying goes on in the open direction.
+        let c = conn.conn();
+        // Reads are counted as they happen: client reads are bytes out, upstream reads
+        // bytes in. copy_bidirectional forwards a half-close: EOF from one side becomes a
+        // write shutdown towards the other, and copying goes on in the open direction.
+        let mut from_client = Counted::new(&mut client, &c.bytes_out, out_metric);
+        let mut from_upstream = Counted::new(&mut upstream, &c.bytes_in, in_metric);
         tokio::select! {
-            r = copy_bidirectional(&mut client, &mut upstream) => match r {
+            r = copy_bidirectional(&mut from_client, &mut from_upstream) => match r {
                 Ok((to_upstream, to_client)) => debug!(bytes.out = to_upstream, bytes.in = to_client, "closed"),
-                Err(e) => debug!(error = %e, "connection ended with an error"),
+                Err(e) => {
+                    debug!(error = %e, "connection ended with an error");
+                    conn.outcome("error");
+                }
             },
-            _ = drain.cancelled() => debug!("endpoint left service and its drain deadline passed; closing"),
+            _ = drain.cancelled() => {
+                debug!("endpoint left service and its drain deadline passed; closing");
+                conn.outcome("drained");
+            }
         }
+        open.dec();
         drop(up.guard);
     }
 }

@@ -17,6 +17,10 @@ use tracing::{debug, info, warn};
 use crate::{
     balance::{ActiveGuard, Change, Endpoint, Tier},
     state::Service,
+    stats::{
+        Metrics,
+        metrics::{FailureLabels, ServiceLabels},
+    },
 };
 
 /// A connected upstream and what it took.
@@ -48,10 +52,15 @@ pub enum ConnectError {
 
 /// Connect a client (identified by `key` for affinity) to an endpoint of the first of
 /// `candidates` (concrete services, in failover order) that has one reachable.
-pub async fn connect<'a>(candidates: &[&'a Service], key: u64, mark: u32) -> Result<Upstream<'a>, ConnectError> {
+pub async fn connect<'a>(
+    candidates: &[&'a Service],
+    key: u64,
+    mark: u32,
+    metrics: &Metrics,
+) -> Result<Upstream<'a>, ConnectError> {
     let mut last = ConnectError::NoEndpoint;
     for (i, service) in candidates.iter().enumerate() {
-        match connect_one(service, key, mark).await {
+        match connect_one(service, key, mark, metrics).await {
             Ok(up) => return Ok(up),
             Err(e) => {
                 if i + 1 < candidates.len() {
@@ -65,7 +74,12 @@ pub async fn connect<'a>(candidates: &[&'a Service], key: u64, mark: u32) -> Res
 }
 
 /// Connect to one of `service`'s endpoints, retrying others.
-async fn connect_one<'a>(service: &'a Service, key: u64, mark: u32) -> Result<Upstream<'a>, ConnectError> {
+async fn connect_one<'a>(
+    service: &'a Service,
+    key: u64,
+    mark: u32,
+    metrics: &Metrics,
+) -> Result<Upstream<'a>, ConnectError> {
     let cfg = &service.config.connect;
     let start = Instant::now();
     let deadline = start + cfg.deadline;
@@ -91,7 +105,9 @@ async fn connect_one<'a>(service: &'a Service, key: u64, mark: u32) -> Result<Up
         match connect_marked(ep.addr, mark, cfg.timeout.min(deadline - now)).await {
             Ok(stream) => {
                 let latency = t0.elapsed();
-                report(service, ep, ep.state.on_connect_ok(latency, Instant::now()));
+                report(service, ep, ep.state.on_connect_ok(latency, Instant::now()), metrics);
+                let labels = ServiceLabels { service: service.name.clone() };
+                metrics.connect_latency.get_or_create(&labels).observe(latency.as_secs_f64());
                 return Ok(Upstream {
                     stream,
                     service,
@@ -104,7 +120,13 @@ async fn connect_one<'a>(service: &'a Service, key: u64, mark: u32) -> Result<Up
             }
             Err(e) => {
                 debug!(attempt, endpoint = %ep.addr, error = %e, "upstream connect failed");
-                report(service, ep, ep.state.on_connect_failed(Instant::now(), service.balancer.accrual()));
+                let labels = FailureLabels {
+                    service: service.name.clone(),
+                    endpoint: ep.addr.to_string(),
+                    reason: failure_reason(&e).into(),
+                };
+                metrics.connect_failures.get_or_create(&labels).inc();
+                report(service, ep, ep.state.on_connect_failed(Instant::now(), service.balancer.accrual()), metrics);
                 last = Some((ep.addr, e));
             }
         }
@@ -117,15 +139,28 @@ async fn connect_one<'a>(service: &'a Service, key: u64, mark: u32) -> Result<Up
     }
 }
 
-fn report(service: &Service, ep: &Endpoint, change: Change) {
+/// Why a connect failed, as a bounded metric label.
+fn failure_reason(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "refused",
+        io::ErrorKind::TimedOut => "timeout",
+        io::ErrorKind::NetworkUnreachable | io::ErrorKind::HostUnreachable => "unreachable",
+        _ => "other",
+    }
+}
+
+fn report(service: &Service, ep: &Endpoint, change: Change, metrics: &Metrics) {
     match change {
         Change::None => {}
-        Change::Ejected(backoff) => warn!(
-            service = %service.name,
-            endpoint = %ep.addr,
-            back_off = ?backoff,
-            "ejecting endpoint after connect failures"
-        ),
+        Change::Ejected(backoff) => {
+            metrics.ejections.get_or_create(&Metrics::endpoint(&service.name, ep.addr)).inc();
+            warn!(
+                service = %service.name,
+                endpoint = %ep.addr,
+                back_off = ?backoff,
+                "ejecting endpoint after connect failures"
+            )
+        }
         Change::Returned => info!(service = %service.name, endpoint = %ep.addr, "endpoint back in service"),
     }
 }

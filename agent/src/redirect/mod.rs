@@ -12,6 +12,7 @@ use std::{
     fs::File,
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
@@ -63,7 +64,7 @@ pub enum RedirectError {
 pub struct Redirect {
     cgroup: PathBuf,
     services: HashMap<MapData, SockAddrV1, ServiceV1>,
-    counters: PerCpuArray<MapData, u64>,
+    counters: Arc<KernelCounters>,
     sock_orig: HashMap<MapData, u64, OrigDstV2>,
     // Last: dropping it detaches the programs, after everything above is done with.
     ebpf: Ebpf,
@@ -107,7 +108,7 @@ impl Redirect {
         let mut agent_map: Array<_, AgentV1> = typed_map(&mut ebpf, map::AGENT)?;
         agent_map.set(0, agent, 0).map_err(|source| RedirectError::Map { name: map::AGENT, source })?;
         let orig = OrigDstTable { map: typed_map(&mut ebpf, map::CLIENT_ORIG)? };
-        let counters = typed_map(&mut ebpf, map::COUNTERS)?;
+        let counters = Arc::new(KernelCounters(typed_map(&mut ebpf, map::COUNTERS)?));
         let sock_orig = typed_map(&mut ebpf, map::SOCK_ORIG)?;
         let mut redirect = Self { cgroup: cgroup.to_owned(), services: services_map, counters, sock_orig, ebpf };
         redirect.sync_services(services)?;
@@ -148,16 +149,24 @@ impl Redirect {
         self.sock_orig.keys().filter(Result::is_ok).count()
     }
 
-    /// The kernel's decision counters, summed over CPUs, by name.
-    pub fn counters(&self) -> Result<Vec<(&'static str, u64)>, RedirectError> {
+    /// The kernel's decision counters, readable from anywhere (metrics, logs).
+    pub fn counters(&self) -> Arc<KernelCounters> {
+        Arc::clone(&self.counters)
+    }
+}
+
+/// Read side of the per-CPU decision counters.
+pub struct KernelCounters(PerCpuArray<MapData, u64>);
+
+impl KernelCounters {
+    /// Each counter summed over CPUs, by name.
+    pub fn read(&self) -> Result<Vec<(&'static str, u64)>, RedirectError> {
         counter::NAMES
             .iter()
             .enumerate()
             .map(|(i, &name)| {
-                let per_cpu = self
-                    .counters
-                    .get(&(i as u32), 0)
-                    .map_err(|source| RedirectError::Map { name: map::COUNTERS, source })?;
+                let per_cpu =
+                    self.0.get(&(i as u32), 0).map_err(|source| RedirectError::Map { name: map::COUNTERS, source })?;
                 Ok((name, per_cpu.iter().sum()))
             })
             .collect()

@@ -6,10 +6,11 @@
 //!   echo every byte until the client half-closes, then half-close back and close. Prints
 //!   `listening` once every address is bound.
 //!
-//! `sy-probe client --connect ADDR [--bytes N]`
+//! `sy-probe client --connect ADDR [--bytes N] [--chunk-delay-ms D]`
 //!   Connect (an IPv6 address, v4-mapped included, uses an AF_INET6 socket), print
 //!   `peer=<getpeername>` and `hello=<endpoint>`, then stream N pseudo-random bytes while
-//!   reading the echo, half-close after the last byte, and check that exactly the same N
+//!   reading the echo (pausing D ms between 64 KiB chunks, for a connection that stays
+//!   open and moves bytes for a while), half-close after the last byte, and check that exactly the same N
 //!   bytes come back before EOF: `echo_bytes=N`. A failed connect prints
 //!   `connect_errno=<errno>` and exits 2; any other failure exits 1.
 //!
@@ -50,7 +51,7 @@ fn main() -> ExitCode {
         Some("client") => {
             let target = values("--connect").first().map(addr).expect("--connect ADDR");
             let bytes = values("--bytes").first().map(|b| b.parse().expect("--bytes N")).unwrap_or(0);
-            client(target, bytes)
+            client(target, bytes, Duration::from_millis(number("--chunk-delay-ms", 0)))
         }
         _ => {
             eprintln!(
@@ -120,7 +121,7 @@ impl Pattern {
     }
 }
 
-fn client(target: SocketAddr, bytes: u64) -> ExitCode {
+fn client(target: SocketAddr, bytes: u64, chunk_delay: Duration) -> ExitCode {
     let conn = match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
         Ok(c) => c,
         Err(e) => {
@@ -149,6 +150,7 @@ fn client(target: SocketAddr, bytes: u64) -> ExitCode {
             pattern.fill(&mut buf[..n]);
             writer.write_all(&buf[..n])?;
             left -= n as u64;
+            thread::sleep(chunk_delay);
         }
         // Half-close: the server sees EOF only if the proxy forwards it.
         writer.shutdown(Shutdown::Write)

@@ -1,0 +1,299 @@
+//! The live connection table: one entry per proxied connection from accept to close, with
+//! who opened it, where it went and how many bytes moved so far (updated as bytes move,
+//! not at close). Entries are removed, and a structured close line logged, when the
+//! connection task drops its [`ConnHandle`].
+
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU8, AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use prometheus_client::metrics::counter::Counter;
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::info;
+
+use super::cgroup::CgroupPaths;
+
+/// Lifecycle of a proxied connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum ConnState {
+    /// Accepted; finding the original destination and service.
+    Resolving = 0,
+    /// Connecting upstream (possibly retrying).
+    Connecting = 1,
+    /// Bytes flowing.
+    Open = 2,
+}
+
+/// Who opened the connection, from the kernel's record at connect time.
+#[derive(Debug, Clone, Serialize)]
+pub struct Client {
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    pub original_dst: SocketAddr,
+}
+
+/// Where it went.
+#[derive(Debug, Clone, Serialize)]
+pub struct Route {
+    pub service: String,
+    /// The concrete service, when routes led elsewhere.
+    pub concrete: String,
+    pub endpoint: SocketAddr,
+    pub locality: &'static str,
+    pub attempts: u32,
+    pub connect_us: u64,
+}
+
+#[derive(Debug)]
+pub struct Conn {
+    pub id: u64,
+    pub peer: SocketAddr,
+    started: SystemTime,
+    started_at: Instant,
+    state: AtomicU8,
+    client: OnceLock<Client>,
+    service: OnceLock<String>,
+    route: OnceLock<Route>,
+    outcome: OnceLock<&'static str>,
+    pub bytes_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+}
+
+/// What `/conns` shows of one connection.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnView {
+    pub id: u64,
+    pub state: ConnState,
+    pub peer: SocketAddr,
+    pub client: Option<Client>,
+    pub service: Option<String>,
+    pub route: Option<Route>,
+    pub started_unix_ms: u128,
+    pub age_ms: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+}
+
+impl Conn {
+    pub fn view(&self) -> ConnView {
+        let state = match self.state.load(Ordering::Relaxed) {
+            0 => ConnState::Resolving,
+            1 => ConnState::Connecting,
+            _ => ConnState::Open,
+        };
+        ConnView {
+            id: self.id,
+            state,
+            peer: self.peer,
+            client: self.client.get().cloned(),
+            service: self.service.get().cloned(),
+            route: self.route.get().cloned(),
+            started_unix_ms: self.started.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0),
+            age_ms: self.started_at.elapsed().as_millis() as u64,
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Every open connection, by id.
+#[derive(Debug)]
+pub struct ConnTable {
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    cgroups: CgroupPaths,
+}
+
+impl ConnTable {
+    /// `cgroup_root`: where cgroup ids are looked up as paths (None: ids only).
+    pub fn new(cgroup_root: Option<std::path::PathBuf>) -> Self {
+        Self { conns: Mutex::new(HashMap::new()), cgroups: CgroupPaths::new(cgroup_root) }
+    }
+
+    /// Register a just-accepted connection.
+    pub fn open(self: &Arc<Self>, id: u64, peer: SocketAddr) -> ConnHandle {
+        let conn = Arc::new(Conn {
+            id,
+            peer,
+            started: SystemTime::now(),
+            started_at: Instant::now(),
+            state: AtomicU8::new(ConnState::Resolving as u8),
+            client: OnceLock::new(),
+            service: OnceLock::new(),
+            route: OnceLock::new(),
+            outcome: OnceLock::new(),
+            bytes_out: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+        });
+        self.conns.lock().unwrap().insert(id, Arc::clone(&conn));
+        ConnHandle { conn, table: Arc::clone(self) }
+    }
+
+    /// Every open connection, oldest first.
+    pub fn list(&self) -> Vec<ConnView> {
+        let conns: Vec<Arc<Conn>> = self.conns.lock().unwrap().values().cloned().collect();
+        let mut views: Vec<ConnView> = conns.iter().map(|c| c.view()).collect();
+        views.sort_by_key(|v| v.id);
+        // Paths are looked up here, off the data path (and cached).
+        for v in &mut views {
+            if let Some(c) = &mut v.client {
+                c.cgroup = self.cgroups.path(c.cgroup_id);
+            }
+        }
+        views
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Owned by the connection task; fills in the entry as the connection progresses and
+/// removes it (logging one close line) when dropped.
+pub struct ConnHandle {
+    conn: Arc<Conn>,
+    table: Arc<ConnTable>,
+}
+
+impl ConnHandle {
+    pub fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
+    pub fn client(&self, client: Client) {
+        let _ = self.conn.client.set(client);
+    }
+
+    pub fn service(&self, name: &str) {
+        let _ = self.conn.service.set(name.to_owned());
+        self.conn.state.store(ConnState::Connecting as u8, Ordering::Relaxed);
+    }
+
+    pub fn connected(&self, route: Route) {
+        let _ = self.conn.route.set(route);
+        self.conn.state.store(ConnState::Open as u8, Ordering::Relaxed);
+    }
+
+    /// How the connection ended (first call wins): `closed`, `error`, `drained`,
+    /// `not_redirected`, `unknown_service`, `no_endpoint`.
+    pub fn outcome(&self, outcome: &'static str) {
+        let _ = self.conn.outcome.set(outcome);
+    }
+}
+
+impl Drop for ConnHandle {
+    fn drop(&mut self) {
+        self.table.conns.lock().unwrap().remove(&self.conn.id);
+        let c = &self.conn;
+        let client = c.client.get();
+        let route = c.route.get();
+        let cgroup = client.and_then(|x| self.table.cgroups.path(x.cgroup_id));
+        info!(
+            target: "switchyard::conn",
+            outcome = c.outcome.get().copied().unwrap_or("closed"),
+            conn.id = c.id,
+            client.addr = %c.peer,
+            client.pid = client.map(|x| x.pid),
+            client.comm = client.map(|x| x.comm.as_str()),
+            client.cgroup = cgroup.as_deref(),
+            orig.dst = client.map(|x| x.original_dst.to_string()),
+            service = c.service.get().map(String::as_str),
+            endpoint = route.map(|r| r.endpoint.to_string()),
+            attempts = route.map(|r| r.attempts),
+            connect_us = route.map(|r| r.connect_us),
+            duration_ms = c.started_at.elapsed().as_millis() as u64,
+            bytes.out = c.bytes_out.load(Ordering::Relaxed),
+            bytes.in = c.bytes_in.load(Ordering::Relaxed),
+            "connection closed"
+        );
+    }
+}
+
+/// A stream whose reads are counted into a connection's live counter and a metric.
+pub struct Counted<'a, S> {
+    inner: S,
+    live: &'a AtomicU64,
+    metric: Counter,
+}
+
+impl<'a, S> Counted<'a, S> {
+    pub fn new(inner: S, live: &'a AtomicU64, metric: Counter) -> Self {
+        Self { inner, live, metric }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.live.fetch_add(n, Ordering::Relaxed);
+            self.metric.inc_by(n);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Age of a connection, for CLI tables.
+pub fn age(ms: u64) -> String {
+    let d = Duration::from_millis(ms);
+    if d.as_secs() >= 3600 {
+        format!("{}h{}m", d.as_secs() / 3600, d.as_secs() % 3600 / 60)
+    } else if d.as_secs() >= 60 {
+        format!("{}m{}s", d.as_secs() / 60, d.as_secs() % 60)
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn table_tracks_open_connections_and_counts_bytes_live() {
+        let table = Arc::new(ConnTable::new(None));
+        let h = table.open(7, "127.0.0.1:5000".parse().unwrap());
+        h.service("web");
+        assert_eq!(table.list()[0].state, ConnState::Connecting);
+        let metric = Counter::default();
+        let mut counted = Counted::new(&b"hello world"[..], &h.conn().bytes_out, metric.clone());
+        let mut buf = [0u8; 5];
+        counted.read_exact(&mut buf).await.unwrap();
+        assert_eq!((table.list()[0].bytes_out, metric.get()), (5, 5), "counted before the stream ends");
+        drop(h);
+        assert!(table.is_empty());
+    }
+}

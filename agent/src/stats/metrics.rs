@@ -1,0 +1,147 @@
+//! Prometheus metrics (prometheus-client), labelled by service and endpoint only: never
+//! per connection, so cardinality follows the service catalog, not the traffic.
+//! Per-connection byte counters hold clones of their metric handles, so bytes show up
+//! in `/metrics` while connections are open, not only when they close.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub service: String,
+    pub endpoint: String,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Direction {
+    /// client -> endpoint
+    Out,
+    /// endpoint -> client
+    In,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub service: String,
+    pub endpoint: String,
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub service: String,
+    pub endpoint: String,
+    /// refused, timeout, unreachable, other
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnservedLabels {
+    /// not_redirected, unknown_service, no_endpoint
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub decision: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 us .. ~3.3 s, doubling.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections: Family<EndpointLabels, Counter>,
+    pub open: Family<EndpointLabels, Gauge>,
+    pub bytes: Family<BytesLabels, Counter>,
+    pub connect_failures: Family<FailureLabels, Counter>,
+    pub ejections: Family<EndpointLabels, Counter>,
+    pub connect_latency: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    pub unserved: Family<UnservedLabels, Counter>,
+    pub kernel: Family<DecisionLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut m = Self {
+            registry: Registry::with_prefix("switchyard"),
+            connections: Family::default(),
+            open: Family::default(),
+            bytes: Family::default(),
+            connect_failures: Family::default(),
+            ejections: Family::default(),
+            connect_latency: Family::new_with_constructor(latency_histogram),
+            unserved: Family::default(),
+            kernel: Family::default(),
+        };
+        let r = &mut m.registry;
+        r.register("connections", "Connections proxied, by service and endpoint", m.connections.clone());
+        r.register("connections_open", "Connections open now", m.open.clone());
+        r.register("bytes", "Bytes proxied, counted as they move", m.bytes.clone());
+        r.register("connect_failures", "Upstream connect attempts that failed, by reason", m.connect_failures.clone());
+        r.register("ejections", "Endpoints ejected by failure accrual", m.ejections.clone());
+        r.register("connect_latency_seconds", "Upstream connect latency", m.connect_latency.clone());
+        r.register("unserved_connections", "Redirected connections closed without an endpoint", m.unserved.clone());
+        r.register(
+            "kernel_decisions",
+            "Decisions of the kernel programs since the agent started (cumulative)",
+            m.kernel.clone(),
+        );
+        m
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition format (0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn endpoint(service: &str, endpoint: std::net::SocketAddr) -> EndpointLabels {
+        EndpointLabels { service: service.to_owned(), endpoint: endpoint.to_string() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text_with_bounded_labels() {
+        let m = Metrics::default();
+        let ep = Metrics::endpoint("web", "10.0.0.1:80".parse().unwrap());
+        m.connections.get_or_create(&ep).inc();
+        m.bytes
+            .get_or_create(&BytesLabels {
+                service: "web".into(),
+                endpoint: "10.0.0.1:80".into(),
+                direction: Direction::Out,
+            })
+            .inc_by(42);
+        m.connect_latency.get_or_create(&ServiceLabels { service: "web".into() }).observe(0.0003);
+        let text = m.render();
+        assert!(text.contains("switchyard_connections_total{service=\"web\",endpoint=\"10.0.0.1:80\"} 1"), "{text}");
+        assert!(
+            text.contains("switchyard_bytes_total{service=\"web\",endpoint=\"10.0.0.1:80\",direction=\"Out\"} 42"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE switchyard_connect_latency_seconds histogram"), "{text}");
+    }
+}

@@ -1,0 +1,24 @@
+//! What the agent knows about its traffic: the live connection table (`conns`),
+//! Prometheus metrics (`metrics`), and cgroup id -> path (`cgroup`). Shared by the proxy
+//! (which writes) and the admin API (which reads) as one [`Stats`].
+
+pub mod cgroup;
+pub mod conns;
+pub mod metrics;
+
+use std::sync::Arc;
+
+pub use conns::{ConnHandle, ConnTable, ConnView, Counted};
+pub use metrics::Metrics;
+
+pub struct Stats {
+    pub conns: Arc<ConnTable>,
+    pub metrics: Metrics,
+}
+
+impl Stats {
+    /// `cgroup_root`: the cgroup2 mount, where client cgroup ids are found as paths.
+    pub fn new(cgroup_root: Option<std::path::PathBuf>) -> Arc<Self> {
+        Arc::new(Self { conns: Arc::new(ConnTable::new(cgroup_root)), metrics: Metrics::default() })
+    }
+}
