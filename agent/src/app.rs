@@ -75,6 +75,7 @@ pub fn check(path: &Path) -> anyhow::Result<String> {
 pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     let main = Config::load(path)?;
     redirect::check_privileges()?;
+    raise_fd_limit();
     let cgroup = redirect::attach_cgroup(main.agent.cgroup.as_deref())?;
     let mut signals = Signals::new()?;
     let listeners = Listeners::bind(main.agent.listen_port).await?;
@@ -186,6 +187,22 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// Every proxied connection holds two sockets: lift the soft open-files limit to the
+/// hard one (as nginx and Envoy do), so a busy node is not capped at a few hundred
+/// connections.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(error = %e, soft, "could not raise the open-files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "could not read the open-files limit"),
+    }
 }
 
 /// The merged config if it is valid, else its problems as text.

@@ -28,6 +28,9 @@ enum Command {
         /// YAML config file.
         #[arg(long, short)]
         config: PathBuf,
+        /// Proxy worker threads (default: one per CPU).
+        #[arg(long, env = "SWITCHYARD_WORKERS")]
+        workers: Option<usize>,
     },
     /// Validate a config file and exit (0 when valid).
     Check {
@@ -116,9 +119,16 @@ fn main() -> ExitCode {
     let log = init_logging(cli.log_format);
     let result = match cli.command {
         Command::Check { config } => switchyard::app::check(&config).map(|summary| println!("{summary}")),
-        Command::Run { config } => tokio::runtime::Runtime::new()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(switchyard::app::run(&config, log))),
+        Command::Run { config, workers } => {
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = workers {
+                rt.worker_threads(n.max(1));
+            }
+            rt.enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(switchyard::app::run(&config, log)))
+        }
         Command::Resolve { target, admin, json } => {
             client(switchyard::app::resolve(&target, admin, json)).map(|out| println!("{out}"))
         }

@@ -568,15 +568,16 @@ impl Agent {
 
     /// [`Agent::start`] with extra environment (for example a JSON log format).
     pub fn start_env(topo: &Topology, config: &str, env: &[(&str, &str)]) -> Self {
-        Self::launch(&switchyard_bin(), topo, config, env)
+        Self::start_with(&switchyard_bin(), topo, config, env)
     }
 
     /// [`Agent::start`] with an explicit binary.
     pub fn start_bin(bin: &Path, topo: &Topology, config: &str) -> Self {
-        Self::launch(bin, topo, config, &[])
+        Self::start_with(bin, topo, config, &[])
     }
 
-    fn launch(bin: &Path, topo: &Topology, config: &str, env: &[(&str, &str)]) -> Self {
+    /// [`Agent::start`] with an explicit binary and extra environment.
+    pub fn start_with(bin: &Path, topo: &Topology, config: &str, env: &[(&str, &str)]) -> Self {
         let path = topo.dir.path().join("switchyard.yaml");
         std::fs::write(&path, config).expect("write config");
         let mut cmd = Command::new(bin);

