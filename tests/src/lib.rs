@@ -48,6 +48,17 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// The common start of a test: root check (see [`require_root`]), `hosts` backend hosts
+/// each running the probe echo server on port 7000. `None` means skipped.
+pub fn echo_hosts(test: &str, hosts: usize) -> Option<(Topology, Vec<Proc>)> {
+    if !require_root(test) {
+        return None;
+    }
+    let topo = Topology::with_hosts(hosts);
+    let servers = (0..hosts).map(|i| topo.echo_server(i, 7000, 0)).collect();
+    Some((topo, servers))
+}
+
 /// Panics naming the first missing tool; `cargo xtask test` installs them all.
 pub fn require_tools(tools: &[&str]) {
     for tool in tools {

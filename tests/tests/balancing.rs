@@ -5,7 +5,7 @@
 use std::{collections::HashMap, process::Command, thread, time::Duration};
 
 use switchyard_tests::{
-    Agent, Conn, Proc, Topology, epoch_ms, eventually, host_v4, require_root, require_tools, shares,
+    Agent, Conn, Proc, Topology, echo_hosts, epoch_ms, eventually, host_v4, require_root, require_tools, shares,
 };
 
 /// A service block for the config: `endpoints` are YAML flow items.
@@ -29,18 +29,9 @@ fn started_after(conns: &[Conn], t: u128) -> Vec<&Conn> {
     conns.iter().filter(|c| c.start_ms > t).collect()
 }
 
-fn setup(test: &str, hosts: usize) -> Option<(Topology, Vec<Proc>)> {
-    if !require_root(test) {
-        return None;
-    }
-    let topo = Topology::with_hosts(hosts);
-    let servers = (0..hosts).map(|i| topo.echo_server(i, 7000, 0)).collect();
-    Some((topo, servers))
-}
-
 #[test]
 fn killing_a_backend_fails_no_new_connection_and_it_returns_after_its_back_off() {
-    let Some((topo, mut servers)) = setup("killing_a_backend_fails_no_new_connection", 3) else { return };
+    let Some((topo, mut servers)) = echo_hosts("killing_a_backend_fails_no_new_connection", 3) else { return };
     let eps: Vec<String> = (0..3).map(|i| ep(i, 7000)).collect();
     let cfg = config(
         &topo,
@@ -84,7 +75,9 @@ fn killing_a_backend_fails_no_new_connection_and_it_returns_after_its_back_off()
 
 #[test]
 fn a_black_holed_backend_costs_at_most_the_connect_timeout_and_only_until_ejected() {
-    let Some((topo, _servers)) = setup("a_black_holed_backend_costs_at_most_the_connect_timeout", 3) else { return };
+    let Some((topo, _servers)) = echo_hosts("a_black_holed_backend_costs_at_most_the_connect_timeout", 3) else {
+        return;
+    };
     let eps: Vec<String> = (0..3).map(|i| ep(i, 7000)).collect();
     let policy = "connect: { timeout: 300ms, attempts: 3, deadline: 2s }\nfailure_accrual: { consecutive_failures: 2, base_ejection: 30s, max_ejection: 30s }";
     let agent = Agent::start(&topo, &config(&topo, "", &[service("echo", "10.96.0.10:7000", &eps, policy)]));
@@ -135,7 +128,7 @@ fn a_slow_backend_gets_a_visibly_smaller_share_under_p2c_ewma() {
 
 #[test]
 fn round_robin_weights_and_least_connections_distribute_within_tolerance() {
-    let Some((topo, _servers)) = setup("round_robin_weights_and_least_connections_distribute", 3) else { return };
+    let Some((topo, _servers)) = echo_hosts("round_robin_weights_and_least_connections_distribute", 3) else { return };
     let plain: Vec<String> = (0..3).map(|i| ep(i, 7000)).collect();
     let weighted: Vec<String> = (0..3)
         .map(|i| format!("{{ address: \"{}:7000\", weight: {} }}", host_v4(i), if i == 0 { 3 } else { 1 }))
@@ -168,7 +161,7 @@ fn round_robin_weights_and_least_connections_distribute_within_tolerance() {
 
 #[test]
 fn ring_hash_keeps_each_client_on_its_endpoint_and_moves_only_the_lost_ones() {
-    let Some((topo, mut servers)) = setup("ring_hash_keeps_each_client_on_its_endpoint", 4) else { return };
+    let Some((topo, mut servers)) = echo_hosts("ring_hash_keeps_each_client_on_its_endpoint", 4) else { return };
     let eps: Vec<String> = (0..4).map(|i| ep(i, 7000)).collect();
     let agent =
         Agent::start(&topo, &config(&topo, "", &[service("sticky", "10.96.0.10:7000", &eps, "balance: ring-hash")]));
@@ -256,7 +249,7 @@ fn with_every_endpoint_down_the_client_is_reset_quickly() {
 
 #[test]
 fn reload_drains_removed_endpoints_and_a_bad_reload_keeps_the_last_good_config() {
-    let Some((topo, _servers)) = setup("reload_drains_removed_endpoints", 2) else { return };
+    let Some((topo, _servers)) = echo_hosts("reload_drains_removed_endpoints", 2) else { return };
     let [a, b] = [ep(0, 7000), ep(1, 7000)];
     let write = |eps_short: &[String], eps_long: &[String]| {
         let services = [

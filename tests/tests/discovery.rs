@@ -10,20 +10,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use switchyard_tests::{Agent, Proc, Topology, eventually, host_v4, require_root, require_tools, shares};
+use switchyard_tests::{Agent, Proc, Topology, echo_hosts, eventually, host_v4, require_tools, shares};
 
 // `/status` is read with curl, so the catalog test needs it.
 
 const ENETUNREACH: &str = "101";
-
-fn echo_hosts(test: &str, n: usize) -> Option<(Topology, Vec<Proc>)> {
-    if !require_root(test) {
-        return None;
-    }
-    let topo = Topology::with_hosts(n);
-    let servers = (0..n).map(|i| topo.echo_server(i, 7000, 0)).collect();
-    Some((topo, servers))
-}
 
 fn svc(name: &str, addr: &str, endpoint: &str) -> String {
     format!("  - {{ name: {name}, addresses: [\"{addr}\"], endpoints: [\"{endpoint}\"] }}\n")

@@ -7,16 +7,12 @@
 use std::{path::Path, process::Command, thread, time::Duration};
 
 use serde_json::Value;
-use switchyard_tests::{Agent, Proc, Topology, eventually, host_v4, probe_bin, require_root, require_tools};
+use switchyard_tests::{Agent, Proc, Topology, eventually, host_v4, probe_bin, require_tools};
 
 fn setup(test: &str) -> Option<(Topology, Vec<Proc>)> {
-    if !require_root(test) {
-        return None;
-    }
+    let setup = switchyard_tests::echo_hosts(test, 2)?;
     require_tools(&["curl", "python3"]);
-    let topo = Topology::with_hosts(2);
-    let servers = (0..2).map(|i| topo.echo_server(i, 7000, 0)).collect();
-    Some((topo, servers))
+    Some(setup)
 }
 
 fn config(topo: &Topology) -> String {

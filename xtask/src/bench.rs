@@ -388,7 +388,7 @@ fn raise_fd_limit() -> u64 {
         }
         lim.rlim_cur = lim.rlim_max;
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        lim.rlim_cur as u64
+        lim.rlim_cur
     }
 }
 
@@ -396,8 +396,8 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool) -> anyhow::Resul
     let fd_limit = raise_fd_limit();
     let (secs, rounds, redis_n, idle) = if quick { (2, 1, 20_000, 1_000) } else { (5, 2, 100_000, 10_000) };
     // Two descriptors per proxied connection, plus headroom for listeners and logs.
-    let idle = idle.min(fd_limit.saturating_sub(1_000) / 2);
-    let setup = setup(bin, probe, envoy, idle + 500)?;
+    let idle = idle.min(fd_limit.saturating_sub(2_000) / 2);
+    let setup = setup(bin, probe, envoy, idle + 100)?;
     let tcp_paths = [Via::Direct, Via::Switchyard, Via::HaproxyTcp, Via::EnvoyTcp];
     let http_paths = [Via::Direct, Via::Switchyard, Via::HaproxyTcp, Via::EnvoyTcp, Via::HaproxyHttp, Via::EnvoyHttp];
     let cases: [(&str, &str, &[Via]); 5] = [
