@@ -13,12 +13,12 @@
 //! * [`proxy`]: listeners, the accept loop, per-connection byte copying; `proxy::upstream`
 //!   connects to an endpoint with retries on others.
 //! * [`health`]: active health checks (TCP connect or HTTP GET).
-//! * [`discovery`]: sources beyond the config file: the watched catalog file and DNS
-//!   names, each sending updates that `app` merges, validates and applies.
+//! * [`discovery`]: sources beyond the config file: the watched catalog file, DNS names
+//!   and the Kubernetes API, each sending updates that `app` merges, validates and applies.
 //! * [`stats`]: the live connection table, Prometheus metrics, cgroup paths.
 //! * [`resolve`]: a service's resolution tree (routes down to endpoint health).
-//! * [`admin`]: the localhost admin HTTP API (`/resolve`, `/ready`, `/live`) and the
-//!   CLI's client for it.
+//! * [`admin`]: the localhost admin HTTP API (connections, services, metrics, config,
+//!   status, resolve, log level, the dashboard) and the CLI's client for it.
 //! * [`cli`]: `switchyard conns`, `services`, `top`: tables over the admin API.
 //! * [`app`]: the composition root: wires the above together and owns start-up order and
 //!   shutdown.
@@ -28,7 +28,8 @@
 //! records the original destination; `proxy` accepts, asks `redirect` for the original
 //! destination by the client's address, `state` names the service, `balance` picks an
 //! endpoint, and `proxy` connects with the agent's SO_MARK (which the kernel programs
-//! never redirect) and copies bytes. See docs/design.md.
+//! never redirect) and copies bytes, counting them into `stats` as they move. See
+//! docs/design.md, docs/balancing.md and docs/discovery.md.
 
 pub mod admin;
 pub mod app;
