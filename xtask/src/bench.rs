@@ -255,11 +255,13 @@ fn setup(bin: &Path, probe: &Path, envoy: &Path, maxconn: u64) -> anyhow::Result
     let topo = Topology::with_hosts(1);
     let dir = topo.dir.path().to_owned();
     let h = host_v4(0);
+    // One nginx process (no master): the process we start is the one serving, pinned to
+    // CPU 1, and killing it leaves no orphaned worker behind.
     let nginx = write(
         &dir,
         "nginx.conf",
         &format!(
-            "user root; worker_processes 1; worker_rlimit_nofile 65536; daemon off; pid {d}/nginx.pid; error_log {d}/nginx.err;\n\
+            "user root; master_process off; worker_rlimit_nofile 65536; daemon off; pid {d}/nginx.pid; error_log {d}/nginx.err;\n\
              events {{ worker_connections 32768; }}\n\
              http {{ access_log off; keepalive_requests 10000000; client_body_temp_path {d}; proxy_temp_path {d};\n\
                fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
