@@ -123,7 +123,7 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     let mark = main.agent.mark;
     let drain = Duration::from_secs(main.agent.drain_timeout_secs);
     let status = Arc::new(admin::Status::default());
-    let stats = Stats::new(redirect::cgroup2_root().ok());
+    let stats = Stats::new(redirect::cgroup2_root().ok(), main.agent.stats);
     let kernel = redirect.counters();
     let mut running = Running {
         main,

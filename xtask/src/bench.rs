@@ -25,6 +25,8 @@ use switchyard_tests::{Agent, Proc, Topology, host_v4};
 enum Via {
     Direct,
     Switchyard,
+    /// The same agent, restarted with `agent.stats: false`: what bookkeeping costs.
+    SwitchyardNoStats,
     HaproxyTcp,
     EnvoyTcp,
     HaproxyHttp,
@@ -36,6 +38,7 @@ impl Via {
         match self {
             Via::Direct => "direct",
             Via::Switchyard => "switchyard (redirect, tcp)",
+            Via::SwitchyardNoStats => "switchyard, stats off",
             Via::HaproxyTcp => "haproxy tcp",
             Via::EnvoyTcp => "envoy tcp_proxy",
             Via::HaproxyHttp => "haproxy http",
@@ -52,7 +55,9 @@ const REDIS: u16 = 6379;
 struct Setup {
     topo: Topology,
     _backends: Vec<Proc>,
-    agent: Agent,
+    agent: Option<Agent>,
+    agent_bin: PathBuf,
+    agent_config: String,
     haproxy: Proc,
     envoy: Proc,
     probe: PathBuf,
@@ -69,7 +74,7 @@ impl Setup {
         };
         match path {
             Via::Direct => (format!("{}:{backend_port}", host_v4(0)), false),
-            Via::Switchyard => (format!("10.96.0.{}:{backend_port}", 80 + index), true),
+            Via::Switchyard | Via::SwitchyardNoStats => (format!("10.96.0.{}:{backend_port}", 80 + index), true),
             Via::HaproxyTcp => (format!("127.0.0.1:{}", 9001 + index), false),
             Via::EnvoyTcp => (format!("127.0.0.1:{}", 9101 + index), false),
             Via::HaproxyHttp => ("127.0.0.1:9011".into(), false),
@@ -80,10 +85,25 @@ impl Setup {
     fn proxy_pid(&self, path: Via) -> Option<u32> {
         match path {
             Via::Direct => None,
-            Via::Switchyard => Some(self.agent.pid() as u32),
+            Via::Switchyard | Via::SwitchyardNoStats => self.agent.as_ref().map(|a| a.pid() as u32),
             Via::HaproxyTcp | Via::HaproxyHttp => Some(self.haproxy.0.id()),
             Via::EnvoyTcp | Via::EnvoyHttp => Some(self.envoy.0.id()),
         }
+    }
+
+    /// (Re)start the agent pinned to CPU 0 with one worker, bookkeeping on or off.
+    fn start_agent(&mut self, stats: bool) -> anyhow::Result<()> {
+        // Stop the running one first: both would want the same listener port.
+        if let Some(old) = self.agent.take() {
+            old.stop();
+        }
+        let config = self.agent_config.replace("  stats: true", &format!("  stats: {stats}"));
+        let env = [("SWITCHYARD_WORKERS", "1"), ("SWITCHYARD_LOG", "warn,switchyard::app=info")];
+        let agent = Agent::start_with(&self.agent_bin, &self.topo, &config, &env);
+        let pinned = Command::new("taskset").args(["-a", "-p", "-c", "0", &agent.pid().to_string()]).output()?;
+        ensure!(pinned.status.success(), "pin the agent to CPU 0");
+        self.agent = Some(agent);
+        Ok(())
     }
 
     /// Run a load generator on CPU 1 in the node namespace (in the cgroup if asked).
@@ -308,15 +328,8 @@ fn setup(bin: &Path, probe: &Path, envoy: &Path, maxconn: u64) -> anyhow::Result
             format!("  - {{ name: b{i}, addresses: [\"10.96.0.{}:{p}\"], endpoints: [\"{h}:{p}\"] }}\n", 80 + i)
         })
         .collect();
-    let config = format!("agent:\n  cgroup: {}\nservices:\n{services}", topo.cgroup.path.display());
-    let agent = Agent::start_with(
-        bin,
-        &topo,
-        &config,
-        &[("SWITCHYARD_WORKERS", "1"), ("SWITCHYARD_LOG", "warn,switchyard::app=info")],
-    );
-    let pinned = Command::new("taskset").args(["-a", "-p", "-c", "0", &agent.pid().to_string()]).output()?;
-    ensure!(pinned.status.success(), "pin the agent to CPU 0");
+    let agent_config =
+        format!("agent:\n  cgroup: {}\n  stats: true\nservices:\n{services}", topo.cgroup.path.display());
 
     let haproxy_cfg = write(
         &dir,
@@ -375,7 +388,18 @@ fn setup(bin: &Path, probe: &Path, envoy: &Path, maxconn: u64) -> anyhow::Result
     for port in [9001, 9002, 9003, 9011, 9101, 9102, 9103, 9111] {
         wait_up(&topo, &format!("127.0.0.1:{port}"))?;
     }
-    Ok(Setup { topo, _backends: backends, agent, haproxy, envoy, probe: probe.to_owned() })
+    let mut setup = Setup {
+        topo,
+        _backends: backends,
+        agent: None,
+        agent_bin: bin.to_owned(),
+        agent_config,
+        haproxy,
+        envoy,
+        probe: probe.to_owned(),
+    };
+    setup.start_agent(true)?;
+    Ok(setup)
 }
 
 /// Idle proxied connections cost a proxy two descriptors each: lift this process's soft
@@ -399,7 +423,7 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool) -> anyhow::Resul
     let (secs, rounds, redis_n, idle) = if quick { (2, 1, 20_000, 1_000) } else { (5, 2, 100_000, 10_000) };
     // Two descriptors per proxied connection, plus headroom for listeners and logs.
     let idle = idle.min(fd_limit.saturating_sub(2_000) / 2);
-    let setup = setup(bin, probe, envoy, idle + 100)?;
+    let mut setup = setup(bin, probe, envoy, idle + 100)?;
     let tcp_paths = [Via::Direct, Via::Switchyard, Via::HaproxyTcp, Via::EnvoyTcp];
     let http_paths = [Via::Direct, Via::Switchyard, Via::HaproxyTcp, Via::EnvoyTcp, Via::HaproxyHttp, Via::EnvoyHttp];
     let cases: [(&str, &str, &[Via]); 5] = [
@@ -419,6 +443,16 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool) -> anyhow::Resul
             }
         }
     }
+    // What the per-connection bookkeeping costs: the same agent with it off.
+    setup.start_agent(false)?;
+    for round in 0..rounds {
+        for (ci, (case, _, _)) in cases.iter().enumerate().take(3) {
+            eprintln!("bench: round {}/{rounds}: {case} via {}", round + 1, Via::SwitchyardNoStats.name());
+            let s = measure(&setup, case, Via::SwitchyardNoStats, secs, redis_n)?;
+            samples.entry((ci, Via::SwitchyardNoStats)).or_default().push(s);
+        }
+    }
+    setup.start_agent(true)?;
     let mut memory = Vec::new();
     for path in [Via::Switchyard, Via::HaproxyTcp, Via::EnvoyTcp] {
         eprintln!("bench: {idle} idle connections via {}", path.name());
@@ -436,7 +470,8 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool) -> anyhow::Resul
     for (ci, (case, unit, paths)) in cases.iter().enumerate() {
         let direct = mean(&samples[&(ci, Via::Direct)], |s| Some(s.value)).unwrap_or(f64::NAN);
         let haproxy = mean(&samples[&(ci, Via::HaproxyTcp)], |s| Some(s.value)).unwrap_or(f64::NAN);
-        for &path in paths.iter() {
+        let measured: Vec<Via> = samples.keys().filter(|(c, _)| *c == ci).map(|(_, v)| *v).collect();
+        for &path in paths.iter().chain(measured.iter().filter(|v| !paths.contains(v))) {
             let v = &samples[&(ci, path)];
             let m = mean(v, |s| Some(s.value)).unwrap_or(f64::NAN);
             let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), s| (lo.min(s.value), hi.max(s.value)));

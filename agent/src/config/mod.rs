@@ -101,6 +101,9 @@ pub struct AgentConfig {
     pub kubernetes: Option<KubernetesConfig>,
     /// Where the admin API listens (keep it on loopback); `null` turns it off.
     pub admin: Option<SocketAddr>,
+    /// Per-connection bookkeeping (the /conns table, live byte counts, per-connection
+    /// metrics and close lines). On by default; `false` exists to measure its cost.
+    pub stats: bool,
 }
 
 /// Default admin API address (linkerd2-proxy's admin port).
@@ -146,6 +149,7 @@ impl Default for AgentConfig {
             dns: DnsConfig::default(),
             kubernetes: None,
             admin: Some(DEFAULT_ADMIN),
+            stats: true,
         }
     }
 }

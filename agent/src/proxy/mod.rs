@@ -211,27 +211,35 @@ impl Proxy {
             attempts: up.attempts,
             connect_us: up.connect_latency.as_micros() as u64,
         });
-        let labels = Metrics::endpoint(&up.service.name, up.endpoint.addr);
-        metrics.connections.get_or_create(&labels).inc();
-        let open = metrics.open.get_or_create(&labels).clone();
-        open.inc();
-        let bytes = |direction| {
-            let l = BytesLabels { service: labels.service.clone(), endpoint: labels.endpoint.clone(), direction };
-            metrics.bytes.get_or_create(&l).clone()
-        };
-        let (out_metric, in_metric) = (bytes(Direction::Out), bytes(Direction::In));
         let mut upstream = up.stream;
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
         let drain = up.endpoint.state.drain_token();
-        let c = conn.conn();
-        // Reads are counted as they happen: client reads are bytes out, upstream reads
-        // bytes in. copy_bidirectional forwards a half-close: EOF from one side becomes a
-        // write shutdown towards the other, and copying goes on in the open direction.
-        let mut from_client = Counted::new(&mut client, &c.bytes_out, out_metric);
-        let mut from_upstream = Counted::new(&mut upstream, &c.bytes_in, in_metric);
+        // copy_bidirectional forwards a half-close: EOF from one side becomes a write
+        // shutdown towards the other, and copying goes on in the open direction.
+        let copy = async {
+            if !self.stats.enabled {
+                return copy_bidirectional(&mut client, &mut upstream).await;
+            }
+            let labels = Metrics::endpoint(&up.service.name, up.endpoint.addr);
+            metrics.connections.get_or_create(&labels).inc();
+            let open = metrics.open.get_or_create(&labels).clone();
+            open.inc();
+            let bytes = |direction| {
+                let l = BytesLabels { service: labels.service.clone(), endpoint: labels.endpoint.clone(), direction };
+                metrics.bytes.get_or_create(&l).clone()
+            };
+            // Reads are counted as they happen: client reads are bytes out, upstream
+            // reads bytes in.
+            let c = conn.conn();
+            let mut from_client = Counted::new(&mut client, &c.bytes_out, bytes(Direction::Out));
+            let mut from_upstream = Counted::new(&mut upstream, &c.bytes_in, bytes(Direction::In));
+            let copied = copy_bidirectional(&mut from_client, &mut from_upstream).await;
+            open.dec();
+            copied
+        };
         tokio::select! {
-            r = copy_bidirectional(&mut from_client, &mut from_upstream) => match r {
+            r = copy => match r {
                 Ok((to_upstream, to_client)) => debug!(bytes.out = to_upstream, bytes.in = to_client, "closed"),
                 Err(e) => {
                     debug!(error = %e, "connection ended with an error");
@@ -243,7 +251,6 @@ impl Proxy {
                 conn.outcome("drained");
             }
         }
-        open.dec();
         drop(up.guard);
     }
 }

@@ -115,12 +115,14 @@ impl Conn {
 pub struct ConnTable {
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
     cgroups: CgroupPaths,
+    /// Off: handles are not registered and log nothing at close.
+    enabled: bool,
 }
 
 impl ConnTable {
     /// `cgroup_root`: where cgroup ids are looked up as paths (None: ids only).
-    pub fn new(cgroup_root: Option<std::path::PathBuf>) -> Self {
-        Self { conns: Mutex::new(HashMap::new()), cgroups: CgroupPaths::new(cgroup_root) }
+    pub fn new(cgroup_root: Option<std::path::PathBuf>, enabled: bool) -> Self {
+        Self { conns: Mutex::new(HashMap::new()), cgroups: CgroupPaths::new(cgroup_root), enabled }
     }
 
     /// Register a just-accepted connection.
@@ -138,7 +140,9 @@ impl ConnTable {
             bytes_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
         });
-        self.conns.lock().unwrap().insert(id, Arc::clone(&conn));
+        if self.enabled {
+            self.conns.lock().unwrap().insert(id, Arc::clone(&conn));
+        }
         ConnHandle { conn, table: Arc::clone(self) }
     }
 
@@ -200,6 +204,9 @@ impl ConnHandle {
 
 impl Drop for ConnHandle {
     fn drop(&mut self) {
+        if !self.table.enabled {
+            return;
+        }
         self.table.conns.lock().unwrap().remove(&self.conn.id);
         let c = &self.conn;
         let client = c.client.get();
@@ -284,7 +291,7 @@ mod tests {
 
     #[tokio::test]
     async fn table_tracks_open_connections_and_counts_bytes_live() {
-        let table = Arc::new(ConnTable::new(None));
+        let table = Arc::new(ConnTable::new(None, true));
         let h = table.open(7, "127.0.0.1:5000".parse().unwrap());
         h.service("web");
         assert_eq!(table.list()[0].state, ConnState::Connecting);
@@ -293,6 +300,16 @@ mod tests {
         let mut buf = [0u8; 5];
         counted.read_exact(&mut buf).await.unwrap();
         assert_eq!((table.list()[0].bytes_out, metric.get()), (5, 5), "counted before the stream ends");
+        drop(h);
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn a_disabled_table_registers_nothing() {
+        let table = Arc::new(ConnTable::new(None, false));
+        let h = table.open(1, "127.0.0.1:5000".parse().unwrap());
+        h.service("web");
+        assert!(table.list().is_empty());
         drop(h);
         assert!(table.is_empty());
     }

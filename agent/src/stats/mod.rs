@@ -14,11 +14,14 @@ pub use metrics::Metrics;
 pub struct Stats {
     pub conns: Arc<ConnTable>,
     pub metrics: Metrics,
+    /// Per-connection bookkeeping on (`agent.stats`): the table, live byte counts, the
+    /// per-connection metrics and close lines. Off only to measure what it costs.
+    pub enabled: bool,
 }
 
 impl Stats {
     /// `cgroup_root`: the cgroup2 mount, where client cgroup ids are found as paths.
-    pub fn new(cgroup_root: Option<std::path::PathBuf>) -> Arc<Self> {
-        Arc::new(Self { conns: Arc::new(ConnTable::new(cgroup_root)), metrics: Metrics::default() })
+    pub fn new(cgroup_root: Option<std::path::PathBuf>, enabled: bool) -> Arc<Self> {
+        Arc::new(Self { conns: Arc::new(ConnTable::new(cgroup_root, enabled)), metrics: Metrics::default(), enabled })
     }
 }
