@@ -1,6 +1,7 @@
 //! The outbound proxy: accept redirected connections, find where the client meant to go,
 //! open the upstream side (`upstream`: pick, connect with the mark, retry elsewhere) and
-//! copy bytes both ways until close, or until the endpoint's drain deadline.
+//! copy bytes both ways (`copy`: no buffer held while idle) until close, or until the
+//! endpoint's drain deadline.
 //!
 //! One tokio task and one tracing span per connection. Per-connection errors end in that
 //! task with a debug log; only accept errors back off (mini-redis `server.rs`).
@@ -18,24 +19,25 @@ use std::{
 
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::{
-    io::copy_bidirectional,
     net::{TcpListener, TcpStream},
     sync::watch,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, debug, debug_span, field, warn};
 
+use self::copy::Count;
 use crate::{
     balance::hash,
     redirect::OrigDstTable,
     state::Snapshot,
     stats::{
-        Counted, Metrics, Stats,
+        Metrics, Stats,
         conns::{Client, Route},
         metrics::{BytesLabels, Direction, UnservedLabels},
     },
 };
 
+mod copy;
 pub mod upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -150,7 +152,7 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr, id: u64) {
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, id: u64) {
         let span = tracing::Span::current();
         let conn = self.stats.conns.open(id, peer);
         let metrics = &self.stats.metrics;
@@ -211,15 +213,13 @@ impl Proxy {
             attempts: up.attempts,
             connect_us: up.connect_latency.as_micros() as u64,
         });
-        let mut upstream = up.stream;
+        let upstream = up.stream;
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
         let drain = up.endpoint.state.drain_token();
-        // copy_bidirectional forwards a half-close: EOF from one side becomes a write
-        // shutdown towards the other, and copying goes on in the open direction.
         let copy = async {
             if !self.stats.enabled {
-                return copy_bidirectional(&mut client, &mut upstream).await;
+                return copy::bidirectional(&client, &upstream, None, None).await;
             }
             let labels = Metrics::endpoint(&up.service.name, up.endpoint.addr);
             metrics.connections.get_or_create(&labels).inc();
@@ -232,9 +232,9 @@ impl Proxy {
             // Reads are counted as they happen: client reads are bytes out, upstream
             // reads bytes in.
             let c = conn.conn();
-            let mut from_client = Counted::new(&mut client, &c.bytes_out, bytes(Direction::Out));
-            let mut from_upstream = Counted::new(&mut upstream, &c.bytes_in, bytes(Direction::In));
-            let copied = copy_bidirectional(&mut from_client, &mut from_upstream).await;
+            let out = Count { live: &c.bytes_out, metric: bytes(Direction::Out) };
+            let inbound = Count { live: &c.bytes_in, metric: bytes(Direction::In) };
+            let copied = copy::bidirectional(&client, &upstream, Some(out), Some(inbound)).await;
             open.dec();
             copied
         };

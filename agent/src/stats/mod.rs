@@ -8,7 +8,7 @@ pub mod metrics;
 
 use std::sync::Arc;
 
-pub use conns::{ConnHandle, ConnTable, ConnView, Counted};
+pub use conns::{ConnHandle, ConnTable, ConnView};
 pub use metrics::Metrics;
 
 pub struct Stats {

@@ -1,0 +1,154 @@
+//! Bidirectional byte copy that holds no buffer while a connection is idle.
+//!
+//! `tokio::io::copy_bidirectional` gives every connection two 8 KiB buffers for its whole
+//! life: 16 KiB per idle connection, and small reads for bulk transfers. Here each
+//! direction waits for readiness with no buffer, borrows a 64 KiB buffer from a per-thread
+//! pool only while bytes are in flight, and gives it back: idle connections cost their
+//! sockets and task, bulk transfers move 64 KiB per system call.
+//!
+//! Semantics match `copy_bidirectional`: EOF in one direction shuts down the write side
+//! of the other socket (half-close) and copying goes on the other way until it ends too;
+//! an error in either direction ends both.
+
+use std::{
+    cell::RefCell,
+    io,
+    os::fd::AsRawFd as _,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use prometheus_client::metrics::counter::Counter;
+use tokio::net::TcpStream;
+
+/// Size of a pooled buffer: large enough that a bulk transfer is syscall-cheap.
+const BUF: usize = 64 * 1024;
+/// Buffers a thread keeps for reuse; more are freed. Bounds idle memory at
+/// threads x POOLED x BUF.
+const POOLED: usize = 32;
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take() -> Box<[u8]> {
+    POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; BUF].into_boxed_slice())
+}
+
+fn give(buf: Box<[u8]>) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOLED {
+            p.push(buf);
+        }
+    });
+}
+
+/// Where the bytes read from one side are counted, besides the returned total.
+pub struct Count<'a> {
+    pub live: &'a AtomicU64,
+    pub metric: Counter,
+}
+
+/// Copy both ways until both directions reach EOF, or one fails. Returns bytes copied
+/// (a -> b, b -> a).
+pub async fn bidirectional(
+    a: &TcpStream,
+    b: &TcpStream,
+    count_a: Option<Count<'_>>,
+    count_b: Option<Count<'_>>,
+) -> io::Result<(u64, u64)> {
+    tokio::try_join!(one_way(a, b, count_a), one_way(b, a, count_b))
+}
+
+async fn one_way(from: &TcpStream, to: &TcpStream, count: Option<Count<'_>>) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        from.readable().await?;
+        let mut buf = take();
+        let n = match from.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                give(buf);
+                continue;
+            }
+            Err(e) => {
+                give(buf);
+                return Err(e);
+            }
+        };
+        if n == 0 {
+            give(buf);
+            // Half-close: the peer sees EOF; the other direction keeps going.
+            let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+            return Ok(total);
+        }
+        if let Some(c) = &count {
+            c.live.fetch_add(n as u64, Ordering::Relaxed);
+            c.metric.inc_by(n as u64);
+        }
+        let written = write_all(to, &buf[..n]).await;
+        give(buf);
+        written?;
+        total += n as u64;
+    }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::TcpListener,
+    };
+
+    use super::*;
+
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (c, l.accept().await.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn copies_both_ways_counts_and_forwards_half_close() {
+        // client <-> (a | proxy | b) <-> server
+        let (mut client, a) = pair().await;
+        let (b, mut server) = pair().await;
+        let (out, inbound) = (AtomicU64::new(0), AtomicU64::new(0));
+        let metric = Counter::default();
+        let proxy = async {
+            let count_a = Some(Count { live: &out, metric: metric.clone() });
+            let count_b = Some(Count { live: &inbound, metric: Counter::default() });
+            bidirectional(&a, &b, count_a, count_b).await
+        };
+        let peers = async {
+            let payload = vec![7u8; 300 * 1024];
+            client.write_all(&payload).await.unwrap();
+            client.shutdown().await.unwrap(); // half-close towards the server
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap(); // EOF arrives through the proxy
+            assert_eq!(got, payload);
+            server.write_all(b"reply after half-close").await.unwrap();
+            server.shutdown().await.unwrap();
+            let mut reply = Vec::new();
+            client.read_to_end(&mut reply).await.unwrap();
+            assert_eq!(reply, b"reply after half-close");
+        };
+        let (copied, ()) = tokio::join!(proxy, peers);
+        assert_eq!(copied.unwrap(), (300 * 1024, 22));
+        assert_eq!((out.load(Ordering::Relaxed), metric.get()), (300 * 1024, 300 * 1024));
+        assert_eq!(inbound.load(Ordering::Relaxed), 22);
+    }
+}
