@@ -89,11 +89,15 @@ services:
     for line in log.lines().filter_map(|l| l.find("ejecting endpoint").map(|at| &l[at..])) {
         println!("   {line}");
     }
-    for line in log.lines().filter(|l| l.contains("outbound{") && (l.contains(" closed") || l.contains(" ended"))) {
-        let fields: Vec<&str> = line
+    // The agent's one close line per connection (target switchyard::conn).
+    for event in log.lines().filter_map(|l| l.split_once("switchyard::conn: connection closed").map(|(_, e)| e)) {
+        let fields: Vec<&str> = event
             .split_whitespace()
-            .filter(|w| ["orig.dst=", "service=", "endpoint=", "bytes.", "error="].iter().any(|p| w.starts_with(p)))
-            .map(|w| w.trim_end_matches("}:"))
+            .filter(|w| {
+                ["outcome=", "client.comm=", "orig.dst=", "service=", "endpoint=", "bytes."]
+                    .iter()
+                    .any(|p| w.starts_with(p))
+            })
             .collect();
         println!("   {}", fields.join(" "));
     }
