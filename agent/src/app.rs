@@ -40,25 +40,6 @@ use crate::{
     stats::Stats,
 };
 
-/// `switchyard resolve`: ask the running agent how `target` resolves; text or JSON.
-pub async fn resolve(target: &str, admin_addr: SocketAddr, json: bool) -> anyhow::Result<String> {
-    let path = format!(
-        "/resolve?target={}",
-        percent_encoding::utf8_percent_encode(target, percent_encoding::NON_ALPHANUMERIC)
-    );
-    let (status, body) = admin::get(admin_addr, &path).await?;
-    let value: serde_json::Value = serde_json::from_str(&body)
-        .with_context(|| format!("the admin API answered {status} with non-JSON: {body}"))?;
-    if status != 200 {
-        anyhow::bail!("{}", value["error"].as_str().unwrap_or(&body));
-    }
-    if json {
-        return Ok(serde_json::to_string_pretty(&value)?);
-    }
-    let tree: crate::resolve::Node = serde_json::from_value(value).context("read the resolution tree")?;
-    Ok(crate::resolve::render(&tree).trim_end().to_owned())
-}
-
 /// `switchyard check`: parse and validate, and say what the config holds.
 pub fn check(path: &Path) -> anyhow::Result<String> {
     let config = Config::load(path)?;

@@ -1,5 +1,5 @@
 //! The operator commands that read the running agent's admin API: `switchyard conns`,
-//! `services` and `top`, as aligned tables (or `--json` for scripts).
+//! `services`, `top` and `resolve`, as aligned tables or trees (or `--json` for scripts).
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
@@ -17,6 +17,22 @@ async fn get_json(admin_addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
         bail!("{}", value["error"].as_str().unwrap_or(&body));
     }
     Ok(value)
+}
+
+/// A query-string value, percent-encoded.
+fn encode(value: &str) -> percent_encoding::PercentEncode<'_> {
+    percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC)
+}
+
+/// `switchyard resolve`: how `target` (a service name or address) resolves, down to
+/// endpoint health.
+pub async fn resolve(admin_addr: SocketAddr, target: &str, json: bool) -> anyhow::Result<String> {
+    let value = get_json(admin_addr, &format!("/resolve?target={}", encode(target))).await?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&value)?);
+    }
+    let tree: crate::resolve::Node = serde_json::from_value(value).context("read the resolution tree")?;
+    Ok(crate::resolve::render(&tree).trim_end().to_owned())
 }
 
 /// Left-aligned columns, two spaces apart.
@@ -74,14 +90,8 @@ const CONN_HEADER: [&str; 9] = ["ID", "CLIENT", "DIALLED", "SERVICE", "ENDPOINT"
 
 /// `switchyard conns`.
 pub async fn conns(admin_addr: SocketAddr, filters: &[(&str, Option<String>)], json: bool) -> anyhow::Result<String> {
-    let query: Vec<String> = filters
-        .iter()
-        .filter_map(|(k, v)| {
-            v.as_ref().map(|v| {
-                format!("{k}={}", percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC))
-            })
-        })
-        .collect();
+    let query: Vec<String> =
+        filters.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v)))).collect();
     let conns = get_json(admin_addr, &format!("/conns?{}", query.join("&"))).await?;
     if json {
         return Ok(serde_json::to_string_pretty(&conns)?);

@@ -130,7 +130,7 @@ fn main() -> ExitCode {
                 .and_then(|rt| rt.block_on(switchyard::app::run(&config, log)))
         }
         Command::Resolve { target, admin, json } => {
-            client(switchyard::app::resolve(&target, admin, json)).map(|out| println!("{out}"))
+            client(switchyard::cli::resolve(admin, &target, json)).map(|out| println!("{out}"))
         }
         Command::Conns { service, endpoint, client: who, admin, json } => {
             let filters = [("service", service), ("endpoint", endpoint), ("client", who)];

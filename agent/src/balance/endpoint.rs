@@ -154,10 +154,6 @@ impl EndpointState {
         self.health.lock().unwrap().on_check(ok, rise, fall)
     }
 
-    pub fn is_ejected(&self, now: Instant) -> bool {
-        self.health.lock().unwrap().is_ejected(now)
-    }
-
     pub fn checked_healthy(&self) -> bool {
         self.health.lock().unwrap().checked_healthy()
     }

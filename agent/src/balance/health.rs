@@ -84,8 +84,7 @@ impl Health {
     pub fn on_failure(&mut self, now: Instant, cfg: &FailureAccrualConfig, jitter: f64) -> Change {
         self.consecutive_failures += 1;
         let failed_trial = std::mem::take(&mut self.trial_in_flight);
-        let already_out = self.ejected_until.is_some_and(|until| now < until);
-        if already_out || !(failed_trial || self.consecutive_failures >= cfg.consecutive_failures) {
+        if self.is_ejected(now) || !(failed_trial || self.consecutive_failures >= cfg.consecutive_failures) {
             return Change::None;
         }
         self.ejections += 1;
@@ -115,7 +114,7 @@ impl Health {
         }
     }
 
-    pub fn is_ejected(&self, now: Instant) -> bool {
+    fn is_ejected(&self, now: Instant) -> bool {
         self.ejected_until.is_some_and(|until| now < until)
     }
 
