@@ -82,8 +82,10 @@ fn a_black_holed_backend_costs_at_most_the_connect_timeout_and_only_until_ejecte
     let policy = "connect: { timeout: 300ms, attempts: 3, deadline: 2s }\nfailure_accrual: { consecutive_failures: 2, base_ejection: 30s, max_ejection: 30s }";
     let agent = Agent::start(&topo, &config(&topo, "", &[service("echo", "10.96.0.10:7000", &eps, policy)]));
 
+    // Connections already open on the host when it goes dark hang until the load's 3 s read
+    // timeout; the run lasts long enough after that for every client to carry on.
     let load =
-        topo.load("10.96.0.10:7000", &["--conns", "100000", "--concurrency", "2", "--duration-ms", "4000"], None);
+        topo.load("10.96.0.10:7000", &["--conns", "100000", "--concurrency", "2", "--duration-ms", "6000"], None);
     thread::sleep(Duration::from_millis(1000));
     topo.blackhole_host(2);
     let t_hole = epoch_ms();
