@@ -12,7 +12,7 @@ use std::{
 
 use crate::{
     balance::{Avail, Balancer, Endpoint, EndpointState, Tier},
-    config::{Config, MAX_ROUTE_DEPTH, ServiceConfig, Target},
+    config::{Config, DetectConfig, MAX_ROUTE_DEPTH, ServiceConfig, Target},
 };
 
 /// DNS answers by name: (address, weight) pairs; weight is the SRV weight, 1 for A/AAAA.
@@ -32,6 +32,8 @@ pub struct Snapshot {
     services: Vec<Service>,
     by_addr: HashMap<SocketAddr, usize>,
     by_name: HashMap<String, usize>,
+    /// How connections' protocols are detected (agent-wide; reloadable like the rest).
+    pub detect: DetectConfig,
 }
 
 /// An endpoint that left service (removed, or now terminating): its open connections get
@@ -49,7 +51,7 @@ impl Snapshot {
     /// resolved yet contributes no endpoint), reusing the live state of endpoints `prev`
     /// knew.
     pub fn build(config: &Config, resolved: &Resolved, prev: Option<&Snapshot>) -> Self {
-        let mut snap = Self::default();
+        let mut snap = Self { detect: config.agent.detect.clone(), ..Self::default() };
         for (id, svc) in config.services.iter().enumerate() {
             for addr in &svc.addresses {
                 snap.by_addr.insert(*addr, id);

@@ -91,6 +91,13 @@ pub fn switchyard_bin() -> PathBuf {
     bin
 }
 
+/// The Python servers and clients of the HTTP tests (tests/servers/backends.py).
+pub fn backends_py() -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("servers/backends.py"));
+    cmd
+}
+
 /// The probe client/server built from this crate. Cargo builds a package's binaries
 /// before its integration tests and puts them one level above the test executable
 /// (`target/<profile>/sy-probe` beside `target/<profile>/deps/redirect-*`).
@@ -303,6 +310,17 @@ impl Topology {
         let child = self.in_backend(cmd).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
         let proc = Proc(child.unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")));
         eventually(Duration::from_secs(10), &format!("{cmd:?} to come up"), ready);
+        proc
+    }
+
+    /// Start a server in backend host `i` and wait until `target` (its address) accepts
+    /// connections from the node.
+    pub fn host_server(&self, i: usize, cmd: &mut Command, target: &str) -> Proc {
+        let child = self.in_host(i, cmd).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
+        let proc = Proc(child.unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")));
+        eventually(Duration::from_secs(20), &format!("{cmd:?} to listen on {target}"), || {
+            self.node_can_connect(target)
+        });
         proc
     }
 
@@ -651,6 +669,15 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if thread::panicking() {
+            // The agent's side of a failed test.
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- switchyard log (last {} lines) ---", tail.len());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

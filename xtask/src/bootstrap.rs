@@ -26,6 +26,11 @@ const DEBIAN: &[(&str, &str)] = &[
     ("redis-cli", "redis-tools"),
     ("dnsmasq", "dnsmasq-base"),
     ("chromium", "chromium"),
+    // HTTP/1.1 and h2c backends of the HTTP tests; TLS certificates and a TLS server.
+    ("nginx", "nginx-light"),
+    // An HTTP/2 client that multiplexes many requests on one connection.
+    ("nghttp", "nghttp2-client"),
+    ("openssl", "openssl"),
 ];
 
 pub fn all() -> anyhow::Result<()> {
@@ -36,22 +41,33 @@ pub fn all() -> anyhow::Result<()> {
     node_packages()
 }
 
-/// The tests parse `/metrics` with the Prometheus project's own parser.
+/// Python packages the tests use: the Prometheus project's own parser for `/metrics`,
+/// gRPC (grpcio) for per-request balancing of a real gRPC client and server, and a
+/// WebSocket client and server.
+const PYPI: &[(&str, &str)] = &[
+    ("prometheus_client", "prometheus-client==0.26.0"),
+    ("grpc", "grpcio==1.85.3"),
+    ("websockets", "websockets==15.0.1"),
+];
+
 fn python_packages() -> anyhow::Result<()> {
-    let have =
-        Command::new("python3").args(["-c", "import prometheus_client"]).output().is_ok_and(|o| o.status.success());
-    if have {
+    let missing: Vec<&str> = PYPI
+        .iter()
+        .filter(|(module, _)| {
+            !Command::new("python3")
+                .args(["-c", &format!("import {module}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(_, req)| *req)
+        .collect();
+    if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask: installing the Python package prometheus-client (the tests' metrics parser)");
-    status(Command::new("python3").args([
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        "prometheus-client",
-    ]))
+    eprintln!("xtask: installing Python packages {}", missing.join(" "));
+    status(
+        Command::new("python3").args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(&missing),
+    )
 }
 
 /// playwright-core drives Debian's Chromium for the dashboard test (no browser download).

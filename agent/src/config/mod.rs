@@ -12,12 +12,14 @@ use std::{
     time::Duration,
 };
 
+pub use http::{DetectConfig, HttpConfig, Protocol, RetryConfig};
 use serde::{Deserialize, Serialize};
 pub use service::{
     BalanceKind, ConnectConfig, EndpointConfig, FailureAccrualConfig, HealthCheckConfig, HealthCheckKind,
     LocalityConfig, Origin, Route, ServiceConfig, SplitBranch, Target,
 };
 
+mod http;
 mod service;
 
 /// Default port of the agent's outbound listener (same as linkerd2-proxy and ztunnel's
@@ -101,6 +103,8 @@ pub struct AgentConfig {
     pub kubernetes: Option<KubernetesConfig>,
     /// Where the admin API listens (keep it on loopback); `null` turns it off.
     pub admin: Option<SocketAddr>,
+    /// How connections' protocols are detected.
+    pub detect: DetectConfig,
     /// Per-connection bookkeeping (the /conns table, live byte counts, per-connection
     /// metrics and close lines). On by default; `false` exists to measure its cost.
     pub stats: bool,
@@ -149,6 +153,7 @@ impl Default for AgentConfig {
             dns: DnsConfig::default(),
             kubernetes: None,
             admin: Some(DEFAULT_ADMIN),
+            detect: DetectConfig::default(),
             stats: true,
         }
     }
@@ -188,6 +193,7 @@ impl Config {
                 "must not be 0: every ordinary socket has mark 0, so nothing would be redirected".into(),
             );
         }
+        a.detect.problems(&mut problem);
         if let Some(cg) = &a.cgroup
             && !cg.is_absolute()
         {
@@ -253,6 +259,11 @@ impl Config {
                 }
             }
             svc.policy_problems(&label, &mut problem);
+            for target in &svc.http.allow_override {
+                if self.service(target).is_none() {
+                    problem(at("http.allow_override"), format!("names `{target}`, which is not a service"));
+                }
+            }
         }
         out
     }

@@ -6,6 +6,8 @@ use std::{net::SocketAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
+use super::http::{HttpConfig, Protocol};
+
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
@@ -33,6 +35,12 @@ pub struct ServiceConfig {
     /// How long connections to a removed or terminating endpoint may go on.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// What the service's connections speak (default: detect).
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Per-request policy where they speak HTTP.
+    #[serde(default)]
+    pub http: HttpConfig,
     /// Which source defined it (set by the source, never read from a file).
     #[serde(skip_deserializing)]
     pub origin: Origin,
@@ -80,6 +88,8 @@ impl ServiceConfig {
             health_check: None,
             locality: LocalityConfig::default(),
             drain_timeout: default_drain(),
+            protocol: Protocol::default(),
+            http: HttpConfig::default(),
             origin: Origin::File,
         }
     }
@@ -440,6 +450,7 @@ impl ServiceConfig {
         if !(t > 0.0 && t <= 1.0) {
             problem(format!("{at}.locality.spill_threshold"), format!("{t} is not in (0, 1]"));
         }
+        self.http.problems(&format!("{at}.http"), problem);
         for (j, ep) in self.endpoints.iter().enumerate() {
             if ep.weight == 0 {
                 problem(

@@ -49,6 +49,13 @@ pub struct Count<'a> {
     pub metric: Counter,
 }
 
+impl Count<'_> {
+    pub fn add(&self, n: usize) {
+        self.live.fetch_add(n as u64, Ordering::Relaxed);
+        self.metric.inc_by(n as u64);
+    }
+}
+
 /// Copy both ways until both directions reach EOF, or one fails. Returns bytes copied
 /// (a -> b, b -> a).
 pub async fn bidirectional(
@@ -83,8 +90,7 @@ async fn one_way(from: &TcpStream, to: &TcpStream, count: Option<Count<'_>>) -> 
             return Ok(total);
         }
         if let Some(c) = &count {
-            c.live.fetch_add(n as u64, Ordering::Relaxed);
-            c.metric.inc_by(n as u64);
+            c.add(n);
         }
         let written = write_all(to, &buf[..n]).await;
         give(buf);

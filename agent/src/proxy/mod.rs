@@ -25,19 +25,24 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, debug, debug_span, field, warn};
 
-use self::copy::Count;
+use bytes::BytesMut;
+
+use self::{
+    detect::{Detected, detect},
+    upstream::{ConnectError, Upstream},
+};
 use crate::{
     balance::hash,
+    config::Protocol,
     redirect::OrigDstTable,
-    state::Snapshot,
-    stats::{
-        Metrics, Stats,
-        conns::{Client, Route},
-        metrics::{BytesLabels, Direction, UnservedLabels},
-    },
+    state::{Service, Snapshot},
+    stats::{Stats, conns::Client, metrics::UnservedLabels},
 };
 
 mod copy;
+mod detect;
+mod http;
+mod tcp;
 pub mod upstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -109,12 +114,14 @@ pub struct Proxy {
     orig: OrigDstTable,
     mark: u32,
     stats: Arc<Stats>,
+    http: Arc<http::Http>,
     next_id: AtomicU64,
 }
 
 impl Proxy {
     pub fn new(state: watch::Receiver<Arc<Snapshot>>, orig: OrigDstTable, mark: u32, stats: Arc<Stats>) -> Arc<Self> {
-        Arc::new(Self { state, orig, mark, stats, next_id: AtomicU64::new(1) })
+        let http = http::Http::new(mark, Arc::clone(&stats), state.clone());
+        Arc::new(Self { state, orig, mark, stats, http, next_id: AtomicU64::new(1) })
     }
 
     /// Accept until `stop` fires; each connection runs as a task on `tasks`, so the
@@ -138,9 +145,10 @@ impl Proxy {
                         client.comm = field::Empty,
                         orig.dst = field::Empty,
                         service = field::Empty,
+                        protocol = field::Empty,
                         endpoint = field::Empty,
                     );
-                    tasks.spawn(Arc::clone(&self).handle(client, peer, id).instrument(span));
+                    tasks.spawn(Arc::clone(&self).handle(client, peer, id, stop.clone()).instrument(span));
                 }
                 Err(e) => {
                     // Out of fds or memory: wait and retry rather than spin or exit.
@@ -152,7 +160,7 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, id: u64) {
+    async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr, id: u64, stop: CancellationToken) {
         let span = tracing::Span::current();
         let conn = self.stats.conns.open(id, peer);
         let metrics = &self.stats.metrics;
@@ -173,8 +181,8 @@ impl Proxy {
             cgroup: None,
             original_dst: origin.dst,
         });
-        // The snapshot is held for the connection's life: a reload does not change the
-        // endpoint under an open connection.
+        // An opaque connection keeps this snapshot for its life (a reload does not change
+        // the endpoint under it); HTTP requests each read the newest one.
         let snapshot = Arc::clone(&self.state.borrow());
         let Some(service) = snapshot.service_for(origin.dst) else {
             debug!("original destination is not a known service; closing");
@@ -184,76 +192,96 @@ impl Proxy {
         };
         span.record("service", service.name.as_str());
         conn.service(&service.name);
-        // Routes are followed per connection; affinity (ring hash) follows the client
-        // workload: its cgroup.
-        let candidates = snapshot.concrete_for(service, std::time::Instant::now());
-        let up = match upstream::connect(&candidates, hash(origin.cgroup_id), self.mark, metrics).await {
-            Ok(up) => up,
-            Err(e) => {
-                debug!(error = %e, "no endpoint could be reached; resetting client");
-                conn.outcome("no_endpoint");
-                unserved("no_endpoint");
-                reset(&client);
-                return;
-            }
-        };
-        span.record("endpoint", field::display(up.endpoint.addr));
-        debug!(
-            concrete = %up.service.name,
-            attempts = up.attempts,
-            locality = up.tier.name(),
-            connect_us = up.connect_latency.as_micros() as u64,
-            "connected"
-        );
-        conn.connected(Route {
-            service: service.name.clone(),
-            concrete: up.service.name.clone(),
-            endpoint: up.endpoint.addr,
-            locality: up.tier.name(),
-            attempts: up.attempts,
-            connect_us: up.connect_latency.as_micros() as u64,
-        });
-        let upstream = up.stream;
         let _ = client.set_nodelay(true);
-        let _ = upstream.set_nodelay(true);
-        let drain = up.endpoint.state.drain_token();
-        let copy = async {
-            if !self.stats.enabled {
-                return copy::bidirectional(&client, &upstream, None, None).await;
-            }
-            let labels = Metrics::endpoint(&up.service.name, up.endpoint.addr);
-            metrics.connections.get_or_create(&labels).inc();
-            let open = metrics.open.get_or_create(&labels).clone();
-            open.inc();
-            let bytes = |direction| {
-                let l = BytesLabels { service: labels.service.clone(), endpoint: labels.endpoint.clone(), direction };
-                metrics.bytes.get_or_create(&l).clone()
-            };
-            // Reads are counted as they happen: client reads are bytes out, upstream
-            // reads bytes in.
-            let c = conn.conn();
-            let out = Count { live: &c.bytes_out, metric: bytes(Direction::Out) };
-            let inbound = Count { live: &c.bytes_in, metric: bytes(Direction::In) };
-            let copied = copy::bidirectional(&client, &upstream, Some(out), Some(inbound)).await;
-            open.dec();
-            copied
+        let mut prefix = BytesMut::new();
+        let key = hash(origin.cgroup_id);
+        let (detected, opened) = match service.config.protocol {
+            Protocol::Tcp => (Detected::Opaque, None),
+            Protocol::Http1 => (Detected::Http1, None),
+            Protocol::Http2 => (Detected::Http2, None),
+            Protocol::Auto if snapshot.detect.opaque_ports.contains(&origin.dst.port()) => (Detected::Opaque, None),
+            Protocol::Auto => self.sniff(&mut client, &mut prefix, &snapshot, service, key).await,
         };
-        tokio::select! {
-            r = copy => match r {
-                Ok((to_upstream, to_client)) => debug!(bytes.out = to_upstream, bytes.in = to_client, "closed"),
-                Err(e) => {
-                    debug!(error = %e, "connection ended with an error");
-                    conn.outcome("error");
-                }
-            },
-            _ = drain.cancelled() => {
-                debug!("endpoint left service and its drain deadline passed; closing");
-                conn.outcome("drained");
+        span.record("protocol", detected.name());
+        let version = match detected {
+            Detected::Http1 => Some(http::Version::Http1),
+            Detected::Http2 => Some(http::Version::Http2),
+            _ => None,
+        };
+        let sni = match &detected {
+            Detected::Tls { sni } => sni.clone(),
+            _ => None,
+        };
+        conn.protocol(detected.name(), sni, version.is_some());
+        if detected == Detected::Closed {
+            debug!("client closed before sending anything");
+            conn.outcome("client_closed");
+            return;
+        }
+        if let Some(version) = version {
+            // An upstream connection opened while the client was slow to speak is not
+            // needed: requests pick their own.
+            drop(opened);
+            let name = service.name.clone();
+            drop(snapshot);
+            let shared = self.stats.enabled.then(|| conn.shared());
+            let io = http::Prefixed::new(prefix, client);
+            let state = self.state.clone();
+            if let Err(e) = Arc::clone(&self.http).serve(io, version, state, name, key, shared, stop).await {
+                debug!(error = %e, "HTTP connection ended with an error");
+                conn.outcome("error");
+            }
+            return;
+        }
+        tcp::proxy(&self, client, prefix, &snapshot, service, key, &conn, opened).await;
+    }
+
+    /// Detect the client's protocol without stalling a server that speaks first: most
+    /// clients speak at once; one silent for `SPECULATE_AFTER` gets its upstream
+    /// connection opened, and whichever side sends first decides. Returns the protocol
+    /// and the connection (or why none could be opened), if one was.
+    async fn sniff<'a>(
+        &self,
+        client: &mut TcpStream,
+        prefix: &mut BytesMut,
+        snapshot: &'a Snapshot,
+        service: &'a Service,
+        key: u64,
+    ) -> (Detected, Option<Result<Upstream<'a>, ConnectError>>) {
+        let deadline = tokio::time::Instant::now() + snapshot.detect.timeout;
+        if let Ok(d) = tokio::time::timeout(SPECULATE_AFTER, detect(client, prefix, deadline)).await {
+            return (d, None);
+        }
+        let candidates = snapshot.concrete_for(service, std::time::Instant::now());
+        let connect = upstream::connect(&candidates, key, self.mark, &self.stats.metrics);
+        tokio::pin!(connect);
+        let up = tokio::select! {
+            // The client spoke while the connect was in flight: it is abandoned.
+            d = detect(client, prefix, deadline) => return (d, None),
+            up = &mut connect => up,
+        };
+        let up = match up {
+            Ok(up) => up,
+            Err(e) => return (Detected::Opaque, Some(Err(e))),
+        };
+        let server_first = tokio::select! {
+            d = detect(client, prefix, deadline) => Some(d),
+            _ = up.stream.readable() => None,
+        };
+        match server_first {
+            Some(d) => (d, Some(Ok(up))),
+            None => {
+                debug!("server spoke first: opaque");
+                (Detected::Opaque, Some(Ok(up)))
             }
         }
-        drop(up.guard);
     }
 }
+
+/// How long a silent client may take to speak before the upstream connection is opened
+/// to see whether the server speaks first. Clients that speak first (HTTP, TLS, redis)
+/// write as soon as their connect returns.
+const SPECULATE_AFTER: Duration = Duration::from_millis(10);
 
 /// Close with RST so the client sees the failure at once instead of a clean EOF.
 fn reset(client: &TcpStream) {

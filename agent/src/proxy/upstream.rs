@@ -15,7 +15,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::{
-    balance::{ActiveGuard, Change, Endpoint, Tier},
+    balance::{ActiveGuard, Change, Endpoint, Pick, Tier},
     state::Service,
     stats::{
         Metrics,
@@ -90,14 +90,7 @@ async fn connect_one<'a>(
         if now >= deadline {
             break;
         }
-        let Some(pick) = service.balancer.pick(key, &tried, now) else { break };
-        if pick.panic_changed {
-            if pick.panic {
-                warn!(service = %service.name, "most endpoints are unhealthy: ignoring health (panic mode)");
-            } else {
-                info!(service = %service.name, "enough endpoints healthy again: leaving panic mode");
-            }
-        }
+        let Some(pick) = pick(service, key, &tried, now) else { break };
         let ep = pick.endpoint;
         tried.push(ep.addr);
         let guard = ep.state.begin();
@@ -140,7 +133,21 @@ async fn connect_one<'a>(
 }
 
 /// Why a connect failed, as a bounded metric label.
-fn failure_reason(e: &io::Error) -> &'static str {
+/// Pick an endpoint of `service` other than `tried`, logging entry to and exit from
+/// panic mode.
+pub(crate) fn pick<'a>(service: &'a Service, key: u64, tried: &[SocketAddr], now: Instant) -> Option<Pick<'a>> {
+    let pick = service.balancer.pick(key, tried, now)?;
+    if pick.panic_changed {
+        if pick.panic {
+            warn!(service = %service.name, "most endpoints are unhealthy: ignoring health (panic mode)");
+        } else {
+            info!(service = %service.name, "enough endpoints healthy again: leaving panic mode");
+        }
+    }
+    Some(pick)
+}
+
+pub(crate) fn failure_reason(e: &io::Error) -> &'static str {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => "refused",
         io::ErrorKind::TimedOut => "timeout",
@@ -149,7 +156,7 @@ fn failure_reason(e: &io::Error) -> &'static str {
     }
 }
 
-fn report(service: &Service, ep: &Endpoint, change: Change, metrics: &Metrics) {
+pub(crate) fn report(service: &Service, ep: &Endpoint, change: Change, metrics: &Metrics) {
     match change {
         Change::None => {}
         Change::Ejected(backoff) => {

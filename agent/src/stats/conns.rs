@@ -64,6 +64,12 @@ pub struct Conn {
     service: OnceLock<String>,
     route: OnceLock<Route>,
     outcome: OnceLock<&'static str>,
+    /// What detection found: `http/1`, `h2`, `tls`, `tcp`.
+    protocol: OnceLock<&'static str>,
+    /// TLS: the server name in the ClientHello.
+    sni: OnceLock<String>,
+    /// HTTP: requests so far (each balanced on its own).
+    pub requests: AtomicU64,
     pub bytes_out: AtomicU64,
     pub bytes_in: AtomicU64,
 }
@@ -77,6 +83,9 @@ pub struct ConnView {
     pub client: Option<Client>,
     pub service: Option<String>,
     pub route: Option<Route>,
+    pub protocol: Option<&'static str>,
+    pub sni: Option<String>,
+    pub requests: u64,
     pub started_unix_ms: u128,
     pub age_ms: u64,
     pub bytes_out: u64,
@@ -97,6 +106,9 @@ impl Conn {
             client: self.client.get().cloned(),
             service: self.service.get().cloned(),
             route: self.route.get().cloned(),
+            protocol: self.protocol.get().copied(),
+            sni: self.sni.get().cloned(),
+            requests: self.requests.load(Ordering::Relaxed),
             started_unix_ms: self.started.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0),
             age_ms: self.started_at.elapsed().as_millis() as u64,
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
@@ -132,6 +144,9 @@ impl ConnTable {
             service: OnceLock::new(),
             route: OnceLock::new(),
             outcome: OnceLock::new(),
+            protocol: OnceLock::new(),
+            sni: OnceLock::new(),
+            requests: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
         });
@@ -176,6 +191,23 @@ impl ConnHandle {
         &self.conn
     }
 
+    /// The entry itself, for HTTP bodies that count bytes after the handler returned.
+    pub fn shared(&self) -> Arc<Conn> {
+        Arc::clone(&self.conn)
+    }
+
+    /// What detection found; HTTP connections are open from here on (their endpoint is
+    /// chosen per request, so they have no route).
+    pub fn protocol(&self, protocol: &'static str, sni: Option<String>, http: bool) {
+        let _ = self.conn.protocol.set(protocol);
+        if let Some(sni) = sni {
+            let _ = self.conn.sni.set(sni);
+        }
+        if http {
+            self.conn.state.store(ConnState::Open as u8, Ordering::Relaxed);
+        }
+    }
+
     pub fn client(&self, client: Client) {
         let _ = self.conn.client.set(client);
     }
@@ -217,6 +249,9 @@ impl Drop for ConnHandle {
             client.cgroup = cgroup.as_deref(),
             orig.dst = client.map(|x| x.original_dst.to_string()),
             service = c.service.get().map(String::as_str),
+            protocol = c.protocol.get().copied(),
+            tls.sni = c.sni.get().map(String::as_str),
+            http.requests = c.requests.load(Ordering::Relaxed),
             endpoint = route.map(|r| r.endpoint.to_string()),
             attempts = route.map(|r| r.attempts),
             connect_us = route.map(|r| r.connect_us),

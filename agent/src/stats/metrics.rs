@@ -49,6 +49,21 @@ pub struct ServiceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub service: String,
+    /// The endpoint that answered; empty when the agent answered itself.
+    pub endpoint: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub service: String,
+    /// status (a retryable response), timeout, connect, error (connection broke)
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UnservedLabels {
     /// not_redirected, unknown_service, no_endpoint
     pub reason: String,
@@ -74,6 +89,10 @@ pub struct Metrics {
     pub connect_latency: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub unserved: Family<UnservedLabels, Counter>,
     pub kernel: Family<DecisionLabels, Gauge>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub retries: Family<RetryLabels, Counter>,
+    pub budget_exhausted: Family<ServiceLabels, Counter>,
+    pub request_latency: Family<ServiceLabels, Histogram, fn() -> Histogram>,
 }
 
 impl Default for Metrics {
@@ -88,6 +107,10 @@ impl Default for Metrics {
             connect_latency: Family::new_with_constructor(latency_histogram),
             unserved: Family::default(),
             kernel: Family::default(),
+            requests: Family::default(),
+            retries: Family::default(),
+            budget_exhausted: Family::default(),
+            request_latency: Family::new_with_constructor(latency_histogram),
         };
         let r = &mut m.registry;
         r.register("connections", "Connections proxied, by service and endpoint", m.connections.clone());
@@ -97,6 +120,18 @@ impl Default for Metrics {
         r.register("ejections", "Endpoints ejected by failure accrual", m.ejections.clone());
         r.register("connect_latency_seconds", "Upstream connect latency", m.connect_latency.clone());
         r.register("unserved_connections", "Redirected connections closed without an endpoint", m.unserved.clone());
+        r.register("http_requests", "HTTP requests answered, by service, endpoint and status", m.requests.clone());
+        r.register("http_retries", "HTTP request attempts retried on another endpoint, by reason", m.retries.clone());
+        r.register(
+            "http_retry_budget_exhausted",
+            "HTTP retries not made because the retry budget was spent",
+            m.budget_exhausted.clone(),
+        );
+        r.register(
+            "http_response_latency_seconds",
+            "Time from an HTTP request to its response headers, retries included",
+            m.request_latency.clone(),
+        );
         r.register(
             "kernel_decisions",
             "Decisions of the kernel programs since the agent started (cumulative)",

@@ -1,0 +1,255 @@
+//! Bodies on their way through: requests keep a copy of their frames (up to a limit) so
+//! a failed attempt can be replayed on another endpoint; responses count their bytes
+//! and hold the endpoint's in-flight guard until they end, so a long stream counts as
+//! load on the endpoint serving it. Frames, trailers included, pass through unchanged.
+
+use std::{
+    collections::VecDeque,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::http::HeaderMap;
+use prometheus_client::metrics::counter::Counter;
+
+use crate::{balance::ActiveGuard, stats::conns::Conn};
+
+/// Where a body's bytes are counted: the connection's live total and a metric.
+pub struct Meter {
+    pub conn: Arc<Conn>,
+    /// true: client -> upstream (`bytes_out`).
+    pub outbound: bool,
+    pub metric: Counter,
+}
+
+impl Meter {
+    fn add(&self, n: usize) {
+        let live = if self.outbound { &self.conn.bytes_out } else { &self.conn.bytes_in };
+        live.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        self.metric.inc_by(n as u64);
+    }
+}
+
+/// What a request body left behind for a replay.
+#[derive(Debug, Default)]
+struct Kept {
+    frames: Vec<Bytes>,
+    trailers: Option<HeaderMap>,
+    len: usize,
+    ended: bool,
+    overflow: bool,
+}
+
+/// The copy of one request body, shared by its attempts.
+#[derive(Clone, Debug)]
+pub struct Replay {
+    kept: Arc<Mutex<Kept>>,
+    max: usize,
+}
+
+impl Replay {
+    pub fn new(max: usize) -> Self {
+        Self { kept: Arc::default(), max }
+    }
+
+    /// Whether [`Replay::replay`] would give a body.
+    pub fn can_replay(&self) -> bool {
+        let kept = self.kept.lock().unwrap();
+        kept.ended && !kept.overflow
+    }
+
+    /// A body that sends the same bytes again, if the whole body was seen and fitted.
+    pub fn replay(&self) -> Option<ReqBody> {
+        let kept = self.kept.lock().unwrap();
+        (kept.ended && !kept.overflow)
+            .then(|| ReqBody::Replay { frames: kept.frames.iter().cloned().collect(), trailers: kept.trailers.clone() })
+    }
+}
+
+pub enum ReqBody {
+    /// The client's body, streamed on while `replay` keeps a copy.
+    First { inner: Incoming, replay: Replay, meter: Option<Meter> },
+    /// A kept copy.
+    Replay { frames: VecDeque<Bytes>, trailers: Option<HeaderMap> },
+}
+
+impl ReqBody {
+    pub fn first(inner: Incoming, replay: Replay, meter: Option<Meter>) -> Self {
+        if inner.is_end_stream() {
+            // Nothing will ever be polled: the (empty) body is complete already.
+            replay.kept.lock().unwrap().ended = true;
+        }
+        ReqBody::First { inner, replay, meter }
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::First { inner, replay, meter } => {
+                let frame = ready!(Pin::new(&mut *inner).poll_frame(cx));
+                let mut kept = replay.kept.lock().unwrap();
+                match &frame {
+                    Some(Ok(f)) => {
+                        if let Some(data) = f.data_ref() {
+                            if let Some(m) = meter {
+                                m.add(data.len());
+                            }
+                            kept.len += data.len();
+                            if kept.len > replay.max {
+                                kept.overflow = true;
+                                kept.frames = Vec::new();
+                            } else if !kept.overflow {
+                                kept.frames.push(data.clone());
+                            }
+                        } else if let Some(t) = f.trailers_ref() {
+                            kept.trailers = Some(t.clone());
+                            kept.ended = true;
+                        }
+                    }
+                    None => kept.ended = true,
+                    // A broken client body can not be replayed.
+                    Some(Err(_)) => kept.overflow = true,
+                }
+                // hyper stops polling once the body says it has ended (HTTP/2 sends
+                // END_STREAM with the last frame), so the end is noted here too.
+                if inner.is_end_stream() {
+                    kept.ended = true;
+                }
+                Poll::Ready(frame)
+            }
+            ReqBody::Replay { frames, trailers } => Poll::Ready(match frames.pop_front() {
+                Some(data) => Some(Ok(Frame::data(data))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            }),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::First { inner, .. } => inner.is_end_stream(),
+            ReqBody::Replay { frames, trailers } => frames.is_empty() && trailers.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::First { inner, .. } => inner.size_hint(),
+            ReqBody::Replay { frames, .. } => SizeHint::with_exact(frames.iter().map(|f| f.len() as u64).sum()),
+        }
+    }
+}
+
+pub enum RespBody {
+    Upstream {
+        /// A frame read ahead (a gRPC response's first frame, looked at for its status).
+        first: Option<Frame<Bytes>>,
+        inner: Incoming,
+        meter: Option<Meter>,
+        _guard: Option<ActiveGuard>,
+    },
+    /// A response the agent makes itself (502, 504, ...).
+    Local(Option<Bytes>),
+}
+
+impl RespBody {
+    pub fn upstream(inner: Incoming, meter: Option<Meter>, guard: Option<ActiveGuard>) -> Self {
+        RespBody::Upstream { first: None, inner, meter, _guard: guard }
+    }
+
+    /// Read the first frame ahead, waiting at most `wait`; it is still sent first.
+    /// Returns the trailers if the body is nothing but trailers (how gRPC servers answer
+    /// with an error status after the headers).
+    pub async fn peek_trailers(&mut self, wait: std::time::Duration) -> Option<&HeaderMap> {
+        let RespBody::Upstream { first, inner, .. } = self else { return None };
+        if first.is_none() && !inner.is_end_stream() {
+            use http_body_util::BodyExt as _;
+            if let Ok(Some(Ok(frame))) = tokio::time::timeout(wait, inner.frame()).await {
+                *first = Some(frame);
+            }
+        }
+        first.as_ref().and_then(|f| f.trailers_ref())
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RespBody::Upstream { first, inner, meter, _guard } => {
+                let frame = match first.take() {
+                    Some(f) => Some(Ok(f)),
+                    None => ready!(Pin::new(inner).poll_frame(cx)),
+                };
+                match &frame {
+                    Some(Ok(f)) => {
+                        if let (Some(m), Some(d)) = (meter, f.data_ref()) {
+                            m.add(d.len());
+                        }
+                    }
+                    // Ended: the endpoint is no longer busy with this request.
+                    _ => *_guard = None,
+                }
+                Poll::Ready(frame)
+            }
+            RespBody::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Upstream { first, inner, .. } => first.is_none() && inner.is_end_stream(),
+            RespBody::Local(data) => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Upstream { first: None, inner, .. } => inner.size_hint(),
+            RespBody::Upstream { .. } => SizeHint::default(),
+            RespBody::Local(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn replay_sends_the_same_frames_and_trailers() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let kept = Replay::new(100);
+        *kept.kept.lock().unwrap() = Kept {
+            frames: vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")],
+            trailers: Some(trailers.clone()),
+            len: 4,
+            ended: true,
+            overflow: false,
+        };
+        let body = kept.replay().expect("replayable");
+        assert_eq!(body.size_hint().exact(), Some(4));
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers(), Some(&trailers));
+        assert_eq!(&collected.to_bytes()[..], b"abcd");
+    }
+
+    #[test]
+    fn an_unfinished_or_oversized_body_is_not_replayed() {
+        let r = Replay::new(3);
+        assert!(r.replay().is_none(), "not ended yet");
+        *r.kept.lock().unwrap() = Kept { ended: true, overflow: true, ..Kept::default() };
+        assert!(r.replay().is_none(), "too big to keep");
+    }
+}
