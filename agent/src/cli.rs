@@ -78,7 +78,13 @@ fn conn_row(c: &Value) -> Vec<String> {
         who,
         s(&client["original_dst"]),
         s(&c["service"]),
-        s(&c["route"]["endpoint"]),
+        s(&c["protocol"]),
+        // HTTP connections have no endpoint of their own: each request picks one.
+        if c["route"].is_null() && c["requests"].as_u64().is_some_and(|n| n > 0) {
+            format!("per request ({})", c["requests"])
+        } else {
+            s(&c["route"]["endpoint"])
+        },
         s(&c["state"]),
         age(c["age_ms"].as_u64().unwrap_or(0)),
         human(c["bytes_out"].as_u64().unwrap_or(0)),
@@ -86,7 +92,8 @@ fn conn_row(c: &Value) -> Vec<String> {
     ]
 }
 
-const CONN_HEADER: [&str; 9] = ["ID", "CLIENT", "DIALLED", "SERVICE", "ENDPOINT", "STATE", "AGE", "OUT", "IN"];
+const CONN_HEADER: [&str; 10] =
+    ["ID", "CLIENT", "DIALLED", "SERVICE", "PROTO", "ENDPOINT", "STATE", "AGE", "OUT", "IN"];
 
 /// `switchyard conns`.
 pub async fn conns(admin_addr: SocketAddr, filters: &[(&str, Option<String>)], json: bool) -> anyhow::Result<String> {

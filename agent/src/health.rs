@@ -8,7 +8,10 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{Request, header};
+use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -66,49 +69,20 @@ impl Probe {
     }
 
     async fn once(&self) -> Result<(), String> {
-        let mut conn = connect_marked(self.addr, self.mark, self.check.timeout).await.map_err(|e| e.to_string())?;
+        let conn = connect_marked(self.addr, self.mark, self.check.timeout).await.map_err(|e| e.to_string())?;
         let Some((path, status)) = self.check.http() else { return Ok(()) };
-        // Only the status line is read. A hand-written request is enough for a probe;
-        // the HTTP-aware proxy brings hyper, which this can then use.
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: switchyard-health\r\nConnection: close\r\n\r\n",
-            self.addr
-        );
-        conn.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
-        let mut head = Vec::with_capacity(128);
-        let mut buf = [0u8; 128];
-        while !head.windows(2).any(|w| w == b"\r\n") && head.len() < 1024 {
-            let n = conn.read(&mut buf).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        match status_code(&head) {
-            Some(got) if got == status => Ok(()),
-            Some(got) => Err(format!("{path} answered {got}, expected {status}")),
-            None => Err(format!("{path} did not answer with an HTTP status line")),
-        }
-    }
-}
-
-/// The status code of an HTTP/1.x status line (`HTTP/1.1 200 OK`).
-fn status_code(head: &[u8]) -> Option<u16> {
-    let line = std::str::from_utf8(head).ok()?.lines().next()?;
-    let mut parts = line.split(' ');
-    parts.next().filter(|v| v.starts_with("HTTP/1."))?;
-    parts.next()?.parse().ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::status_code;
-
-    #[test]
-    fn reads_the_status_line() {
-        assert_eq!(status_code(b"HTTP/1.1 200 OK\r\nServer: x\r\n"), Some(200));
-        assert_eq!(status_code(b"HTTP/1.0 503 Service Unavailable\r\n"), Some(503));
-        assert_eq!(status_code(b"SSH-2.0-OpenSSH\r\n"), None);
-        assert_eq!(status_code(b""), None);
+        let (mut sender, driver) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
+            .await
+            .map_err(|e| format!("HTTP handshake: {e}"))?;
+        tokio::spawn(driver);
+        let request = Request::get(path)
+            .header(header::HOST, self.addr.to_string())
+            .header(header::USER_AGENT, "switchyard-health")
+            .header(header::CONNECTION, "close")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| format!("{path} is not a request path: {e}"))?;
+        // Only the status counts; the body is dropped with the connection.
+        let got = sender.send_request(request).await.map_err(|e| format!("GET {path}: {e}"))?.status();
+        if got.as_u16() == status { Ok(()) } else { Err(format!("{path} answered {got}, expected {status}")) }
     }
 }

@@ -10,8 +10,10 @@
 //!   by service address; carries live endpoint state across reloads.
 //! * [`balance`]: endpoint choice: health and ejection, locality tiers, the balancing
 //!   policies. Pure, clocked by the caller.
-//! * [`proxy`]: listeners, the accept loop, per-connection byte copying; `proxy::upstream`
-//!   connects to an endpoint with retries on others.
+//! * [`proxy`]: listeners, the accept loop, protocol detection, opaque TCP (per-connection
+//!   byte copying) and HTTP (hyper, per-request balancing over pooled upstream
+//!   connections, retries under a budget); `proxy::upstream` connects to an endpoint with
+//!   retries on others.
 //! * [`health`]: active health checks (TCP connect or HTTP GET).
 //! * [`discovery`]: sources beyond the config file: the watched catalog file, DNS names
 //!   and the Kubernetes API, each sending updates that `app` merges, validates and applies.

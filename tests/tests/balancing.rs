@@ -9,9 +9,12 @@ use switchyard_tests::{
 };
 
 /// A service block for the config: `endpoints` are YAML flow items.
+/// A service for the probe's echo protocol, marked opaque TCP: the server speaks first,
+/// and these tests measure connection balancing, not detection (which adds a ~10 ms
+/// race to every connection of an unmarked server-speaks-first port; see docs/http.md).
 fn service(name: &str, addr: &str, endpoints: &[String], extra: &str) -> String {
     format!(
-        "  - name: {name}\n    addresses: [\"{addr}\"]\n    endpoints: [{}]\n{}",
+        "  - name: {name}\n    addresses: [\"{addr}\"]\n    endpoints: [{}]\n    protocol: tcp\n{}",
         endpoints.join(", "),
         extra.lines().map(|l| format!("    {l}\n")).collect::<String>()
     )

@@ -16,13 +16,15 @@ use switchyard_tests::{Agent, Proc, Topology, backends_py, host_v4, require_root
 
 /// nginx on backend host `i`: HTTP/1.1 on :8080 and h2c (prior knowledge) on :8081.
 /// `/who` names the host, `/flaky` answers `flaky_status`, `/down` always 503,
-/// `/files/` serves `files`. Its access log counts the requests that reached it.
+/// `/files/` serves the topology's `files/` directory. Its access log counts the
+/// requests that reached it.
 struct Nginx {
     _proc: Proc,
     access_log: PathBuf,
 }
 
-fn nginx(topo: &Topology, i: usize, flaky_status: u16, files: &Path) -> Nginx {
+fn nginx(topo: &Topology, i: usize, flaky_status: u16) -> Nginx {
+    let files = files_dir(topo);
     let dir = topo.dir.path().join(format!("nginx-{i}"));
     std::fs::create_dir_all(&dir).expect("nginx dir");
     let d = dir.display();
@@ -59,6 +61,13 @@ http {{
     cmd.arg("-c").arg(&path).args(["-g", "daemon off;"]);
     let proc = topo.host_server(i, &mut cmd, &format!("{ip}:8080"));
     Nginx { _proc: proc, access_log: dir.join("access.log") }
+}
+
+/// Where the test puts files for nginx to serve.
+fn files_dir(topo: &Topology) -> PathBuf {
+    let files = topo.dir.path().join("files");
+    std::fs::create_dir_all(&files).expect("files dir");
+    files
 }
 
 impl Nginx {
@@ -109,21 +118,22 @@ fn requests_on_one_http1_or_h2_connection_are_balanced_one_by_one() {
     }
     require_tools(&["nginx", "curl", "nghttp"]);
     let topo = Topology::with_hosts(3);
-    let files = topo.dir.path().join("files");
-    std::fs::create_dir_all(&files).unwrap();
-    let _nginx: Vec<Nginx> = (0..3).map(|i| nginx(&topo, i, 200, &files)).collect();
+    let _nginx: Vec<Nginx> = (0..3).map(|i| nginx(&topo, i, 200)).collect();
     let ep = |port: u16| (0..3).map(|i| format!("\"{}:{port}\"", host_v4(i))).collect::<Vec<_>>().join(", ");
     let agent = Agent::start(
         &topo,
         &format!(
             r#"agent: {{ cgroup: {cg} }}
 services:
-  - {{ name: web, addresses: ["10.96.0.30:80"], endpoints: [{h1}], balance: round-robin }}
+  - {{ name: web, addresses: ["10.96.0.30:80"], endpoints: [{h1}], balance: round-robin, http: {{ allow_override: [web-canary] }} }}
   - {{ name: web-h2, addresses: ["10.96.0.31:80"], endpoints: [{h2}], balance: round-robin }}
+  - {{ name: web-canary, endpoints: ["{canary}:8080"] }}
+  - {{ name: web-other, addresses: ["10.96.0.33:80"], endpoints: ["{canary}:8080"] }}
 "#,
             cg = topo.cgroup.path.display(),
             h1 = ep(8080),
-            h2 = ep(8081)
+            h2 = ep(8081),
+            canary = host_v4(2)
         ),
     );
 
@@ -141,6 +151,17 @@ services:
     let out = topo.client(Command::new("nghttp").args(&h2));
     assert!(out.status.success(), "nghttp: {}", String::from_utf8_lossy(&out.stderr));
     assert_spread("HTTP/2", &stdout(&out));
+    // l5d-dtab sends a request to an allowed service instead...
+    let mut args = vec!["-H".to_owned(), "l5d-dtab: /svc/web => /svc/web-canary".to_owned()];
+    args.extend(urls("http://10.96.0.30/who", 9));
+    let out = stdout(&curl(&topo, &args.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert_eq!(tally(&out).get("host-2"), Some(&9), "all 9 overridden requests go to web-canary:\n{out}");
+    // ...and is ignored for a service web does not allow.
+    let mut args = vec!["-H".to_owned(), "l5d-dtab: /svc/web => /svc/web-other".to_owned()];
+    args.extend(urls("http://10.96.0.30/who", 9));
+    let out = stdout(&curl(&topo, &args.iter().map(String::as_str).collect::<Vec<_>>()));
+    assert_eq!(tally(&out).len(), 3, "a disallowed override is ignored (round-robin over web):\n{out}");
+
     // The agent saw two connections carrying 60 requests each.
     let log = agent.stop();
     let closes: Vec<&str> =
@@ -204,10 +225,8 @@ fn retryable_503s_are_hidden_within_the_budget_and_the_budget_stops_a_storm() {
     }
     require_tools(&["nginx", "curl"]);
     let topo = Topology::with_hosts(3);
-    let files = topo.dir.path().join("files");
-    std::fs::create_dir_all(&files).unwrap();
     // Host 2 answers /flaky with 503; every host answers /down with 503.
-    let nginx: Vec<Nginx> = (0..3).map(|i| nginx(&topo, i, if i == 2 { 503 } else { 200 }, &files)).collect();
+    let nginx: Vec<Nginx> = (0..3).map(|i| nginx(&topo, i, if i == 2 { 503 } else { 200 })).collect();
     let eps = (0..3).map(|i| format!("\"{}:8080\"", host_v4(i))).collect::<Vec<_>>().join(", ");
     // A budget of 50% + 1/s over 10 s and no ejection, so the budget alone bounds the
     // retries. (Round-robin sends every other /flaky request to host 2 first: 30
@@ -272,13 +291,11 @@ fn a_hung_endpoint_times_out_on_time_and_the_next_request_goes_elsewhere() {
     }
     require_tools(&["nginx", "curl"]);
     let topo = Topology::with_hosts(2);
-    let files = topo.dir.path().join("files");
-    std::fs::create_dir_all(&files).unwrap();
     let hung_addr = format!("{}:8080", host_v4(0));
     let mut cmd = backends_py();
     cmd.args(["hang", "--listen", &hung_addr]);
     let _hung = topo.host_server(0, &mut cmd, &hung_addr);
-    let _ok = nginx(&topo, 1, 200, &files);
+    let _ok = nginx(&topo, 1, 200);
     // POST is not idempotent: a timed-out POST is not retried, the client gets the 504.
     let agent = Agent::start(
         &topo,
@@ -364,10 +381,8 @@ fn websockets_and_large_streams_arrive_intact() {
     }
     require_tools(&["nginx", "curl", "sha256sum"]);
     let topo = Topology::with_hosts(2);
-    let files = topo.dir.path().join("files");
-    std::fs::create_dir_all(&files).unwrap();
-    let big = write_blob(&files.join("big.bin"), 64 << 20);
-    let _nginx = nginx(&topo, 0, 200, &files);
+    let big = write_blob(&files_dir(&topo).join("big.bin"), 64 << 20);
+    let _nginx = nginx(&topo, 0, 200);
     let ws_addr = format!("{}:9000", host_v4(1));
     let mut cmd = backends_py();
     cmd.args(["ws-echo", "--listen", &ws_addr]);

@@ -25,6 +25,9 @@ use switchyard_tests::{Agent, Proc, Topology, host_v4};
 enum Via {
     Direct,
     Switchyard,
+    /// The same agent, to a service left to protocol detection: HTTP/1.1 served by
+    /// hyper, balanced per request over pooled upstream connections.
+    SwitchyardHttp,
     /// The same agent, restarted with `agent.stats: false`: what bookkeeping costs.
     SwitchyardNoStats,
     HaproxyTcp,
@@ -38,6 +41,7 @@ impl Via {
         match self {
             Via::Direct => "direct",
             Via::Switchyard => "switchyard (redirect, tcp)",
+            Via::SwitchyardHttp => "switchyard (redirect, http)",
             Via::SwitchyardNoStats => "switchyard, stats off",
             Via::HaproxyTcp => "haproxy tcp",
             Via::EnvoyTcp => "envoy tcp_proxy",
@@ -75,6 +79,7 @@ impl Setup {
         match path {
             Via::Direct => (format!("{}:{backend_port}", host_v4(0)), false),
             Via::Switchyard | Via::SwitchyardNoStats => (format!("10.96.0.{}:{backend_port}", 80 + index), true),
+            Via::SwitchyardHttp => (format!("10.96.0.83:{backend_port}"), true),
             Via::HaproxyTcp => (format!("127.0.0.1:{}", 9001 + index), false),
             Via::EnvoyTcp => (format!("127.0.0.1:{}", 9101 + index), false),
             Via::HaproxyHttp => ("127.0.0.1:9011".into(), false),
@@ -85,7 +90,9 @@ impl Setup {
     fn proxy_pid(&self, path: Via) -> Option<u32> {
         match path {
             Via::Direct => None,
-            Via::Switchyard | Via::SwitchyardNoStats => self.agent.as_ref().map(|a| a.pid() as u32),
+            Via::Switchyard | Via::SwitchyardHttp | Via::SwitchyardNoStats => {
+                self.agent.as_ref().map(|a| a.pid() as u32)
+            }
             Via::HaproxyTcp | Via::HaproxyHttp => Some(self.haproxy.0.id()),
             Via::EnvoyTcp | Via::EnvoyHttp => Some(self.envoy.0.id()),
         }
@@ -321,13 +328,19 @@ fn setup(bin: &Path, probe: &Path, envoy: &Path, maxconn: u64) -> anyhow::Result
         wait_up(&topo, &format!("{h}:{port}"))?;
     }
 
-    let services: String = [HTTP, IPERF, REDIS]
+    // b0 is forced to opaque TCP (the like of HAProxy's tcp mode); b3 is the same
+    // backend left to detection (HTTP mode); iperf3 and redis are detected as opaque.
+    let mut services: String = [(HTTP, "tcp"), (IPERF, "auto"), (REDIS, "auto"), (HTTP, "auto")]
         .iter()
         .enumerate()
-        .map(|(i, p)| {
-            format!("  - {{ name: b{i}, addresses: [\"10.96.0.{}:{p}\"], endpoints: [\"{h}:{p}\"] }}\n", 80 + i)
+        .map(|(i, (p, protocol))| {
+            format!(
+                "  - {{ name: b{i}, addresses: [\"10.96.0.{}:{p}\"], endpoints: [\"{h}:{p}\"], protocol: {protocol} }}\n",
+                80 + i
+            )
         })
         .collect();
+    services.push('\n');
     let agent_config =
         format!("agent:\n  cgroup: {}\n  stats: true\nservices:\n{services}", topo.cgroup.path.display());
 
@@ -425,7 +438,15 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool) -> anyhow::Resul
     let idle = idle.min(fd_limit.saturating_sub(2_000) / 2);
     let mut setup = setup(bin, probe, envoy, idle + 100)?;
     let tcp_paths = [Via::Direct, Via::Switchyard, Via::HaproxyTcp, Via::EnvoyTcp];
-    let http_paths = [Via::Direct, Via::Switchyard, Via::HaproxyTcp, Via::EnvoyTcp, Via::HaproxyHttp, Via::EnvoyHttp];
+    let http_paths = [
+        Via::Direct,
+        Via::Switchyard,
+        Via::HaproxyTcp,
+        Via::EnvoyTcp,
+        Via::SwitchyardHttp,
+        Via::HaproxyHttp,
+        Via::EnvoyHttp,
+    ];
     let cases: [(&str, &str, &[Via]); 5] = [
         ("http keep-alive", "req/s", &http_paths),
         ("http new connection", "req/s", &http_paths),

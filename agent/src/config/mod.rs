@@ -217,14 +217,16 @@ impl Config {
             } else if let Some(first) = names.insert(&svc.name, label.clone()) {
                 problem(at("name"), format!("`{}` is already the name of {first}", svc.name));
             }
-            let routed_to = self
-                .services
-                .iter()
-                .any(|o| o.route.as_ref().is_some_and(|r| r.targets().contains(&svc.name.as_str())));
+            let routed_to = self.services.iter().any(|o| {
+                o.route.as_ref().is_some_and(|r| r.targets().contains(&svc.name.as_str()))
+                    || o.http.allow_override.contains(&svc.name)
+            });
             if svc.addresses.is_empty() && !routed_to {
                 problem(
                     at("addresses"),
-                    "must list at least one service address (ip:port), unless another service routes to it".into(),
+                    "must list at least one service address (ip:port), unless another service routes to it \
+                     (or allows it as an override)"
+                        .into(),
                 );
             }
             for (j, addr) in svc.addresses.iter().enumerate() {
@@ -458,6 +460,45 @@ services:
                 "services[2].addresses",
             ]
         );
+    }
+
+    #[test]
+    fn protocol_and_http_policy_problems_name_their_fields() {
+        let fields = problems(
+            r#"
+agent: { detect: { timeout: 0s, opaque_ports: [0] } }
+services:
+  - name: web
+    addresses: ["10.96.0.1:80"]
+    endpoints: ["10.0.0.1:80"]
+    protocol: http2
+    http:
+      request_timeout: 0s
+      retry: { attempts: 0, on_status: [700], on_grpc: [17], budget_ratio: -1, budget_window: 0s }
+      allow_override: [nowhere, canary]
+  - { name: canary, endpoints: ["10.0.0.2:80"] }
+"#,
+        );
+        assert_eq!(
+            fields,
+            [
+                "agent.detect.timeout",
+                "agent.detect.opaque_ports",
+                "services[0].http.request_timeout",
+                "services[0].http.retry.attempts",
+                "services[0].http.retry.on_status",
+                "services[0].http.retry.on_grpc",
+                "services[0].http.retry.budget_ratio",
+                "services[0].http.retry.budget_window",
+                "services[0].http.allow_override",
+            ]
+        );
+        let err = parse(
+            "services: [{ name: a, addresses: [\"10.96.0.1:80\"], endpoints: [\"10.0.0.1:80\"], protocol: h3 }]\n",
+        );
+        let ConfigError::Parse { source, .. } = err.unwrap_err() else { panic!("a parse error") };
+        let text = source.to_string();
+        assert!(text.contains("unknown variant `h3`, expected one of `auto`, `tcp`, `http1`, `http2`"), "{text}");
     }
 
     #[test]

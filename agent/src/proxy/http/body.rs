@@ -245,6 +245,41 @@ mod tests {
         assert_eq!(&collected.to_bytes()[..], b"abcd");
     }
 
+    /// A real HTTP/2 exchange over an in-memory pipe: the server sends headers, then a
+    /// gRPC error status as trailers in a frame of their own (as grpc servers do).
+    #[tokio::test]
+    async fn peek_finds_a_grpc_status_sent_as_trailers_after_the_headers() {
+        use http_body_util::{BodyExt as _, StreamBody};
+        use hyper::{Request, Response, service::service_fn};
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let svc = service_fn(|_req| async {
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", "14".parse().unwrap());
+                let frames =
+                    futures::stream::iter([Ok::<_, std::convert::Infallible>(Frame::<Bytes>::trailers(trailers))]);
+                Ok::<_, std::convert::Infallible>(Response::new(StreamBody::new(frames)))
+            });
+            let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(server_io), svc)
+                .await;
+        });
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client_io)).await.unwrap();
+        tokio::spawn(conn);
+        let req = Request::builder().uri("http://grpc/test.Echo/Who").body(http_body_util::Empty::<Bytes>::new());
+        let resp = sender.send_request(req.unwrap()).await.unwrap();
+        assert!(resp.headers().get("grpc-status").is_none(), "not a trailers-only response");
+        let mut body = RespBody::upstream(resp.into_body(), None, None);
+        let trailers = body.peek_trailers(std::time::Duration::from_secs(5)).await.expect("trailers seen");
+        assert_eq!(trailers["grpc-status"], "14");
+        // The peeked frame is still delivered to the client.
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "14");
+    }
+
     #[test]
     fn an_unfinished_or_oversized_body_is_not_replayed() {
         let r = Replay::new(3);
