@@ -182,13 +182,12 @@ impl Downstream {
         }
         let upgrade = self.version == Version::Http1 && is_upgrade(&req);
         strip_hop_by_hop(req.headers_mut(), upgrade);
-        let resp = if upgrade {
+        let (resp, endpoint) = if upgrade {
             self.upgrade(req, &snapshot, service).await
         } else {
             let target = self.route_override(&req, &snapshot, service);
             self.forward(req, &snapshot, service, target, grpc).await
         };
-        let (resp, endpoint) = resp;
         let metrics = &self.http.stats.metrics;
         metrics
             .requests
@@ -338,10 +337,6 @@ impl Downstream {
                     let (rparts, rbody) = resp.into_parts();
                     let meter = self.meter(svc, ep.addr, Direction::In);
                     let mut resp = Response::from_parts(rparts, RespBody::upstream(rbody, meter, Some(guard)));
-                    metrics
-                        .request_latency
-                        .get_or_create(&ServiceLabels { service: dialled.name.clone() })
-                        .observe(start.elapsed().as_secs_f64());
                     let mut retry_it = retryable(resp.status(), resp.headers(), retry);
                     let may_retry = attempt < retry.attempts && replay.can_replay();
                     if grpc && !retry_it && may_retry {
@@ -360,6 +355,10 @@ impl Downstream {
                         retried("status");
                         continue;
                     }
+                    metrics
+                        .request_latency
+                        .get_or_create(&ServiceLabels { service: dialled.name.clone() })
+                        .observe(start.elapsed().as_secs_f64());
                     return (resp, Some(ep.addr));
                 }
             }
