@@ -25,13 +25,13 @@ fn config(topo: &Topology) -> String {
 }
 
 /// A client that keeps its connection open for a few seconds, moving bytes all along.
-fn slow_client(topo: &Topology) -> Proc {
+fn slow_client(topo: &Topology, chunks: u64) -> Proc {
     topo.spawn_client(Command::new(probe_bin()).args([
         "client",
         "--connect",
         "10.96.0.10:7000",
         "--bytes",
-        &(40 * 65536).to_string(),
+        &(chunks * 65536).to_string(),
         "--chunk-delay-ms",
         "100",
     ]))
@@ -41,7 +41,7 @@ fn slow_client(topo: &Topology) -> Proc {
 fn live_connections_show_who_where_and_growing_bytes_and_close_as_json_lines() {
     let Some((topo, _servers)) = setup("live_connections_show_who_where_and_growing_bytes") else { return };
     let agent = Agent::start_env(&topo, &config(&topo), &[("SWITCHYARD_LOG_FORMAT", "json")]);
-    let mut client = slow_client(&topo);
+    let mut client = slow_client(&topo, 40);
     let pid = client.0.id();
 
     let conn_of = |body: &str| -> Option<Value> {
@@ -182,7 +182,9 @@ fn the_dashboard_renders_services_and_live_connections_in_headless_chromium() {
         "playwright-core is not installed in tests/dashboard: `cargo xtask bootstrap` installs it"
     );
     let agent = Agent::start(&topo, &config(&topo));
-    let _client = slow_client(&topo);
+    // Open for 15 s: the page must still list it after Chromium's start (seconds when
+    // other tests run alongside) and the 2.5 s the check lets the chart fill.
+    let _client = slow_client(&topo, 150);
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/dashboard.png");
     let mut cmd = Command::new("node");
     cmd.arg(&script).arg("http://127.0.0.1:4191/").arg("echo").arg(&shot).env("HOME", topo.dir.path());
