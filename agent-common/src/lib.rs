@@ -206,8 +206,9 @@ pub const MAX_BACKENDS: usize = 32;
 ///
 /// Only endpoints of the service address's own family are kept (an IPv4 service address
 /// keeps IPv4 endpoints as v4-mapped addresses), since a connect can only be rewritten
-/// within its family. A service with more healthy endpoints keeps a random
-/// `MAX_BACKENDS` of them: enough to spread load until the agent is back.
+/// within its family. A service with more healthy endpoints keeps the first
+/// `MAX_BACKENDS` in address order (stable, so an unchanged set is not rewritten): enough
+/// to spread load until the agent is back.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendsV1 {

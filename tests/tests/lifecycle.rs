@@ -11,7 +11,8 @@ use std::{process::Command, time::Duration};
 
 use nix::sys::signal::Signal;
 use switchyard_tests::{
-    Agent, Conn, KernelObjects, Topology, echo_hosts, epoch_ms, eventually, host_v4, kernel_counters, require_tools,
+    Agent, Conn, KernelObjects, Topology, echo_hosts, epoch_ms, eventually, host_v4, kernel_counters, probe_bin,
+    require_tools,
 };
 
 /// One service, one endpoint on each of two backend hosts, active TCP checks so an
@@ -116,7 +117,17 @@ fn kill_restart_upgrade_and_remove_under_load() {
     run_load_for(2000);
 
     // 3. Upgrade: a third agent takes the listeners from the second, which drains and
-    //    exits by itself.
+    //    exits by itself. Besides the load, one connection streams for 3 s across it.
+    let mut long = topo.spawn_client(Command::new(probe_bin()).args([
+        "client",
+        "--connect",
+        "10.96.0.10:7000",
+        "--bytes",
+        &(30 * 65536).to_string(),
+        "--chunk-delay-ms",
+        "100",
+    ]));
+    run_load_for(300);
     let upgrade_begin = now();
     let third = Agent::start(&topo, &config(&topo));
     let upgrade = Event { name: "upgrade (hand-over)", begin: upgrade_begin, done: now() };
@@ -126,7 +137,9 @@ fn kill_restart_upgrade_and_remove_under_load() {
     assert!(third.log().contains("took over the running agent's listeners"), "{}", third.log());
     assert_eq!(topo.attached_programs().len(), 5, "still exactly one set of programs");
     assert!(topo.pin_dir().exists(), "the old agent left the pins to its successor");
-    run_load_for(2000);
+    let status = switchyard_tests::wait_bounded(&mut long.0, Duration::from_secs(20)).expect("long client ends");
+    assert!(status.success(), "a connection streaming through the old agent survived the upgrade");
+    run_load_for(1000);
 
     // 4. Removal: SIGTERM with no successor uninstalls (detach, unpin), then drains.
     let remove_begin = now();

@@ -367,3 +367,21 @@ fn attach(
     link.pin(&path).map_err(|e| link_err(LinkPinError::Pin(e)))?;
     Ok(false)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_encode_in_order_and_keep_at_most_the_map_slots() {
+        let eps: Vec<SocketAddr> = (0..40).map(|i| SocketAddr::from(([10, 0, 0, i as u8], 80))).collect();
+        let v = encode_backends(&eps[..2]);
+        assert_eq!(v.count, 2);
+        assert_eq!(v.addrs[1], SockAddrV1::from(eps[1]));
+        assert_eq!(v.addrs[2], SockAddrV1::default(), "unused slots stay zero, so equal sets encode equally");
+        let full = encode_backends(&eps);
+        assert_eq!(full.count as usize, MAX_BACKENDS);
+        assert_eq!(full.addrs[MAX_BACKENDS - 1], SockAddrV1::from(eps[MAX_BACKENDS - 1]));
+        assert_eq!(encode_backends(&[]).count, 0);
+    }
+}
