@@ -270,3 +270,23 @@ fn a_start_that_fails_leaves_the_running_agent_serving() {
     assert!(!log.contains("handed over to a new agent"), "{log}");
     assert!(kernel_counters(&log)["fallback"] == 0, "the first agent served everything: {log}");
 }
+
+#[test]
+fn a_newer_agent_removes_pins_of_map_layouts_it_no_longer_uses() {
+    let Some((topo, _servers)) = echo_hosts("a_newer_agent_removes_pins_of_map_layouts_it_no_longer_uses", 1) else {
+        return;
+    };
+    require_tools(&["bpftool"]);
+    // What an older agent with another SY_SOCK_ORIG layout would have left pinned.
+    std::fs::create_dir_all(topo.pin_dir()).unwrap();
+    let stale = topo.pin_dir().join("SY_SOCK_ORIG1");
+    let mut create = Command::new("bpftool");
+    create.args(["map", "create"]).arg(&stale).args(["type", "hash", "key", "8", "value", "48", "entries", "16"]);
+    switchyard_tests::sh(create.args(["name", "SY_SOCK_ORIG1"]));
+    assert!(stale.exists());
+    let agent = Agent::start(&topo, &config(&topo));
+    assert!(agent.log().contains("stale_maps_removed=1"), "{}", agent.log());
+    assert!(!stale.exists(), "the pin of the old layout is gone");
+    assert!(topo.pin_dir().join("SY_SOCK_ORIG2").exists(), "the current layout is pinned");
+    agent.stop();
+}

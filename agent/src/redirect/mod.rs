@@ -77,6 +77,8 @@ pub enum RedirectError {
         #[source]
         source: MapError,
     },
+    #[error("remove the pins of an older switchyard")]
+    Stale(#[source] PinError),
     #[error("pin or reuse the link of {name} at {}", path.display())]
     Link {
         name: &'static str,
@@ -189,11 +191,14 @@ impl Redirect {
         for name in prog::ALL {
             replaced += attach(&mut redirect.ebpf, name, &cgroup_dir, cgroup, cgroup_id, pins)? as usize;
         }
+        let stale = pins.remove_stale().map_err(RedirectError::Stale)?;
         info!(
             cgroup = %cgroup.display(),
             pins = %pins.path().display(),
             attached = prog::ALL.len() - replaced,
             replaced_in_place = replaced,
+            stale_links_removed = stale.links,
+            stale_maps_removed = stale.maps,
             "redirect programs in place"
         );
         Ok((redirect, orig))

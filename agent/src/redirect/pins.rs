@@ -101,6 +101,27 @@ impl PinDir {
     pub fn link(&self, name: &str) -> PathBuf {
         self.path.join(format!("{}{name}", pin::LINK_PREFIX))
     }
+
+    /// Remove what an older switchyard pinned and this one does not use: links of
+    /// programs it no longer has (detached, or their old programs would keep running) and
+    /// maps of other names (other layouts). A previous agent still draining keeps using
+    /// those maps through its own fds; only their names go. Called once this agent's
+    /// programs are in place.
+    pub fn remove_stale(&self) -> Result<Removed, PinError> {
+        let mut removed = Removed::default();
+        let entries =
+            std::fs::read_dir(&self.path).map_err(|source| PinError::Read { dir: self.path.clone(), source })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| PinError::Read { dir: self.path.clone(), source })?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let current = name.strip_prefix(pin::LINK_PREFIX).is_some_and(|p| prog::ALL.contains(&p))
+                || map::ALL.contains(&name.as_str());
+            if !current {
+                remove_pin(&self.path, &name, &mut removed)?;
+            }
+        }
+        Ok(removed)
+    }
 }
 
 /// The cgroup id the kernel reports for `cgroup` (on cgroup v2, the directory's inode).
@@ -129,24 +150,7 @@ pub fn uninstall(dir: &Path) -> Result<Removed, PinError> {
     names.sort_by_key(|n| !n.starts_with(pin::LINK_PREFIX));
     let mut foreign = Vec::new();
     for name in names {
-        let path = dir.join(&name);
-        let remove = |path: &Path| {
-            std::fs::remove_file(path).map_err(|source| PinError::Remove { path: path.to_owned(), source })
-        };
-        if is_our_link(&name) {
-            let fd = link::open_pinned(&path).map_err(|source| PinError::OpenLink { path: path.clone(), source })?;
-            // ENOLINK: already detached (its cgroup was removed); the pin is all that is left.
-            match link::detach(std::os::fd::AsFd::as_fd(&fd)) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {}
-                Err(source) => return Err(PinError::Detach { path, source }),
-            }
-            remove(&path)?;
-            removed.links += 1;
-        } else if name.starts_with(map::PREFIX) {
-            remove(&path)?;
-            removed.maps += 1;
-        } else {
+        if !remove_pin(dir, &name, &mut removed)? {
             foreign.push(name);
         }
     }
@@ -155,6 +159,32 @@ pub fn uninstall(dir: &Path) -> Result<Removed, PinError> {
     }
     std::fs::remove_dir(dir).map_err(|source| PinError::Remove { path: dir.to_owned(), source })?;
     Ok(removed)
+}
+
+/// Remove pin `name` in `dir` if it is ours (a link is force-detached first); false if it
+/// is not ours and was left alone.
+fn remove_pin(dir: &Path, name: &str, removed: &mut Removed) -> Result<bool, PinError> {
+    let path = dir.join(name);
+    let remove =
+        |path: &Path| std::fs::remove_file(path).map_err(|source| PinError::Remove { path: path.to_owned(), source });
+    if is_our_link(name) {
+        let fd = link::open_pinned(&path).map_err(|source| PinError::OpenLink { path: path.clone(), source })?;
+        // ENOLINK: already detached (its cgroup was removed); the pin is all that is left.
+        match link::detach(std::os::fd::AsFd::as_fd(&fd)) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {}
+            Err(source) => return Err(PinError::Detach { path, source }),
+        }
+        remove(&path)?;
+        removed.links += 1;
+        Ok(true)
+    } else if name.starts_with(map::PREFIX) {
+        remove(&path)?;
+        removed.maps += 1;
+        Ok(true)
+    } else {
+        Ok(false)
+    }
 }
 
 /// `link_sy_*`: a link pin of any switchyard version (older program names included).
