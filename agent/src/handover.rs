@@ -229,3 +229,57 @@ fn hand_over(conn: UnixStream, offer: &Offer) -> io::Result<Option<i32>> {
     }
     Ok(Some(peer.pid()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn listeners_go_to_the_successor_and_the_old_side_learns_it_is_ready() {
+        let path = std::env::temp_dir().join(format!("sy-handover-test-{}/h.sock", std::process::id()));
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let offer = Offer {
+            v4: v4.as_fd().try_clone_to_owned().unwrap(),
+            v6: None,
+            admin: Some(admin.as_fd().try_clone_to_owned().unwrap()),
+        };
+        assert!(take_over(&path).unwrap().is_none(), "no agent there yet: bind our own");
+        let server = tokio::spawn(serve(bind(&path).unwrap(), offer));
+
+        let p = path.clone();
+        let inherited =
+            tokio::task::spawn_blocking(move || take_over(&p).unwrap().expect("an agent answers")).await.unwrap();
+        let local = |fd: OwnedFd| std::net::TcpListener::from(fd).local_addr().unwrap();
+        assert!(inherited.v6.is_none());
+        let admin_fd = inherited.admin.expect("admin handed over");
+        assert_eq!(local(admin_fd), admin.local_addr().unwrap());
+        assert_eq!(local(inherited.v4), v4.local_addr().unwrap(), "the same listening socket");
+        assert!(!server.is_finished(), "the old side waits for READY");
+        inherited.predecessor.ready().unwrap();
+        let successor = tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+        assert_eq!(successor, Some(std::process::id() as i32));
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_successor_that_goes_away_before_ready_leaves_the_old_side_serving() {
+        let path = std::env::temp_dir().join(format!("sy-handover-test2-{}/h.sock", std::process::id()));
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let offer = Offer { v4: v4.as_fd().try_clone_to_owned().unwrap(), v6: None, admin: None };
+        let server = tokio::spawn(serve(bind(&path).unwrap(), offer));
+        let p = path.clone();
+        let first = tokio::task::spawn_blocking(move || take_over(&p).unwrap().is_some()).await.unwrap();
+        assert!(first, "listeners received, then dropped without READY");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!server.is_finished(), "still serving");
+        // A second successor can still take over.
+        let p = path.clone();
+        let second = tokio::task::spawn_blocking(move || take_over(&p).unwrap().unwrap()).await.unwrap();
+        second.predecessor.ready().unwrap();
+        assert!(tokio::time::timeout(Duration::from_secs(5), server).await.is_ok());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+}

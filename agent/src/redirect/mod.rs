@@ -108,7 +108,6 @@ pub enum LinkPinError {
 /// Loaded and attached programs plus the maps the agent writes. Everything stays attached
 /// and pinned when it is dropped; see [`uninstall`].
 pub struct Redirect {
-    cgroup: PathBuf,
     services: HashMap<MapData, SockAddrV1, ServiceV1>,
     backends: HashMap<MapData, SockAddrV1, BackendsV1>,
     /// What `backends` holds, so a sync writes only the entries that changed.
@@ -169,15 +168,8 @@ impl Redirect {
         let sock_orig = typed_map(&mut ebpf, map::SOCK_ORIG)?;
         // A reused map may hold entries of the previous agent: start from what is there.
         let backends_written = backends_map.iter().filter_map(Result::ok).collect();
-        let mut redirect = Self {
-            cgroup: cgroup.to_owned(),
-            services: services_map,
-            backends: backends_map,
-            backends_written,
-            counters,
-            sock_orig,
-            ebpf,
-        };
+        let mut redirect =
+            Self { services: services_map, backends: backends_map, backends_written, counters, sock_orig, ebpf };
         redirect.sync_services(services)?;
         redirect.sync_backends(backends)?;
 
@@ -291,12 +283,6 @@ fn encode_backends(endpoints: &[SocketAddr]) -> BackendsV1 {
     }
     value.count = endpoints.len().min(MAX_BACKENDS) as u32;
     value
-}
-
-impl Redirect {
-    pub fn cgroup(&self) -> &Path {
-        &self.cgroup
-    }
 }
 
 fn typed_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
