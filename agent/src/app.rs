@@ -2,8 +2,9 @@
 //!
 //! Start-up order is what makes the redirect safe: config is validated first (nothing
 //! happens on a bad one), then the host is checked (cgroup v2, capabilities, bpffs), then
-//! the listeners are bound (or taken over from the running agent, see `handover`), and
-//! only then are the programs attached or swapped in. The programs themselves also check
+//! the discovery sources' first answers are awaited, then the listeners are bound (or
+//! taken over from the running agent, see `handover`), and only then are the programs
+//! attached or swapped in and the accept loops started. The programs themselves also check
 //! that the listener exists before redirecting to it, and otherwise pick an endpoint in
 //! the kernel, so a connection is never sent to a listener that is not there.
 //!
@@ -101,17 +102,6 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     let pins = PinDir::open(&main.agent.bpffs_dir)?;
     handover::prepare(&main.agent.handover_socket)?;
     let mut signals = Signals::new()?;
-    // The running agent's listeners if one hands them over (an upgrade), else our own.
-    let (listeners, admin_listener, predecessor) = match handover::take_over(&main.agent.handover_socket)? {
-        Some(inherited) => {
-            let listeners = Listeners::adopt(main.agent.listen_port, inherited.v4, inherited.v6)?;
-            let admin = admin_listener(main.agent.admin, inherited.admin).await?;
-            info!(socket = %main.agent.handover_socket.display(), "took over the running agent's listeners");
-            (listeners, admin, Some(inherited.predecessor))
-        }
-        None => (Listeners::bind(main.agent.listen_port).await?, admin_listener(main.agent.admin, None).await?, None),
-    };
-
     // Sources: what they say at start-up is part of the first snapshot.
     let (updates, mut incoming) = mpsc::channel(256);
     let mut sources = Sources::default();
@@ -133,6 +123,20 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     sources.resolved = dns.resolve_all(&targets, Duration::from_secs(5)).await;
     let merged = validated(sources.merge(&main))
         .map_err(|p| anyhow::anyhow!("the catalog clashes with {}:\n{p}", path.display()))?;
+
+    // The running agent's listeners if one hands them over (an upgrade), else our own.
+    // Only now, with the first snapshot ready: a listener that exists is one the programs
+    // redirect to, and until we accept, connections would wait in its backlog; before it
+    // exists, the kernel's fallback serves them (after a kill -9), or the old agent does.
+    let (listeners, admin_listener, predecessor) = match handover::take_over(&main.agent.handover_socket)? {
+        Some(inherited) => {
+            let listeners = Listeners::adopt(main.agent.listen_port, inherited.v4, inherited.v6)?;
+            let admin = admin_listener(main.agent.admin, inherited.admin).await?;
+            info!(socket = %main.agent.handover_socket.display(), "took over the running agent's listeners");
+            (listeners, admin, Some(inherited.predecessor))
+        }
+        None => (Listeners::bind(main.agent.listen_port).await?, admin_listener(main.agent.admin, None).await?, None),
+    };
 
     let agent = AgentV1 {
         listen_v4: u32::from_ne_bytes(Ipv4Addr::LOCALHOST.octets()),
