@@ -290,3 +290,31 @@ fn a_newer_agent_removes_pins_of_map_layouts_it_no_longer_uses() {
     assert!(topo.pin_dir().join("SY_SOCK_ORIG2").exists(), "the current layout is pinned");
     agent.stop();
 }
+
+#[test]
+fn uninstall_while_the_agent_runs_detaches_everything_and_the_agent_still_stops_cleanly() {
+    let Some((topo, _servers)) =
+        echo_hosts("uninstall_while_the_agent_runs_detaches_everything_and_the_agent_still_stops_cleanly", 1)
+    else {
+        return;
+    };
+    require_tools(&["bpftool"]);
+    let agent = Agent::start(&topo, &config(&topo));
+    assert!(topo.probe("10.96.0.10:7000", 100).ok().get("hello").is_some());
+    let config_file = topo.dir.path().join("switchyard.yaml");
+    let out = Command::new(switchyard_tests::switchyard_bin())
+        .arg("uninstall")
+        .arg("--config")
+        .arg(&config_file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("detached 5 programs"), "{stdout}");
+    assert!(topo.attached_programs().is_empty(), "detached although the agent still runs");
+    assert!(!topo.pin_dir().exists());
+    let after = topo.probe("10.96.0.10:7000", 0);
+    assert_eq!(after.get("connect_errno"), Some("101"), "no longer redirected: {}", after.stdout);
+    let log = agent.stop();
+    assert!(log.contains("uninstalled programs=0 maps=0"), "{log}");
+}
