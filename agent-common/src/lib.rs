@@ -24,15 +24,36 @@ pub mod prog {
     pub const SOCK_OPS: &str = "sy_sock_ops";
     /// Every program the agent attaches, in attach order.
     pub const ALL: [&str; 5] = [SOCK_OPS, GETPEERNAME4, GETPEERNAME6, CONNECT4, CONNECT6];
+    /// Prefix of every program name: what the tests recognise as ours in `bpftool` output.
+    pub const PREFIX: &str = "sy_";
 }
 
 /// Map names (at most 15 bytes: the kernel's BPF_OBJ_NAME_LEN).
+///
+/// Every map is pinned under the agent's bpffs directory by this name, and a restarted or
+/// upgraded agent reuses the pinned map of the same name with its contents. So a name
+/// must change whenever the layout of its key or value (or, for `SY_COUNTERS`, its length)
+/// changes: the suffix follows the version of the type it holds.
 pub mod map {
     pub const SERVICES: &str = "SY_SERVICES";
     pub const AGENT: &str = "SY_AGENT";
     pub const SOCK_ORIG: &str = "SY_SOCK_ORIG2";
     pub const CLIENT_ORIG: &str = "SY_CLIENT_ORIG2";
-    pub const COUNTERS: &str = "SY_COUNTERS";
+    /// Holds `counter::COUNT` slots: bump the suffix when counters are added.
+    pub const COUNTERS: &str = "SY_COUNTERS2";
+    pub const BACKENDS: &str = "SY_BACKENDS1";
+    /// Every map, all pinned.
+    pub const ALL: [&str; 6] = [SERVICES, AGENT, SOCK_ORIG, CLIENT_ORIG, COUNTERS, BACKENDS];
+    /// Prefix of every map name: what `switchyard uninstall` and the tests recognise as ours.
+    pub const PREFIX: &str = "SY_";
+}
+
+/// Names of the pinned files in the agent's bpffs directory besides the maps (which are
+/// pinned under their own names).
+pub mod pin {
+    /// Prefix of a pinned cgroup link; the program name follows (`link_sy_connect4`).
+    /// Not a dot: bpffs refuses names with dots (EPERM), reserving them for itself.
+    pub const LINK_PREFIX: &str = "link_";
 }
 
 /// An IP address and port in the map encoding.
@@ -121,8 +142,9 @@ const _: () = assert!(core::mem::size_of::<ServiceV1>() == 8);
 
 /// Value of the single-slot `SY_AGENT` array: where redirected connects go.
 ///
-/// Until the agent writes it (`listen_port == 0`) the programs redirect nothing, so a
-/// half-loaded agent can never send connections to a listener that is not there.
+/// The programs redirect to this listener only while a listening socket exists there
+/// (they look it up on every connect), so a half-started or dead agent never receives a
+/// connection; until the agent writes the slot (`listen_port == 0`) nothing is redirected.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AgentV1 {
@@ -130,7 +152,7 @@ pub struct AgentV1 {
     pub listen_v4: u32,
     /// IPv6 listener address, network-order words (normally ::1).
     pub listen_v6: [u32; 4],
-    /// Listener port, network order. 0 means "agent not ready: redirect nothing".
+    /// Listener port, network order. 0 means "no agent yet: redirect to no listener".
     pub listen_port: u16,
     pub _pad: u16,
     /// SO_MARK carried by the agent's own upstream sockets (host order). Sockets with
@@ -174,6 +196,35 @@ impl OrigDstV2 {
     }
 }
 
+/// Most endpoints one service address keeps in `SY_BACKENDS` for the in-kernel fallback.
+pub const MAX_BACKENDS: usize = 32;
+
+/// Value of `SY_BACKENDS`: the healthy endpoints of one service address, for the
+/// in-kernel fallback that serves connects while no agent listens (agent killed, or
+/// restarting). The agent rewrites an entry whole whenever the set changes, so the kernel
+/// sees either the old or the new set, never a mix.
+///
+/// Only endpoints of the service address's own family are kept (an IPv4 service address
+/// keeps IPv4 endpoints as v4-mapped addresses), since a connect can only be rewritten
+/// within its family. A service with more healthy endpoints keeps the first
+/// `MAX_BACKENDS` in address order (stable, so an unchanged set is not rewritten): enough
+/// to spread load until the agent is back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendsV1 {
+    /// How many of `addrs` are valid (host order); 0 means "none: pass the connect".
+    pub count: u32,
+    pub _pad: u32,
+    pub addrs: [SockAddrV1; MAX_BACKENDS],
+}
+const _: () = assert!(core::mem::size_of::<BackendsV1>() == 8 + 20 * MAX_BACKENDS);
+
+impl Default for BackendsV1 {
+    fn default() -> Self {
+        Self { count: 0, _pad: 0, addrs: [SockAddrV1::default(); MAX_BACKENDS] }
+    }
+}
+
 /// Linux address family numbers (stable ABI; libc is not available in the kernel crate).
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
@@ -190,7 +241,8 @@ pub mod counter {
     pub const SKIPPED_NETNS: u32 = 3;
     /// connect of a non-TCP socket (UDP, raw...).
     pub const SKIPPED_NOT_TCP: u32 = 4;
-    /// service address hit while the agent was not ready (no listener published).
+    /// service address hit while no agent listener exists and the service has no
+    /// fallback endpoint: passed unchanged.
     pub const SKIPPED_NOT_READY: u32 = 5;
     /// a map update or helper failed; the connect was let through unchanged.
     pub const ERRORS: u32 = 6;
@@ -198,8 +250,11 @@ pub mod counter {
     pub const ORIG_DST_PUBLISHED: u32 = 7;
     /// getpeername answered with the service address instead of the listener.
     pub const PEER_REWRITTEN: u32 = 8;
-    /// Number of counters (the array's max_entries).
-    pub const COUNT: u32 = 9;
+    /// no agent listener (killed, restarting): the connect was sent straight to a healthy
+    /// endpoint from `SY_BACKENDS`.
+    pub const FALLBACK: u32 = 9;
+    /// Number of counters (the array's max_entries; bump `map::COUNTERS` with it).
+    pub const COUNT: u32 = 10;
     /// Names, by index, for logs and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
@@ -211,17 +266,19 @@ pub mod counter {
         "errors",
         "orig_dst_published",
         "peer_rewritten",
+        "fallback",
     ];
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four are repr(C), integers only, with explicit padding, so every bit
+    // SAFETY: all five are repr(C), integers only, with explicit padding, so every bit
     // pattern is valid and there are no implicit padding bytes.
     unsafe impl aya::Pod for super::SockAddrV1 {}
     unsafe impl aya::Pod for super::ServiceV1 {}
     unsafe impl aya::Pod for super::AgentV1 {}
     unsafe impl aya::Pod for super::OrigDstV2 {}
+    unsafe impl aya::Pod for super::BackendsV1 {}
 }
 
 #[cfg(test)]

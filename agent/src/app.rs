@@ -1,10 +1,18 @@
 //! The composition root: start-up order, the running agent, reloads and shutdown.
 //!
 //! Start-up order is what makes the redirect safe: config is validated first (nothing
-//! happens on a bad one), then the host is checked, then the listeners are bound, and only
-//! then are the programs attached. So a connection is never redirected to a listener that
-//! is not there. Shutdown reverses it: detach first (new connects go where they were
-//! aimed), then stop accepting, then let open connections drain.
+//! happens on a bad one), then the host is checked (cgroup v2, capabilities, bpffs), then
+//! the discovery sources' first answers are awaited, then the listeners are bound (or
+//! taken over from the running agent, see `handover`), and only then are the programs
+//! attached or swapped in and the accept loops started. The programs themselves also check
+//! that the listener exists before redirecting to it, and otherwise pick an endpoint in
+//! the kernel, so a connection is never sent to a listener that is not there.
+//!
+//! Two ways to stop (docs/lifecycle.md). SIGTERM/SIGINT with no successor: uninstall
+//! first (detach, remove the pins: new connects go where they were aimed), then stop
+//! accepting, then let open connections drain. After a hand-over: stop accepting and
+//! drain, leaving programs and pins to the successor. A killed agent leaves both in
+//! place, and the kernel serves connects without it until the next one starts.
 //!
 //! After start-up, changes arrive from SIGHUP (re-read the config file) and from the
 //! discovery sources. Each is merged with the rest and validated as a whole; a bad one is
@@ -33,12 +41,45 @@ use crate::{
     balance::Tier,
     config::Config,
     discovery::{self, Sources, Update, dns::Dns},
+    handover::{self, Offer},
     health,
     proxy::{Listeners, Proxy},
-    redirect::{self, Redirect},
+    redirect::{self, PinDir, Redirect},
     state::{Departure, Snapshot},
     stats::Stats,
 };
+
+/// How often the in-kernel fallback's endpoint sets follow endpoint health (ejections and
+/// active checks change it between config updates).
+const BACKENDS_SYNC: Duration = Duration::from_millis(500);
+
+/// `switchyard uninstall`: detach the programs and remove every pin in the directory
+/// named by `--bpffs-dir`, else by the config file, else the default.
+pub fn uninstall(config: Option<&Path>, bpffs_dir: Option<&Path>) -> anyhow::Result<String> {
+    let dir = match (bpffs_dir, config) {
+        (Some(dir), _) => dir.to_owned(),
+        (None, Some(path)) => Config::load(path)?.agent.bpffs_dir,
+        (None, None) => crate::config::AgentConfig::default().bpffs_dir,
+    };
+    let removed = redirect::uninstall(&dir)?;
+    Ok(if removed == redirect::Removed::default() {
+        format!("nothing of switchyard's is pinned in {}", dir.display())
+    } else {
+        format!(
+            "detached {} programs and removed {} pinned maps and {} (nothing of switchyard's is left in the kernel)",
+            removed.links,
+            removed.maps,
+            dir.display()
+        )
+    })
+}
+
+/// Why the main loop ended.
+enum Stop {
+    Signal(&'static str),
+    /// A successor took the listeners (its pid, when known).
+    HandedOver(Option<i32>),
+}
 
 /// `switchyard check`: parse and validate, and say what the config holds.
 pub fn check(path: &Path) -> anyhow::Result<String> {
@@ -58,13 +99,9 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     redirect::check_privileges()?;
     raise_fd_limit();
     let cgroup = redirect::attach_cgroup(main.agent.cgroup.as_deref())?;
+    let pins = PinDir::open(&main.agent.bpffs_dir)?;
+    handover::prepare(&main.agent.handover_socket)?;
     let mut signals = Signals::new()?;
-    let listeners = Listeners::bind(main.agent.listen_port).await?;
-    let admin_listener = match main.agent.admin {
-        Some(addr) => Some(admin::bind(addr).await?),
-        None => None,
-    };
-
     // Sources: what they say at start-up is part of the first snapshot.
     let (updates, mut incoming) = mpsc::channel(256);
     let mut sources = Sources::default();
@@ -87,6 +124,20 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     let merged = validated(sources.merge(&main))
         .map_err(|p| anyhow::anyhow!("the catalog clashes with {}:\n{p}", path.display()))?;
 
+    // The running agent's listeners if one hands them over (an upgrade), else our own.
+    // Only now, with the first snapshot ready: a listener that exists is one the programs
+    // redirect to, and until we accept, connections would wait in its backlog; before it
+    // exists, the kernel's fallback serves them (after a kill -9), or the old agent does.
+    let (listeners, admin_listener, predecessor) = match handover::take_over(&main.agent.handover_socket)? {
+        Some(inherited) => {
+            let listeners = Listeners::adopt(main.agent.listen_port, inherited.v4, inherited.v6)?;
+            let admin = admin_listener(main.agent.admin, inherited.admin).await?;
+            info!(socket = %main.agent.handover_socket.display(), "took over the running agent's listeners");
+            (listeners, admin, Some(inherited.predecessor))
+        }
+        None => (Listeners::bind(main.agent.listen_port).await?, admin_listener(main.agent.admin, None).await?, None),
+    };
+
     let agent = AgentV1 {
         listen_v4: u32::from_ne_bytes(Ipv4Addr::LOCALHOST.octets()),
         listen_v6: SockAddrV1::from(SocketAddr::from((Ipv6Addr::LOCALHOST, 0))).addr,
@@ -99,8 +150,14 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     arm_drain_deadlines(snapshot.departures_since(&Snapshot::default()));
     let (publish, latest) = watch::channel(Arc::clone(&snapshot));
     let (publish_config, effective) = watch::channel(Arc::new(merged.clone()));
-    let (redirect, orig) =
-        Redirect::start(&cgroup, agent, snapshot.service_addresses()).context("start the transparent redirect")?;
+    let (redirect, orig) = Redirect::start(
+        &cgroup,
+        &pins,
+        agent,
+        snapshot.service_addresses(),
+        &snapshot.fallback_backends(Instant::now()),
+    )
+    .context("start the transparent redirect")?;
     let mark = main.agent.mark;
     let drain = Duration::from_secs(main.agent.drain_timeout_secs);
     let status = Arc::new(admin::Status::default());
@@ -120,6 +177,12 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     running.restart_background(&merged);
 
+    let (v4, v6) = listeners.dup().context("duplicate the listeners for a future hand-over")?;
+    let admin_fd = match &admin_listener {
+        Some(l) => Some(std::os::fd::AsFd::as_fd(l).try_clone_to_owned().context("duplicate the admin listener")?),
+        None => None,
+    };
+    let offer = Offer { v4, v6, admin: admin_fd };
     if let Some(l) = admin_listener {
         let state = admin::AdminState {
             snapshot: latest.clone(),
@@ -137,26 +200,51 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     if let Some(v6) = listeners.v6 {
         accept_loops.push(tokio::spawn(Arc::clone(&proxy).serve(v6, tasks.clone(), stop.clone())));
     }
+    // We accept on the sockets now: the previous agent may stop accepting. Only then do
+    // we replace its hand-over socket with ours.
+    if let Some(predecessor) = predecessor
+        && let Err(e) = predecessor.ready()
+    {
+        // It went away after handing over: nothing to stop, we serve either way.
+        warn!(error = %anyhow::Error::from(e), "could not tell the previous agent we are ready");
+    }
+    let mut handed_over = tokio::spawn(handover::serve(handover::bind(&running.main.agent.handover_socket)?, offer));
     info!(
         listen.port = running.main.agent.listen_port,
         cgroup = %cgroup.display(),
+        pins = %pins.path().display(),
         services = snapshot.len(),
         "switchyard ready"
     );
 
-    let signal = loop {
+    let mut backends_tick = tokio::time::interval(BACKENDS_SYNC);
+    backends_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let reason = loop {
         tokio::select! {
             signal = signals.next() => match signal {
                 "SIGHUP" => running.reload_file(path),
-                stop_signal => break stop_signal,
+                stop_signal => break Stop::Signal(stop_signal),
             },
             Some(update) = incoming.recv() => running.update(update),
+            _ = backends_tick.tick() => running.sync_backends(),
+            successor = &mut handed_over => break Stop::HandedOver(successor.ok().flatten()),
         }
     };
-    info!(signal, "shutting down");
     log_counters(&running.redirect);
     log_service_stats(&running.publish.borrow());
     running.checks.cancel();
+    match reason {
+        Stop::Signal(signal) => {
+            info!(signal, "shutting down with no successor: detaching redirect programs and removing the pins");
+            handed_over.abort();
+            let removed = redirect::uninstall(pins.path()).context("uninstall on shutdown")?;
+            info!(programs = removed.links, maps = removed.maps, pins = %pins.path().display(), "uninstalled");
+            let _ = std::fs::remove_file(&running.main.agent.handover_socket);
+        }
+        Stop::HandedOver(successor) => {
+            info!(successor.pid = successor, "handed over to a new agent; draining, programs and pins stay");
+        }
+    }
     drop(running);
     stop.cancel();
     for l in accept_loops {
@@ -168,6 +256,23 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// The admin listener: the one handed over if it is on the configured address, else a
+/// new one (none when the admin API is off).
+async fn admin_listener(
+    addr: Option<SocketAddr>,
+    inherited: Option<std::os::fd::OwnedFd>,
+) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    if let Some(fd) = inherited {
+        let std = std::net::TcpListener::from(fd);
+        if std.local_addr().ok() == Some(addr) {
+            std.set_nonblocking(true).context("use the handed-over admin listener")?;
+            return Ok(Some(tokio::net::TcpListener::from_std(std).context("use the handed-over admin listener")?));
+        }
+    }
+    Ok(Some(admin::bind(addr).await?))
 }
 
 /// Every proxied connection holds two sockets: lift the soft open-files limit to the
@@ -197,7 +302,7 @@ fn validated(merged: Config) -> Result<Config, String> {
 }
 
 /// The agent's live state: the config and source contributions in force, and what acts on
-/// them. Dropping it detaches the kernel programs (the `Redirect` inside).
+/// them. Dropping it leaves the kernel programs attached (they are pinned).
 struct Running {
     main: Config,
     sources: Sources,
@@ -262,6 +367,7 @@ impl Running {
             let e = anyhow::Error::from(e);
             error!(error = format!("{e:#}"), "could not update the kernel's service addresses");
         }
+        self.sync_backends();
         arm_drain_deadlines(next.departures_since(&prev));
         self.main = main;
         self.sources = sources;
@@ -269,6 +375,15 @@ impl Running {
         info!(source, services = next.len(), took_us = started.elapsed().as_micros() as u64, "configuration applied");
         self.status.applied(source);
         Ok(())
+    }
+
+    /// Keep the in-kernel fallback's endpoint sets at the healthy endpoints of now.
+    fn sync_backends(&mut self) {
+        let backends = self.publish.borrow().fallback_backends(Instant::now());
+        if let Err(e) = self.redirect.sync_backends(&backends) {
+            let e = anyhow::Error::from(e);
+            error!(error = format!("{e:#}"), "could not update the kernel's fallback endpoints");
+        }
     }
 
     /// Health checks follow the snapshot; DNS refreshes follow the names in use.

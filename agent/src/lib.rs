@@ -5,7 +5,8 @@
 //! * [`config`]: the YAML config file: serde types, defaults, validation that names the
 //!   bad field.
 //! * [`redirect`]: the kernel side seen from userspace (the only user of aya): host checks,
-//!   loading and attaching the eBPF programs, their maps and counters.
+//!   loading and attaching the eBPF programs, pinning them and their maps in bpffs (and
+//!   `uninstall`), the maps the agent writes (services, fallback endpoints) and counters.
 //! * [`state`]: immutable snapshots of the services, their endpoints and policy, indexed
 //!   by service address; carries live endpoint state across reloads.
 //! * [`balance`]: endpoint choice: health and ejection, locality tiers, the balancing
@@ -15,6 +16,8 @@
 //!   connections, retries under a budget); `proxy::upstream` connects to an endpoint with
 //!   retries on others.
 //! * [`health`]: active health checks (TCP connect or HTTP GET).
+//! * [`handover`]: upgrade hand-over: giving the listening sockets to a newer agent over
+//!   a unix socket, and taking them from the running one.
 //! * [`discovery`]: sources beyond the config file: the watched catalog file, DNS names
 //!   and the Kubernetes API, each sending updates that `app` merges, validates and applies.
 //! * [`stats`]: the live connection table, Prometheus metrics, cgroup paths.
@@ -31,7 +34,8 @@
 //! destination by the client's address, `state` names the service, `balance` picks an
 //! endpoint, and `proxy` connects with the agent's SO_MARK (which the kernel programs
 //! never redirect) and copies bytes, counting them into `stats` as they move. See
-//! docs/design.md, docs/balancing.md and docs/discovery.md.
+//! docs/design.md, docs/balancing.md, docs/discovery.md and, for start, agent death,
+//! upgrade and removal, docs/lifecycle.md.
 
 pub mod admin;
 pub mod app;
@@ -39,6 +43,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod discovery;
+pub mod handover;
 pub mod health;
 pub mod proxy;
 pub mod redirect;

@@ -32,6 +32,17 @@ enum Command {
         #[arg(long, env = "SWITCHYARD_WORKERS")]
         workers: Option<usize>,
     },
+    /// Detach every program and remove every pin (maps, links, the directory): nothing of
+    /// switchyard's stays in the kernel. A running agent keeps proxying what it already
+    /// accepted but catches nothing new; stop it with SIGTERM instead to do both.
+    Uninstall {
+        /// Take the pin directory from this config file (agent.bpffs_dir).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The pin directory (default: agent.bpffs_dir of --config, else /sys/fs/bpf/switchyard).
+        #[arg(long)]
+        bpffs_dir: Option<PathBuf>,
+    },
     /// Validate a config file and exit (0 when valid).
     Check {
         /// YAML config file.
@@ -118,6 +129,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let log = init_logging(cli.log_format);
     let result = match cli.command {
+        Command::Uninstall { config, bpffs_dir } => {
+            switchyard::app::uninstall(config.as_deref(), bpffs_dir.as_deref()).map(|summary| println!("{summary}"))
+        }
         Command::Check { config } => switchyard::app::check(&config).map(|summary| println!("{summary}")),
         Command::Run { config, workers } => {
             let mut rt = tokio::runtime::Builder::new_multi_thread();

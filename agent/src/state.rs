@@ -216,6 +216,63 @@ impl Snapshot {
         out
     }
 
+    /// For the in-kernel fallback (connects made while no agent listens): every service
+    /// address with the endpoints a connect to it may be sent to, sorted, so an unchanged
+    /// set compares equal. Healthy endpoints of the service's family only (the kernel
+    /// cannot rewrite a connect across families); if none is healthy, every endpoint that
+    /// is not terminating, as the balancer's panic mode would. Routes: a split offers all
+    /// its branches, a failover its first branch with a healthy endpoint. Weights and
+    /// locality are not kept: the fallback is for the seconds until an agent is back.
+    pub fn fallback_backends(&self, now: Instant) -> Vec<(SocketAddr, Vec<SocketAddr>)> {
+        let mut out = Vec::new();
+        for svc in &self.services {
+            let (mut healthy, mut any) = (Vec::new(), Vec::new());
+            self.fallback_walk(svc, now, 0, &mut healthy, &mut any);
+            let pool = if healthy.is_empty() { any } else { healthy };
+            for addr in &svc.config.addresses {
+                let mut eps: Vec<SocketAddr> = pool.iter().copied().filter(|e| e.is_ipv4() == addr.is_ipv4()).collect();
+                eps.sort();
+                eps.dedup();
+                out.push((*addr, eps));
+            }
+        }
+        out
+    }
+
+    fn fallback_walk(
+        &self,
+        svc: &Service,
+        now: Instant,
+        depth: usize,
+        healthy: &mut Vec<SocketAddr>,
+        any: &mut Vec<SocketAddr>,
+    ) {
+        if depth > MAX_ROUTE_DEPTH {
+            return;
+        }
+        let Some(route) = &svc.config.route else {
+            for e in svc.balancer.endpoints().iter().filter(|e| !e.terminating) {
+                any.push(e.addr);
+                if e.state.availability(now) == Avail::Healthy {
+                    healthy.push(e.addr);
+                }
+            }
+            return;
+        };
+        let targets: Vec<&Service> = if route.split.is_empty() {
+            let branches: Vec<&Service> = route.failover.iter().filter_map(|n| self.service_named(n)).collect();
+            match branches.iter().find(|b| self.has_healthy(b, now, depth + 1)) {
+                Some(first) => vec![*first],
+                None => branches,
+            }
+        } else {
+            route.split.iter().filter(|b| b.weight > 0).filter_map(|b| self.service_named(&b.service)).collect()
+        };
+        for t in targets {
+            self.fallback_walk(t, now, depth + 1, healthy, any);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.services.len()
     }
@@ -324,6 +381,29 @@ mod tests {
         v2_ep.state.on_connect_failed(now, snap.service_named("v2").unwrap().balancer.accrual());
         assert_eq!(order(&snap), ["v1", "v2"], "unhealthy branch last");
         assert!(snap.has_healthy(db, now, 0));
+    }
+
+    #[test]
+    fn fallback_keeps_healthy_endpoints_of_the_address_family() {
+        let cfg = config(
+            "services:\n  - { name: web, addresses: [\"10.96.0.1:80\", \"[fd96::1]:80\"], endpoints: [\"10.0.0.2:80\", \"10.0.0.1:80\", \"[fd10::1]:80\", { address: \"10.0.0.3:80\", terminating: true }], failure_accrual: { consecutive_failures: 1 } }\n  - { name: db, addresses: [\"10.96.0.2:80\"], route: { failover: [v1, v2] } }\n  - { name: v1, endpoints: [\"10.0.1.1:80\"], failure_accrual: { consecutive_failures: 1 } }\n  - { name: v2, endpoints: [\"10.0.2.1:80\"] }\n",
+        );
+        let snap = Snapshot::build(&cfg, &Resolved::new(), None);
+        let now = Instant::now();
+        let of = |s: &Snapshot, addr: &str| -> Vec<String> {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let all = s.fallback_backends(now);
+            all.into_iter().find(|(a, _)| *a == addr).unwrap().1.iter().map(|e| e.to_string()).collect()
+        };
+        assert_eq!(of(&snap, "10.96.0.1:80"), ["10.0.0.1:80", "10.0.0.2:80"], "v4 only, sorted, no terminating");
+        assert_eq!(of(&snap, "[fd96::1]:80"), ["[fd10::1]:80"]);
+        assert_eq!(of(&snap, "10.96.0.2:80"), ["10.0.1.1:80"], "failover: first healthy branch");
+        let web = snap.service_named("web").unwrap();
+        web.balancer.endpoints()[0].state.on_connect_failed(now, web.balancer.accrual());
+        assert_eq!(of(&snap, "10.96.0.1:80"), ["10.0.0.1:80"], "an ejected endpoint leaves the set");
+        let v1 = snap.service_named("v1").unwrap();
+        v1.balancer.endpoints()[0].state.on_connect_failed(now, v1.balancer.accrual());
+        assert_eq!(of(&snap, "10.96.0.2:80"), ["10.0.2.1:80"], "failover moves on");
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! open (the connect proceeds unchanged, the error is counted).
 //!
 //! * `cgroup/connect4`, `cgroup/connect6`: a TCP connect to a service address is rewritten
-//!   to the agent's listener; the original destination is remembered by socket cookie.
+//!   to the agent's listener if one listens (looked up on every connect), else straight
+//!   to a healthy endpoint the agent left in `SY_BACKENDS1` (agent killed or restarting);
+//!   the original destination is remembered by socket cookie.
 //! * `sockops`: when such a socket sends its SYN, publish "client address -> original
 //!   destination" for the agent, which looks it up by the peer address of the connection
 //!   it accepts; when the socket closes, drop both entries.

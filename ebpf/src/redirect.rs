@@ -10,18 +10,19 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr,
-        bpf_sock_ops,
+        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE, bpf_sock_addr, bpf_sock_ops, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
     },
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
-        bpf_get_socket_cookie,
+        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
     },
     programs::{SockAddrContext, SockOpsContext},
 };
 use switchyard_common::{AF_INET, AgentV1, OrigDstV2, SockAddrV1, counter};
 
-use crate::maps::{AGENT, CLIENT_ORIG, SERVICES, SOCK_ORIG, count};
+use crate::maps::{AGENT, BACKENDS, CLIENT_ORIG, SERVICES, SOCK_ORIG, count};
 
 const SOCK_STREAM: u32 = 1;
 /// Error code for a failed map update (the helpers' own return is not kept).
@@ -102,6 +103,8 @@ pub fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
         return Ok(());
     }
     let Some(agent) = AGENT.get(0) else { return Err(EMAP) };
+    // The agent writes its slot before it attaches anything, so this only guards against
+    // a map emptied by hand.
     if agent.listen_port == 0 {
         count(counter::SKIPPED_NOT_READY);
         return Ok(());
@@ -115,8 +118,19 @@ pub fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
         count(counter::SKIPPED_NETNS);
         return Ok(());
     }
+    // The agent's listener if it is there; else, in-kernel, a healthy endpoint (the agent
+    // was killed or is restarting: the connection must not fail meanwhile); else nothing.
+    let (to, decision) = if listener_exists(ctx, agent, &dst) {
+        (listener_for(agent, &dst), counter::REDIRECTED)
+    } else if let Some(endpoint) = fallback_endpoint(&dst) {
+        (endpoint, counter::FALLBACK)
+    } else {
+        count(counter::SKIPPED_NOT_READY);
+        return Ok(());
+    };
     // Remember the destination before rewriting it: if we cannot, the agent could not
-    // route the connection, so leave it alone.
+    // route the connection, so leave it alone. Fallback connections are recorded too, so
+    // getpeername shows them the service address as well.
     // SAFETY: helper valid for cgroup sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // connect() runs in the calling task, so "current" is the client process.
@@ -132,11 +146,69 @@ pub fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
         }
     };
     SOCK_ORIG.insert(cookie, orig, 0).map_err(|_| EMAP)?;
-    let to = listener_for(agent, &dst);
     // SAFETY: user_ip4/user_ip6/user_port are writable in connect hooks.
     unsafe { write_user_addr(sa, family, &to) };
-    count(counter::REDIRECTED);
+    count(decision);
     Ok(())
+}
+
+/// Whether a TCP socket listens on the agent's listener address for `dst`'s family in the
+/// caller's network namespace (the agent's, checked above by cookie). A killed agent's
+/// listener goes with its process, and a starting agent's exists only once bound, so this
+/// is what keeps a connection from ever being sent to a listener that is not there.
+#[inline(always)]
+fn listener_exists(ctx: &SockAddrContext, agent: &AgentV1, dst: &SockAddrV1) -> bool {
+    // Zeroed first: the helper reads the whole tuple, and the verifier refuses a read of
+    // uninitialised stack. Source address and port 0 match no established socket, so the
+    // lookup falls through to the listener table.
+    // SAFETY: a plain-old-data union, valid when zeroed.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if dst.is_v4_mapped() {
+        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: 0,
+            daddr: agent.listen_v4,
+            sport: 0,
+            dport: agent.listen_port,
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    } else {
+        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: [0; 4],
+            daddr: agent.listen_v6,
+            sport: 0,
+            dport: agent.listen_port,
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    };
+    // SAFETY: helper valid for cgroup sock_addr programs (Linux 4.20+); the tuple lives on
+    // this stack frame for the call. A negative 32-bit netns id means "the caller's".
+    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, BPF_F_CURRENT_NETNS as u64, 0) };
+    if sk.is_null() {
+        return false;
+    }
+    // The lookup took a reference on the socket; the verifier refuses to load a program
+    // that can exit without releasing it.
+    // SAFETY: `sk` is the non-null socket the lookup returned.
+    unsafe { bpf_sk_release(sk.cast()) };
+    true
+}
+
+/// A random healthy endpoint of the service at `dst`, from the set the agent keeps in
+/// SY_BACKENDS. No loop: the set holds healthy endpoints only, so one draw is enough.
+#[inline(always)]
+fn fallback_endpoint(dst: &SockAddrV1) -> Option<SockAddrV1> {
+    // SAFETY: a hash lookup returning a reference valid for this program run; the agent
+    // replaces values whole (BPF_F_NO_PREALLOC map: an update never rewrites in place).
+    let backends = unsafe { BACKENDS.get(dst) }?;
+    let n = backends.count;
+    if n == 0 {
+        return None;
+    }
+    // SAFETY: helper valid in every program type.
+    let i = unsafe { bpf_get_prandom_u32() } % n;
+    // `get` bounds the index by the array length, which is what the verifier needs to
+    // see before the variable-offset read.
+    backends.addrs.get(i as usize).copied()
 }
 
 #[inline(always)]

@@ -6,7 +6,10 @@
 //! root that the agent attaches to. Nothing is attached anywhere else, service addresses
 //! (10.96.0.0/16, fd96::/64) exist only inside the node namespace, which has no route for
 //! them, so a connect that is not redirected fails with ENETUNREACH and never leaves the
-//! machine. Guards remove namespaces and cgroups on drop, panics included.
+//! machine. Each topology also mounts a bpffs instance of its own (in a temporary
+//! directory, never /sys/fs/bpf) for the agent's pins, and has its own hand-over socket;
+//! [`Topology::node_config`] writes both into every agent config. Guards remove
+//! namespaces, pins and cgroups on drop, panics included.
 
 pub mod kube_api;
 
@@ -151,6 +154,33 @@ impl Drop for Netns {
     }
 }
 
+/// A bpffs instance mounted on a temporary directory: every mount of bpffs is a separate
+/// instance, so the pins of a test live and die with it. On drop it is unmounted, which
+/// unpins everything in it (detaching any link only a pin held), and the directory goes.
+pub struct Bpffs {
+    pub mount: PathBuf,
+}
+
+impl Bpffs {
+    fn new() -> Self {
+        let mount = tempfile::Builder::new().prefix("switchyard-bpffs-").tempdir().expect("bpffs mount point").keep();
+        sh(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&mount));
+        Self { mount }
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        use std::os::unix::ffi::OsStrExt as _;
+        if let Ok(path) = std::ffi::CString::new(self.mount.as_os_str().as_bytes()) {
+            // SAFETY: a valid NUL-terminated path; MNT_DETACH so a process still holding an
+            // fd in it cannot keep the mount (and the test's pins) alive.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        }
+        let _ = std::fs::remove_dir(&self.mount);
+    }
+}
+
 /// A child cgroup of the cgroup v2 root. On drop, every process still in it (only ever
 /// ours) is killed through cgroup.kill, and the directory removed.
 pub struct Cgroup {
@@ -202,6 +232,8 @@ impl Drop for Proc {
 /// The node namespace, backend "hosts" each joined to it by a veth pair, and the test's
 /// cgroup.
 pub struct Topology {
+    /// First, so it goes first: pins are removed before the cgroup and namespaces.
+    pub bpffs: Bpffs,
     pub node: Netns,
     /// hosts[0] is the backend with the `addr::BACKEND_*` addresses; host i > 0 has
     /// 10.10.i.2 and fd10:i::2 (see [`host_v4`]).
@@ -225,6 +257,7 @@ impl Topology {
     /// host (black-holing, slowness) touches no other.
     pub fn with_hosts(n: usize) -> Self {
         let id = unique("sy");
+        let bpffs = Bpffs::new();
         let node = Netns::new(format!("{id}-node"));
         let hosts: Vec<Netns> = (0..n.max(1)).map(|i| Netns::new(format!("{id}-h{i}"))).collect();
         for (i, host) in hosts.iter().enumerate() {
@@ -248,7 +281,38 @@ impl Topology {
         }
         let cgroup = Cgroup::new(&format!("switchyard-test-{id}"));
         let dir = tempfile::Builder::new().prefix("switchyard-test-").tempdir().expect("temp dir");
-        Self { node, hosts, cgroup, dir }
+        Self { bpffs, node, hosts, cgroup, dir }
+    }
+
+    /// The agent's pin directory (`agent.bpffs_dir`) inside this topology's own bpffs.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.bpffs.mount.join("switchyard")
+    }
+
+    /// The agent's hand-over socket (`agent.handover_socket`) for this topology's node.
+    pub fn handover_socket(&self) -> PathBuf {
+        self.dir.path().join("run/handover.sock")
+    }
+
+    /// `config` (YAML) with this topology's pin directory and hand-over socket filled in
+    /// where it does not set them, so no agent of a test touches the machine's defaults
+    /// (/sys/fs/bpf/switchyard, /run/switchyard) or another test's agent.
+    pub fn node_config(&self, config: &str) -> String {
+        use serde_yaml_ng::{Mapping, Value};
+        let mut doc: Value = serde_yaml_ng::from_str(config).expect("test config is YAML");
+        if doc.is_null() {
+            doc = Value::Mapping(Mapping::new());
+        }
+        let root = doc.as_mapping_mut().expect("config is a mapping");
+        let agent = root.entry("agent".into()).or_insert(Value::Mapping(Mapping::new()));
+        if agent.is_null() {
+            *agent = Value::Mapping(Mapping::new());
+        }
+        let agent = agent.as_mapping_mut().expect("agent is a mapping");
+        let path = |p: PathBuf| Value::String(p.display().to_string());
+        agent.entry("bpffs_dir".into()).or_insert(path(self.pin_dir()));
+        agent.entry("handover_socket".into()).or_insert(path(self.handover_socket()));
+        serde_yaml_ng::to_string(&doc).expect("serialise config")
     }
 
     /// The first backend host.
@@ -587,6 +651,7 @@ pub struct Agent {
     child: Option<Child>,
     log: Arc<Mutex<String>>,
     cgroup: PathBuf,
+    pin_dir: PathBuf,
 }
 
 impl Agent {
@@ -605,10 +670,12 @@ impl Agent {
         Self::start_with(bin, topo, config, &[])
     }
 
-    /// [`Agent::start`] with an explicit binary and extra environment.
+    /// [`Agent::start`] with an explicit binary and extra environment. The config gets the
+    /// topology's pin directory and hand-over socket (see [`Topology::node_config`]), so a
+    /// second agent started on the same topology takes over from the first.
     pub fn start_with(bin: &Path, topo: &Topology, config: &str, env: &[(&str, &str)]) -> Self {
         let path = topo.dir.path().join("switchyard.yaml");
-        std::fs::write(&path, config).expect("write config");
+        std::fs::write(&path, topo.node_config(config)).expect("write config");
         let mut cmd = Command::new(bin);
         cmd.arg("run")
             .arg("--config")
@@ -627,7 +694,7 @@ impl Agent {
                 log.push('\n');
             }
         });
-        let mut agent = Self { child: Some(child), log, cgroup: topo.cgroup.path.clone() };
+        let mut agent = Self { child: Some(child), log, cgroup: topo.cgroup.path.clone(), pin_dir: topo.pin_dir() };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !agent.log().contains("switchyard ready") {
             let exited = agent.child.as_mut().unwrap().try_wait().expect("wait").is_some();
@@ -639,6 +706,14 @@ impl Agent {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would, and reap it. Pins stay behind.
+    pub fn kill(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -656,14 +731,26 @@ impl Agent {
         (status, self.log())
     }
 
-    /// SIGTERM; require a clean exit that leaves nothing attached to the cgroup.
+    /// SIGTERM; require a clean exit that leaves nothing attached to the cgroup and no
+    /// pin directory.
     pub fn stop(self) -> String {
-        let cgroup = self.cgroup.clone();
+        let (cgroup, pin_dir) = (self.cgroup.clone(), self.pin_dir.clone());
         let (status, log) = self.stop_with(nix::sys::signal::Signal::SIGTERM);
         assert!(status.success(), "switchyard exited with {status}:\n{log}");
         let left = attached_programs(&cgroup);
         assert!(left.is_empty(), "still attached to {} after a clean stop: {left:?}", cgroup.display());
+        assert!(!pin_dir.exists(), "{} still exists after a clean stop:\n{log}", pin_dir.display());
         log
+    }
+
+    /// Wait (bounded) for the agent to exit by itself (after handing over); returns
+    /// status and log.
+    pub fn wait_exit(mut self, limit: Duration) -> (ExitStatus, String) {
+        let mut child = self.child.take().expect("running");
+        let status = wait_bounded(&mut child, limit)
+            .unwrap_or_else(|| panic!("switchyard did not exit within {limit:?}:\n{}", self.log()));
+        thread::sleep(Duration::from_millis(100));
+        (status, self.log())
     }
 }
 
@@ -695,4 +782,61 @@ pub fn kernel_counters(log: &str) -> HashMap<String, u64> {
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.parse().unwrap_or_else(|_| panic!("bad counter {kv:?}", kv = (k, v)))))
         .collect()
+}
+
+/// Ids of the kernel objects behind the programs attached to a cgroup: the programs, the
+/// maps they use and their links. Taken while an agent runs, so that after removal the
+/// test can check that none of these is left, whatever other tests load meanwhile.
+#[derive(Debug, Default, Clone)]
+pub struct KernelObjects {
+    pub progs: Vec<u64>,
+    pub maps: Vec<u64>,
+    pub links: Vec<u64>,
+}
+
+fn bpftool_json(args: &[&str]) -> serde_json::Value {
+    let out = sh(Command::new("bpftool").arg("-j").args(args));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("bpftool {args:?}: {e}"))
+}
+
+fn ids(list: &serde_json::Value, keep: impl Fn(&serde_json::Value) -> bool) -> Vec<u64> {
+    list.as_array().into_iter().flatten().filter(|o| keep(o)).filter_map(|o| o["id"].as_u64()).collect()
+}
+
+impl KernelObjects {
+    /// What bpftool reports for the programs attached to `cgroup`.
+    pub fn attached_to(cgroup: &Path) -> Self {
+        let progs = ids(&bpftool_json(&["cgroup", "show", &cgroup.display().to_string()]), |_| true);
+        let mut maps: Vec<u64> = progs
+            .iter()
+            .flat_map(|id| {
+                let prog = bpftool_json(&["prog", "show", "id", &id.to_string()]);
+                prog["map_ids"].as_array().cloned().unwrap_or_default().into_iter().filter_map(|m| m.as_u64())
+            })
+            .collect();
+        maps.sort();
+        maps.dedup();
+        let links =
+            ids(&bpftool_json(&["link", "show"]), |l| l["prog_id"].as_u64().is_some_and(|p| progs.contains(&p)));
+        Self { progs, maps, links }
+    }
+
+    /// Those of `self` that bpftool still lists (programs and maps by our name prefixes,
+    /// links by id), as "kind id name" lines.
+    pub fn still_loaded(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        let mut check = |kind: &str, list: serde_json::Value, mine: &[u64], prefix: Option<&str>| {
+            for o in list.as_array().into_iter().flatten() {
+                let (id, name) = (o["id"].as_u64().unwrap_or(0), o["name"].as_str().unwrap_or(""));
+                let named_ours = prefix.is_none_or(|p| name.starts_with(p));
+                if named_ours && mine.contains(&id) {
+                    left.push(format!("{kind} {id} {name}"));
+                }
+            }
+        };
+        check("prog", bpftool_json(&["prog", "show"]), &self.progs, Some("sy_"));
+        check("map", bpftool_json(&["map", "show"]), &self.maps, Some("SY_"));
+        check("link", bpftool_json(&["link", "show"]), &self.links, None);
+        left
+    }
 }

@@ -4,7 +4,7 @@
 use std::{collections::HashSet, process::Command, time::Duration};
 
 use nix::sys::signal::Signal;
-use switchyard_tests::{Agent, Proc, Topology, addr, eventually, kernel_counters, require_root, require_tools};
+use switchyard_tests::{Agent, Proc, Topology, addr, kernel_counters, require_root, require_tools};
 
 const ENETUNREACH: &str = "101";
 
@@ -193,32 +193,53 @@ fn the_agents_own_connections_are_not_redirected_back_to_it() {
 }
 
 #[test]
-fn stopping_or_killing_the_agent_leaves_nothing_attached() {
-    let Some((topo, _servers)) = echo_node("stopping_or_killing_the_agent_leaves_nothing_attached", &["bpftool"])
+fn stopping_detaches_everything_and_killing_leaves_the_kernel_serving() {
+    let Some((topo, _servers)) =
+        echo_node("stopping_detaches_everything_and_killing_leaves_the_kernel_serving", &["bpftool"])
     else {
         return;
     };
     assert!(topo.attached_programs().is_empty(), "fresh cgroup has nothing attached");
+    let ours = ["sy_connect4", "sy_connect6", "sy_getpeername4", "sy_getpeername6", "sy_sock_ops"];
 
-    for signal in [Signal::SIGTERM, Signal::SIGKILL] {
-        let agent = Agent::start(&topo, &echo_config(&topo));
-        let mut attached = topo.attached_programs();
-        attached.sort();
-        assert_eq!(attached, ["sy_connect4", "sy_connect6", "sy_getpeername4", "sy_getpeername6", "sy_sock_ops"]);
-        topo.probe("10.96.0.10:7000", 10).ok();
+    // SIGTERM with no successor: a full uninstall.
+    let agent = Agent::start(&topo, &echo_config(&topo));
+    let mut attached = topo.attached_programs();
+    attached.sort();
+    assert_eq!(attached, ours);
+    topo.probe("10.96.0.10:7000", 10).ok();
+    let (status, log) = agent.stop_with(Signal::SIGTERM);
+    assert!(status.success(), "clean exit on SIGTERM: {status}\n{log}");
+    assert!(log.contains("detaching redirect programs"), "{log}");
+    assert!(topo.attached_programs().is_empty(), "detached on SIGTERM");
+    assert!(!topo.pin_dir().exists(), "pins removed on SIGTERM");
+    // Traffic to non-services still flows; service addresses are no longer caught.
+    assert_eq!(topo.probe("10.10.0.2:7000", 10).ok().get("hello"), Some("10.10.0.2:7000"));
+    assert_eq!(topo.probe("10.96.0.10:7000", 0).get("connect_errno"), Some(ENETUNREACH));
 
-        let (status, log) = agent.stop_with(signal);
-        if signal == Signal::SIGTERM {
-            assert!(status.success(), "clean exit on SIGTERM: {status}\n{log}");
-            assert!(log.contains("detaching redirect programs"), "{log}");
-        }
-        eventually(Duration::from_secs(5), &format!("programs detached after {signal}"), || {
-            topo.attached_programs().is_empty()
-        });
-        // Traffic to non-services still flows; service addresses are no longer caught.
-        assert_eq!(topo.probe("10.10.0.2:7000", 10).ok().get("hello"), Some("10.10.0.2:7000"));
-        assert_eq!(topo.probe("10.96.0.10:7000", 0).get("connect_errno"), Some(ENETUNREACH));
-    }
+    // SIGKILL: the pinned programs stay and the kernel serves service connects itself.
+    let mut agent = Agent::start(&topo, &echo_config(&topo));
+    agent.kill();
+    let mut attached = topo.attached_programs();
+    attached.sort();
+    assert_eq!(attached, ours, "pinned programs outlive a killed agent");
+    let run = topo.probe("10.96.0.10:7000", 1000).ok();
+    assert_eq!(run.get("peer"), Some("10.96.0.10:7000"), "getpeername still shows the service");
+    let hello = run.get("hello").unwrap();
+    assert!(addr::BACKEND_V4.iter().any(|a| hello == format!("{a}:7000")), "fallback reached an endpoint: {hello}");
+    // `switchyard uninstall` removes what the killed agent left.
+    let out = Command::new(switchyard_tests::switchyard_bin())
+        .arg("uninstall")
+        .arg("--bpffs-dir")
+        .arg(topo.pin_dir())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "uninstall: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("detached 5 programs and removed 6 pinned maps"), "{stdout}");
+    assert!(topo.attached_programs().is_empty());
+    assert!(!topo.pin_dir().exists());
+    assert_eq!(topo.probe("10.96.0.10:7000", 0).get("connect_errno"), Some(ENETUNREACH));
 }
 
 #[test]
@@ -229,8 +250,15 @@ fn a_second_agent_on_a_busy_port_refuses_to_start_and_attaches_nothing() {
         return;
     };
     let first = Agent::start(&topo, &echo_config(&topo));
+    // Another agent, not an upgrade of the first: it has a hand-over socket of its own,
+    // so it does not ask the first for its listeners.
+    let other = topo.dir.path().join("other.yaml");
+    let own_socket = topo.dir.path().join("other.sock");
+    let config =
+        echo_config(&topo).replacen("agent:\n", &format!("agent:\n  handover_socket: {}\n", own_socket.display()), 1);
+    std::fs::write(&other, topo.node_config(&config)).unwrap();
     let mut cmd = Command::new(switchyard_tests::switchyard_bin());
-    cmd.arg("run").arg("--config").arg(topo.dir.path().join("switchyard.yaml"));
+    cmd.arg("run").arg("--config").arg(&other);
     let second = switchyard_tests::run(topo.in_node(&mut cmd, true), Duration::from_secs(20));
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success(), "a second agent started on the same port:\n{stderr}");

@@ -30,6 +30,11 @@ pub const DEFAULT_LISTEN_PORT: u16 = 15001;
 pub const DEFAULT_MARK: u32 = 0x5359;
 /// Default time the agent lets open connections finish after SIGTERM.
 pub const DEFAULT_DRAIN_SECS: u64 = 5;
+/// Default directory for the pinned maps and links (in the bpffs most hosts mount at
+/// /sys/fs/bpf, as Cilium and bpftool expect).
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/switchyard";
+/// Default unix socket where a running agent hands its listeners to its successor.
+pub const DEFAULT_HANDOVER_SOCKET: &str = "/run/switchyard/handover.sock";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -108,6 +113,13 @@ pub struct AgentConfig {
     /// Per-connection bookkeeping (the /conns table, live byte counts, per-connection
     /// metrics and close lines). On by default; `false` exists to measure its cost.
     pub stats: bool,
+    /// Directory inside a mounted bpffs where the maps and program links are pinned, so
+    /// that they outlive the process (in-kernel fallback while no agent runs, hand-over
+    /// to the next agent). One directory per agent; `switchyard uninstall` removes it.
+    pub bpffs_dir: PathBuf,
+    /// Unix socket where the running agent hands its listening sockets to a newer agent
+    /// started on the same node (upgrade without a refused connection).
+    pub handover_socket: PathBuf,
 }
 
 /// Default admin API address (linkerd2-proxy's admin port).
@@ -155,6 +167,8 @@ impl Default for AgentConfig {
             admin: Some(DEFAULT_ADMIN),
             detect: DetectConfig::default(),
             stats: true,
+            bpffs_dir: PathBuf::from(DEFAULT_BPFFS_DIR),
+            handover_socket: PathBuf::from(DEFAULT_HANDOVER_SOCKET),
         }
     }
 }
@@ -198,6 +212,11 @@ impl Config {
             && !cg.is_absolute()
         {
             problem("agent.cgroup".into(), format!("`{}` must be an absolute path", cg.display()));
+        }
+        for (field, path) in [("agent.bpffs_dir", &a.bpffs_dir), ("agent.handover_socket", &a.handover_socket)] {
+            if !path.is_absolute() {
+                problem(field.into(), format!("`{}` must be an absolute path", path.display()));
+            }
         }
         let listeners = [
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), a.listen_port),
@@ -499,6 +518,15 @@ services:
         let ConfigError::Parse { source, .. } = err.unwrap_err() else { panic!("a parse error") };
         let text = source.to_string();
         assert!(text.contains("unknown variant `h3`, expected one of `auto`, `tcp`, `http1`, `http2`"), "{text}");
+    }
+
+    #[test]
+    fn pin_directory_and_handover_socket_default_and_must_be_absolute() {
+        let c = parse("agent: {}\n").unwrap();
+        assert_eq!(c.agent.bpffs_dir, Path::new("/sys/fs/bpf/switchyard"));
+        assert_eq!(c.agent.handover_socket, Path::new("/run/switchyard/handover.sock"));
+        let fields = problems("agent: { bpffs_dir: pins, handover_socket: ho.sock }\n");
+        assert_eq!(fields, ["agent.bpffs_dir", "agent.handover_socket"]);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsFd, AsRawFd as _},
+    os::fd::{AsFd, AsRawFd as _, OwnedFd},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -59,6 +59,13 @@ pub enum ProxyError {
     },
     #[error("read the network namespace cookie of the listener (SO_NETNS_COOKIE needs Linux 5.14+)")]
     NetnsCookie(#[source] io::Error),
+    #[error(
+        "the previous agent handed over a listener on {got}, but agent.listen_port is {want}; \
+         a hand-over keeps the port: stop the previous agent first to change it"
+    )]
+    InheritedPort { got: String, want: u16 },
+    #[error("use a listener handed over by the previous agent")]
+    Inherit(#[source] io::Error),
 }
 
 /// The outbound listeners: 127.0.0.1 always, [::1] where the host has IPv6.
@@ -84,6 +91,27 @@ impl Listeners {
             Err(e) => return Err(e),
         };
         Ok(Self { v4, v6 })
+    }
+
+    /// The listening sockets of the agent this one replaces (see `handover`): the same
+    /// sockets, so there is no moment in which connects to the port are refused.
+    pub fn adopt(port: u16, v4: OwnedFd, v6: Option<OwnedFd>) -> Result<Self, ProxyError> {
+        let adopt = |fd: OwnedFd| -> Result<TcpListener, ProxyError> {
+            let std = std::net::TcpListener::from(fd);
+            let local = std.local_addr().map_err(ProxyError::Inherit)?;
+            if local.port() != port || !local.ip().is_loopback() {
+                return Err(ProxyError::InheritedPort { got: local.to_string(), want: port });
+            }
+            std.set_nonblocking(true).map_err(ProxyError::Inherit)?;
+            TcpListener::from_std(std).map_err(ProxyError::Inherit)
+        };
+        Ok(Self { v4: adopt(v4)?, v6: v6.map(adopt).transpose()? })
+    }
+
+    /// Duplicates of the listening sockets, to hand to a successor while these accept.
+    pub fn dup(&self) -> io::Result<(OwnedFd, Option<OwnedFd>)> {
+        let v6 = self.v6.as_ref().map(|l| l.as_fd().try_clone_to_owned()).transpose()?;
+        Ok((self.v4.as_fd().try_clone_to_owned()?, v6))
     }
 
     /// Cookie of the network namespace the listeners live in. The kernel programs only

@@ -1,36 +1,55 @@
 //! The kernel side, seen from the agent: load the embedded eBPF object, fill its maps,
 //! attach its programs to a cgroup, and read what they record. The only user of aya.
 //!
-//! Lifetime: everything attached belongs to [`Redirect`]. Dropping it (normal exit, an
-//! error half-way through `start`, a panic) closes the link fds and so detaches every
-//! program; a killed process gets the same from the kernel when its fds close. Nothing is
-//! pinned, so nothing outlives the agent.
+//! Lifetime: the maps and the cgroup links are pinned in the agent's bpffs directory
+//! (`pins`), so they outlive the process on purpose. A killed agent leaves the programs
+//! attached, and they serve connects from the kernel (fallback) until the next agent
+//! starts; that agent loads against the same pinned maps and swaps its programs into the
+//! pinned links in place (`link::update`). Dropping [`Redirect`] therefore detaches
+//! nothing: only [`uninstall`] (the `uninstall` command, or a stop with no successor)
+//! removes the programs and the pins. See docs/lifecycle.md.
 
 mod host;
+mod link;
+mod pins;
 
 use std::{
     fs::File,
     net::SocketAddr,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        links::{FdLink, LinkError},
+    },
 };
 pub use host::{HostError, attach_cgroup, cgroup2_root, check_privileges};
-use switchyard_common::{AgentV1, OrigDstV2, ServiceV1, SockAddrV1, counter, map, prog};
-use tracing::info;
+pub use pins::{PinDir, PinError, Removed, uninstall};
+use switchyard_common::{AgentV1, BackendsV1, MAX_BACKENDS, OrigDstV2, ServiceV1, SockAddrV1, counter, map, prog};
+use tracing::{info, warn};
 
 /// The compiled programs, built by build.rs from `ebpf/`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switchyard-ebpf"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
-    #[error("load the eBPF object into the kernel")]
-    Load(#[source] aya::EbpfError),
+    #[error(
+        "load the eBPF object into the kernel (with its maps pinned in {}; if they were \
+         pinned by an incompatible switchyard, `switchyard uninstall` removes them)",
+        pins.display()
+    )]
+    Load {
+        pins: PathBuf,
+        // Boxed: the loader's error is large, and every Result of this module carries it.
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
     #[error("the embedded eBPF object has no {kind} named {name}; agent and ebpf/ were built from different sources")]
     Missing { kind: &'static str, name: &'static str },
     #[error("load program {name} (the verifier log, if any, is below)")]
@@ -58,12 +77,41 @@ pub enum RedirectError {
         #[source]
         source: MapError,
     },
+    #[error("remove the pins of an older switchyard")]
+    Stale(#[source] PinError),
+    #[error("pin or reuse the link of {name} at {}", path.display())]
+    Link {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: LinkPinError,
+    },
 }
 
-/// Loaded and attached programs plus the maps the agent writes. Detaches on drop.
+/// Why a pinned link could not be created, opened or updated.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkPinError {
+    #[error("open the pinned link")]
+    Open(#[source] std::io::Error),
+    #[error("the program was attached without a bpf_link (kernel older than 5.7?)")]
+    NotFdLink(#[source] LinkError),
+    #[error("pin the link")]
+    Pin(#[source] aya::pin::PinError),
+    #[error("swap the new program into the pinned link")]
+    Update(#[source] std::io::Error),
+    #[error("detach the link left on the previous cgroup")]
+    Detach(#[source] std::io::Error),
+    #[error("remove the link pin left on the previous cgroup")]
+    Remove(#[source] std::io::Error),
+}
+
+/// Loaded and attached programs plus the maps the agent writes. Everything stays attached
+/// and pinned when it is dropped; see [`uninstall`].
 pub struct Redirect {
-    cgroup: PathBuf,
     services: HashMap<MapData, SockAddrV1, ServiceV1>,
+    backends: HashMap<MapData, SockAddrV1, BackendsV1>,
+    /// What `backends` holds, so a sync writes only the entries that changed.
+    backends_written: std::collections::HashMap<SockAddrV1, BackendsV1>,
     counters: Arc<KernelCounters>,
     sock_orig: HashMap<MapData, u64, OrigDstV2>,
     // Last: dropping it detaches the programs, after everything above is done with.
@@ -94,33 +142,57 @@ impl OrigDstTable {
 }
 
 impl Redirect {
-    /// Load the programs, publish `agent` and the service addresses, then attach to
-    /// `cgroup`. The caller must have bound the listeners named in `agent` already: from
-    /// the moment the first connect program is attached, connections go there.
+    /// Load the programs against the maps pinned in `pins` (created there on first use),
+    /// publish `agent`, the service addresses and their fallback endpoints, then attach to
+    /// `cgroup`, or swap the new programs into the links a previous agent pinned. The
+    /// caller must have bound the listeners named in `agent` already; the programs check
+    /// that a listener exists before they redirect to it in any case.
     pub fn start(
         cgroup: &Path,
+        pins: &PinDir,
         agent: AgentV1,
         services: impl IntoIterator<Item = (u32, SocketAddr)>,
+        backends: &[(SocketAddr, Vec<SocketAddr>)],
     ) -> Result<(Self, OrigDstTable), RedirectError> {
-        let mut ebpf = Ebpf::load(OBJECT).map_err(RedirectError::Load)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.path())
+            .load(OBJECT)
+            .map_err(|source| RedirectError::Load { pins: pins.path().to_owned(), source: Box::new(source) })?;
 
         let services_map = typed_map(&mut ebpf, map::SERVICES)?;
+        let backends_map: HashMap<_, SockAddrV1, BackendsV1> = typed_map(&mut ebpf, map::BACKENDS)?;
         let mut agent_map: Array<_, AgentV1> = typed_map(&mut ebpf, map::AGENT)?;
         agent_map.set(0, agent, 0).map_err(|source| RedirectError::Map { name: map::AGENT, source })?;
         let orig = OrigDstTable { map: typed_map(&mut ebpf, map::CLIENT_ORIG)? };
         let counters = Arc::new(KernelCounters(typed_map(&mut ebpf, map::COUNTERS)?));
         let sock_orig = typed_map(&mut ebpf, map::SOCK_ORIG)?;
-        let mut redirect = Self { cgroup: cgroup.to_owned(), services: services_map, counters, sock_orig, ebpf };
+        // A reused map may hold entries of the previous agent: start from what is there.
+        let backends_written = backends_map.iter().filter_map(Result::ok).collect();
+        let mut redirect =
+            Self { services: services_map, backends: backends_map, backends_written, counters, sock_orig, ebpf };
         redirect.sync_services(services)?;
+        redirect.sync_backends(backends)?;
 
         let cgroup_dir =
             File::open(cgroup).map_err(|source| RedirectError::OpenCgroup { path: cgroup.to_owned(), source })?;
+        let cgroup_id =
+            pins::cgroup_id(cgroup).map_err(|source| RedirectError::OpenCgroup { path: cgroup.to_owned(), source })?;
         // sock_ops and getpeername first, connect last: by the time a connect can be
         // redirected, everything that follows it through is in place.
+        let mut replaced = 0;
         for name in prog::ALL {
-            attach(&mut redirect.ebpf, name, &cgroup_dir, cgroup)?;
+            replaced += attach(&mut redirect.ebpf, name, &cgroup_dir, cgroup, cgroup_id, pins)? as usize;
         }
-        info!(cgroup = %cgroup.display(), programs = prog::ALL.len(), "attached redirect programs");
+        let stale = pins.remove_stale().map_err(RedirectError::Stale)?;
+        info!(
+            cgroup = %cgroup.display(),
+            pins = %pins.path().display(),
+            attached = prog::ALL.len() - replaced,
+            replaced_in_place = replaced,
+            stale_links_removed = stale.links,
+            stale_maps_removed = stale.maps,
+            "redirect programs in place"
+        );
         Ok((redirect, orig))
     }
 
@@ -139,6 +211,35 @@ impl Redirect {
         }
         for (key, id) in want {
             self.services.insert(key, ServiceV1 { id, _reserved: 0 }, 0).map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Make the kernel's fallback endpoints exactly `backends` (service address -> its
+    /// healthy endpoints), writing only the entries that changed. Each entry is replaced
+    /// whole, so the kernel never reads a half-written set.
+    pub fn sync_backends(&mut self, backends: &[(SocketAddr, Vec<SocketAddr>)]) -> Result<(), RedirectError> {
+        let err = |source| RedirectError::Map { name: map::BACKENDS, source };
+        let want: std::collections::HashMap<SockAddrV1, BackendsV1> =
+            backends.iter().map(|(svc, eps)| (SockAddrV1::from(*svc), encode_backends(eps))).collect();
+        let gone: Vec<SockAddrV1> = self.backends_written.keys().filter(|k| !want.contains_key(k)).copied().collect();
+        for key in gone {
+            match self.backends.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(err(e)),
+            }
+            self.backends_written.remove(&key);
+        }
+        let mut changed = 0;
+        for (key, value) in want {
+            if self.backends_written.get(&key) != Some(&value) {
+                self.backends.insert(key, value, 0).map_err(err)?;
+                self.backends_written.insert(key, value);
+                changed += 1;
+            }
+        }
+        if changed > 0 {
+            tracing::debug!(changed, "fallback endpoints updated");
         }
         Ok(())
     }
@@ -173,10 +274,15 @@ impl KernelCounters {
     }
 }
 
-impl Drop for Redirect {
-    fn drop(&mut self) {
-        info!(cgroup = %self.cgroup.display(), "detaching redirect programs");
+/// The map value for a set of endpoints: the first `MAX_BACKENDS` (callers pass them in
+/// a stable order, so an unchanged set encodes to an unchanged value).
+fn encode_backends(endpoints: &[SocketAddr]) -> BackendsV1 {
+    let mut value = BackendsV1::default();
+    for (slot, ep) in value.addrs.iter_mut().zip(endpoints) {
+        *slot = SockAddrV1::from(*ep);
     }
+    value.count = endpoints.len().min(MAX_BACKENDS) as u32;
+    value
 }
 
 fn typed_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
@@ -187,22 +293,86 @@ where
     T::try_from(map).map_err(|source| RedirectError::Map { name, source })
 }
 
-fn attach(ebpf: &mut Ebpf, name: &'static str, cgroup_dir: &File, cgroup: &Path) -> Result<(), RedirectError> {
+/// Load program `name`, then either swap it into the link pinned for it (returns true) or
+/// attach it to `cgroup` through a new bpf_link and pin that (returns false).
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup_dir: &File,
+    cgroup: &Path,
+    cgroup_id: u64,
+    pins: &PinDir,
+) -> Result<bool, RedirectError> {
     let program = ebpf.program_mut(name).ok_or(RedirectError::Missing { kind: "program", name })?;
     let load_err = |source| RedirectError::Program { name, source };
     let attach_err = |source| RedirectError::Attach { name, cgroup: cgroup.to_owned(), source };
+    let path = pins.link(name);
+    let link_err = |source| RedirectError::Link { name, path: path.clone(), source };
+    // The pinned link of a previous agent, if it is still attached to this cgroup. One on
+    // another cgroup (agent.cgroup changed) is detached once the new link is in place.
+    let mut stale = None;
+    if path.exists() {
+        let old = link::open_pinned(&path).map_err(|e| link_err(LinkPinError::Open(e)))?;
+        match link::cgroup_id(old.as_fd()) {
+            Ok(Some(id)) if id == cgroup_id => {
+                let prog_fd = if name == prog::SOCK_OPS {
+                    let p: &mut SockOps = program.try_into().map_err(load_err)?;
+                    p.load().map_err(load_err)?;
+                    p.fd().map_err(load_err)?.as_fd().try_clone_to_owned()
+                } else {
+                    let p: &mut CgroupSockAddr = program.try_into().map_err(load_err)?;
+                    p.load().map_err(load_err)?;
+                    p.fd().map_err(load_err)?.as_fd().try_clone_to_owned()
+                };
+                let prog_fd = prog_fd.map_err(|e| link_err(LinkPinError::Update(e)))?;
+                link::update(old.as_fd(), prog_fd.as_fd()).map_err(|e| link_err(LinkPinError::Update(e)))?;
+                return Ok(true);
+            }
+            _ => stale = Some(old),
+        }
+    }
     // Attached through bpf_link, which always coexists with other programs on the cgroup
-    // (Cilium, systemd, a second agent during an upgrade); the mode flag is for the legacy
-    // attach path only.
+    // (Cilium, systemd); the mode flag is for the legacy attach path only.
     let mode = CgroupAttachMode::Single;
-    if name == prog::SOCK_OPS {
+    let link: FdLink = if name == prog::SOCK_OPS {
         let p: &mut SockOps = program.try_into().map_err(load_err)?;
         p.load().map_err(load_err)?;
-        p.attach(cgroup_dir, mode).map_err(attach_err)?;
+        let id = p.attach(cgroup_dir, mode).map_err(attach_err)?;
+        p.take_link(id).map_err(load_err)?.try_into().map_err(|e| link_err(LinkPinError::NotFdLink(e)))?
     } else {
         let p: &mut CgroupSockAddr = program.try_into().map_err(load_err)?;
         p.load().map_err(load_err)?;
-        p.attach(cgroup_dir, mode).map_err(attach_err)?;
+        let id = p.attach(cgroup_dir, mode).map_err(attach_err)?;
+        p.take_link(id).map_err(load_err)?.try_into().map_err(|e| link_err(LinkPinError::NotFdLink(e)))?
+    };
+    if let Some(old) = stale {
+        warn!(program = name, cgroup = %cgroup.display(), "moving the program from the cgroup it was attached to before");
+        match link::detach(old.as_fd()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => {}
+            Err(e) => return Err(link_err(LinkPinError::Detach(e))),
+        }
+        std::fs::remove_file(&path).map_err(|e| link_err(LinkPinError::Remove(e)))?;
     }
-    Ok(())
+    // Pinned, the link stays attached after the process ends (see the module docs).
+    link.pin(&path).map_err(|e| link_err(LinkPinError::Pin(e)))?;
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_encode_in_order_and_keep_at_most_the_map_slots() {
+        let eps: Vec<SocketAddr> = (0..40).map(|i| SocketAddr::from(([10, 0, 0, i as u8], 80))).collect();
+        let v = encode_backends(&eps[..2]);
+        assert_eq!(v.count, 2);
+        assert_eq!(v.addrs[1], SockAddrV1::from(eps[1]));
+        assert_eq!(v.addrs[2], SockAddrV1::default(), "unused slots stay zero, so equal sets encode equally");
+        let full = encode_backends(&eps);
+        assert_eq!(full.count as usize, MAX_BACKENDS);
+        assert_eq!(full.addrs[MAX_BACKENDS - 1], SockAddrV1::from(eps[MAX_BACKENDS - 1]));
+        assert_eq!(encode_backends(&[]).count, 0);
+    }
 }

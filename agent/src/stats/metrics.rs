@@ -134,7 +134,7 @@ impl Default for Metrics {
         );
         r.register(
             "kernel_decisions",
-            "Decisions of the kernel programs since the agent started (cumulative)",
+            "Decisions of the kernel programs since they were installed on this node (cumulative; the counters are pinned, so they survive agent restarts)",
             m.kernel.clone(),
         );
         m
