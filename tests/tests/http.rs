@@ -119,6 +119,10 @@ fn requests_on_one_http1_or_h2_connection_are_balanced_one_by_one() {
     require_tools(&["nginx", "curl", "nghttp"]);
     let topo = Topology::with_hosts(3);
     let _nginx: Vec<Nginx> = (0..3).map(|i| nginx(&topo, i, 200)).collect();
+    let legacy_addr = format!("{}:8090", host_v4(2));
+    let mut legacy = Command::new("python3");
+    legacy.args(["-m", "http.server", "8090", "--bind", &host_v4(2)]).current_dir(files_dir(&topo));
+    let _legacy = topo.host_server(2, &mut legacy, &legacy_addr);
     let ep = |port: u16| (0..3).map(|i| format!("\"{}:{port}\"", host_v4(i))).collect::<Vec<_>>().join(", ");
     let agent = Agent::start(
         &topo,
@@ -129,6 +133,7 @@ services:
   - {{ name: web-h2, addresses: ["10.96.0.31:80"], endpoints: [{h2}], balance: round-robin }}
   - {{ name: web-canary, endpoints: ["{canary}:8080"] }}
   - {{ name: web-other, addresses: ["10.96.0.33:80"], endpoints: ["{canary}:8080"] }}
+  - {{ name: legacy, addresses: ["10.96.0.34:80"], endpoints: ["{canary}:8090"] }}
 "#,
             cg = topo.cgroup.path.display(),
             h1 = ep(8080),
@@ -161,6 +166,16 @@ services:
     args.extend(urls("http://10.96.0.30/who", 9));
     let out = stdout(&curl(&topo, &args.iter().map(String::as_str).collect::<Vec<_>>()));
     assert_eq!(tally(&out).len(), 3, "a disallowed override is ignored (round-robin over web):\n{out}");
+
+    // An endpoint answering HTTP/1.0 (Python's http.server) does not turn the client's
+    // keep-alive HTTP/1.1 connection into HTTP/1.0: each hop speaks its own version.
+    let mut args = vec!["-w".to_owned(), "connects=%{num_connects} version=%{http_version}\n".to_owned()];
+    args.extend(urls("http://10.96.0.34/", 5));
+    let out = stdout(&curl(&topo, &args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let connects: usize =
+        out.lines().filter_map(|l| l.split("connects=").nth(1)?.split(' ').next()?.parse::<usize>().ok()).sum();
+    assert_eq!(connects, 1, "5 requests on one connection despite the endpoint's HTTP/1.0:\n{out}");
+    assert_eq!(out.matches("version=1.1").count(), 5, "{out}");
 
     // The agent saw two connections carrying 60 requests each.
     let log = agent.stop();

@@ -67,6 +67,16 @@ services:
         curl(url)?;
     }
 
+    println!("\n== One curl, one keep-alive connection, six requests: each request picks its own endpoint:");
+    let mut one_conn = Command::new("curl");
+    one_conn.args(["-sS", "--max-time", "5", "-w", "  (connections opened: %{num_connects})\n"]);
+    one_conn.args(["http://10.96.0.20/"; 6]);
+    let out = topo.client(&mut one_conn);
+    ensure!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        println!("   {line}");
+    }
+
     println!("\n== Backend {b1}:8080 dies; the clients do not notice (retried elsewhere, then ejected):");
     servers[1].kill();
     for url in ["http://10.96.0.20/"; 6] {
@@ -94,9 +104,18 @@ services:
         let fields: Vec<&str> = event
             .split_whitespace()
             .filter(|w| {
-                ["outcome=", "client.comm=", "orig.dst=", "service=", "endpoint=", "bytes."]
-                    .iter()
-                    .any(|p| w.starts_with(p))
+                [
+                    "outcome=",
+                    "client.comm=",
+                    "orig.dst=",
+                    "service=",
+                    "protocol=",
+                    "http.requests=",
+                    "endpoint=",
+                    "bytes.",
+                ]
+                .iter()
+                .any(|p| w.starts_with(p))
             })
             .collect();
         println!("   {}", fields.join(" "));

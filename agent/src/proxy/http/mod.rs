@@ -334,7 +334,10 @@ impl Downstream {
                 Some(Ok(resp)) => {
                     let latency = t0.elapsed();
                     self.http.pool.give_back(lent);
-                    let (rparts, rbody) = resp.into_parts();
+                    let (mut rparts, rbody) = resp.into_parts();
+                    // Each hop speaks its own version: an HTTP/1.0 answer from the endpoint
+                    // must not turn the client's keep-alive HTTP/1.1 connection into 1.0.
+                    rparts.version = parts.version;
                     let meter = self.meter(svc, ep.addr, Direction::In);
                     let mut resp = Response::from_parts(rparts, RespBody::upstream(rbody, meter, Some(guard)));
                     let mut retry_it = retryable(resp.status(), resp.headers(), retry);
