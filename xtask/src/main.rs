@@ -76,7 +76,10 @@ fn main() -> anyhow::Result<()> {
             let image = if bootstrap::is_root() { Some(image::build(false)?) } else { None };
             test(&bin, image.as_ref(), &args)
         }
-        Cmd::Image { debug } => image::build(!debug).map(drop),
+        Cmd::Image { debug } => {
+            bootstrap::toolchain()?;
+            image::build(!debug).map(drop)
+        }
         Cmd::Demo => {
             bootstrap::all()?;
             let bin = build_agent(false)?;
