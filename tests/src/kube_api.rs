@@ -13,7 +13,7 @@
 //! watches (so clients must relist), and failing requests (so clients must back off).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -66,6 +66,42 @@ struct State {
     compacted_before: u64,
     fail_next: u32,
     requests: u64,
+    /// Every kind of request seen, as RBAC names it.
+    access: BTreeSet<Access>,
+}
+
+/// A request as the API server's authorizer sees it: (verb, API group, resource), for
+/// example ("watch", "discovery.k8s.io", "endpointslices"). A path that names no
+/// resource is (verb, "", path), as RBAC's nonResourceURLs.
+pub type Access = (String, String, String);
+
+/// RBAC's view of `method path` (watch: the query asked for a watch).
+fn access(method: &hyper::Method, path: &str, watch: bool) -> Access {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match segments.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => ("", &[][..]),
+    };
+    // namespaces/NS/RESOURCE[/NAME] is a namespaced resource; namespaces[/NAME] is not.
+    let rest = match rest {
+        ["namespaces", _ns, rest @ ..] if !rest.is_empty() => rest,
+        rest => rest,
+    };
+    let Some(resource) = rest.first() else { return (method.as_str().to_lowercase(), String::new(), path.to_owned()) };
+    let named = rest.len() > 1;
+    let verb = match (method.as_str(), named, watch) {
+        ("GET", _, true) => "watch",
+        ("GET", true, _) => "get",
+        ("GET", false, _) => "list",
+        ("POST", ..) => "create",
+        ("PUT", ..) => "update",
+        ("PATCH", ..) => "patch",
+        ("DELETE", true, _) => "delete",
+        ("DELETE", false, _) => "deletecollection",
+        (other, ..) => other,
+    };
+    (verb.to_owned(), group.to_owned(), (*resource).to_owned())
 }
 
 /// Handle to a running stand-in; stops with the test.
@@ -156,6 +192,11 @@ impl KubeApi {
         self.state.lock().unwrap().fail_next = n;
     }
 
+    /// Every kind of request made so far, as RBAC names it (see [`Access`]).
+    pub fn access(&self) -> BTreeSet<Access> {
+        self.state.lock().unwrap().access.clone()
+    }
+
     /// Requests served so far (to see that clients came back).
     pub fn requests(&self) -> u64 {
         self.state.lock().unwrap().requests
@@ -202,6 +243,8 @@ impl Server {
         {
             let mut s = self.state.lock().unwrap();
             s.requests += 1;
+            let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+            s.access.insert(access(req.method(), req.uri().path(), watch));
             if s.fail_next > 0 {
                 s.fail_next -= 1;
                 return json_response(500, status(500, "InternalError", "injected failure"));

@@ -3,6 +3,8 @@
 //! here). Services and EndpointSlices change while clients connect through the redirect;
 //! the API fails, expires watches and serves bad objects.
 
+mod manifests;
+
 use std::{path::Path, thread, time::Duration};
 
 use serde_json::{Value, json};
@@ -149,5 +151,35 @@ fn api_errors_expired_watches_and_bad_objects_keep_the_last_good_state() {
     });
     assert_eq!(c.reached("10.96.0.30:7000").as_deref(), Some(h0.as_str()), "the static service is untouched");
     assert_eq!(c.reached("10.96.0.20:80").as_deref(), Some(h1.as_str()), "the last good cluster view stays");
+    c.agent.stop();
+}
+
+/// The deployed ClusterRole is least privilege: what the agent asks the API server for,
+/// from start to watching, is exactly what the role grants, no more (it would be refused
+/// in a cluster) and no less (a grant nobody uses).
+#[test]
+fn the_agent_asks_for_exactly_what_the_deployed_cluster_role_grants() {
+    let Some(c) = cluster("the_agent_asks_for_exactly_what_the_deployed_cluster_role_grants", 1, "  []\n") else {
+        return;
+    };
+    let role = manifests::load().cluster_role;
+    let mut granted = std::collections::BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    granted.insert((verb.clone(), group.clone(), resource.clone()));
+                }
+            }
+        }
+    }
+    assert_eq!(c.reached("10.96.0.20:80").as_deref(), Some(format!("{}:7000", host_v4(0)).as_str()), "synced");
+    // Watches open right after the first lists.
+    eventually(
+        Duration::from_secs(5),
+        "every grant of the ClusterRole to be used (one never used is more than the agent needs)",
+        || c.api.access().is_superset(&granted),
+    );
+    assert_eq!(c.api.access(), granted, "requests (left) against the ClusterRole in deploy/ (right)");
     c.agent.stop();
 }

@@ -33,10 +33,15 @@ const DEBIAN: &[(&str, &str)] = &[
     ("openssl", "openssl"),
 ];
 
+/// What `cargo xtask image` needs besides the toolchain: a C compiler for musl (ring's C
+/// and assembly) and umoci to write the OCI image.
+const DEBIAN_IMAGE: &[(&str, &str)] = &[("musl-gcc", "musl-tools"), ("umoci", "umoci")];
+
 pub fn all() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
     debian_packages()?;
+    image_tools()?;
     python_packages()?;
     node_packages()
 }
@@ -49,6 +54,17 @@ const PYPI: &[(&str, &str)] = &[
     ("grpc", "grpcio==1.85.3"),
     ("websockets", "websockets==15.0.1"),
 ];
+
+/// The musl target and the Debian tools that build the container image.
+pub fn image_tools() -> anyhow::Result<()> {
+    let target = crate::image::MUSL;
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !installed.lines().any(|l| l.trim() == target) {
+        eprintln!("xtask: adding the {target} target (the image's static binary)");
+        status(Command::new("rustup").args(["target", "add", target]))?;
+    }
+    install_debian(DEBIAN_IMAGE)
+}
 
 fn python_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = PYPI
