@@ -97,6 +97,11 @@ impl PinDir {
         &self.path
     }
 
+    /// Nothing pinned yet: no agent ran here since the last removal (a first install).
+    pub fn is_empty(&self) -> bool {
+        std::fs::read_dir(&self.path).map(|mut d| d.next().is_none()).unwrap_or(true)
+    }
+
     /// Where the cgroup link of program `name` is pinned.
     pub fn link(&self, name: &str) -> PathBuf {
         self.path.join(format!("{}{name}", pin::LINK_PREFIX))
