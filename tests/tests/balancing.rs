@@ -63,9 +63,14 @@ fn killing_a_backend_fails_no_new_connection_and_it_returns_after_its_back_off()
     let before = shares(&conns.iter().filter(|c| c.end_ms < t_kill).cloned().collect::<Vec<_>>());
     assert_eq!(before.len(), 3, "all three endpoints served before the kill: {before:?}");
 
-    // Bring it back: after its back-off (1 s, jittered) a trial succeeds and it rejoins.
+    // Bring it back: after its back-off (1 s, jittered; doubled if a trial already failed
+    // while it was down) a trial connection succeeds and it rejoins. Trials ride on real
+    // connections, so trickle some until it is back, then measure.
     servers[1] = topo.echo_server(1, 7000, 0);
-    thread::sleep(Duration::from_millis(1500));
+    switchyard_tests::eventually(Duration::from_secs(10), "the endpoint back in service", || {
+        topo.load("10.96.0.10:7000", &["--conns", "10", "--concurrency", "1"], None).wait();
+        agent.log().contains("endpoint back in service")
+    });
     let conns = topo.load("10.96.0.10:7000", &["--conns", "300", "--concurrency", "2"], None).wait();
     assert!(conns.iter().all(|c| c.outcome.is_ok()), "{conns:?}");
     let back = shares(&conns);
