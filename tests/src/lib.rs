@@ -289,6 +289,14 @@ impl Topology {
         self.bpffs.mount.join("switchyard")
     }
 
+    /// `switchyard uninstall --bpffs-dir <this topology's pins>`: (succeeded, stdout).
+    pub fn uninstall(&self) -> (bool, String) {
+        let out = Command::new(switchyard_bin()).arg("uninstall").arg("--bpffs-dir").arg(self.pin_dir()).output();
+        let out = out.expect("run switchyard uninstall");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
     /// The agent's hand-over socket (`agent.handover_socket`) for this topology's node.
     pub fn handover_socket(&self) -> PathBuf {
         self.dir.path().join("run/handover.sock")

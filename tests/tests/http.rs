@@ -106,6 +106,11 @@ fn assert_spread(what: &str, out: &str) {
     }
 }
 
+/// `"host0:port", "host1:port", ...` for a YAML endpoint list.
+fn endpoints(hosts: usize, port: u16) -> String {
+    (0..hosts).map(|i| format!("\"{}:{port}\"", host_v4(i))).collect::<Vec<_>>().join(", ")
+}
+
 /// `n` URLs for one curl invocation: curl sends them all on one connection.
 fn urls(base: &str, n: usize) -> Vec<String> {
     (0..n).map(|_| base.to_owned()).collect()
@@ -123,7 +128,7 @@ fn requests_on_one_http1_or_h2_connection_are_balanced_one_by_one() {
     let mut legacy = Command::new("python3");
     legacy.args(["-m", "http.server", "8090", "--bind", &host_v4(2)]).current_dir(files_dir(&topo));
     let _legacy = topo.host_server(2, &mut legacy, &legacy_addr);
-    let ep = |port: u16| (0..3).map(|i| format!("\"{}:{port}\"", host_v4(i))).collect::<Vec<_>>().join(", ");
+    let ep = |port: u16| endpoints(3, port);
     let agent = Agent::start(
         &topo,
         &format!(
@@ -205,7 +210,7 @@ fn grpc_calls_on_one_channel_are_balanced_and_unavailable_is_retried() {
             topo.host_server(i, &mut cmd, &target)
         })
         .collect();
-    let eps = (0..3).map(|i| format!("\"{}:50051\"", host_v4(i))).collect::<Vec<_>>().join(", ");
+    let eps = endpoints(3, 50051);
     let agent = Agent::start(
         &topo,
         &format!(
@@ -242,7 +247,7 @@ fn retryable_503s_are_hidden_within_the_budget_and_the_budget_stops_a_storm() {
     let topo = Topology::with_hosts(3);
     // Host 2 answers /flaky with 503; every host answers /down with 503.
     let nginx: Vec<Nginx> = (0..3).map(|i| nginx(&topo, i, if i == 2 { 503 } else { 200 })).collect();
-    let eps = (0..3).map(|i| format!("\"{}:8080\"", host_v4(i))).collect::<Vec<_>>().join(", ");
+    let eps = endpoints(3, 8080);
     // A budget of 50% + 1/s over 10 s and no ejection, so the budget alone bounds the
     // retries. (Round-robin sends every other /flaky request to host 2 first: 30
     // retries for 60 requests.)

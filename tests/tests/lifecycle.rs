@@ -202,14 +202,8 @@ fn kill_restart_upgrade_and_remove_under_load() {
         objects.still_loaded().is_empty()
     });
     // And the command is idempotent: a second removal finds nothing to do.
-    let out = Command::new(switchyard_tests::switchyard_bin())
-        .arg("uninstall")
-        .arg("--bpffs-dir")
-        .arg(topo.pin_dir())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing of switchyard's is pinned"));
+    let (ok, out) = topo.uninstall();
+    assert!(ok && out.contains("nothing of switchyard's is pinned"), "{out}");
 }
 
 #[test]

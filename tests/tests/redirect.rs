@@ -228,15 +228,8 @@ fn stopping_detaches_everything_and_killing_leaves_the_kernel_serving() {
     let hello = run.get("hello").unwrap();
     assert!(addr::BACKEND_V4.iter().any(|a| hello == format!("{a}:7000")), "fallback reached an endpoint: {hello}");
     // `switchyard uninstall` removes what the killed agent left.
-    let out = Command::new(switchyard_tests::switchyard_bin())
-        .arg("uninstall")
-        .arg("--bpffs-dir")
-        .arg(topo.pin_dir())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "uninstall: {stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("detached 5 programs and removed 6 pinned maps"), "{stdout}");
+    let (ok, out) = topo.uninstall();
+    assert!(ok && out.contains("detached 5 programs and removed 6 pinned maps"), "uninstall: {out}");
     assert!(topo.attached_programs().is_empty());
     assert!(!topo.pin_dir().exists());
     assert_eq!(topo.probe("10.96.0.10:7000", 0).get("connect_errno"), Some(ENETUNREACH));
