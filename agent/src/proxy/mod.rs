@@ -228,7 +228,9 @@ impl Proxy {
             Protocol::Http1 => (Detected::Http1, None),
             Protocol::Http2 => (Detected::Http2, None),
             Protocol::Auto if snapshot.detect.opaque_ports.contains(&origin.dst.port()) => (Detected::Opaque, None),
-            Protocol::Auto => self.sniff(&mut client, &mut prefix, &snapshot, service, key).await,
+            // Boxed, like the HTTP path below: a connection task's future is as large as its
+            // largest state, and an idle opaque connection should not carry these.
+            Protocol::Auto => Box::pin(self.sniff(&mut client, &mut prefix, &snapshot, service, key)).await,
         };
         span.record("protocol", detected.name());
         let version = match detected {
@@ -255,13 +257,14 @@ impl Proxy {
             let shared = self.stats.enabled.then(|| conn.shared());
             let io = http::Prefixed::new(prefix, client);
             let state = self.state.clone();
-            if let Err(e) = Arc::clone(&self.http).serve(io, version, state, name, key, shared, stop).await {
+            let serve = Box::pin(Arc::clone(&self.http).serve(io, version, state, name, key, shared, stop));
+            if let Err(e) = serve.await {
                 debug!(error = %e, "HTTP connection ended with an error");
                 conn.outcome("error");
             }
             return;
         }
-        tcp::proxy(&self, client, prefix, &snapshot, service, key, &conn, opened).await;
+        tcp::proxy(&self, client, prefix, &snapshot, service, key, &conn, opened.map(Box::new)).await;
     }
 
     /// Detect the client's protocol without stalling a server that speaks first: most

@@ -32,13 +32,15 @@ pub(super) async fn proxy(
     service: &Service,
     key: u64,
     conn: &ConnHandle,
-    opened: Option<Result<Upstream<'_>, ConnectError>>,
+    // Boxed: an async fn keeps room for its arguments for its whole life, and this one's
+    // life is mostly an idle copy.
+    opened: Option<Box<Result<Upstream<'_>, ConnectError>>>,
 ) {
     let metrics = &proxy.stats.metrics;
     // Routes are followed per connection; affinity (ring hash) follows the client
     // workload: its cgroup. Detection may have connected already.
     let opened = match opened {
-        Some(r) => r,
+        Some(r) => *r,
         None => {
             let candidates = snapshot.concrete_for(service, Instant::now());
             upstream::connect(&candidates, key, proxy.mark, metrics).await
@@ -73,9 +75,20 @@ pub(super) async fn proxy(
     let mut upstream = up.stream;
     let _ = upstream.set_nodelay(true);
     let drain = up.endpoint.state.drain_token();
+    // What detection read goes first; written here, before the long copy phase, whose
+    // state every idle connection's task carries.
+    if !prefix.is_empty() {
+        if let Err(e) = upstream.write_all(&prefix).await {
+            debug!(error = %e, "could not send the client's first bytes upstream");
+            conn.outcome("error");
+            return;
+        }
+        conn.conn().bytes_out.fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    let sent_first = prefix.len() as u64;
+    drop(prefix);
     let copy = async {
         if !proxy.stats.enabled {
-            upstream.write_all(&prefix).await?;
             return copy::bidirectional(&client, &upstream, None, None).await;
         }
         let labels = Metrics::endpoint(&up.service.name, up.endpoint.addr);
@@ -90,9 +103,7 @@ pub(super) async fn proxy(
         // bytes in.
         let c = conn.conn();
         let out = Count { live: &c.bytes_out, metric: bytes(Direction::Out) };
-        // What detection read goes first.
-        upstream.write_all(&prefix).await?;
-        out.add(prefix.len());
+        out.metric.inc_by(sent_first);
         let inbound = Count { live: &c.bytes_in, metric: bytes(Direction::In) };
         let copied = copy::bidirectional(&client, &upstream, Some(out), Some(inbound)).await;
         open.dec();
