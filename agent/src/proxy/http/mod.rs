@@ -107,13 +107,16 @@ impl Http {
     /// The retry budget of `service`, kept across requests and reloads.
     fn budget(&self, service: &str, policy: &RetryConfig, now: Instant) -> Arc<Budget> {
         let mut budgets = self.budgets.lock().unwrap();
-        let b = budgets.entry(service.to_owned()).or_insert_with(|| {
-            Arc::new(Budget::new(policy.budget_ratio, policy.budget_min_per_second, policy.budget_window, now))
-        });
-        if !b.same_policy(policy.budget_ratio, policy.budget_min_per_second, policy.budget_window) {
-            *b = Arc::new(Budget::new(policy.budget_ratio, policy.budget_min_per_second, policy.budget_window, now));
+        // Looked up by &str first: this runs for every request, and the common case
+        // (known service, unchanged policy) then allocates nothing.
+        if let Some(b) = budgets.get(service)
+            && b.same_policy(policy.budget_ratio, policy.budget_min_per_second, policy.budget_window)
+        {
+            return Arc::clone(b);
         }
-        Arc::clone(b)
+        let b = Arc::new(Budget::new(policy.budget_ratio, policy.budget_min_per_second, policy.budget_window, now));
+        budgets.insert(service.to_owned(), Arc::clone(&b));
+        b
     }
 
     /// Serve one client connection until it closes (or `stop` fires: then finish the

@@ -113,13 +113,7 @@ impl Pool {
         let mut idle = self.idle.lock().unwrap();
         let conns = idle.get_mut(&(addr, version))?;
         let now = Instant::now();
-        conns.retain(|c| {
-            let keep = !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout;
-            if !keep {
-                c.task.abort();
-            }
-            keep
-        });
+        prune(conns, now, idle_timeout);
         match version {
             // HTTP/2: share the connection, keep it in the pool.
             Version::Http2 => conns.iter_mut().find(|c| c.sender.is_ready()).map(|c| {
@@ -159,13 +153,7 @@ impl Pool {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap();
         for conns in idle.values_mut() {
-            conns.retain(|c| {
-                let keep = !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout;
-                if !keep {
-                    c.task.abort();
-                }
-                keep
-            });
+            prune(conns, now, idle_timeout);
         }
         idle.retain(|_, c| !c.is_empty());
     }
@@ -203,6 +191,17 @@ impl Sender {
             Sender::H2(s) => s.is_ready(),
         }
     }
+}
+
+/// Drop (and close) connections the server closed or that sat idle for `idle_timeout`.
+fn prune(conns: &mut Vec<Idle>, now: Instant, idle_timeout: Duration) {
+    conns.retain(|c| {
+        let keep = !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout;
+        if !keep {
+            c.task.abort();
+        }
+        keep
+    });
 }
 
 async fn drive<F: std::future::Future<Output = Result<(), hyper::Error>>>(conn: F, addr: SocketAddr) {
