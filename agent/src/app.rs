@@ -150,26 +150,14 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     arm_drain_deadlines(snapshot.departures_since(&Snapshot::default()));
     let (publish, latest) = watch::channel(Arc::clone(&snapshot));
     let (publish_config, effective) = watch::channel(Arc::new(merged.clone()));
-    let first_install = pins.is_empty();
-    let started = Redirect::start(
+    let (redirect, orig) = Redirect::start(
         &cgroup,
         &pins,
         agent,
         snapshot.service_addresses(),
         &snapshot.fallback_backends(Instant::now()),
-    );
-    let (redirect, orig) = match started {
-        Ok(started) => started,
-        Err(e) => {
-            // A first install that fails halfway (a program the verifier refuses) must not
-            // leave the programs it did attach pinned. With a previous install, its pins
-            // stay: they keep serving (the in-kernel fallback) until an agent starts.
-            if first_install && let Err(u) = redirect::uninstall(pins.path()) {
-                warn!(error = %u, "could not remove what the failed start pinned");
-            }
-            return Err(e).context("start the transparent redirect");
-        }
-    };
+    )
+    .context("start the transparent redirect")?;
     let mark = main.agent.mark;
     let drain = Duration::from_secs(main.agent.drain_timeout_secs);
     let status = Arc::new(admin::Status::default());

@@ -147,7 +147,29 @@ impl Redirect {
     /// `cgroup`, or swap the new programs into the links a previous agent pinned. The
     /// caller must have bound the listeners named in `agent` already; the programs check
     /// that a listener exists before they redirect to it in any case.
+    ///
+    /// A first install (nothing pinned yet) that fails halfway, say a program the
+    /// verifier refuses, removes what it pinned; over a previous install, that install's
+    /// pins stay and keep serving (the in-kernel fallback) until an agent starts.
     pub fn start(
+        cgroup: &Path,
+        pins: &PinDir,
+        agent: AgentV1,
+        services: impl IntoIterator<Item = (u32, SocketAddr)>,
+        backends: &[(SocketAddr, Vec<SocketAddr>)],
+    ) -> Result<(Self, OrigDstTable), RedirectError> {
+        let first_install = pins.is_empty();
+        let started = Self::start_pinned(cgroup, pins, agent, services, backends);
+        if started.is_err()
+            && first_install
+            && let Err(e) = uninstall(pins.path())
+        {
+            warn!(error = %e, "could not remove what the failed start pinned");
+        }
+        started
+    }
+
+    fn start_pinned(
         cgroup: &Path,
         pins: &PinDir,
         agent: AgentV1,
