@@ -94,6 +94,14 @@ pub fn switchyard_bin() -> PathBuf {
     bin
 }
 
+/// `redis-server` arguments for a throwaway server on `bind:port`: no snapshots, no
+/// append-only file, not in protected mode (clients come from another namespace).
+pub fn redis_args(bind: &str, port: u16) -> Vec<String> {
+    ["--bind", bind, "--port", &port.to_string(), "--save", "", "--appendonly", "no", "--protected-mode", "no"]
+        .map(String::from)
+        .into()
+}
+
 /// The Python servers and clients of the HTTP tests (tests/servers/backends.py).
 pub fn backends_py() -> Command {
     let mut cmd = Command::new("python3");

@@ -466,18 +466,7 @@ fn opaque_protocols_pass_as_bytes_without_a_stall() {
         .iter()
         .map(|port| {
             let mut cmd = Command::new("redis-server");
-            cmd.args([
-                "--bind",
-                &h0,
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-            ]);
+            cmd.args(switchyard_tests::redis_args(&h0, *port));
             topo.host_server(0, &mut cmd, &format!("{h0}:{port}"))
         })
         .collect();

@@ -111,9 +111,7 @@ fn curl_and_redis_cli_reach_real_servers_through_service_addresses() {
         || topo.node_can_connect(&format!("{b}:8080")),
     );
     let _redis = topo.backend_server(
-        Command::new("redis-server")
-            .args(["--bind", b, "--port", "6379", "--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .current_dir(topo.dir.path()),
+        Command::new("redis-server").args(switchyard_tests::redis_args(b, 6379)).current_dir(topo.dir.path()),
         || topo.node_can_connect(&format!("{b}:6379")),
     );
     let config = format!(

@@ -297,32 +297,14 @@ fn setup(bin: &Path, probe: &Path, envoy: &Path, maxconn: u64) -> anyhow::Result
         ),
     )?;
     let nginx_conf = nginx.to_string_lossy().into_owned();
-    let maxclients = "20000".to_owned();
+    let mut redis = vec!["redis-server".to_owned()];
+    redis.extend(switchyard_tests::redis_args(&h, REDIS));
+    redis.extend(["--maxclients".into(), "20000".into(), "--dir".into(), dir.to_string_lossy().into_owned()]);
+    let redis: Vec<&str> = redis.iter().map(String::as_str).collect();
     let backends = vec![
         start(&topo, true, &["nginx", "-c", &nginx_conf], "1")?,
         start(&topo, true, &["iperf3", "-s", "-B", &h, "-p", &IPERF.to_string()], "1")?,
-        start(
-            &topo,
-            true,
-            &[
-                "redis-server",
-                "--bind",
-                &h,
-                "--port",
-                &REDIS.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-                "--maxclients",
-                &maxclients,
-                "--dir",
-                &dir.to_string_lossy(),
-            ],
-            "1",
-        )?,
+        start(&topo, true, &redis, "1")?,
     ];
     for port in [HTTP, IPERF, REDIS] {
         wait_up(&topo, &format!("{h}:{port}"))?;

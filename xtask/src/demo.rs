@@ -32,9 +32,7 @@ pub fn run(bin: &Path) -> anyhow::Result<()> {
         servers.push(topo.backend_server(&mut cmd, || topo.node_can_connect(&format!("{ip}:{port}"))));
     }
     let mut redis = Command::new("redis-server");
-    redis
-        .args(["--bind", b0, "--port", "6379", "--save", "", "--appendonly", "no", "--protected-mode", "no"])
-        .current_dir(topo.dir.path());
+    redis.args(switchyard_tests::redis_args(b0, 6379)).current_dir(topo.dir.path());
     servers.push(topo.backend_server(&mut redis, || topo.node_can_connect(&format!("{b0}:6379"))));
 
     let config = format!(
