@@ -36,14 +36,20 @@ pub mod prog {
 /// changes: the suffix follows the version of the type it holds.
 pub mod map {
     pub const SERVICES: &str = "SY_SERVICES";
-    pub const AGENT: &str = "SY_AGENT";
-    pub const SOCK_ORIG: &str = "SY_SOCK_ORIG2";
-    pub const CLIENT_ORIG: &str = "SY_CLIENT_ORIG2";
+    pub const AGENT: &str = "SY_AGENT2";
+    pub const SOCK_ORIG: &str = "SY_SOCK_ORIG3";
+    pub const CLIENT_ORIG: &str = "SY_CLIENT_ORIG3";
     /// Holds `counter::COUNT` slots: bump the suffix when counters are added.
-    pub const COUNTERS: &str = "SY_COUNTERS2";
+    pub const COUNTERS: &str = "SY_COUNTERS3";
     pub const BACKENDS: &str = "SY_BACKENDS1";
+    /// SOCKMAP of the agent's listening sockets, indexed by `listener::*`.
+    pub const LISTENERS: &str = "SY_LISTENERS1";
+    /// Network namespace cookie -> `NetnsV1`: can that namespace reach the agent?
+    pub const NETNS: &str = "SY_NETNS1";
+    /// cgroup ids whose connects are never touched (`agent.exclude_cgroups`).
+    pub const EXCLUDE: &str = "SY_EXCLUDE1";
     /// Every map, all pinned.
-    pub const ALL: [&str; 6] = [SERVICES, AGENT, SOCK_ORIG, CLIENT_ORIG, COUNTERS, BACKENDS];
+    pub const ALL: [&str; 9] = [SERVICES, AGENT, SOCK_ORIG, CLIENT_ORIG, COUNTERS, BACKENDS, LISTENERS, NETNS, EXCLUDE];
     /// Prefix of every map name: what `switchyard uninstall` and the tests recognise as ours.
     pub const PREFIX: &str = "SY_";
 }
@@ -140,55 +146,128 @@ pub struct ServiceV1 {
 }
 const _: () = assert!(core::mem::size_of::<ServiceV1>() == 8);
 
-/// Value of the single-slot `SY_AGENT` array: where redirected connects go.
+/// Value of the single-slot `SY_AGENT` array: where redirected connects go. V2: adds the
+/// node addresses (for connects from other network namespaces), the pod mode and the
+/// exclusion walk.
 ///
-/// The programs redirect to this listener only while a listening socket exists there
-/// (they look it up on every connect), so a half-started or dead agent never receives a
-/// connection; until the agent writes the slot (`listen_port == 0`) nothing is redirected.
+/// The programs redirect to a listener only while its socket is in `SY_LISTENERS` (the
+/// kernel drops the entry when the socket's last fd closes), so a half-started or dead
+/// agent never receives a connection; until the agent writes the slot
+/// (`listen_port == 0`) nothing is redirected.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AgentV1 {
-    /// IPv4 listener address, network order (normally 127.0.0.1).
+pub struct AgentV2 {
+    /// IPv4 loopback listener address, network order (127.0.0.1): for clients in the
+    /// agent's own network namespace.
     pub listen_v4: u32,
-    /// IPv6 listener address, network-order words (normally ::1).
+    /// IPv6 loopback listener address, network-order words (::1).
     pub listen_v6: [u32; 4],
+    /// IPv4 node address, network order (default 169.254.83.89): on the agent's `lo`, and
+    /// reached from other network namespaces through their default route. 0: none.
+    pub node_v4: u32,
+    /// IPv6 node address, network-order words (default fd00:5359::1). Zero: none.
+    pub node_v6: [u32; 4],
     /// Listener port, network order. 0 means "no agent yet: redirect to no listener".
     pub listen_port: u16,
-    pub _pad: u16,
+    /// What to do with connects from other network namespaces: `pods::*` (host order).
+    pub pods: u16,
     /// SO_MARK carried by the agent's own upstream sockets (host order). Sockets with
     /// this mark are never redirected; setting SO_MARK needs CAP_NET_ADMIN, so an
     /// application cannot use it to slip past the redirect.
     pub mark: u32,
-    pub _pad2: u32,
-    /// Network namespace cookie of the agent's listener (host order). Connects from
-    /// other namespaces are passed untouched: 127.0.0.1 there is not our listener.
+    /// How many cgroups `SY_EXCLUDE` holds (host order); 0 skips the ancestor walk.
+    pub excluded: u32,
+    /// cgroup v2 level of the attach cgroup (host order; the root is 0): the exclusion
+    /// walk starts there, since nothing above it runs our programs.
+    pub cgroup_level: u32,
+    /// Network namespace cookie of the agent (host order). Connects from this namespace
+    /// go to the loopback listener, from any other to the node address.
     pub netns_cookie: u64,
 }
-const _: () = assert!(core::mem::size_of::<AgentV1>() == 40);
+const _: () = assert!(core::mem::size_of::<AgentV2>() == 64);
 
-/// Original destination of a redirected connection, as the client dialled it, and who
-/// dialled it. V2: adds the client's process and cgroup (recorded at connect time, when
-/// the kernel knows them and the agent cannot).
+/// `AgentV2::pods`: connects from network namespaces other than the agent's.
+pub mod pods {
+    /// Passed untouched (counted `skipped_netns`).
+    pub const OFF: u16 = 0;
+    /// To the agent's node address while the path is known to work; see `NetnsV1`.
+    pub const REDIRECT: u16 = 1;
+    /// Always to a healthy endpoint in the kernel (`fallback`), never the agent.
+    pub const FALLBACK: u16 = 2;
+}
+
+/// Slots of `SY_LISTENERS`.
+pub mod listener {
+    pub const LOOPBACK_V4: u32 = 0;
+    pub const LOOPBACK_V6: u32 = 1;
+    pub const NODE_V4: u32 = 2;
+    pub const NODE_V6: u32 = 3;
+    pub const COUNT: u32 = 4;
+}
+
+/// How many cgroup levels below the attach cgroup the exclusion walk looks at: kubelet's
+/// deepest layout (kubepods/burstable/pod<uid>/<container>) is four, systemd's slices a
+/// few more.
+pub const MAX_EXCLUDE_DEPTH: u32 = 12;
+
+/// Value of `SY_NETNS`: whether a network namespace's connects can reach the agent's node
+/// address. The first connect from an unknown namespace inserts `PROBING` and goes to the
+/// agent; while the probe is unconfirmed, that namespace's connects take the in-kernel
+/// fallback; the agent sets `REACHABLE` when it accepts a connection from it, or `BLOCKED`
+/// when one never arrives (a NetworkPolicy, an ipvlan pod, a firewall), and deletes a
+/// `BLOCKED` entry later to probe again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OrigDstV2 {
+pub struct NetnsV1 {
+    /// `netns::*` (host order).
+    pub state: u32,
+    pub _pad: u32,
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns) when the state was entered.
+    pub since_ns: u64,
+}
+const _: () = assert!(core::mem::size_of::<NetnsV1>() == 16);
+
+/// `NetnsV1::state`.
+pub mod netns {
+    pub const PROBING: u32 = 1;
+    pub const REACHABLE: u32 = 2;
+    pub const BLOCKED: u32 = 3;
+}
+
+/// Original destination of a redirected connection, as the client dialled it, and who
+/// dialled it. V2 added the client's process and cgroup (recorded at connect time, when
+/// the kernel knows them and the agent cannot); V3 adds its network namespace, where the
+/// connect was sent and when sock_ops published it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDstV3 {
     /// The service address the application connected to.
     pub dst: SockAddrV1,
     /// Address family of the client's socket (host order: AF_INET = 2, AF_INET6 = 10).
     /// A dual-stack socket dialling a v4-mapped address has AF_INET6 here.
     pub family: u16,
-    pub _pad: u16,
+    /// `ORIG_TO_AGENT` when the connect went to an agent listener (host order); only those
+    /// are published for the agent.
+    pub flags: u16,
     /// Process (thread group) id of the task that called connect (host order).
     pub pid: u32,
-    pub _pad2: u32,
+    pub _pad: u32,
     /// cgroup v2 id of that task (host order): the pod or unit it belongs to.
     pub cgroup_id: u64,
+    /// Cookie of the network namespace the connect was made in (host order).
+    pub netns_cookie: u64,
+    /// CLOCK_MONOTONIC nanoseconds when sock_ops published the entry for the agent (the
+    /// SYN left); an entry the agent has not taken a while later means the SYN is lost.
+    pub published_ns: u64,
     /// Its command name (`comm`), NUL-padded.
     pub comm: [u8; 16],
 }
-const _: () = assert!(core::mem::size_of::<OrigDstV2>() == 56);
+const _: () = assert!(core::mem::size_of::<OrigDstV3>() == 72);
 
-impl OrigDstV2 {
+/// `OrigDstV3::flags`: the connect was rewritten to an agent listener (not the fallback).
+pub const ORIG_TO_AGENT: u16 = 1;
+
+impl OrigDstV3 {
     /// The command name as text (up to the first NUL).
     pub fn comm_str(&self) -> &str {
         let end = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
@@ -237,7 +316,7 @@ pub mod counter {
     pub const PASSED: u32 = 1;
     /// connect from a socket carrying the agent's mark (the agent's own upstreams).
     pub const SKIPPED_MARK: u32 = 2;
-    /// connect from another network namespace than the agent's.
+    /// connect from another network namespace than the agent's while `agent.pods` is off.
     pub const SKIPPED_NETNS: u32 = 3;
     /// connect of a non-TCP socket (UDP, raw...).
     pub const SKIPPED_NOT_TCP: u32 = 4;
@@ -253,8 +332,16 @@ pub mod counter {
     /// no agent listener (killed, restarting): the connect was sent straight to a healthy
     /// endpoint from `SY_BACKENDS`.
     pub const FALLBACK: u32 = 9;
+    /// connect from another network namespace sent to the agent's node address (also
+    /// counted in `REDIRECTED`).
+    pub const REDIRECTED_POD: u32 = 10;
+    /// connect from an excluded cgroup (`agent.exclude_cgroups`): passed untouched.
+    pub const SKIPPED_EXCLUDED: u32 = 11;
+    /// connect from a network namespace whose path to the agent is blocked or not yet
+    /// confirmed: sent to a healthy endpoint in the kernel (also counted in `FALLBACK`).
+    pub const FALLBACK_BLOCKED: u32 = 12;
     /// Number of counters (the array's max_entries; bump `map::COUNTERS` with it).
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 13;
     /// Names, by index, for logs and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
@@ -267,18 +354,22 @@ pub mod counter {
         "orig_dst_published",
         "peer_rewritten",
         "fallback",
+        "redirected_pod",
+        "skipped_excluded",
+        "fallback_blocked",
     ];
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all five are repr(C), integers only, with explicit padding, so every bit
+    // SAFETY: all six are repr(C), integers only, with explicit padding, so every bit
     // pattern is valid and there are no implicit padding bytes.
     unsafe impl aya::Pod for super::SockAddrV1 {}
     unsafe impl aya::Pod for super::ServiceV1 {}
-    unsafe impl aya::Pod for super::AgentV1 {}
-    unsafe impl aya::Pod for super::OrigDstV2 {}
+    unsafe impl aya::Pod for super::AgentV2 {}
+    unsafe impl aya::Pod for super::OrigDstV3 {}
     unsafe impl aya::Pod for super::BackendsV1 {}
+    unsafe impl aya::Pod for super::NetnsV1 {}
 }
 
 #[cfg(test)]

@@ -79,6 +79,20 @@ pub struct StatusView {
     pub last_applied_source: Option<String>,
     /// By source: the last change that was refused and why.
     pub rejected: BTreeMap<String, Rejection>,
+    /// Pod coverage: mode, node addresses and the namespaces' paths.
+    pub pods: Option<PodsStatus>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PodsStatus {
+    pub mode: crate::config::PodsMode,
+    /// Where pods reach the agent (`ip:port`).
+    pub node_address: Vec<String>,
+    pub reachable: usize,
+    pub probing: usize,
+    /// Namespaces served by the in-kernel fallback because their connects never reached
+    /// the agent.
+    pub blocked: Vec<crate::pods::BlockedView>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -98,6 +112,10 @@ impl Status {
     pub fn rejected(&self, source: &str, error: String) {
         let at_unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
         self.0.lock().unwrap().rejected.insert(source.to_owned(), Rejection { error, at_unix_ms });
+    }
+
+    pub fn pods(&self, pods: PodsStatus) {
+        self.0.lock().unwrap().pods = Some(pods);
     }
 
     pub fn view(&self) -> StatusView {

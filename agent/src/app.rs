@@ -21,14 +21,16 @@
 //! the others carries over.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    path::Path,
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use switchyard_common::{AgentV1, SockAddrV1};
+use switchyard_common::{AgentV2, SockAddrV1};
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, watch},
@@ -39,14 +41,15 @@ use tracing::{error, info, warn};
 use crate::{
     admin,
     balance::Tier,
-    config::Config,
+    config::{Config, PodsMode},
     discovery::{self, Sources, Update, dns::Dns},
     handover::{self, Offer},
-    health,
-    proxy::{Listeners, Proxy},
-    redirect::{self, PinDir, Redirect},
+    health, nodeaddr,
+    pods::{self, PodPaths},
+    proxy::{Inherited, Listeners, Proxy},
+    redirect::{self, OrigDstTable, PinDir, Redirect},
     state::{Departure, Snapshot},
-    stats::Stats,
+    stats::{Stats, metrics::NetnsLabels},
 };
 
 /// How often the in-kernel fallback's endpoint sets follow endpoint health (ejections and
@@ -62,16 +65,25 @@ pub fn uninstall(config: Option<&Path>, bpffs_dir: Option<&Path>) -> anyhow::Res
         (None, None) => crate::config::AgentConfig::default().bpffs_dir,
     };
     let removed = redirect::uninstall(&dir)?;
+    let addresses = nodeaddr::remove_ours().context("remove the node addresses from lo")?;
+    let addresses = match addresses.as_slice() {
+        [] => String::new(),
+        some => format!("; removed node address(es) {} from lo", join(some)),
+    };
     Ok(if removed == redirect::Removed::default() {
-        format!("nothing of switchyard's is pinned in {}", dir.display())
+        format!("nothing of switchyard's is pinned in {}{addresses}", dir.display())
     } else {
         format!(
-            "detached {} programs and removed {} pinned maps and {} (nothing of switchyard's is left in the kernel)",
+            "detached {} programs and removed {} pinned maps and {}{addresses} (nothing of switchyard's is left in the kernel)",
             removed.links,
             removed.maps,
             dir.display()
         )
     })
+}
+
+fn join(addrs: &[IpAddr]) -> String {
+    addrs.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(", ")
 }
 
 /// Why the main loop ended.
@@ -128,21 +140,51 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     // Only now, with the first snapshot ready: a listener that exists is one the programs
     // redirect to, and until we accept, connections would wait in its backlog; before it
     // exists, the kernel's fallback serves them (after a kill -9), or the old agent does.
-    let (listeners, admin_listener, predecessor) = match handover::take_over(&main.agent.handover_socket)? {
-        Some(inherited) => {
-            let listeners = Listeners::adopt(main.agent.listen_port, inherited.v4, inherited.v6)?;
-            let admin = admin_listener(main.agent.admin, inherited.admin).await?;
-            info!(socket = %main.agent.handover_socket.display(), "took over the running agent's listeners");
-            (listeners, admin, Some(inherited.predecessor))
+    // Pods reach the agent at the node addresses: put them on lo before listening there.
+    // With pods not redirected, addresses an earlier run added go (an address from an
+    // earlier node_address stays until uninstall: a predecessor may still listen on it).
+    let mut node_addrs = node_addresses(&main);
+    let mut added = Added(Vec::new());
+    if node_addrs.is_empty() {
+        nodeaddr::remove_ours().context("remove the node addresses from lo (agent.pods is not redirect)")?;
+    }
+    for ip in node_addrs.clone() {
+        match nodeaddr::add(&[ip]) {
+            Ok(new) => added.0.extend(new),
+            // A node with IPv6 turned off refuses the address: pods there have no IPv6
+            // services to reach, and those they dial take the fallback.
+            Err(e) if ip.is_ipv6() => {
+                warn!(error = %anyhow::Error::from(e), address = %ip, "no IPv6 node address; pods' IPv6 service connects take the in-kernel fallback");
+                node_addrs.retain(|a| *a != ip);
+            }
+            Err(e) => return Err(anyhow::Error::from(e).context("put the node address on lo (agent.node_address)")),
         }
-        None => (Listeners::bind(main.agent.listen_port).await?, admin_listener(main.agent.admin, None).await?, None),
+    }
+    if !added.0.is_empty() {
+        info!(addresses = %join(&added.0), "node addresses added to lo");
+    }
+    let (inherited, admin_inherited, predecessor) = match handover::take_over(&main.agent.handover_socket)? {
+        Some(inherited) => {
+            info!(socket = %main.agent.handover_socket.display(), "took over the running agent's listeners");
+            (inherited.listeners, inherited.admin, Some(inherited.predecessor))
+        }
+        None => (Inherited::default(), None, None),
     };
+    let listeners = Listeners::bind(main.agent.listen_port, &node_addrs, inherited).await?;
+    let admin_listener = admin_listener(main.agent.admin, admin_inherited).await?;
 
-    let agent = AgentV1 {
-        listen_v4: u32::from_ne_bytes(Ipv4Addr::LOCALHOST.octets()),
-        listen_v6: SockAddrV1::from(SocketAddr::from((Ipv6Addr::LOCALHOST, 0))).addr,
+    let word = |ip: Option<Ipv4Addr>| ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
+    let words = |ip: IpAddr| SockAddrV1::from(SocketAddr::new(ip, 0)).addr;
+    let pods_on = main.agent.pods == PodsMode::Redirect;
+    let agent = AgentV2 {
+        listen_v4: word(Some(Ipv4Addr::LOCALHOST)),
+        listen_v6: words(Ipv6Addr::LOCALHOST.into()),
+        node_v4: word(main.agent.node_v4().filter(|_| pods_on)),
+        node_v6: node_addrs.iter().find(|ip| ip.is_ipv6()).map_or([0; 4], |ip| words(*ip)),
         listen_port: main.agent.listen_port.to_be(),
+        pods: main.agent.pods.kernel(),
         mark: main.agent.mark,
+        cgroup_level: cgroup_level(&cgroup),
         netns_cookie: listeners.netns_cookie()?,
         ..Default::default()
     };
@@ -150,10 +192,13 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     arm_drain_deadlines(snapshot.departures_since(&Snapshot::default()));
     let (publish, latest) = watch::channel(Arc::clone(&snapshot));
     let (publish_config, effective) = watch::channel(Arc::new(merged.clone()));
+    let slots = listeners.slots();
+    let slots: Vec<(u32, std::os::fd::BorrowedFd<'_>)> = slots.iter().map(|(s, l)| (*s, l.as_fd())).collect();
     let (redirect, orig) = Redirect::start(
         &cgroup,
         &pins,
         agent,
+        &slots,
         snapshot.service_addresses(),
         &snapshot.fallback_backends(Instant::now()),
     )
@@ -163,6 +208,14 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     let status = Arc::new(admin::Status::default());
     let stats = Stats::new(redirect::cgroup2_root().ok(), main.agent.stats);
     let kernel = redirect.counters();
+    let pods = PodsReconcile {
+        paths: PodPaths::new(main.agent.blocked_retry),
+        orig: Arc::clone(&orig),
+        mode: main.agent.pods,
+        exclude: main.agent.exclude_cgroups.clone(),
+        node_address: node_addrs.iter().map(|ip| SocketAddr::new(*ip, main.agent.listen_port).to_string()).collect(),
+        stats: Arc::clone(&stats),
+    };
     let mut running = Running {
         main,
         sources,
@@ -173,16 +226,18 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
         dns,
         mark,
         status: Arc::clone(&status),
+        pods,
     };
     let stop = CancellationToken::new();
     running.restart_background(&merged);
+    running.sync_pods();
 
-    let (v4, v6) = listeners.dup().context("duplicate the listeners for a future hand-over")?;
+    let offer_listeners = listeners.dup().context("duplicate the listeners for a future hand-over")?;
     let admin_fd = match &admin_listener {
-        Some(l) => Some(std::os::fd::AsFd::as_fd(l).try_clone_to_owned().context("duplicate the admin listener")?),
+        Some(l) => Some(l.as_fd().try_clone_to_owned().context("duplicate the admin listener")?),
         None => None,
     };
-    let offer = Offer { v4, v6, admin: admin_fd };
+    let offer = Offer { listeners: offer_listeners, admin: admin_fd };
     if let Some(l) = admin_listener {
         let state = admin::AdminState {
             snapshot: latest.clone(),
@@ -196,10 +251,11 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     }
     let proxy = Proxy::new(latest, orig, mark, Arc::clone(&stats));
     let tasks = TaskTracker::new();
-    let mut accept_loops = vec![tokio::spawn(Arc::clone(&proxy).serve(listeners.v4, tasks.clone(), stop.clone()))];
-    if let Some(v6) = listeners.v6 {
-        accept_loops.push(tokio::spawn(Arc::clone(&proxy).serve(v6, tasks.clone(), stop.clone())));
-    }
+    let accept_loops: Vec<_> = [Some(listeners.v4), listeners.v6, listeners.node_v4, listeners.node_v6]
+        .into_iter()
+        .flatten()
+        .map(|l| tokio::spawn(Arc::clone(&proxy).serve(l, tasks.clone(), stop.clone())))
+        .collect();
     // We accept on the sockets now: the previous agent may stop accepting. Only then do
     // we replace its hand-over socket with ours.
     if let Some(predecessor) = predecessor
@@ -209,6 +265,7 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
         warn!(error = %anyhow::Error::from(e), "could not tell the previous agent we are ready");
     }
     let mut handed_over = tokio::spawn(handover::serve(handover::bind(&running.main.agent.handover_socket)?, offer));
+    added.keep();
     info!(
         listen.port = running.main.agent.listen_port,
         cgroup = %cgroup.display(),
@@ -226,7 +283,10 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
                 stop_signal => break Stop::Signal(stop_signal),
             },
             Some(update) = incoming.recv() => running.update(update),
-            _ = backends_tick.tick() => running.sync_backends(),
+            _ = backends_tick.tick() => {
+                running.sync_backends();
+                running.sync_pods();
+            }
             successor = &mut handed_over => break Stop::HandedOver(successor.ok().flatten()),
         }
     };
@@ -238,7 +298,14 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
             info!(signal, "shutting down with no successor: detaching redirect programs and removing the pins");
             handed_over.abort();
             let removed = redirect::uninstall(pins.path()).context("uninstall on shutdown")?;
-            info!(programs = removed.links, maps = removed.maps, pins = %pins.path().display(), "uninstalled");
+            let addresses = nodeaddr::remove_ours().context("remove the node addresses from lo on shutdown")?;
+            info!(
+                programs = removed.links,
+                maps = removed.maps,
+                pins = %pins.path().display(),
+                node_addresses = %join(&addresses),
+                "uninstalled"
+            );
             let _ = std::fs::remove_file(&running.main.agent.handover_socket);
         }
         Stop::HandedOver(successor) => {
@@ -314,6 +381,49 @@ struct Running {
     dns: Dns,
     mark: u32,
     status: Arc<admin::Status>,
+    pods: PodsReconcile,
+}
+
+/// What the agent keeps to follow pod namespaces and exclusions between ticks.
+struct PodsReconcile {
+    paths: PodPaths,
+    orig: Arc<OrigDstTable>,
+    mode: PodsMode,
+    exclude: Vec<PathBuf>,
+    node_address: Vec<String>,
+    stats: Arc<Stats>,
+}
+
+/// Node addresses this start put on lo: removed again if it fails before the agent is
+/// ready (a failed first start leaves nothing behind, as with the pins).
+struct Added(Vec<IpAddr>);
+
+impl Added {
+    fn keep(mut self) {
+        self.0.clear();
+    }
+}
+
+impl Drop for Added {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        if let Err(e) = nodeaddr::remove(&self.0) {
+            warn!(error = %anyhow::Error::from(e), "could not remove the node addresses the failed start added");
+        }
+    }
+}
+
+/// The node addresses to put on lo and listen on: only while pods are redirected.
+fn node_addresses(config: &Config) -> Vec<IpAddr> {
+    if config.agent.pods == PodsMode::Redirect { config.agent.node_address.clone() } else { Vec::new() }
+}
+
+/// The cgroup v2 level of `cgroup` (the root is 0), where the kernel's exclusion walk starts.
+fn cgroup_level(cgroup: &Path) -> u32 {
+    let root = redirect::cgroup2_root().unwrap_or_default();
+    cgroup.strip_prefix(&root).map(|rel| rel.components().count() as u32).unwrap_or(0)
 }
 
 impl Running {
@@ -384,6 +494,62 @@ impl Running {
             let e = anyhow::Error::from(e);
             error!(error = format!("{e:#}"), "could not update the kernel's fallback endpoints");
         }
+    }
+
+    /// Follow pod namespaces (block those whose connects never arrive, probe them again
+    /// later), publish what is known of them, and keep the exclusions in step with the
+    /// cgroups that exist now (a pod's cgroup appears when it starts).
+    fn sync_pods(&mut self) {
+        let p = &mut self.pods;
+        let maps = self.redirect.pods();
+        let excluded: HashSet<u64> = p.exclude.iter().filter_map(|path| redirect::cgroup_id(path).ok()).collect();
+        if let Err(e) = maps.sync_excluded(&excluded) {
+            error!(error = format!("{:#}", anyhow::Error::from(e)), "could not update the excluded cgroups");
+        }
+        let now = redirect::monotonic_ns();
+        let namespaces = maps.namespaces();
+        let stuck = maps.stuck_namespaces(now, pods::WINDOW.as_nanos() as u64);
+        for action in p.paths.tick(now, &namespaces, &stuck) {
+            let done = match action {
+                pods::Action::Block(netns) => maps.block(netns, now),
+                pods::Action::Reprobe(netns) => maps.forget(netns),
+                pods::Action::Recovered(_) => Ok(()),
+            };
+            if let Err(e) = done {
+                error!(error = format!("{:#}", anyhow::Error::from(e)), "could not update a pod namespace's path");
+                continue;
+            }
+            p.paths.applied(action, now);
+            if !matches!(action, pods::Action::Recovered(_)) {
+                // The next connection accepted from it must confirm it again.
+                p.orig.forget(action.netns());
+            }
+            match action {
+                pods::Action::Block(netns) => warn!(
+                    netns,
+                    node_address = %p.node_address.join(", "),
+                    retry_in = ?p.paths.retry_in(netns, now).unwrap_or_default(),
+                    "connections from this pod network namespace are not reaching the agent (a NetworkPolicy, an \
+                     ipvlan/macvlan pod or a firewall dropping them?); serving it by the in-kernel fallback"
+                ),
+                pods::Action::Reprobe(netns) => info!(netns, "probing a blocked pod network namespace again"),
+                pods::Action::Recovered(netns) => {
+                    info!(netns, "a blocked pod network namespace reaches the agent again")
+                }
+            }
+        }
+        let counts = p.paths.counts();
+        let gauge = |state| p.stats.metrics.pod_netns.get_or_create(&NetnsLabels { state });
+        gauge("reachable").set(counts.reachable as i64);
+        gauge("probing").set(counts.probing as i64);
+        gauge("blocked").set(counts.blocked as i64);
+        self.status.pods(admin::PodsStatus {
+            mode: p.mode,
+            node_address: p.node_address.clone(),
+            reachable: counts.reachable,
+            probing: counts.probing,
+            blocked: p.paths.blocked(now),
+        });
     }
 
     /// Health checks follow the snapshot; DNS refreshes follow the names in use.

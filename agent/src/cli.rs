@@ -73,9 +73,16 @@ fn s(v: &Value) -> String {
 fn conn_row(c: &Value) -> Vec<String> {
     let client = &c["client"];
     let who = if client.is_null() { s(&c["peer"]) } else { format!("{}/{}", s(&client["comm"]), s(&client["pid"])) };
+    // Which network namespace: the agent's own (host network) or a pod's, by cookie.
+    let netns = match client["pod"].as_bool() {
+        Some(true) => format!("pod:{}", s(&client["netns"])),
+        Some(false) => "host".into(),
+        None => "-".into(),
+    };
     vec![
         s(&c["id"]),
         who,
+        netns,
         s(&client["original_dst"]),
         s(&c["service"]),
         s(&c["protocol"]),
@@ -92,8 +99,8 @@ fn conn_row(c: &Value) -> Vec<String> {
     ]
 }
 
-const CONN_HEADER: [&str; 10] =
-    ["ID", "CLIENT", "DIALLED", "SERVICE", "PROTO", "ENDPOINT", "STATE", "AGE", "OUT", "IN"];
+const CONN_HEADER: [&str; 11] =
+    ["ID", "CLIENT", "NETNS", "DIALLED", "SERVICE", "PROTO", "ENDPOINT", "STATE", "AGE", "OUT", "IN"];
 
 /// `switchyard conns`.
 pub async fn conns(admin_addr: SocketAddr, filters: &[(&str, Option<String>)], json: bool) -> anyhow::Result<String> {

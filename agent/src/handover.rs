@@ -7,7 +7,9 @@
 //!
 //! ```text
 //! new -> old   "TAKEOVER 1\n"
-//! old -> new   "LISTENERS v4 v6 admin\n" + the listening fds (SCM_RIGHTS), in that order
+//! old -> new   "LISTENERS v4 v6 node4 node6 admin\n" + the listening fds (SCM_RIGHTS), in
+//!              that order; the names say which are there (an agent from before pods were
+//!              covered sends no node4/node6, and its successor binds those itself)
 //!              (the new agent loads and attaches its programs, starts accepting)
 //! new -> old   "READY\n"
 //! ```
@@ -30,6 +32,8 @@ use std::{
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg, sockopt};
 use tokio::net::UnixListener;
 use tracing::{info, warn};
+
+use crate::proxy::Inherited as Listening;
 
 const REQUEST: &str = "TAKEOVER 1";
 const READY: &str = "READY";
@@ -63,11 +67,13 @@ pub enum HandoverError {
 
 /// Listening sockets received from the previous agent, and the line to answer it on.
 pub struct Inherited {
-    pub v4: OwnedFd,
-    pub v6: Option<OwnedFd>,
+    pub listeners: Listening,
     pub admin: Option<OwnedFd>,
     pub predecessor: Predecessor,
 }
+
+/// The names of the hand-over message, in order.
+const NAMES: [&str; 5] = ["v4", "v6", "node4", "node6", "admin"];
 
 /// The previous agent, waiting for us to be ready.
 pub struct Predecessor(UnixStream);
@@ -91,7 +97,7 @@ pub fn take_over(path: &Path) -> Result<Option<Inherited>, HandoverError> {
     conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(err)?;
     conn.write_all(format!("{REQUEST}\n").as_bytes()).map_err(err)?;
     let mut buf = [0u8; 256];
-    let mut space = nix::cmsg_space!([RawFd; 3]);
+    let mut space = nix::cmsg_space!([RawFd; NAMES.len()]);
     let (text, fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
         let msg = recvmsg::<()>(conn.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
@@ -118,28 +124,24 @@ pub fn take_over(path: &Path) -> Result<Option<Inherited>, HandoverError> {
     }
     let mut named: Vec<(&str, OwnedFd)> = names.into_iter().zip(fds).collect();
     let mut take = |name: &str| named.iter().position(|(n, _)| *n == name).map(|i| named.remove(i).1);
-    let v4 = take("v4").expect("checked above");
-    let (v6, admin) = (take("v6"), take("admin"));
-    Ok(Some(Inherited { v4, v6, admin, predecessor: Predecessor(conn) }))
+    let listeners = Listening { v4: take("v4"), v6: take("v6"), node_v4: take("node4"), node_v6: take("node6") };
+    Ok(Some(Inherited { listeners, admin: take("admin"), predecessor: Predecessor(conn) }))
 }
 
 /// What a running agent can hand over: duplicates of its listening sockets.
 pub struct Offer {
-    pub v4: OwnedFd,
-    pub v6: Option<OwnedFd>,
+    pub listeners: Listening,
     pub admin: Option<OwnedFd>,
 }
 
 impl Offer {
     fn named(&self) -> (String, Vec<BorrowedFd<'_>>) {
-        let mut names = vec!["v4"];
-        let mut fds = vec![self.v4.as_fd()];
-        for (name, fd) in [("v6", &self.v6), ("admin", &self.admin)] {
-            if let Some(fd) = fd {
-                names.push(name);
-                fds.push(fd.as_fd());
-            }
-        }
+        let l = &self.listeners;
+        let (names, fds): (Vec<&str>, Vec<BorrowedFd<'_>>) = NAMES
+            .into_iter()
+            .zip([&l.v4, &l.v6, &l.node_v4, &l.node_v6, &self.admin])
+            .filter_map(|(name, fd)| Some((name, fd.as_ref()?.as_fd())))
+            .unzip();
         (format!("LISTENERS {}\n", names.join(" ")), fds)
     }
 }
@@ -241,11 +243,13 @@ mod tests {
         let path = std::env::temp_dir().join(format!("sy-handover-test-{}/h.sock", std::process::id()));
         let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let offer = Offer {
-            v4: v4.as_fd().try_clone_to_owned().unwrap(),
-            v6: None,
-            admin: Some(admin.as_fd().try_clone_to_owned().unwrap()),
+        let node = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+        let listeners = Listening {
+            v4: Some(v4.as_fd().try_clone_to_owned().unwrap()),
+            node_v4: Some(node.as_fd().try_clone_to_owned().unwrap()),
+            ..Default::default()
         };
+        let offer = Offer { listeners, admin: Some(admin.as_fd().try_clone_to_owned().unwrap()) };
         assert!(take_over(&path).unwrap().is_none(), "no agent there yet: bind our own");
         let server = tokio::spawn(serve(bind(&path).unwrap(), offer));
 
@@ -253,10 +257,12 @@ mod tests {
         let inherited =
             tokio::task::spawn_blocking(move || take_over(&p).unwrap().expect("an agent answers")).await.unwrap();
         let local = |fd: OwnedFd| std::net::TcpListener::from(fd).local_addr().unwrap();
-        assert!(inherited.v6.is_none());
+        let got = inherited.listeners;
+        assert!(got.v6.is_none() && got.node_v6.is_none());
         let admin_fd = inherited.admin.expect("admin handed over");
         assert_eq!(local(admin_fd), admin.local_addr().unwrap());
-        assert_eq!(local(inherited.v4), v4.local_addr().unwrap(), "the same listening socket");
+        assert_eq!(local(got.v4.unwrap()), v4.local_addr().unwrap(), "the same listening socket");
+        assert_eq!(local(got.node_v4.unwrap()), node.local_addr().unwrap(), "each by its name");
         assert!(!server.is_finished(), "the old side waits for READY");
         inherited.predecessor.ready().unwrap();
         let successor = tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
@@ -268,7 +274,8 @@ mod tests {
     async fn a_successor_that_goes_away_before_ready_leaves_the_old_side_serving() {
         let path = std::env::temp_dir().join(format!("sy-handover-test2-{}/h.sock", std::process::id()));
         let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let offer = Offer { v4: v4.as_fd().try_clone_to_owned().unwrap(), v6: None, admin: None };
+        let listeners = Listening { v4: Some(v4.as_fd().try_clone_to_owned().unwrap()), ..Default::default() };
+        let offer = Offer { listeners, admin: None };
         let server = tokio::spawn(serve(bind(&path).unwrap(), offer));
         let p = path.clone();
         let first = tokio::task::spawn_blocking(move || take_over(&p).unwrap().is_some()).await.unwrap();

@@ -6,7 +6,8 @@
 //!   bad field.
 //! * [`redirect`]: the kernel side seen from userspace (the only user of aya): host checks,
 //!   loading and attaching the eBPF programs, pinning them and their maps in bpffs (and
-//!   `uninstall`), the maps the agent writes (services, fallback endpoints) and counters.
+//!   `uninstall`), the maps the agent writes (services, fallback endpoints, listeners, pod
+//!   namespace states, exclusions) and counters.
 //! * [`state`]: immutable snapshots of the services, their endpoints and policy, indexed
 //!   by service address; carries live endpoint state across reloads.
 //! * [`balance`]: endpoint choice: health and ejection, locality tiers, the balancing
@@ -16,6 +17,10 @@
 //!   connections, retries under a budget); `proxy::upstream` connects to an endpoint with
 //!   retries on others.
 //! * [`health`]: active health checks (TCP connect or HTTP GET).
+//! * [`nodeaddr`]: the node addresses on the host's `lo` where pods reach the agent
+//!   (rtnetlink; added at start, removed at uninstall).
+//! * [`pods`]: which pod network namespaces cannot reach the agent (blocked paths, probed
+//!   again with back-off); pure, fed from the kernel maps by `app`.
 //! * [`handover`]: upgrade hand-over: giving the listening sockets to a newer agent over
 //!   a unix socket, and taking them from the running one.
 //! * [`discovery`]: sources beyond the config file: the watched catalog file, DNS names
@@ -29,8 +34,9 @@
 //!   shutdown.
 //!
 //! The path of one connection: an application in the attached cgroup calls `connect()` to
-//! a service address; `cgroup/connect4|6` rewrites it to the agent's loopback listener and
-//! records the original destination; `proxy` accepts, asks `redirect` for the original
+//! a service address; `cgroup/connect4|6` rewrites it to the agent's loopback listener (or,
+//! from a pod's network namespace, to the node address) and records the original
+//! destination; `proxy` accepts, asks `redirect` for the original
 //! destination by the client's address, `state` names the service, `balance` picks an
 //! endpoint, and `proxy` connects with the agent's SO_MARK (which the kernel programs
 //! never redirect) and copies bytes, counting them into `stats` as they move. See
@@ -45,6 +51,8 @@ pub mod config;
 pub mod discovery;
 pub mod handover;
 pub mod health;
+pub mod nodeaddr;
+pub mod pods;
 pub mod proxy;
 pub mod redirect;
 pub mod resolve;

@@ -2,14 +2,17 @@
 //! open (the connect proceeds unchanged, the error is counted).
 //!
 //! * `cgroup/connect4`, `cgroup/connect6`: a TCP connect to a service address is rewritten
-//!   to the agent's listener if one listens (looked up on every connect), else straight
-//!   to a healthy endpoint the agent left in `SY_BACKENDS1` (agent killed or restarting);
-//!   the original destination is remembered by socket cookie.
+//!   to the agent's listener if one listens (its socket in `SY_LISTENERS1`, looked up on
+//!   every connect): loopback from the agent's own network namespace, the node address
+//!   from any other (a pod, once its path is known to work, see `SY_NETNS1`); else
+//!   straight to a healthy endpoint the agent left in `SY_BACKENDS1` (agent killed or
+//!   restarting, pod path blocked); the original destination is remembered by socket
+//!   cookie.
 //! * `sockops`: when such a socket sends its SYN, publish "client address -> original
 //!   destination" for the agent, which looks it up by the peer address of the connection
 //!   it accepts; when the socket closes, drop both entries.
 //! * `cgroup/getpeername4`, `cgroup/getpeername6`: the application sees the service
-//!   address as its peer, not the loopback listener.
+//!   address as its peer, not the agent's listener.
 //!
 //! Why sock_ops rather than an SO_ORIGINAL_DST emulation in `cgroup/getsockopt`: the
 //! agent's listener then need not live in the hooked cgroup, the lookup is a plain map

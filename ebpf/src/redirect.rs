@@ -10,19 +10,22 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, bpf_sock_addr, bpf_sock_ops, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
-        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+        BPF_NOEXIST, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        bpf_sock_addr, bpf_sock_ops,
     },
+    cty::c_void,
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_netns_cookie,
-        bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem,
+        bpf_sk_release,
     },
     programs::{SockAddrContext, SockOpsContext},
 };
-use switchyard_common::{AF_INET, AgentV1, OrigDstV2, SockAddrV1, counter};
+use switchyard_common::{
+    AF_INET, AgentV2, MAX_EXCLUDE_DEPTH, NetnsV1, ORIG_TO_AGENT, OrigDstV3, SockAddrV1, counter, listener, netns, pods,
+};
 
-use crate::maps::{AGENT, BACKENDS, CLIENT_ORIG, SERVICES, SOCK_ORIG, count};
+use crate::maps::{AGENT, BACKENDS, CLIENT_ORIG, EXCLUDE, LISTENERS, NETNS, SERVICES, SOCK_ORIG, count};
 
 const SOCK_STREAM: u32 = 1;
 /// Error code for a failed map update (the helpers' own return is not kept).
@@ -74,15 +77,29 @@ unsafe fn write_user_addr(sa: *mut bpf_sock_addr, family: u16, to: &SockAddrV1) 
     }
 }
 
-/// Where to send a connect to `dst`: the v4 listener for IPv4 and v4-mapped destinations
-/// (a dual-stack socket reaches 127.0.0.1 as ::ffff:127.0.0.1), the v6 listener otherwise.
+/// Which agent listener a connect to `dst` goes to, by where it comes from: the loopback
+/// listeners for the agent's own namespace, the node address for any other (127.0.0.1
+/// there is the pod itself). IPv4 and v4-mapped destinations take the v4 listener (a
+/// dual-stack socket reaches 127.0.0.1 as ::ffff:127.0.0.1), others the v6 one. Returns
+/// the address and its `SY_LISTENERS` slot.
 #[inline(always)]
-fn listener_for(agent: &AgentV1, dst: &SockAddrV1) -> SockAddrV1 {
-    if dst.is_v4_mapped() {
-        SockAddrV1::from_v4_raw(agent.listen_v4, agent.listen_port)
-    } else {
-        SockAddrV1::from_v6_raw(agent.listen_v6, agent.listen_port)
+fn listener_for(agent: &AgentV2, dst: &SockAddrV1, host: bool) -> (SockAddrV1, u32) {
+    match (dst.is_v4_mapped(), host) {
+        (true, true) => (SockAddrV1::from_v4_raw(agent.listen_v4, agent.listen_port), listener::LOOPBACK_V4),
+        (false, true) => (SockAddrV1::from_v6_raw(agent.listen_v6, agent.listen_port), listener::LOOPBACK_V6),
+        (true, false) => (SockAddrV1::from_v4_raw(agent.node_v4, agent.listen_port), listener::NODE_V4),
+        (false, false) => (SockAddrV1::from_v6_raw(agent.node_v6, agent.listen_port), listener::NODE_V6),
     }
+}
+
+/// Where a connect goes, and the counter that says so.
+enum Verdict {
+    /// Leave the connect alone, counting why.
+    Pass(u32),
+    /// To an agent listener.
+    Agent(SockAddrV1),
+    /// To a healthy endpoint, in the kernel (counted `FALLBACK` plus the reason, if any).
+    Fallback(SockAddrV1, Option<u32>),
 }
 
 // Inlined into each entry point so `family` is a constant there: connect4 programs may
@@ -113,20 +130,41 @@ pub fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
         count(counter::SKIPPED_MARK);
         return Ok(());
     }
-    // SAFETY: helper valid for cgroup sock_addr programs (Linux 5.7+).
-    if agent.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != agent.netns_cookie {
-        count(counter::SKIPPED_NETNS);
+    if agent.excluded != 0 && excluded(agent) {
+        count(counter::SKIPPED_EXCLUDED);
         return Ok(());
     }
-    // The agent's listener if it is there; else, in-kernel, a healthy endpoint (the agent
-    // was killed or is restarting: the connection must not fail meanwhile); else nothing.
-    let (to, decision) = if listener_exists(ctx, agent, &dst) {
-        (listener_for(agent, &dst), counter::REDIRECTED)
-    } else if let Some(endpoint) = fallback_endpoint(&dst) {
-        (endpoint, counter::FALLBACK)
+    // SAFETY: helper valid for cgroup sock_addr programs (Linux 5.7+).
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let host = agent.netns_cookie == 0 || netns_cookie == agent.netns_cookie;
+    let (to, listener) = listener_for(agent, &dst, host);
+    let verdict = if host {
+        // The agent's listener if it is there; else, in-kernel, a healthy endpoint (the
+        // agent was killed or is restarting: the connection must not fail meanwhile).
+        if listener_alive(listener) { Verdict::Agent(to) } else { fallback(&dst, None) }
     } else {
-        count(counter::SKIPPED_NOT_READY);
-        return Ok(());
+        match agent.pods {
+            pods::REDIRECT if !listener_alive(listener) => fallback(&dst, None),
+            pods::REDIRECT => match path(netns_cookie) {
+                Path::Usable => Verdict::Agent(to),
+                // Unconfirmed: its probe is in flight; blocked: the agent saw SYNs lost.
+                Path::Unconfirmed => match fallback(&dst, Some(counter::FALLBACK_BLOCKED)) {
+                    Verdict::Pass(_) => Verdict::Agent(to),
+                    v => v,
+                },
+                Path::Blocked => fallback(&dst, Some(counter::FALLBACK_BLOCKED)),
+            },
+            pods::FALLBACK => fallback(&dst, None),
+            _ => Verdict::Pass(counter::SKIPPED_NETNS),
+        }
+    };
+    let (to, flags) = match verdict {
+        Verdict::Pass(why) => {
+            count(why);
+            return Ok(());
+        }
+        Verdict::Agent(to) => (to, ORIG_TO_AGENT),
+        Verdict::Fallback(to, _) => (to, 0),
     };
     // Remember the destination before rewriting it: if we cannot, the agent could not
     // route the connection, so leave it alone. Fallback connections are recorded too, so
@@ -136,11 +174,13 @@ pub fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
     // connect() runs in the calling task, so "current" is the client process.
     // SAFETY: helpers valid for cgroup sock_addr programs.
     let orig = unsafe {
-        OrigDstV2 {
+        OrigDstV3 {
             dst,
             family,
+            flags,
             pid: (bpf_get_current_pid_tgid() >> 32) as u32,
             cgroup_id: bpf_get_current_cgroup_id(),
+            netns_cookie,
             comm: bpf_get_current_comm().unwrap_or_default(),
             ..Default::default()
         }
@@ -148,53 +188,102 @@ pub fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
     SOCK_ORIG.insert(cookie, orig, 0).map_err(|_| EMAP)?;
     // SAFETY: user_ip4/user_ip6/user_port are writable in connect hooks.
     unsafe { write_user_addr(sa, family, &to) };
-    count(decision);
+    match verdict {
+        Verdict::Agent(_) => {
+            count(counter::REDIRECTED);
+            if !host {
+                count(counter::REDIRECTED_POD);
+            }
+        }
+        Verdict::Fallback(_, why) => {
+            count(counter::FALLBACK);
+            if let Some(why) = why {
+                count(why);
+            }
+        }
+        Verdict::Pass(_) => {}
+    }
     Ok(())
 }
 
-/// Whether a TCP socket listens on the agent's listener address for `dst`'s family in the
-/// caller's network namespace (the agent's, checked above by cookie). A killed agent's
-/// listener goes with its process, and a starting agent's exists only once bound, so this
+/// Whether the agent's listening socket for `slot` exists. A killed agent's sockets leave
+/// SY_LISTENERS with its process, and a starting agent's enter it only once bound, so this
 /// is what keeps a connection from ever being sent to a listener that is not there.
 #[inline(always)]
-fn listener_exists(ctx: &SockAddrContext, agent: &AgentV1, dst: &SockAddrV1) -> bool {
-    // Zeroed first: the helper reads the whole tuple, and the verifier refuses a read of
-    // uninitialised stack. Source address and port 0 match no established socket, so the
-    // lookup falls through to the listener table.
-    // SAFETY: a plain-old-data union, valid when zeroed.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = if dst.is_v4_mapped() {
-        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
-            saddr: 0,
-            daddr: agent.listen_v4,
-            sport: 0,
-            dport: agent.listen_port,
-        };
-        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
-    } else {
-        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
-            saddr: [0; 4],
-            daddr: agent.listen_v6,
-            sport: 0,
-            dport: agent.listen_port,
-        };
-        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
-    };
-    // SAFETY: helper valid for cgroup sock_addr programs (Linux 4.20+); the tuple lives on
-    // this stack frame for the call. A negative 32-bit netns id means "the caller's".
-    let sk = unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size as u32, BPF_F_CURRENT_NETNS as u64, 0) };
+fn listener_alive(slot: u32) -> bool {
+    // aya-ebpf's SockMap has no lookup; the map definition is the static itself (both
+    // types are repr(transparent) over the kernel's bpf_map_def).
+    let map = core::ptr::from_ref(&LISTENERS).cast_mut().cast::<c_void>();
+    // SAFETY: a SOCKMAP lookup (Linux 5.x+) from a program type that may hold sockets;
+    // the key lives on this stack frame for the call.
+    let sk = unsafe { bpf_map_lookup_elem(map, core::ptr::from_ref(&slot).cast()) };
     if sk.is_null() {
         return false;
     }
     // The lookup took a reference on the socket; the verifier refuses to load a program
     // that can exit without releasing it.
     // SAFETY: `sk` is the non-null socket the lookup returned.
-    unsafe { bpf_sk_release(sk.cast()) };
+    unsafe { bpf_sk_release(sk) };
     true
 }
 
+/// What is known of a pod namespace's path to the node address.
+enum Path {
+    Usable,
+    Unconfirmed,
+    Blocked,
+}
+
+/// The path state of network namespace `cookie`; the first connect from an unknown
+/// namespace claims the probe (and is `Usable`: it goes to the agent, which confirms).
+#[inline(always)]
+fn path(cookie: u64) -> Path {
+    // SAFETY: a hash lookup returning a reference valid for this program run.
+    match unsafe { NETNS.get(cookie) }.map(|n| n.state) {
+        Some(netns::REACHABLE) => Path::Usable,
+        Some(netns::BLOCKED) => Path::Blocked,
+        Some(_) => Path::Unconfirmed,
+        None => {
+            // SAFETY: helper valid in every program type.
+            let probe = NetnsV1 { state: netns::PROBING, _pad: 0, since_ns: unsafe { bpf_ktime_get_ns() } };
+            // NOEXIST: of two first connects racing, one is the probe, the other waits.
+            if NETNS.insert(cookie, probe, BPF_NOEXIST as u64).is_ok() { Path::Usable } else { Path::Unconfirmed }
+        }
+    }
+}
+
+/// Whether the calling task's cgroup, or one of its ancestors below the attach cgroup, is
+/// in SY_EXCLUDE.
+#[inline(always)]
+fn excluded(agent: &AgentV2) -> bool {
+    // Counted from 0 to a constant, not from the attach level: a loop between two bounds
+    // read from a map is one the verifier cannot see the end of.
+    // Verifier: "The sequence of 8193 jumps is too complex."
+    for depth in 0..MAX_EXCLUDE_DEPTH {
+        // SAFETY: helper valid for cgroup sock_addr programs; 0 past the task's own level.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id((agent.cgroup_level + depth) as i32) };
+        if id == 0 {
+            return false;
+        }
+        // SAFETY: a hash lookup returning a reference valid for this program run.
+        if unsafe { EXCLUDE.get(id) }.is_some() {
+            return true;
+        }
+    }
+    false
+}
+
 /// A random healthy endpoint of the service at `dst`, from the set the agent keeps in
-/// SY_BACKENDS. No loop: the set holds healthy endpoints only, so one draw is enough.
+/// SY_BACKENDS, or a pass when it has none. No loop: the set holds healthy endpoints
+/// only, so one draw is enough.
+#[inline(always)]
+fn fallback(dst: &SockAddrV1, why: Option<u32>) -> Verdict {
+    match fallback_endpoint(dst) {
+        Some(endpoint) => Verdict::Fallback(endpoint, why),
+        None => Verdict::Pass(counter::SKIPPED_NOT_READY),
+    }
+}
+
 #[inline(always)]
 fn fallback_endpoint(dst: &SockAddrV1) -> Option<SockAddrV1> {
     // SAFETY: a hash lookup returning a reference valid for this program run; the agent
@@ -257,10 +346,16 @@ fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the reference is used within this run only.
     let Some(orig) = (unsafe { SOCK_ORIG.get(cookie) }) else { return Ok(()) };
-    let orig = *orig;
-    let client = local_addr(ctx.ops, ctx.family());
-    CLIENT_ORIG.insert(client, orig, 0).map_err(|_| EMAP)?;
-    count(counter::ORIG_DST_PUBLISHED);
+    // Fallback connects went straight to an endpoint: the agent will never look them up,
+    // but they still want the close callback that clears SY_SOCK_ORIG.
+    if orig.flags & ORIG_TO_AGENT != 0 {
+        let mut orig = *orig;
+        // SAFETY: helper valid in every program type.
+        orig.published_ns = unsafe { bpf_ktime_get_ns() };
+        let client = local_addr(ctx.ops, ctx.family());
+        CLIENT_ORIG.insert(client, orig, 0).map_err(|_| EMAP)?;
+        count(counter::ORIG_DST_PUBLISHED);
+    }
     ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).map_err(|e| e as i64)
 }
 

@@ -9,7 +9,9 @@
 //! machine. Each topology also mounts a bpffs instance of its own (in a temporary
 //! directory, never /sys/fs/bpf) for the agent's pins, and has its own hand-over socket;
 //! [`Topology::node_config`] writes both into every agent config. Guards remove
-//! namespaces, pins and cgroups on drop, panics included.
+//! namespaces, pins and cgroups on drop, panics included. [`Topology::pod`] adds pods: a
+//! namespace of their own each, routed through the node, in a kubelet-style cgroup below
+//! the test cgroup (see [`Pod`]).
 
 pub mod kube_api;
 
@@ -17,11 +19,12 @@ use std::{
     collections::HashMap,
     fs::File,
     io::{BufRead, BufReader},
+    net::{IpAddr, SocketAddr},
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU32, Ordering},
     },
     thread,
@@ -36,6 +39,10 @@ pub mod addr {
     /// Two backend "hosts" (two addresses on the backend end of the veth).
     pub const BACKEND_V4: [&str; 2] = ["10.10.0.2", "10.10.0.3"];
     pub const BACKEND_V6: [&str; 2] = ["fd10::2", "fd10::3"];
+    /// The agent's node addresses (the defaults of `agent.node_address`): on the node's
+    /// `lo` while an agent runs, where pods' redirected connects arrive.
+    pub const NODE_ADDRESS_V4: &str = "169.254.83.89";
+    pub const NODE_ADDRESS_V6: &str = "fd00:5359::1";
 }
 
 /// True when the test may run. Without root it says so loudly and skips, except under
@@ -246,8 +253,13 @@ pub struct Topology {
     /// hosts[0] is the backend with the `addr::BACKEND_*` addresses; host i > 0 has
     /// 10.10.i.2 and fd10:i::2 (see [`host_v4`]).
     pub hosts: Vec<Netns>,
+    /// The kubelet-style parents of the pods' cgroups, below `cgroup`, made with the first
+    /// [`Topology::pod`]; before `cgroup`, so they are removed first.
+    pub kubepods: OnceLock<Kubepods>,
     pub cgroup: Cgroup,
     pub dir: tempfile::TempDir,
+    /// The last pod index handed out (pod n has 10.244.n.0/24).
+    next_pod: AtomicU32,
 }
 
 /// IPv4 address of backend host `i`: 10.10.i.2 (host 0 also has 10.10.0.3).
@@ -289,7 +301,7 @@ impl Topology {
         }
         let cgroup = Cgroup::new(&format!("switchyard-test-{id}"));
         let dir = tempfile::Builder::new().prefix("switchyard-test-").tempdir().expect("temp dir");
-        Self { bpffs, node, hosts, cgroup, dir }
+        Self { bpffs, node, hosts, kubepods: OnceLock::new(), cgroup, dir, next_pod: AtomicU32::new(0) }
     }
 
     /// The agent's pin directory (`agent.bpffs_dir`) inside this topology's own bpffs.
@@ -297,10 +309,13 @@ impl Topology {
         self.bpffs.mount.join("switchyard")
     }
 
-    /// `switchyard uninstall --bpffs-dir <this topology's pins>`: (succeeded, stdout).
+    /// `switchyard uninstall --bpffs-dir <this topology's pins>`: (succeeded, stdout). Run
+    /// in the node namespace (outside the test cgroup), where the agent ran: what it
+    /// removes besides pins (the node addresses on `lo`) is per namespace.
     pub fn uninstall(&self) -> (bool, String) {
-        let out = Command::new(switchyard_bin()).arg("uninstall").arg("--bpffs-dir").arg(self.pin_dir()).output();
-        let out = out.expect("run switchyard uninstall");
+        let mut cmd = Command::new(switchyard_bin());
+        cmd.arg("uninstall").arg("--bpffs-dir").arg(self.pin_dir());
+        let out = run(self.in_node(&mut cmd, false), Duration::from_secs(30));
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         (out.status.success(), text)
     }
@@ -571,6 +586,18 @@ pub fn eventually(limit: Duration, what: &str, f: impl Fn() -> bool) {
     }
 }
 
+/// Poll `f` until it gives a value or `limit` passes, then panic naming `what`.
+pub fn eventually_some<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        thread::sleep(Duration::from_millis(25));
+    }
+}
+
 /// A running `sy-probe load`, killed on drop. Its output is collected as it comes (a
 /// run prints a line per connection, more than a pipe holds).
 pub struct Load {
@@ -668,6 +695,8 @@ pub struct Agent {
     log: Arc<Mutex<String>>,
     cgroup: PathBuf,
     pin_dir: PathBuf,
+    /// The node namespace's name, for the node addresses on its `lo`.
+    node: String,
 }
 
 impl Agent {
@@ -710,7 +739,13 @@ impl Agent {
                 log.push('\n');
             }
         });
-        let mut agent = Self { child: Some(child), log, cgroup: topo.cgroup.path.clone(), pin_dir: topo.pin_dir() };
+        let mut agent = Self {
+            child: Some(child),
+            log,
+            cgroup: topo.cgroup.path.clone(),
+            pin_dir: topo.pin_dir(),
+            node: topo.node.name.clone(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !agent.log().contains("switchyard ready") {
             let exited = agent.child.as_mut().unwrap().try_wait().expect("wait").is_some();
@@ -747,15 +782,17 @@ impl Agent {
         (status, self.log())
     }
 
-    /// SIGTERM; require a clean exit that leaves nothing attached to the cgroup and no
-    /// pin directory.
+    /// SIGTERM; require a clean exit that leaves nothing attached to the cgroup, no pin
+    /// directory and no address but the loopback ones on the node's `lo`.
     pub fn stop(self) -> String {
-        let (cgroup, pin_dir) = (self.cgroup.clone(), self.pin_dir.clone());
+        let (cgroup, pin_dir, node) = (self.cgroup.clone(), self.pin_dir.clone(), self.node.clone());
         let (status, log) = self.stop_with(nix::sys::signal::Signal::SIGTERM);
         assert!(status.success(), "switchyard exited with {status}:\n{log}");
         let left = attached_programs(&cgroup);
         assert!(left.is_empty(), "still attached to {} after a clean stop: {left:?}", cgroup.display());
         assert!(!pin_dir.exists(), "{} still exists after a clean stop:\n{log}", pin_dir.display());
+        let left = node_addresses_on_lo(&node);
+        assert!(left.is_empty(), "node addresses still on lo of {node} after a clean stop: {left:?}\n{log}");
         log
     }
 
@@ -854,5 +891,276 @@ impl KernelObjects {
         check("map", bpftool_json(&["map", "show"]), &self.maps, Some("SY_"));
         check("link", bpftool_json(&["link", "show"]), &self.links, None);
         left
+    }
+}
+
+// Pods: network namespaces of their own on the node, as a CNI plugin makes them.
+
+/// kubelet's parents of every pod cgroup under the cgroupfs driver: `kubepods` and its
+/// `burstable` QoS class. The inner one first, so it is removed first.
+pub struct Kubepods {
+    pub burstable: Cgroup,
+    pub kubepods: Cgroup,
+}
+
+/// A pod on the node: a network namespace of its own joined to the node's by a veth pair
+/// (node side 10.244.n.1/24 and fd44:n::1/64, pod side 10.244.n.2 and fd44:n::2, default
+/// routes through the node, which forwards), and a container cgroup laid out as kubelet's
+/// cgroupfs driver does, `kubepods/burstable/pod<uid>/<container id>`, below the test
+/// cgroup, so the agent's programs apply to it. The pod's clients run in both.
+///
+/// A pod reaches the backend hosts through the node (the in-kernel fallback sends it
+/// there); it reaches service addresses only when its connect is rewritten: the node has
+/// no route for them and answers ENETUNREACH. Dropping the pod kills its processes and
+/// removes its cgroups and namespace (with the veth pair and any nft rules in it).
+pub struct Pod<'t> {
+    topo: &'t Topology,
+    pub name: String,
+    /// n of 10.244.n.0/24 and fd44:n::/64, from 1.
+    pub index: u32,
+    /// Where the pod's clients run; first, so its processes are killed first.
+    pub container: Cgroup,
+    /// The pod-level cgroup (`.../pod<uid>`), the parent of `container`.
+    pub pod_cgroup: Cgroup,
+    pub netns: Netns,
+    /// The pod's addresses, 10.244.n.2 and fd44:n::2.
+    pub v4: String,
+    pub v6: String,
+}
+
+/// `len` hex digits that differ between calls and runs (std's hasher keys are random per
+/// process), for pod uids and container ids.
+fn random_hex(len: usize) -> String {
+    use std::hash::{BuildHasher, RandomState};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let state = RandomState::new();
+    let mut out = String::new();
+    while out.len() < len {
+        out.push_str(&format!("{:016x}", state.hash_one((NEXT.fetch_add(1, Ordering::Relaxed), epoch_ms()))));
+    }
+    out.truncate(len);
+    out
+}
+
+/// Run `f` on a thread of its own that has joined `netns` (setns is per thread; the test's
+/// threads stay where they are). A panic in `f` is the caller's.
+fn in_netns<T: Send>(netns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+    let fd = netns.file.as_raw_fd();
+    thread::scope(|s| {
+        let joined = s.spawn(move || {
+            // SAFETY: setns on this short-lived thread only; the fd outlives the scope.
+            if unsafe { libc::setns(fd, libc::CLONE_NEWNET) } != 0 {
+                panic!("setns: {}", std::io::Error::last_os_error());
+            }
+            f()
+        });
+        joined.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// Write a sysctl of `netns` (/proc/sys/net is per namespace, as seen by the writing
+/// thread; unlike `ip netns exec`, nothing is remounted).
+pub fn sysctl(netns: &Netns, key: &str, value: &str) {
+    in_netns(netns, || {
+        let path = format!("/proc/sys/{key}");
+        std::fs::write(&path, value).unwrap_or_else(|e| panic!("write {value} to {path} in {}: {e}", netns.name));
+    })
+}
+
+/// The cookie the kernel gives a network namespace (SO_NETNS_COOKIE of a socket made in
+/// it): what `bpf_get_netns_cookie` returns to the programs, and what the agent reports.
+pub fn netns_cookie(netns: &Netns) -> u64 {
+    in_netns(netns, || {
+        // SO_NETNS_COOKIE from asm-generic/socket.h (Linux 5.14+).
+        const SO_NETNS_COOKIE: libc::c_int = 71;
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("a socket in the namespace");
+        let (mut cookie, mut len) = (0u64, std::mem::size_of::<u64>() as libc::socklen_t);
+        // SAFETY: valid fd, buffer and length for a u64 option.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_NETNS_COOKIE,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "SO_NETNS_COOKIE: {}", std::io::Error::last_os_error());
+        cookie
+    })
+}
+
+/// Addresses on `lo` of namespace `netns` other than 127.0.0.1 and ::1 (a fresh
+/// namespace has only those): the agent's node addresses while it runs.
+pub fn node_addresses_on_lo(netns: &str) -> Vec<String> {
+    let out = sh(Command::new("ip").args(["-n", netns, "-j", "addr", "show", "dev", "lo"]));
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j addr is JSON");
+    links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str().map(str::to_owned))
+        .filter(|a| a != "127.0.0.1" && a != "::1")
+        .collect()
+}
+
+/// A cgroup's path as the agent shows it (`/conns`, close lines): below the cgroup2 root.
+pub fn cgroup_relative(path: &Path) -> String {
+    let below = path.strip_prefix(cgroup2_root()).expect("a cgroup below the cgroup2 root");
+    format!("/{}", below.display())
+}
+
+/// The client address of every `connection closed` line in `log` (text format): each is
+/// a connection the agent accepted. v4-mapped addresses are given as v4.
+pub fn closed_conn_clients(log: &str) -> Vec<IpAddr> {
+    log.lines()
+        .filter(|l| l.contains("switchyard::conn") && l.contains("connection closed"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("client.addr=")))
+        .filter_map(|a| a.trim_matches('"').parse::<SocketAddr>().ok())
+        .map(|a| a.ip().to_canonical())
+        .collect()
+}
+
+impl Topology {
+    /// A new pod on the node (see [`Pod`]). The first one also turns on forwarding in the
+    /// node namespace and gives every backend host a route back to the pods
+    /// (10.244.0.0/16 via 10.10.i.1, fd44::/16 via fd10:i::1), so that a pod connect the
+    /// kernel sends straight to an endpoint works.
+    pub fn pod(&self, name: &str) -> Pod<'_> {
+        let n = self.next_pod.fetch_add(1, Ordering::Relaxed) + 1;
+        assert!(n < 256, "at most 255 pods per topology");
+        let id = self.node.name.strip_suffix("-node").expect("the node namespace is named {id}-node");
+        let netns = Netns::new(format!("{id}-p{n}"));
+        let (node, pod) = (&self.node.name, &netns.name);
+        // Interface names stay within IFNAMSIZ: the id is about 9 characters.
+        let (node_if, pod_if) = (format!("{id}p{n}"), format!("{id}q{n}"));
+        ip(&format!("-n {node} link add {node_if} type veth peer name {pod_if} netns {pod}"));
+        ip(&format!("-n {node} link set {node_if} up"));
+        ip(&format!("-n {pod} link set {pod_if} up"));
+        ip(&format!("-n {node} addr add 10.244.{n}.1/24 dev {node_if}"));
+        ip(&format!("-n {node} addr add fd44:{n}::1/64 dev {node_if} nodad"));
+        let (v4, v6) = (format!("10.244.{n}.2"), format!("fd44:{n}::2"));
+        ip(&format!("-n {pod} addr add {v4}/24 dev {pod_if}"));
+        ip(&format!("-n {pod} addr add {v6}/64 dev {pod_if} nodad"));
+        ip(&format!("-n {pod} route add default via 10.244.{n}.1"));
+        ip(&format!("-n {pod} -6 route add default via fd44:{n}::1"));
+        // Every time, not once: a setting made for the first veth must cover this one too.
+        sysctl(&self.node, "net/ipv4/ip_forward", "1");
+        sysctl(&self.node, "net/ipv6/conf/all/forwarding", "1");
+        // The node answers an unrouted pod connect (a service address not redirected) with
+        // ICMP unreachable; rate-limited, later ones would hang until their timeout.
+        sysctl(&self.node, "net/ipv4/icmp_ratelimit", "0");
+        sysctl(&self.node, "net/ipv6/icmp/ratelimit", "0");
+        for (i, host) in self.hosts.iter().enumerate() {
+            ip(&format!("-n {} route replace 10.244.0.0/16 via 10.10.{i}.1", host.name));
+            ip(&format!("-n {} -6 route replace fd44::/16 via fd10:{i}::1", host.name));
+        }
+        let kube = self.kubepods.get_or_init(|| {
+            let kubepods = Cgroup::new_in(&self.cgroup.path, "kubepods");
+            Kubepods { burstable: Cgroup::new_in(&kubepods.path, "burstable"), kubepods }
+        });
+        let h = random_hex(32);
+        let uid = format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]);
+        let pod_cgroup = Cgroup::new_in(&kube.burstable.path, &format!("pod{uid}"));
+        let container = Cgroup::new_in(&pod_cgroup.path, &random_hex(64));
+        Pod { topo: self, name: name.to_owned(), index: n, container, pod_cgroup, netns, v4, v6 }
+    }
+
+    /// The node namespace's cookie (see [`netns_cookie`]): the agent's own.
+    pub fn node_netns_cookie(&self) -> u64 {
+        netns_cookie(&self.node)
+    }
+
+    /// Addresses on the node's `lo` besides the loopback ones (see
+    /// [`node_addresses_on_lo`]).
+    pub fn node_addresses_on_lo(&self) -> Vec<String> {
+        node_addresses_on_lo(&self.node.name)
+    }
+
+    /// [`Topology::admin_get`], parsed as JSON.
+    pub fn admin_json(&self, path: &str) -> serde_json::Value {
+        let body = self.admin_get(path);
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path} is not JSON ({e}): {body}"))
+    }
+}
+
+impl Pod<'_> {
+    /// Make `cmd` start inside the pod: its network namespace and its container cgroup.
+    pub fn in_pod<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        enter(cmd, &self.netns, Some(&self.container))
+    }
+
+    /// Run the probe client in the pod.
+    pub fn probe(&self, target: &str, bytes: u64) -> Probe {
+        let mut cmd = Command::new(probe_bin());
+        cmd.args(["client", "--connect", target, "--bytes", &bytes.to_string()]);
+        Probe::from(run(self.in_pod(&mut cmd), Duration::from_secs(60)))
+    }
+
+    /// Start `sy-probe load` against `target` in the pod.
+    pub fn load(&self, target: &str, args: &[&str]) -> Load {
+        let mut cmd = Command::new(probe_bin());
+        cmd.args(["load", "--connect", target]).args(args);
+        let mut child =
+            self.in_pod(&mut cmd).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn load");
+        let stdout = read_all(child.stdout.take());
+        Load { child: Some(child), stdout: Some(stdout) }
+    }
+
+    /// Start a long-running client in the pod.
+    pub fn spawn_client(&self, cmd: &mut Command) -> Proc {
+        let child = self.in_pod(cmd).stdout(Stdio::piped()).stderr(Stdio::null()).spawn();
+        Proc(child.unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")))
+    }
+
+    /// Run any client command in the pod.
+    pub fn client(&self, cmd: &mut Command) -> Output {
+        run(self.in_pod(cmd), Duration::from_secs(60))
+    }
+
+    /// Whether a plain TCP connect from the pod's namespace, outside its cgroups (so never
+    /// rewritten), succeeds within 2 s.
+    pub fn can_connect(&self, target: &str) -> bool {
+        let target: SocketAddr = target.parse().expect("socket address");
+        in_netns(&self.netns, || std::net::TcpStream::connect_timeout(&target, Duration::from_secs(2)).is_ok())
+    }
+
+    /// The pod's network namespace cookie (see [`netns_cookie`]).
+    pub fn netns_cookie(&self) -> u64 {
+        netns_cookie(&self.netns)
+    }
+
+    /// The container cgroup as the agent shows it (below the cgroup2 root).
+    pub fn container_cgroup(&self) -> String {
+        cgroup_relative(&self.container.path)
+    }
+
+    /// Drop, silently, every packet the pod sends to the node addresses
+    /// ([`addr::NODE_ADDRESS_V4`], [`addr::NODE_ADDRESS_V6`]): an nft output-hook rule in
+    /// the pod's namespace, as a network policy or a broken CNI would do. A connect the
+    /// kernel sends to the agent then hangs in SYN retransmits; everything else flows.
+    pub fn block_node_address(&self) {
+        require_tools(&["nft"]);
+        let rules = self.topo.dir.path().join(format!("block-{}.nft", self.netns.name));
+        let text = format!(
+            "table inet switchyard_test_block {{\n  chain output {{\n    type filter hook output priority 0; policy accept;\n    ip daddr {} drop\n    ip6 daddr {} drop\n  }}\n}}\n",
+            addr::NODE_ADDRESS_V4,
+            addr::NODE_ADDRESS_V6
+        );
+        std::fs::write(&rules, text).expect("write nft rules");
+        sh(enter(Command::new("nft").arg("-f").arg(&rules), &self.netns, None));
+    }
+
+    /// Undo [`Pod::block_node_address`].
+    pub fn unblock_node_address(&self) {
+        sh(enter(Command::new("nft").args(["delete", "table", "inet", "switchyard_test_block"]), &self.netns, None));
+    }
+
+    /// How many `connection closed` lines of `log` are of connections from this pod (its
+    /// v4 or v6 address): connections the agent accepted from it.
+    pub fn closed_conns(&self, log: &str) -> usize {
+        let mine: [IpAddr; 2] = [self.v4.parse().expect("v4"), self.v6.parse().expect("v6")];
+        closed_conn_clients(log).iter().filter(|a| mine.contains(a)).count()
     }
 }

@@ -268,7 +268,16 @@ fn daemon_set_capabilities_are_enough_and_each_is_needed() {
     let agent = Agent::start_bin(&with_caps(topo.dir.path(), &caps), &topo, &config);
     let probe = topo.probe("10.96.0.10:7000", 1000).ok();
     assert_eq!(probe.get("hello"), Some(format!("{}:7000", host_v4(0)).as_str()), "redirected with {caps:?}");
-    agent.stop();
+    // Pods too: the node addresses went on lo with these capabilities alone.
+    let mut on_lo = topo.node_addresses_on_lo();
+    on_lo.sort();
+    assert_eq!(on_lo, ["169.254.83.89", "fd00:5359::1"], "node addresses with {caps:?}");
+    let pod = topo.pod("deploy");
+    let from_pod = pod.probe("10.96.0.10:7000", 1000).ok();
+    assert_eq!(from_pod.get("peer"), Some("10.96.0.10:7000"), "{}", from_pod.stdout);
+    let counters = switchyard_tests::kernel_counters(&agent.stop());
+    assert_eq!(counters["redirected_pod"], 1, "the pod's connect went through the agent: {counters:?}");
+    drop(pod);
 
     let config_file = topo.dir.path().join("switchyard.yaml");
     for missing in &caps {
@@ -283,5 +292,7 @@ fn daemon_set_capabilities_are_enough_and_each_is_needed() {
         assert!(stderr.contains("switchyard: error:"), "without CAP_{missing} it says why: {stderr}");
         let left = attached_programs(&topo.cgroup.path);
         assert!(left.is_empty(), "a refused start left programs attached: {left:?}");
+        let addresses = topo.node_addresses_on_lo();
+        assert!(addresses.is_empty(), "a refused start left node addresses on lo: {addresses:?}");
     }
 }

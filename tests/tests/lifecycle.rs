@@ -281,7 +281,7 @@ fn a_newer_agent_removes_pins_of_map_layouts_it_no_longer_uses() {
     let agent = Agent::start(&topo, &config(&topo));
     assert!(agent.log().contains("stale_maps_removed=1"), "{}", agent.log());
     assert!(!stale.exists(), "the pin of the old layout is gone");
-    assert!(topo.pin_dir().join("SY_SOCK_ORIG2").exists(), "the current layout is pinned");
+    assert!(topo.pin_dir().join("SY_SOCK_ORIG3").exists(), "the current layout is pinned");
     agent.stop();
 }
 
@@ -296,12 +296,10 @@ fn uninstall_while_the_agent_runs_detaches_everything_and_the_agent_still_stops_
     let agent = Agent::start(&topo, &config(&topo));
     assert!(topo.probe("10.96.0.10:7000", 100).ok().get("hello").is_some());
     let config_file = topo.dir.path().join("switchyard.yaml");
-    let out = Command::new(switchyard_tests::switchyard_bin())
-        .arg("uninstall")
-        .arg("--config")
-        .arg(&config_file)
-        .output()
-        .unwrap();
+    // In the node namespace: uninstall also takes the node addresses off its `lo`.
+    let mut uninstall = Command::new(switchyard_tests::switchyard_bin());
+    uninstall.arg("uninstall").arg("--config").arg(&config_file);
+    let out = topo.in_node(&mut uninstall, false).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("detached 5 programs"), "{stdout}");

@@ -18,13 +18,16 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
-use switchyard_tests::{Agent, Proc, Topology, host_v4};
+use switchyard_tests::{Agent, Pod, Proc, Topology, host_v4};
 
 /// The load paths compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Via {
     Direct,
     Switchyard,
+    /// The same services, dialled from a pod (a network namespace of its own): through
+    /// the agent's node address instead of loopback.
+    SwitchyardPod,
     /// The same agent, to a service left to protocol detection: HTTP/1.1 served by
     /// hyper, balanced per request over pooled upstream connections.
     SwitchyardHttp,
@@ -41,6 +44,7 @@ impl Via {
         match self {
             Via::Direct => "direct",
             Via::Switchyard => "switchyard (redirect, tcp)",
+            Via::SwitchyardPod => "switchyard (pod -> service, tcp)",
             Via::SwitchyardHttp => "switchyard (redirect, http)",
             Via::SwitchyardNoStats => "switchyard, stats off",
             Via::HaproxyTcp => "haproxy tcp",
@@ -78,7 +82,9 @@ impl Setup {
         };
         match path {
             Via::Direct => (format!("{}:{backend_port}", host_v4(0)), false),
-            Via::Switchyard | Via::SwitchyardNoStats => (format!("10.96.0.{}:{backend_port}", 80 + index), true),
+            Via::Switchyard | Via::SwitchyardNoStats | Via::SwitchyardPod => {
+                (format!("10.96.0.{}:{backend_port}", 80 + index), true)
+            }
             Via::SwitchyardHttp => (format!("10.96.0.83:{backend_port}"), true),
             Via::HaproxyTcp => (format!("127.0.0.1:{}", 9001 + index), false),
             Via::EnvoyTcp => (format!("127.0.0.1:{}", 9101 + index), false),
@@ -90,7 +96,7 @@ impl Setup {
     fn proxy_pid(&self, path: Via) -> Option<u32> {
         match path {
             Via::Direct => None,
-            Via::Switchyard | Via::SwitchyardHttp | Via::SwitchyardNoStats => {
+            Via::Switchyard | Via::SwitchyardPod | Via::SwitchyardHttp | Via::SwitchyardNoStats => {
                 self.agent.as_ref().map(|a| a.pid() as u32)
             }
             Via::HaproxyTcp | Via::HaproxyHttp => Some(self.haproxy.0.id()),
@@ -113,11 +119,16 @@ impl Setup {
         Ok(())
     }
 
-    /// Run a load generator on CPU 1 in the node namespace (in the cgroup if asked).
-    fn load(&self, args: &[&str], in_cgroup: bool, limit: Duration) -> anyhow::Result<String> {
+    /// Run a load generator on CPU 1 in the node namespace (in the cgroup if asked), or in
+    /// `pod`.
+    fn load(&self, args: &[&str], in_cgroup: bool, pod: Option<&Pod>, limit: Duration) -> anyhow::Result<String> {
         let mut cmd = Command::new("taskset");
         cmd.arg("-c").arg("1").args(args);
-        let out = switchyard_tests::run(self.topo.in_node(&mut cmd, in_cgroup), limit);
+        let cmd = match pod {
+            Some(pod) => pod.in_pod(&mut cmd),
+            None => self.topo.in_node(&mut cmd, in_cgroup),
+        };
+        let out = switchyard_tests::run(cmd, limit);
         ensure!(
             out.status.success(),
             "{args:?} failed: {}{}",
@@ -175,8 +186,17 @@ fn wrk_latency_us(text: &str, pct: &str) -> Option<f64> {
     num.parse::<f64>().ok().map(|n| n * mult)
 }
 
-fn measure(setup: &Setup, case: &str, path: Via, secs: u64, requests: u64) -> anyhow::Result<Sample> {
+/// One run of `case` through `path`; `pod` is where the pod path's clients run.
+fn measure(
+    setup: &Setup,
+    pod: Option<&Pod>,
+    case: &str,
+    path: Via,
+    secs: u64,
+    requests: u64,
+) -> anyhow::Result<Sample> {
     let pid = setup.proxy_pid(path);
+    let pod = pod.filter(|_| path == Via::SwitchyardPod);
     let cpu_before = pid.map(cpu_us);
     let limit = Duration::from_secs(secs + 60);
     let d = format!("{secs}s");
@@ -189,7 +209,7 @@ fn measure(setup: &Setup, case: &str, path: Via, secs: u64, requests: u64) -> an
                 args.extend(["-H", "Connection: close"]);
             }
             args.push(&url);
-            let out = setup.load(&args, cg, limit)?;
+            let out = setup.load(&args, cg, pod, limit)?;
             let rps: f64 = out
                 .lines()
                 .find_map(|l| l.strip_prefix("Requests/sec:"))
@@ -204,7 +224,7 @@ fn measure(setup: &Setup, case: &str, path: Via, secs: u64, requests: u64) -> an
         "tcp bulk" => {
             let (target, cg) = setup.target(path, IPERF);
             let (host, port) = target.rsplit_once(':').unwrap();
-            let out = setup.load(&["iperf3", "-c", host, "-p", port, "-t", &secs.to_string(), "-J"], cg, limit)?;
+            let out = setup.load(&["iperf3", "-c", host, "-p", port, "-t", &secs.to_string(), "-J"], cg, pod, limit)?;
             let v: Value = serde_json::from_str(&out).context("iperf3 -J output")?;
             let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 gave no result")?;
             // "requests" for CPU accounting: GiB moved.
@@ -218,6 +238,7 @@ fn measure(setup: &Setup, case: &str, path: Via, secs: u64, requests: u64) -> an
             let out = setup.load(
                 &["redis-benchmark", "-h", host, "-p", port, "-t", test, "-n", &n, "-c", "16", "-q", "--csv"],
                 cg,
+                pod,
                 limit,
             )?;
             let rps: f64 = out
@@ -419,10 +440,11 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool) -> anyhow::Resul
     // Two descriptors per proxied connection, plus headroom for listeners and logs.
     let idle = idle.min(fd_limit.saturating_sub(2_000) / 2);
     let mut setup = setup(bin, probe, envoy, idle + 100)?;
-    let tcp_paths = [Via::Direct, Via::Switchyard, Via::HaproxyTcp, Via::EnvoyTcp];
+    let tcp_paths = [Via::Direct, Via::Switchyard, Via::SwitchyardPod, Via::HaproxyTcp, Via::EnvoyTcp];
     let http_paths = [
         Via::Direct,
         Via::Switchyard,
+        Via::SwitchyardPod,
         Via::HaproxyTcp,
         Via::EnvoyTcp,
         Via::SwitchyardHttp,
@@ -437,12 +459,16 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool) -> anyhow::Resul
         ("redis set", "req/s", &tcp_paths),
     ];
     let mut samples: BTreeMap<(usize, Via), Vec<Sample>> = BTreeMap::new();
-    for round in 0..rounds {
-        for (ci, (case, _, paths)) in cases.iter().enumerate() {
-            for &path in paths.iter() {
-                eprintln!("bench: round {}/{rounds}: {case} via {}", round + 1, path.name());
-                let s = measure(&setup, case, path, secs, redis_n)?;
-                samples.entry((ci, path)).or_default().push(s);
+    {
+        // A pod whose clients reach the services through the node address.
+        let pod = setup.topo.pod("bench");
+        for round in 0..rounds {
+            for (ci, (case, _, paths)) in cases.iter().enumerate() {
+                for &path in paths.iter() {
+                    eprintln!("bench: round {}/{rounds}: {case} via {}", round + 1, path.name());
+                    let s = measure(&setup, Some(&pod), case, path, secs, redis_n)?;
+                    samples.entry((ci, path)).or_default().push(s);
+                }
             }
         }
     }
@@ -451,7 +477,7 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool) -> anyhow::Resul
     for round in 0..rounds {
         for (ci, (case, _, _)) in cases.iter().enumerate().take(3) {
             eprintln!("bench: round {}/{rounds}: {case} via {}", round + 1, Via::SwitchyardNoStats.name());
-            let s = measure(&setup, case, Via::SwitchyardNoStats, secs, redis_n)?;
+            let s = measure(&setup, None, case, Via::SwitchyardNoStats, secs, redis_n)?;
             samples.entry((ci, Via::SwitchyardNoStats)).or_default().push(s);
         }
     }

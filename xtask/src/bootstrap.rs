@@ -31,6 +31,8 @@ const DEBIAN: &[(&str, &str)] = &[
     // An HTTP/2 client that multiplexes many requests on one connection.
     ("nghttp", "nghttp2-client"),
     ("openssl", "openssl"),
+    // Pod tests: a pod whose packets to the node address are dropped (an output-hook rule).
+    ("nft", "nftables"),
 ];
 
 /// What `cargo xtask image` needs besides the toolchain: a C compiler for musl (ring's C

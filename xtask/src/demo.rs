@@ -88,6 +88,57 @@ services:
         println!("   redis-cli {:18} -> {}", args.join(" "), String::from_utf8_lossy(&out.stdout).trim());
     }
 
+    // A pod: a network namespace of its own, in a kubelet-style cgroup below the attached one.
+    let pod = topo.pod("demo");
+    println!(
+        "\n== A pod: network namespace {} (address {}), cgroup {}",
+        pod.netns.name,
+        pod.v4,
+        pod.container_cgroup()
+    );
+    println!(
+        "   its connects to service addresses go to the agent on the node address {}:15001 (or [{}]:15001)",
+        addr::NODE_ADDRESS_V4,
+        addr::NODE_ADDRESS_V6
+    );
+    for url in ["http://10.96.0.20/", "http://10.96.0.20/", "http://[fd96::20]/"] {
+        let w = "  (curl's peer: %{remote_ip}:%{remote_port})";
+        let out = pod.client(Command::new("curl").args(["-sS", "--max-time", "5", "-w", w, url]));
+        ensure!(out.status.success(), "curl {url} in the pod failed: {}", String::from_utf8_lossy(&out.stderr));
+        println!("   pod: curl {url:22} -> {}", String::from_utf8_lossy(&out.stdout).replace('\n', ""));
+    }
+    let out = pod.client(Command::new("redis-cli").args(["-h", "10.96.0.30", "-p", "6379", "GET", "demo"]));
+    ensure!(out.status.success(), "redis-cli in the pod failed: {}", String::from_utf8_lossy(&out.stderr));
+    println!("   pod: redis-cli GET demo        -> {}", String::from_utf8_lossy(&out.stdout).trim());
+    // A connection held open (BLPOP waits 2 s for a list that never fills), seen in /conns.
+    let mut blpop =
+        pod.spawn_client(Command::new("redis-cli").args(["-h", "10.96.0.30", "-p", "6379", "BLPOP", "pod-demo", "2"]));
+    let pid = blpop.0.id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let entry = loop {
+        let all: serde_json::Value = serde_json::from_str(&topo.admin_get("/conns"))?;
+        if let Some(c) = all.as_array().and_then(|a| a.iter().find(|c| c["client"]["pid"] == pid)) {
+            break c.clone();
+        }
+        ensure!(std::time::Instant::now() < deadline, "the pod's redis-cli BLPOP never showed in /conns: {all}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let c = &entry["client"];
+    println!(
+        "   /conns while BLPOP waits: {}/{} pod={} netns={} from {} cgroup {}\n      dialled {} -> service {} endpoint {}",
+        c["comm"].as_str().unwrap_or("?"),
+        c["pid"],
+        c["pod"],
+        c["netns"],
+        entry["peer"].as_str().unwrap_or("?"),
+        c["cgroup"].as_str().unwrap_or("?"),
+        c["original_dst"].as_str().unwrap_or("?"),
+        entry["service"].as_str().unwrap_or("?"),
+        entry["route"]["endpoint"].as_str().unwrap_or("?"),
+    );
+    let status = switchyard_tests::wait_bounded(&mut blpop.0, std::time::Duration::from_secs(10));
+    ensure!(status.is_some_and(|s| s.success()), "the pod's redis-cli BLPOP failed");
+
     println!("\n== A destination that is not a service is not touched (no route for 10.96.0.99 here):");
     let out = topo.client(Command::new("curl").args(["-sS", "--max-time", "5", "http://10.96.0.99/"]));
     println!("   curl http://10.96.0.99/ -> {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -119,9 +170,15 @@ services:
         println!("   {}", fields.join(" "));
     }
     let counters = kernel_counters(&log);
-    let order = ["redirected", "passed", "skipped_mark", "orig_dst_published", "peer_rewritten", "errors"];
+    let order =
+        ["redirected", "redirected_pod", "passed", "skipped_mark", "orig_dst_published", "peer_rewritten", "errors"];
     let shown: Vec<String> = order.iter().map(|k| format!("{k}={}", counters.get(*k).copied().unwrap_or(0))).collect();
     println!("\n== Kernel counters (per decision, summed over CPUs): {}", shown.join(" "));
+    println!(
+        "   the agent served {} connections from the pod ({}): redirected_pod counts the kernel's side of them",
+        pod.closed_conns(&log),
+        pod.v4
+    );
     drop(servers);
     let left = topo.attached_programs();
     ensure!(left.is_empty(), "programs still attached after the agent stopped: {left:?}");

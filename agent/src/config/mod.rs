@@ -20,7 +20,10 @@ pub use service::{
 };
 
 mod http;
+mod pods;
 mod service;
+
+pub use pods::{DEFAULT_NODE_V4, DEFAULT_NODE_V6, PodsMode};
 
 /// Default port of the agent's outbound listener (same as linkerd2-proxy and ztunnel's
 /// outbound port, so operators recognise it).
@@ -120,6 +123,19 @@ pub struct AgentConfig {
     /// Unix socket where the running agent hands its listening sockets to a newer agent
     /// started on the same node (upgrade without a refused connection).
     pub handover_socket: PathBuf,
+    /// Addresses the agent adds to `lo` and listens on, at `listen_port`, for connects
+    /// from pods: at most one IPv4 (link-local) and one IPv6 (unique local) address.
+    pub node_address: Vec<IpAddr>,
+    /// Connects from other network namespaces than the agent's (pods).
+    pub pods: PodsMode,
+    /// cgroup v2 directories whose processes' connects are never touched (pods that run
+    /// their own mesh sidecar, say), with everything below them. Paths that do not exist
+    /// yet take effect when they appear.
+    pub exclude_cgroups: Vec<PathBuf>,
+    /// How long a pod namespace whose path to the node address is blocked is served by
+    /// the in-kernel fallback before it is probed again (doubling while it stays blocked).
+    #[serde(with = "humantime_serde")]
+    pub blocked_retry: Duration,
 }
 
 /// Default admin API address (linkerd2-proxy's admin port).
@@ -169,6 +185,10 @@ impl Default for AgentConfig {
             stats: true,
             bpffs_dir: PathBuf::from(DEFAULT_BPFFS_DIR),
             handover_socket: PathBuf::from(DEFAULT_HANDOVER_SOCKET),
+            node_address: pods::default_node_address(),
+            pods: PodsMode::default(),
+            exclude_cgroups: Vec::new(),
+            blocked_retry: Duration::from_secs(60),
         }
     }
 }
@@ -218,10 +238,14 @@ impl Config {
                 problem(field.into(), format!("`{}` must be an absolute path", path.display()));
             }
         }
-        let listeners = [
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), a.listen_port),
-            SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), a.listen_port),
-        ];
+        let service_ips: Vec<IpAddr> =
+            self.services.iter().flat_map(|s| &s.addresses).map(|a| canonical(*a).ip()).collect();
+        a.pods_problems(&service_ips, &mut problem);
+        let listeners: Vec<SocketAddr> = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)]
+            .into_iter()
+            .chain(a.node_address.iter().copied())
+            .map(|ip| SocketAddr::new(ip, a.listen_port))
+            .collect();
 
         let mut names: HashMap<&str, String> = HashMap::new();
         let mut owners: HashMap<SocketAddr, String> = HashMap::new();

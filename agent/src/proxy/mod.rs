@@ -60,28 +60,42 @@ pub enum ProxyError {
     #[error("read the network namespace cookie of the listener (SO_NETNS_COOKIE needs Linux 5.14+)")]
     NetnsCookie(#[source] io::Error),
     #[error(
-        "the previous agent handed over a listener on {got}, but agent.listen_port is {want}; \
-         a hand-over keeps the port: stop the previous agent first to change it"
+        "the previous agent handed over a listener on {got} where this one wants {want} \
+         (agent.listen_port is {}); a hand-over keeps agent.listen_port and agent.node_address: \
+         stop the previous agent first to change them",
+        want.port()
     )]
-    InheritedPort { got: String, want: u16 },
+    InheritedPort { got: String, want: SocketAddr },
     #[error("use a listener handed over by the previous agent")]
     Inherit(#[source] io::Error),
 }
 
-/// The outbound listeners: 127.0.0.1 always, [::1] where the host has IPv6.
+/// The outbound listeners: 127.0.0.1 always, [::1] where the host has IPv6, and the node
+/// addresses where pods are redirected (see `nodeaddr`).
 pub struct Listeners {
     pub v4: TcpListener,
     pub v6: Option<TcpListener>,
+    pub node_v4: Option<TcpListener>,
+    pub node_v6: Option<TcpListener>,
+}
+
+/// Listening sockets handed over by the previous agent, by role.
+#[derive(Default)]
+pub struct Inherited {
+    pub v4: Option<OwnedFd>,
+    pub v6: Option<OwnedFd>,
+    pub node_v4: Option<OwnedFd>,
+    pub node_v6: Option<OwnedFd>,
 }
 
 impl Listeners {
-    pub async fn bind(port: u16) -> Result<Self, ProxyError> {
-        let bind = |ip: IpAddr| async move {
-            let addr = SocketAddr::new(ip, port);
-            TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source })
-        };
-        let v4 = bind(Ipv4Addr::LOCALHOST.into()).await?;
-        let v6 = match bind(Ipv6Addr::LOCALHOST.into()).await {
+    /// Bind what is wanted: the loopback listeners on `port`, and one on each node
+    /// address. A listener in `inherited` whose address matches is used instead of a new
+    /// one (an upgrade: the same sockets, so there is no moment in which connects to the
+    /// port are refused); one that does not match is refused.
+    pub async fn bind(port: u16, node: &[IpAddr], mut inherited: Inherited) -> Result<Self, ProxyError> {
+        let v4 = listen(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port), inherited.v4).await?;
+        let v6 = match listen(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port), inherited.v6).await {
             Ok(l) => Some(l),
             // A host with IPv6 disabled has no ::1; it has no IPv6 services to reach either.
             Err(ProxyError::Bind { source, .. }) if source.kind() == io::ErrorKind::AddrNotAvailable => {
@@ -90,32 +104,45 @@ impl Listeners {
             }
             Err(e) => return Err(e),
         };
-        Ok(Self { v4, v6 })
+        let mut node_v4 = None;
+        let mut node_v6 = None;
+        for &ip in node {
+            let (slot, fd) = match ip {
+                IpAddr::V4(_) => (&mut node_v4, inherited.node_v4.take()),
+                IpAddr::V6(_) => (&mut node_v6, inherited.node_v6.take()),
+            };
+            *slot = Some(listen(SocketAddr::new(ip, port), fd).await?);
+        }
+        Ok(Self { v4, v6, node_v4, node_v6 })
     }
 
-    /// The listening sockets of the agent this one replaces (see `handover`): the same
-    /// sockets, so there is no moment in which connects to the port are refused.
-    pub fn adopt(port: u16, v4: OwnedFd, v6: Option<OwnedFd>) -> Result<Self, ProxyError> {
-        let adopt = |fd: OwnedFd| -> Result<TcpListener, ProxyError> {
-            let std = std::net::TcpListener::from(fd);
-            let local = std.local_addr().map_err(ProxyError::Inherit)?;
-            if local.port() != port || !local.ip().is_loopback() {
-                return Err(ProxyError::InheritedPort { got: local.to_string(), want: port });
-            }
-            std.set_nonblocking(true).map_err(ProxyError::Inherit)?;
-            TcpListener::from_std(std).map_err(ProxyError::Inherit)
-        };
-        Ok(Self { v4: adopt(v4)?, v6: v6.map(adopt).transpose()? })
+    /// Every listener with its `SY_LISTENERS` slot.
+    pub fn slots(&self) -> Vec<(u32, &TcpListener)> {
+        use switchyard_common::listener;
+        [
+            (listener::LOOPBACK_V4, Some(&self.v4)),
+            (listener::LOOPBACK_V6, self.v6.as_ref()),
+            (listener::NODE_V4, self.node_v4.as_ref()),
+            (listener::NODE_V6, self.node_v6.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(slot, l)| Some((slot, l?)))
+        .collect()
     }
 
     /// Duplicates of the listening sockets, to hand to a successor while these accept.
-    pub fn dup(&self) -> io::Result<(OwnedFd, Option<OwnedFd>)> {
-        let v6 = self.v6.as_ref().map(|l| l.as_fd().try_clone_to_owned()).transpose()?;
-        Ok((self.v4.as_fd().try_clone_to_owned()?, v6))
+    pub fn dup(&self) -> io::Result<Inherited> {
+        let dup = |l: Option<&TcpListener>| l.map(|l| l.as_fd().try_clone_to_owned()).transpose();
+        Ok(Inherited {
+            v4: dup(Some(&self.v4))?,
+            v6: dup(self.v6.as_ref())?,
+            node_v4: dup(self.node_v4.as_ref())?,
+            node_v6: dup(self.node_v6.as_ref())?,
+        })
     }
 
-    /// Cookie of the network namespace the listeners live in. The kernel programs only
-    /// redirect connects made in this namespace: elsewhere 127.0.0.1 is not us.
+    /// Cookie of the network namespace the listeners live in. Connects from this
+    /// namespace go to the loopback listeners; from any other, to the node addresses.
     pub fn netns_cookie(&self) -> Result<u64, ProxyError> {
         // SO_NETNS_COOKIE from asm-generic/socket.h (Linux 5.14+); libc does not export it
         // for every target.
@@ -136,10 +163,25 @@ impl Listeners {
     }
 }
 
+/// A listener on `addr`: the inherited socket if there is one (it must be on `addr`),
+/// else a new one.
+async fn listen(addr: SocketAddr, inherited: Option<OwnedFd>) -> Result<TcpListener, ProxyError> {
+    let Some(fd) = inherited else {
+        return TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source });
+    };
+    let std = std::net::TcpListener::from(fd);
+    let local = std.local_addr().map_err(ProxyError::Inherit)?;
+    if local != addr {
+        return Err(ProxyError::InheritedPort { got: local.to_string(), want: addr });
+    }
+    std.set_nonblocking(true).map_err(ProxyError::Inherit)?;
+    TcpListener::from_std(std).map_err(ProxyError::Inherit)
+}
+
 /// Everything a connection task needs, shared by all of them.
 pub struct Proxy {
     state: watch::Receiver<Arc<Snapshot>>,
-    orig: OrigDstTable,
+    orig: Arc<OrigDstTable>,
     mark: u32,
     stats: Arc<Stats>,
     http: Arc<http::Http>,
@@ -147,7 +189,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(state: watch::Receiver<Arc<Snapshot>>, orig: OrigDstTable, mark: u32, stats: Arc<Stats>) -> Arc<Self> {
+    pub fn new(
+        state: watch::Receiver<Arc<Snapshot>>,
+        orig: Arc<OrigDstTable>,
+        mark: u32,
+        stats: Arc<Stats>,
+    ) -> Arc<Self> {
         let http = http::Http::new(mark, Arc::clone(&stats), state.clone());
         Arc::new(Self { state, orig, mark, stats, http, next_id: AtomicU64::new(1) })
     }
@@ -208,6 +255,8 @@ impl Proxy {
             cgroup_id: origin.cgroup_id,
             cgroup: None,
             original_dst: origin.dst,
+            netns: origin.netns,
+            pod: origin.pod,
         });
         // An opaque connection keeps this snapshot for its life (a reload does not change
         // the endpoint under it); HTTP requests each read the newest one.

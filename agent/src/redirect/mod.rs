@@ -12,26 +12,32 @@
 mod host;
 mod link;
 mod pins;
+mod pods;
 
 use std::{
+    collections::HashSet,
     fs::File,
     net::SocketAddr,
-    os::fd::AsFd as _,
+    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockMap},
     programs::{
         CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
         links::{FdLink, LinkError},
     },
 };
 pub use host::{HostError, attach_cgroup, cgroup2_root, check_privileges};
+pub use pins::cgroup_id;
 pub use pins::{PinDir, PinError, Removed, uninstall};
-use switchyard_common::{AgentV1, BackendsV1, MAX_BACKENDS, OrigDstV2, ServiceV1, SockAddrV1, counter, map, prog};
+pub use pods::{PodMaps, monotonic_ns};
+use switchyard_common::{
+    AgentV2, BackendsV1, MAX_BACKENDS, NetnsV1, OrigDstV3, ServiceV1, SockAddrV1, counter, map, netns, prog,
+};
 use tracing::{info, warn};
 
 /// The compiled programs, built by build.rs from `ebpf/`.
@@ -77,6 +83,12 @@ pub enum RedirectError {
         #[source]
         source: MapError,
     },
+    #[error("open a second handle on BPF map {name}")]
+    Dup {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("remove the pins of an older switchyard")]
     Stale(#[source] PinError),
     #[error("pin or reuse the link of {name} at {}", path.display())]
@@ -113,14 +125,28 @@ pub struct Redirect {
     /// What `backends` holds, so a sync writes only the entries that changed.
     backends_written: std::collections::HashMap<SockAddrV1, BackendsV1>,
     counters: Arc<KernelCounters>,
-    sock_orig: HashMap<MapData, u64, OrigDstV2>,
+    sock_orig: HashMap<MapData, u64, OrigDstV3>,
+    /// Held so the listener entries are written once more on a restart; the kernel drops
+    /// them by itself when the sockets close.
+    _listeners: SockMap<MapData>,
+    pods: PodMaps,
     // Last: dropping it detaches the programs, after everything above is done with.
     ebpf: Ebpf,
 }
 
-/// Read side of `SY_CLIENT_ORIG`, shared by the proxy's connection tasks.
+/// The proxy's side of `SY_CLIENT_ORIG` and `SY_NETNS`, shared by its connection tasks.
 pub struct OrigDstTable {
-    map: HashMap<MapData, SockAddrV1, OrigDstV2>,
+    inner: Mutex<OrigInner>,
+    /// The agent's own network namespace: connections from any other come from pods.
+    host_netns: u64,
+}
+
+struct OrigInner {
+    client_orig: HashMap<MapData, SockAddrV1, OrigDstV3>,
+    netns: HashMap<MapData, u64, NetnsV1>,
+    /// Pod namespaces already marked reachable by this agent, so the map is written once
+    /// per namespace and not once per connection.
+    confirmed: HashSet<u64>,
 }
 
 /// Where a redirected client meant to go, and who it is.
@@ -130,14 +156,49 @@ pub struct Origin {
     pub pid: u32,
     pub cgroup_id: u64,
     pub comm: String,
+    /// Cookie of the client's network namespace.
+    pub netns: u64,
+    /// True when that is not the agent's namespace: the client is a pod.
+    pub pod: bool,
 }
 
 impl OrigDstTable {
     /// The original destination and client of a connection the agent accepted, by its
-    /// peer address. The kernel removes the entry when the client socket closes.
+    /// peer address. The entry is taken (an entry left behind means a SYN that never
+    /// arrived, see `PodMaps::stuck_namespaces`), and a pod namespace that reached us is
+    /// marked reachable, which ends its probe.
     pub fn lookup(&self, client: SocketAddr) -> Option<Origin> {
-        let o = self.map.get(&SockAddrV1::from(client), 0).ok()?;
-        Some(Origin { dst: o.dst.to_socket_addr(), pid: o.pid, cgroup_id: o.cgroup_id, comm: o.comm_str().to_owned() })
+        let key = SockAddrV1::from(client);
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let o = inner.client_orig.get(&key, 0).ok()?;
+        // Gone already if the client closed meanwhile; nothing else removes it.
+        let _ = inner.client_orig.remove(&key);
+        let pod = o.netns_cookie != self.host_netns;
+        if pod && !inner.confirmed.contains(&o.netns_cookie) {
+            let reachable = NetnsV1 { state: netns::REACHABLE, _pad: 0, since_ns: pods::monotonic_ns() };
+            match inner.netns.insert(o.netns_cookie, reachable, 0) {
+                Ok(()) => {
+                    inner.confirmed.insert(o.netns_cookie);
+                    tracing::debug!(netns = o.netns_cookie, "pod network namespace reaches the agent");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, netns = o.netns_cookie, "could not mark a pod namespace reachable")
+                }
+            }
+        }
+        Some(Origin {
+            dst: o.dst.to_socket_addr(),
+            pid: o.pid,
+            cgroup_id: o.cgroup_id,
+            comm: o.comm_str().to_owned(),
+            netns: o.netns_cookie,
+            pod,
+        })
+    }
+
+    /// A namespace the reconciler marked blocked or forgot must be confirmed again.
+    pub fn forget(&self, netns: u64) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).confirmed.remove(&netns);
     }
 }
 
@@ -154,12 +215,13 @@ impl Redirect {
     pub fn start(
         cgroup: &Path,
         pins: &PinDir,
-        agent: AgentV1,
+        agent: AgentV2,
+        listeners: &[(u32, BorrowedFd<'_>)],
         services: impl IntoIterator<Item = (u32, SocketAddr)>,
         backends: &[(SocketAddr, Vec<SocketAddr>)],
-    ) -> Result<(Self, OrigDstTable), RedirectError> {
+    ) -> Result<(Self, Arc<OrigDstTable>), RedirectError> {
         let first_install = pins.is_empty();
-        let started = Self::start_pinned(cgroup, pins, agent, services, backends);
+        let started = Self::start_pinned(cgroup, pins, agent, listeners, services, backends);
         if started.is_err()
             && first_install
             && let Err(e) = uninstall(pins.path())
@@ -172,10 +234,11 @@ impl Redirect {
     fn start_pinned(
         cgroup: &Path,
         pins: &PinDir,
-        agent: AgentV1,
+        agent: AgentV2,
+        listeners: &[(u32, BorrowedFd<'_>)],
         services: impl IntoIterator<Item = (u32, SocketAddr)>,
         backends: &[(SocketAddr, Vec<SocketAddr>)],
-    ) -> Result<(Self, OrigDstTable), RedirectError> {
+    ) -> Result<(Self, Arc<OrigDstTable>), RedirectError> {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.path())
             .load(OBJECT)
@@ -183,15 +246,38 @@ impl Redirect {
 
         let services_map = typed_map(&mut ebpf, map::SERVICES)?;
         let backends_map: HashMap<_, SockAddrV1, BackendsV1> = typed_map(&mut ebpf, map::BACKENDS)?;
-        let mut agent_map: Array<_, AgentV1> = typed_map(&mut ebpf, map::AGENT)?;
+        let mut agent_map: Array<_, AgentV2> = typed_map(&mut ebpf, map::AGENT)?;
         agent_map.set(0, agent, 0).map_err(|source| RedirectError::Map { name: map::AGENT, source })?;
-        let orig = OrigDstTable { map: typed_map(&mut ebpf, map::CLIENT_ORIG)? };
+        // Listeners first: a connect is only ever sent to a listener found here.
+        let mut listeners_map: SockMap<MapData> = typed_map(&mut ebpf, map::LISTENERS)?;
+        for (slot, fd) in listeners {
+            listeners_map.set(*slot, fd, 0).map_err(|source| RedirectError::Map { name: map::LISTENERS, source })?;
+        }
+        let client_orig: HashMap<MapData, SockAddrV1, OrigDstV3> = typed_map(&mut ebpf, map::CLIENT_ORIG)?;
+        let netns_map: HashMap<MapData, u64, NetnsV1> = typed_map(&mut ebpf, map::NETNS)?;
+        let orig = Arc::new(OrigDstTable {
+            inner: Mutex::new(OrigInner {
+                client_orig: second_handle(&client_orig, map::CLIENT_ORIG)?,
+                netns: second_handle(&netns_map, map::NETNS)?,
+                confirmed: HashSet::new(),
+            }),
+            host_netns: agent.netns_cookie,
+        });
+        let pods = PodMaps::new(agent, agent_map, netns_map, typed_map(&mut ebpf, map::EXCLUDE)?, client_orig)?;
         let counters = Arc::new(KernelCounters(typed_map(&mut ebpf, map::COUNTERS)?));
         let sock_orig = typed_map(&mut ebpf, map::SOCK_ORIG)?;
         // A reused map may hold entries of the previous agent: start from what is there.
         let backends_written = backends_map.iter().filter_map(Result::ok).collect();
-        let mut redirect =
-            Self { services: services_map, backends: backends_map, backends_written, counters, sock_orig, ebpf };
+        let mut redirect = Self {
+            services: services_map,
+            backends: backends_map,
+            backends_written,
+            counters,
+            sock_orig,
+            _listeners: listeners_map,
+            pods,
+            ebpf,
+        };
         redirect.sync_services(services)?;
         redirect.sync_backends(backends)?;
 
@@ -276,6 +362,23 @@ impl Redirect {
     pub fn counters(&self) -> Arc<KernelCounters> {
         Arc::clone(&self.counters)
     }
+
+    /// The maps behind pod coverage: path states and exclusions.
+    pub fn pods(&mut self) -> &mut PodMaps {
+        &mut self.pods
+    }
+}
+
+/// Another handle on a map the loader gave us, for a second owner (the proxy's tasks
+/// and the reconciler each write to it, and aya's writes need exclusive access).
+fn second_handle<K: aya::Pod, V: aya::Pod>(
+    map: &impl aya::maps::IterableMap<K, V>,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, RedirectError> {
+    let err = |source| RedirectError::Map { name, source };
+    let fd = map.map().fd().as_fd().try_clone_to_owned().map_err(|e| RedirectError::Dup { name, source: e })?;
+    let data = MapData::from_fd(fd).map_err(err)?;
+    HashMap::try_from(aya::maps::Map::from_map_data(data).map_err(err)?).map_err(err)
 }
 
 /// Read side of the per-CPU decision counters.

@@ -39,6 +39,10 @@ pub struct Client {
     pub cgroup_id: u64,
     pub cgroup: Option<String>,
     pub original_dst: SocketAddr,
+    /// Cookie of the client's network namespace (the kernel's `SO_NETNS_COOKIE`).
+    pub netns: u64,
+    /// True when that is not the agent's namespace: a pod.
+    pub pod: bool,
 }
 
 /// Where it went.
@@ -247,6 +251,8 @@ impl Drop for ConnHandle {
             client.pid = client.map(|x| x.pid),
             client.comm = client.map(|x| x.comm.as_str()),
             client.cgroup = cgroup.as_deref(),
+            client.netns = client.map(|x| x.netns),
+            client.pod = client.map(|x| x.pod),
             orig.dst = client.map(|x| x.original_dst.to_string()),
             service = c.service.get().map(String::as_str),
             protocol = c.protocol.get().copied(),

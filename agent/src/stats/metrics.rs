@@ -74,6 +74,12 @@ pub struct DecisionLabels {
     pub decision: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NetnsLabels {
+    /// reachable, probing, blocked
+    pub state: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 us .. ~3.3 s, doubling.
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
@@ -89,6 +95,7 @@ pub struct Metrics {
     pub connect_latency: Family<ServiceLabels, Histogram, fn() -> Histogram>,
     pub unserved: Family<UnservedLabels, Counter>,
     pub kernel: Family<DecisionLabels, Gauge>,
+    pub pod_netns: Family<NetnsLabels, Gauge>,
     pub requests: Family<RequestLabels, Counter>,
     pub retries: Family<RetryLabels, Counter>,
     pub budget_exhausted: Family<ServiceLabels, Counter>,
@@ -107,6 +114,7 @@ impl Default for Metrics {
             connect_latency: Family::new_with_constructor(latency_histogram),
             unserved: Family::default(),
             kernel: Family::default(),
+            pod_netns: Family::default(),
             requests: Family::default(),
             retries: Family::default(),
             budget_exhausted: Family::default(),
@@ -136,6 +144,11 @@ impl Default for Metrics {
             "kernel_decisions",
             "Decisions of the kernel programs since they were installed on this node (cumulative; the counters are pinned, so they survive agent restarts)",
             m.kernel.clone(),
+        );
+        r.register(
+            "pod_netns",
+            "Pod network namespaces the kernel has seen, by their path to the agent's node address (blocked ones are served by the in-kernel fallback)",
+            m.pod_netns.clone(),
         );
         m
     }
