@@ -645,6 +645,42 @@ impl Drop for Load {
     }
 }
 
+/// A lifecycle event: when it began and when it was complete (process reaped, new agent
+/// ready...), in the load's clock (ms since the epoch).
+#[derive(Debug, Clone, Copy)]
+pub struct Event {
+    pub name: &'static str,
+    pub begin: u128,
+    pub done: u128,
+}
+
+/// What happened to connections around one event.
+#[derive(Debug)]
+pub struct Figures {
+    /// Connections established before the event began and still open then, and those of
+    /// them that failed (cut).
+    pub in_flight: usize,
+    pub cut: Vec<Conn>,
+    /// Connections begun while the event was under way, and those that failed.
+    pub during: usize,
+    pub failed_during: Vec<Conn>,
+    /// Connections begun after the event completed (until the next event), and those
+    /// that failed.
+    pub new: usize,
+    pub failed_new: Vec<Conn>,
+}
+
+pub fn figures(conns: &[Conn], event: Event, until: u128) -> Figures {
+    let pick = |keep: &dyn Fn(&Conn) -> bool| -> (usize, Vec<Conn>) {
+        let all: Vec<&Conn> = conns.iter().filter(|c| keep(c)).collect();
+        (all.len(), all.into_iter().filter(|c| c.outcome.is_err()).cloned().collect())
+    };
+    let (in_flight, cut) = pick(&|c| c.start_ms < event.begin && c.end_ms >= event.begin);
+    let (during, failed_during) = pick(&|c| c.start_ms >= event.begin && c.start_ms < event.done);
+    let (new, failed_new) = pick(&|c| c.start_ms >= event.done && c.start_ms < until);
+    Figures { in_flight, cut, during, failed_during, new, failed_new }
+}
+
 /// Milliseconds since the Unix epoch, the clock `sy-probe load` stamps connections with.
 pub fn epoch_ms() -> u128 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)

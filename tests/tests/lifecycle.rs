@@ -11,8 +11,8 @@ use std::{process::Command, time::Duration};
 
 use nix::sys::signal::Signal;
 use switchyard_tests::{
-    Agent, Conn, KernelObjects, Topology, echo_hosts, epoch_ms, eventually, host_v4, kernel_counters, probe_bin,
-    require_tools,
+    Agent, Conn, Event, KernelObjects, Topology, echo_hosts, epoch_ms, eventually, figures, host_v4, kernel_counters,
+    probe_bin, require_tools,
 };
 
 /// One service, one endpoint on each of two backend hosts, active TCP checks so an
@@ -41,42 +41,6 @@ fn load(topo: &Topology, secs: u64) -> switchyard_tests::Load {
     let duration = (secs * 1000).to_string();
     let args = ["--conns", "3000", "--concurrency", "4", "--hold-ms", "300", "--duration-ms", duration.as_str()];
     topo.load("10.96.0.10:7000", &args, None)
-}
-
-/// A lifecycle event: when it began and when it was complete (process reaped, new agent
-/// ready...), in the load's clock (ms since the epoch).
-#[derive(Debug, Clone, Copy)]
-struct Event {
-    name: &'static str,
-    begin: u128,
-    done: u128,
-}
-
-/// What happened to connections around one event.
-#[derive(Debug)]
-struct Figures {
-    /// Connections established before the event began and still open then, and those of
-    /// them that failed (cut).
-    in_flight: usize,
-    cut: Vec<Conn>,
-    /// Connections begun while the event was under way, and those that failed.
-    during: usize,
-    failed_during: Vec<Conn>,
-    /// Connections begun after the event completed (until the next event), and those
-    /// that failed.
-    new: usize,
-    failed_new: Vec<Conn>,
-}
-
-fn figures(conns: &[Conn], event: Event, until: u128) -> Figures {
-    let pick = |keep: &dyn Fn(&Conn) -> bool| -> (usize, Vec<Conn>) {
-        let all: Vec<&Conn> = conns.iter().filter(|c| keep(c)).collect();
-        (all.len(), all.into_iter().filter(|c| c.outcome.is_err()).cloned().collect())
-    };
-    let (in_flight, cut) = pick(&|c| c.start_ms < event.begin && c.end_ms >= event.begin);
-    let (during, failed_during) = pick(&|c| c.start_ms >= event.begin && c.start_ms < event.done);
-    let (new, failed_new) = pick(&|c| c.start_ms >= event.done && c.start_ms < until);
-    Figures { in_flight, cut, during, failed_during, new, failed_new }
 }
 
 fn now() -> u128 {

@@ -13,8 +13,8 @@ use std::{collections::HashMap, process::Command, thread, time::Duration};
 
 use serde_json::json;
 use switchyard_tests::{
-    Agent, Conn, Load, Pod, Proc, Topology, addr, cgroup_relative, closed_conn_clients, epoch_ms, eventually,
-    eventually_some, host_v4, kernel_counters, probe_bin, require_root, require_tools,
+    Agent, Conn, Event, Load, Pod, Proc, Topology, addr, cgroup_relative, closed_conn_clients, epoch_ms, eventually,
+    eventually_some, figures, host_v4, kernel_counters, probe_bin, require_root, require_tools,
 };
 
 /// The errnos of a connect nothing routes: the node has no route for service addresses
@@ -236,34 +236,6 @@ fn pods_dial_v6_and_v4_mapped_service_addresses() {
     assert_eq!(counter(&counters, "fallback_blocked") + counter(&counters, "fallback"), 0, "{counters:?}");
 }
 
-/// A lifecycle event, in the load's clock (ms since the epoch).
-#[derive(Debug, Clone, Copy)]
-struct Event {
-    begin: u128,
-    done: u128,
-}
-
-/// What happened to connections around one event: those open when it began that failed
-/// (cut), those begun while it was under way, and those begun after it (until `until`).
-#[derive(Debug)]
-struct Figures {
-    cut: Vec<Conn>,
-    failed_during: Vec<Conn>,
-    new: usize,
-    failed_new: Vec<Conn>,
-}
-
-fn figures(conns: &[Conn], event: Event, until: u128) -> Figures {
-    let pick = |keep: &dyn Fn(&Conn) -> bool| -> (usize, Vec<Conn>) {
-        let all: Vec<&Conn> = conns.iter().filter(|c| keep(c)).collect();
-        (all.len(), all.into_iter().filter(|c| c.outcome.is_err()).cloned().collect())
-    };
-    let (_, cut) = pick(&|c| c.start_ms < event.begin && c.end_ms >= event.begin);
-    let (_, failed_during) = pick(&|c| c.start_ms >= event.begin && c.start_ms < event.done);
-    let (new, failed_new) = pick(&|c| c.start_ms >= event.done && c.start_ms < until);
-    Figures { cut, failed_during, new, failed_new }
-}
-
 #[test]
 fn killing_restarting_and_upgrading_the_agent_under_pod_load() {
     let Some((topo, _servers)) = node("killing_restarting_and_upgrading_the_agent_under_pod_load") else { return };
@@ -280,7 +252,7 @@ fn killing_restarting_and_upgrading_the_agent_under_pod_load() {
     // kill -9: new pod connects go straight to an endpoint (the in-kernel fallback).
     let kill_begin = epoch_ms();
     first.kill();
-    let kill = Event { begin: kill_begin, done: epoch_ms() };
+    let kill = Event { name: "kill -9", begin: kill_begin, done: epoch_ms() };
     let first_log = first.log();
     let lo = topo.node_addresses_on_lo();
     assert!(lo.iter().any(|a| a == addr::NODE_ADDRESS_V4), "a killed agent leaves its node addresses: {lo:?}");
@@ -289,13 +261,13 @@ fn killing_restarting_and_upgrading_the_agent_under_pod_load() {
     // Restart: pods go through the new agent again.
     let restart_begin = epoch_ms();
     let second = Agent::start(&topo, &config);
-    let restart = Event { begin: restart_begin, done: epoch_ms() };
+    let restart = Event { name: "restart", begin: restart_begin, done: epoch_ms() };
     thread::sleep(Duration::from_millis(1500));
 
     // Upgrade: a third agent takes the listeners (the node addresses' too) from the second.
     let upgrade_begin = epoch_ms();
     let third = Agent::start(&topo, &config);
-    let upgrade = Event { begin: upgrade_begin, done: epoch_ms() };
+    let upgrade = Event { name: "upgrade", begin: upgrade_begin, done: epoch_ms() };
     let (status, second_log) = second.wait_exit(Duration::from_secs(15));
     assert!(status.success() && second_log.contains("handed over to a new agent"), "{status}\n{second_log}");
     let lo = topo.node_addresses_on_lo();
@@ -409,6 +381,44 @@ fn a_pod_that_cannot_reach_the_agent_is_served_by_the_fallback_and_reported() {
     // The good pod's, the lost probe and the re-probe: all agent-bound.
     let agent_bound = 1 + good_conns.len() + lost.len() + 1;
     assert!(counter(&counters, "redirected_pod") >= agent_bound, "{counters:?}");
+}
+
+#[test]
+fn a_pod_whose_path_breaks_after_it_worked_is_noticed_and_served_by_the_fallback() {
+    let Some((topo, _servers)) = node("a_pod_whose_path_breaks_after_it_worked_is_noticed_and_served_by_the_fallback")
+    else {
+        return;
+    };
+    require_tools(&["nft"]);
+    let agent = Agent::start(&topo, &config(&topo, &["blocked_retry: 60s"]));
+    let pod = topo.pod("later");
+    warm_up(&pod);
+    assert_eq!(topo.admin_json("/status")["pods"]["reachable"], 1);
+    // A NetworkPolicy arrives: the path was confirmed, so the kernel keeps sending the
+    // pod's connects to the agent until the agent sees SYNs that never arrive.
+    pod.block_node_address();
+    let workers = 3;
+    let load = start_load(&pod, ECHO, &load_args(workers, 7000, 20));
+    let status = eventually_some(Duration::from_secs(5), "the netns in /status pods.blocked", || {
+        let status = topo.admin_json("/status");
+        (status["pods"]["blocked"].as_array()?.len() == 1).then_some(status)
+    });
+    assert_eq!(status["pods"]["blocked"][0]["netns"], pod.netns_cookie(), "{status}");
+    assert_eq!(status["pods"]["reachable"], 0, "{status}");
+    let conns = load.wait();
+    let (lost, served): (Vec<&Conn>, Vec<&Conn>) = conns.iter().partition(|c| c.outcome.is_err());
+    println!("path broken under load: {} connections, {} lost", conns.len(), lost.len());
+    // What was in flight when the path broke (one connect per worker, hanging until its
+    // 5 s timeout) is lost; everything begun after the agent noticed is served.
+    assert!(lost.len() <= workers as usize, "more lost than the connects in flight: {lost:?}");
+    assert!(served.len() > 10 * lost.len().max(1), "the fallback served the rest: {} served", served.len());
+    let served: Vec<Conn> = served.into_iter().cloned().collect();
+    all_reached("the pod after its path broke", &served, &echo_endpoints());
+    let log = agent.log();
+    assert!(log.lines().any(|l| l.contains("WARN") && l.contains("not reaching the agent")), "{log}");
+    assert_eq!(pod.closed_conns(&log), 1, "only the warm-up went through the agent");
+    let counters = kernel_counters(&agent.stop());
+    assert!(counter(&counters, "fallback_blocked") >= served.len(), "{counters:?}");
 }
 
 #[test]
