@@ -393,7 +393,10 @@ fn a_pod_whose_path_breaks_after_it_worked_is_noticed_and_served_by_the_fallback
     let agent = Agent::start(&topo, &config(&topo, &["blocked_retry: 60s"]));
     let pod = topo.pod("later");
     warm_up(&pod);
-    assert_eq!(topo.admin_json("/status")["pods"]["reachable"], 1);
+    // /status follows the kernel's map on the agent's 500 ms tick.
+    eventually(Duration::from_secs(3), "the pod reachable in /status", || {
+        topo.admin_json("/status")["pods"]["reachable"] == 1
+    });
     // A NetworkPolicy arrives: the path was confirmed, so the kernel keeps sending the
     // pod's connects to the agent until the agent sees SYNs that never arrive.
     pod.block_node_address();

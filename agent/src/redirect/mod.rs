@@ -126,8 +126,8 @@ pub struct Redirect {
     backends_written: std::collections::HashMap<SockAddrV1, BackendsV1>,
     counters: Arc<KernelCounters>,
     sock_orig: HashMap<MapData, u64, OrigDstV3>,
-    /// Held so the listener entries are written once more on a restart; the kernel drops
-    /// them by itself when the sockets close.
+    /// Written once at start; the kernel drops an entry by itself when its socket's last
+    /// fd closes, which is what the programs' liveness check relies on.
     _listeners: SockMap<MapData>,
     pods: PodMaps,
     // Last: dropping it detaches the programs, after everything above is done with.
