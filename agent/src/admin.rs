@@ -138,8 +138,26 @@ pub struct AdminState {
     pub config: watch::Receiver<Arc<Config>>,
     pub status: Arc<Status>,
     pub stats: Arc<Stats>,
-    pub kernel: Arc<KernelCounters>,
+    /// The kernel programs' counters (none when the agent runs without them).
+    pub kernel: Option<Arc<KernelCounters>>,
     pub log: LogControl,
+}
+
+/// Serve the admin API on a thread of its own, with its own single-threaded runtime
+/// (as ztunnel runs its admin and metrics servers): a scrape that renders thousands of
+/// connections or series then never takes a worker thread from the data path.
+pub fn spawn(listener: TcpListener, state: AdminState, stop: CancellationToken) -> std::io::Result<()> {
+    let listener = listener.into_std()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("switchyard-admin".into()).spawn(move || {
+        runtime.block_on(async move {
+            match TcpListener::from_std(listener) {
+                Ok(listener) => serve(listener, state, stop).await,
+                Err(e) => tracing::error!(error = %e, "the admin API cannot use its listener"),
+            }
+        })
+    })?;
+    Ok(())
 }
 
 pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationToken) {
@@ -195,7 +213,7 @@ async fn answer(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
         ("GET", "/status") => json_response(StatusCode::OK, &state.status.view()),
         ("GET", "/config") => json_response(StatusCode::OK, &**state.config.borrow()),
         ("GET", "/metrics") => {
-            if let Ok(counters) = state.kernel.read() {
+            if let Some(Ok(counters)) = state.kernel.as_ref().map(|k| k.read()) {
                 for (decision, n) in counters {
                     let labels = DecisionLabels { decision: decision.into() };
                     state.stats.metrics.kernel.get_or_create(&labels).set(n as i64);

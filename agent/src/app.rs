@@ -1,4 +1,7 @@
-//! The composition root: start-up order, the running agent, reloads and shutdown.
+//! The composition root: start-up order, the running agent and shutdown. `build` binds
+//! and wires everything and returns what it bound ([`Bound`]); `Bound::wait` waits for the
+//! end (as istio/ztunnel's `app.rs` does). After start-up, changes go through the
+//! `reconcile` module.
 //!
 //! Start-up order is what makes the redirect safe: config is validated first (nothing
 //! happens on a bad one), then the host is checked (cgroup v2, capabilities, bpffs), then
@@ -14,14 +17,11 @@
 //! drain, leaving programs and pins to the successor. A killed agent leaves both in
 //! place, and the kernel serves connects without it until the next one starts.
 //!
-//! After start-up, changes arrive from SIGHUP (re-read the config file) and from the
-//! discovery sources. Each is merged with the rest and validated as a whole; a bad one is
-//! rejected with its problems logged and the running state stays in force; a good one is
-//! applied without dropping anything: endpoints that left get their drain time, state of
-//! the others carries over.
+//! Without the kernel side ([`Kernel::None`]) the same agent runs unprivileged on
+//! ephemeral loopback ports, with original destinations from a fixed table: the
+//! in-process tests.
 
 use std::{
-    collections::HashSet,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd as _,
     path::{Path, PathBuf},
@@ -34,27 +34,32 @@ use switchyard_common::{AgentV2, SockAddrV1};
 use tokio::{
     signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, watch},
+    task::JoinHandle,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     admin,
     balance::Tier,
     config::{Config, PodsMode},
-    discovery::{self, Sources, Update, dns::Dns},
-    handover::{self, Offer},
-    health, nodeaddr,
-    pods::{self, PodPaths},
+    discovery::{self, Sources, dns::Dns},
+    handover::{self, Offer, Predecessor},
+    nodeaddr,
+    origin::Origins,
+    pods::PodPaths,
     proxy::{Inherited, Listeners, Proxy},
-    redirect::{self, OrigDstTable, PinDir, Redirect},
-    state::{Departure, Snapshot},
-    stats::{Stats, metrics::NetnsLabels},
+    reconcile::{self, PodsReconcile, Reconciler, validated},
+    redirect::{self, PinDir, Redirect},
+    state::Snapshot,
+    stats::Stats,
+    tasks::Background,
 };
 
-/// How often the in-kernel fallback's endpoint sets follow endpoint health (ejections and
-/// active checks change it between config updates).
-const BACKENDS_SYNC: Duration = Duration::from_millis(500);
+/// How often the reconciler ticks: the in-kernel fallback's endpoint sets follow endpoint
+/// health (ejections and active checks change it between config updates), pod namespaces
+/// are followed.
+const TICK: Duration = Duration::from_millis(500);
 
 /// `switchyard uninstall`: detach the programs and remove every pin in the directory
 /// named by `--bpffs-dir`, else by the config file, else the default.
@@ -89,61 +94,273 @@ fn join(addrs: &[IpAddr]) -> String {
 /// Why the main loop ended.
 enum Stop {
     Signal(&'static str),
+    /// [`Bound::shutdown`].
+    Requested,
     /// A successor took the listeners (its pid, when known).
     HandedOver(Option<i32>),
 }
 
-/// `switchyard check`: parse and validate, and say what the config holds.
-pub fn check(path: &Path) -> anyhow::Result<String> {
-    let config = Config::load(path)?;
-    let addresses: usize = config.services.iter().map(|s| s.addresses.len()).sum();
-    let endpoints: usize = config.services.iter().map(|s| s.endpoints.len()).sum();
-    Ok(format!(
-        "{}: ok ({} services, {addresses} service addresses, {endpoints} endpoints)",
-        path.display(),
-        config.services.len()
-    ))
+/// How the agent meets the kernel.
+pub enum Kernel {
+    /// Check privileges, attach (or take over) the programs and pin them: production.
+    Attach,
+    /// No programs, pins, node addresses or hand-over: connections arrive by dialling the
+    /// proxy listeners (bound on ephemeral loopback ports), and their original
+    /// destinations come from `origins`. What the in-process tests run, without root.
+    None(Arc<dyn Origins>),
+}
+
+/// A started agent: what it bound, and its main task (reloads, ticks, shutdown).
+pub struct Bound {
+    /// The proxy listeners' addresses.
+    pub proxy: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    requested: CancellationToken,
+    main: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Bound {
+    /// Stop as on SIGTERM: uninstall (with the kernel side), stop accepting, drain.
+    pub fn shutdown(&self) {
+        self.requested.cancel();
+    }
+
+    /// Wait until the agent has stopped.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.main.await.context("the agent's main task panicked")?
+    }
 }
 
 /// `switchyard run`: run the agent until SIGINT or SIGTERM.
 pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
-    let main = Config::load(path)?;
-    redirect::check_privileges()?;
-    raise_fd_limit();
-    let cgroup = redirect::attach_cgroup(main.agent.cgroup.as_deref())?;
-    let pins = PinDir::open(&main.agent.bpffs_dir)?;
-    handover::prepare(&main.agent.handover_socket)?;
-    let mut signals = Signals::new()?;
+    let config = Config::load(path)?;
+    build(config, Some(path.to_owned()), Kernel::Attach, log).await?.wait().await
+}
+
+/// What start-up made of the kernel side.
+struct Plane {
+    listeners: Listeners,
+    admin: Option<tokio::net::TcpListener>,
+    origins: Arc<dyn Origins>,
+    kernel: Option<reconcile::Kernel>,
+    lifecycle: Option<Lifecycle>,
+}
+
+/// With the kernel side: what the rest of start-up and the end need.
+struct Lifecycle {
+    cgroup: PathBuf,
+    pins: PinDir,
+    predecessor: Option<Predecessor>,
+    added: Added,
+}
+
+/// Start an agent: validate, check the host, take the sources' first answers, bind (or
+/// take over) the listeners, attach, start accepting. Returns once it serves; its main
+/// task then follows SIGHUP (when `path` is the config file it came from) and the
+/// sources, until SIGTERM/SIGINT (with a `path`), a hand-over, or [`Bound::shutdown`].
+pub async fn build(main: Config, path: Option<PathBuf>, kernel: Kernel, log: admin::LogControl) -> anyhow::Result<Bound> {
+    let host = match kernel {
+        Kernel::Attach => {
+            redirect::check_privileges()?;
+            raise_fd_limit();
+            let cgroup = redirect::attach_cgroup(main.agent.cgroup.as_deref())?;
+            let pins = PinDir::open(&main.agent.bpffs_dir)?;
+            handover::prepare(&main.agent.handover_socket)?;
+            Some((cgroup, pins))
+        }
+        Kernel::None(_) => None,
+    };
+    let mut signals = path.is_some().then(Signals::new).transpose()?;
+    let background = Background::default();
     // Sources: what they say at start-up is part of the first snapshot.
     let (updates, mut incoming) = mpsc::channel(256);
     let mut sources = Sources::default();
-    let _catalog_watch = match &main.agent.catalog {
+    let catalog_watch = match &main.agent.catalog {
         Some(catalog) => {
             sources.catalog = discovery::catalog::load(catalog).context("load the catalog (agent.catalog)")?;
-            Some(discovery::catalog::watch(catalog, updates.clone())?)
+            Some(discovery::catalog::watch(catalog, updates.clone(), &background)?)
         }
         None => None,
     };
     if let Some(k8s) = &main.agent.kubernetes {
-        let view = discovery::kubernetes::start(k8s, updates.clone(), Duration::from_secs(30))
+        let view = discovery::kubernetes::start(k8s, updates.clone(), Duration::from_secs(30), &background)
             .await
             .context("watch the Kubernetes API (agent.kubernetes)")?;
         sources.cluster = view;
     }
-    let dns = Dns::new(&main.agent.dns, updates.clone())?;
+    let dns = Dns::new(&main.agent.dns, updates.clone(), background.clone())?;
     let targets = discovery::dns_targets(&sources.merge(&main));
     sources.resolved = dns.resolve_all(&targets, Duration::from_secs(5)).await;
-    let merged = validated(sources.merge(&main))
-        .map_err(|p| anyhow::anyhow!("the catalog clashes with {}:\n{p}", path.display()))?;
+    let origin = path.as_deref().map_or_else(|| "the config".to_owned(), |p| p.display().to_string());
+    let merged =
+        validated(sources.merge(&main)).map_err(|p| anyhow::anyhow!("the catalog clashes with {origin}:\n{p}"))?;
+    let snapshot = Arc::new(Snapshot::build(&merged, &sources.resolved, None));
 
-    // The running agent's listeners if one hands them over (an upgrade), else our own.
-    // Only now, with the first snapshot ready: a listener that exists is one the programs
-    // redirect to, and until we accept, connections would wait in its backlog; before it
-    // exists, the kernel's fallback serves them (after a kill -9), or the old agent does.
+    let plane = match (kernel, host) {
+        (Kernel::Attach, Some((cgroup, pins))) => attach(&main, cgroup, pins, &snapshot).await?,
+        (Kernel::None(origins), _) => Plane {
+            listeners: Listeners::bind(0, &[], Inherited::default()).await?,
+            admin: admin_listener(main.agent.admin, None).await?,
+            origins,
+            kernel: None,
+            lifecycle: None,
+        },
+        (Kernel::Attach, None) => unreachable!("the host is checked for Kernel::Attach"),
+    };
+    let (publish, latest) = watch::channel(Arc::clone(&snapshot));
+    let (publish_config, effective) = watch::channel(Arc::new(merged.clone()));
+    let status = Arc::new(admin::Status::default());
+    let stats = Stats::new(redirect::cgroup2_root().ok(), main.agent.stats);
+    // Mark 0 is no mark: without programs there is nothing to get past.
+    let mark = if plane.kernel.is_some() { main.agent.mark } else { 0 };
+    let proxy = Proxy::new(latest.clone(), plane.origins, mark, Arc::clone(&stats));
+    let checks = background.child();
+    let mut reconciler = Reconciler {
+        main,
+        sources,
+        publish,
+        publish_config,
+        kernel: plane.kernel,
+        dns,
+        mark,
+        status: Arc::clone(&status),
+        stats: Arc::clone(&stats),
+        http: Arc::clone(proxy.http()),
+        background,
+        checks,
+        last_sweep: Instant::now(),
+    };
+    reconciler.start(&merged);
+
+    let stop = CancellationToken::new();
+    let offer = match &plane.lifecycle {
+        Some(_) => Some(Offer {
+            listeners: plane.listeners.dup().context("duplicate the listeners for a future hand-over")?,
+            admin: match &plane.admin {
+                Some(l) => Some(l.as_fd().try_clone_to_owned().context("duplicate the admin listener")?),
+                None => None,
+            },
+        }),
+        None => None,
+    };
+    let admin_addr = match plane.admin {
+        Some(l) => {
+            let addr = l.local_addr().context("the admin listener's address")?;
+            let kernel = reconciler.kernel.as_ref().map(|k| k.redirect.counters());
+            let state = admin::AdminState { snapshot: latest, config: effective, status, stats, kernel, log };
+            admin::spawn(l, state, stop.clone()).context("start the admin API's thread")?;
+            Some(addr)
+        }
+        None => None,
+    };
+    let tasks = TaskTracker::new();
+    let proxy_addrs = plane.listeners.addresses();
+    let l = plane.listeners;
+    let accept_loops: Vec<_> = [Some(l.v4), l.v6, l.node_v4, l.node_v6]
+        .into_iter()
+        .flatten()
+        .map(|l| tokio::spawn(Arc::clone(&proxy).serve(l, tasks.clone(), stop.clone())))
+        .collect();
+    // We accept on the sockets now: the previous agent may stop accepting. Only then do
+    // we replace its hand-over socket with ours.
+    let mut handed_over = None;
+    let mut lifecycle = plane.lifecycle;
+    if let (Some(life), Some(offer)) = (lifecycle.as_mut(), offer) {
+        if let Some(predecessor) = life.predecessor.take()
+            && let Err(e) = predecessor.ready()
+        {
+            // It went away after handing over: nothing to stop, we serve either way.
+            warn!(error = %anyhow::Error::from(e), "could not tell the previous agent we are ready");
+        }
+        let socket = handover::bind(&reconciler.main.agent.handover_socket)?;
+        handed_over = Some(tokio::spawn(handover::serve(socket, offer)));
+    }
+    if let Some(life) = &mut lifecycle {
+        // Serving: the node addresses stay until uninstall.
+        life.added.keep();
+    }
+    info!(
+        listen = %proxy_addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        cgroup = lifecycle.as_ref().map(|l| l.cgroup.display().to_string()),
+        pins = lifecycle.as_ref().map(|l| l.pins.path().display().to_string()),
+        services = snapshot.len(),
+        "switchyard ready"
+    );
+    drop(snapshot);
+
+    let requested = CancellationToken::new();
+    let request = requested.clone();
+    let main = tokio::spawn(async move {
+        // Kept for the agent's life: dropping the watcher ends the catalog watch.
+        let _catalog_watch = catalog_watch;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let reason = loop {
+            tokio::select! {
+                signal = next_signal(&mut signals) => match signal {
+                    "SIGHUP" => if let Some(path) = &path { reconciler.reload_file(path) },
+                    stop_signal => break Stop::Signal(stop_signal),
+                },
+                Some(update) = incoming.recv() => reconciler.update(update),
+                _ = tick.tick() => reconciler.tick(),
+                successor = handed_over_by(&mut handed_over) => break Stop::HandedOver(successor),
+                _ = request.cancelled() => break Stop::Requested,
+            }
+        };
+        if let Some(k) = &reconciler.kernel {
+            log_counters(&k.redirect);
+        }
+        log_service_stats(&reconciler.publish.borrow());
+        reconciler.shutdown().await;
+        match (reason, &lifecycle) {
+            (Stop::HandedOver(successor), _) => {
+                info!(successor.pid = successor, "handed over to a new agent; draining, programs and pins stay");
+            }
+            (Stop::Signal(_) | Stop::Requested, None) => info!("shutting down"),
+            (stop, Some(life)) => {
+                let why = match stop {
+                    Stop::Signal(signal) => signal,
+                    _ => "shutdown requested",
+                };
+                info!(why, "shutting down with no successor: detaching redirect programs and removing the pins");
+                if let Some(h) = &handed_over {
+                    h.abort();
+                }
+                let removed = redirect::uninstall(life.pins.path()).context("uninstall on shutdown")?;
+                let addresses = nodeaddr::remove_ours().context("remove the node addresses from lo on shutdown")?;
+                info!(
+                    programs = removed.links,
+                    maps = removed.maps,
+                    pins = %life.pins.path().display(),
+                    node_addresses = %join(&addresses),
+                    "uninstalled"
+                );
+                let _ = std::fs::remove_file(&reconciler.main.agent.handover_socket);
+            }
+        }
+        let drain = Duration::from_secs(reconciler.main.agent.drain_timeout_secs);
+        drop(reconciler);
+        stop.cancel();
+        for l in accept_loops {
+            let _ = l.await;
+        }
+        tasks.close();
+        if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
+            warn!(open = tasks.len(), after = ?drain, "connections still open at the drain deadline; cutting them");
+        }
+        info!("stopped");
+        Ok(())
+    });
+    Ok(Bound { proxy: proxy_addrs, admin: admin_addr, requested, main })
+}
+
+/// The kernel side of start-up: node addresses on lo, the listeners (taken over from a
+/// running agent if one hands them over), the programs loaded and attached.
+async fn attach(main: &Config, cgroup: PathBuf, pins: PinDir, snapshot: &Snapshot) -> anyhow::Result<Plane> {
     // Pods reach the agent at the node addresses: put them on lo before listening there.
     // With pods not redirected, addresses an earlier run added go (an address from an
     // earlier node_address stays until uninstall: a predecessor may still listen on it).
-    let mut node_addrs = node_addresses(&main);
+    let mut node_addrs = node_addresses(main);
     let mut added = Added(Vec::new());
     if node_addrs.is_empty() {
         nodeaddr::remove_ours().context("remove the node addresses from lo (agent.pods is not redirect)")?;
@@ -171,7 +388,7 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
         None => (Inherited::default(), None, None),
     };
     let listeners = Listeners::bind(main.agent.listen_port, &node_addrs, inherited).await?;
-    let admin_listener = admin_listener(main.agent.admin, admin_inherited).await?;
+    let admin = admin_listener(main.agent.admin, admin_inherited).await?;
 
     let word = |ip: Option<Ipv4Addr>| ip.map_or(0, |ip| u32::from_ne_bytes(ip.octets()));
     let words = |ip: IpAddr| SockAddrV1::from(SocketAddr::new(ip, 0)).addr;
@@ -188,10 +405,6 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
         netns_cookie: listeners.netns_cookie()?,
         ..Default::default()
     };
-    let snapshot = Arc::new(Snapshot::build(&merged, &sources.resolved, None));
-    arm_drain_deadlines(snapshot.departures_since(&Snapshot::default()));
-    let (publish, latest) = watch::channel(Arc::clone(&snapshot));
-    let (publish_config, effective) = watch::channel(Arc::new(merged.clone()));
     let slots = listeners.slots();
     let slots: Vec<(u32, std::os::fd::BorrowedFd<'_>)> = slots.iter().map(|(s, l)| (*s, l.as_fd())).collect();
     let (redirect, orig) = Redirect::start(
@@ -203,126 +416,53 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
         &snapshot.fallback_backends(Instant::now()),
     )
     .context("start the transparent redirect")?;
-    let mark = main.agent.mark;
-    let drain = Duration::from_secs(main.agent.drain_timeout_secs);
-    let status = Arc::new(admin::Status::default());
-    let stats = Stats::new(redirect::cgroup2_root().ok(), main.agent.stats);
-    let kernel = redirect.counters();
+    drop(slots);
     let pods = PodsReconcile {
         paths: PodPaths::new(main.agent.blocked_retry),
         orig: Arc::clone(&orig),
         mode: main.agent.pods,
         exclude: main.agent.exclude_cgroups.clone(),
         node_address: node_addrs.iter().map(|ip| SocketAddr::new(*ip, main.agent.listen_port).to_string()).collect(),
-        stats: Arc::clone(&stats),
     };
-    let mut running = Running {
-        main,
-        sources,
-        publish,
-        publish_config,
-        redirect,
-        checks: CancellationToken::new(),
-        dns,
-        mark,
-        status: Arc::clone(&status),
-        pods,
-    };
-    let stop = CancellationToken::new();
-    running.restart_background(&merged);
-    running.sync_pods();
+    Ok(Plane {
+        listeners,
+        admin,
+        origins: orig,
+        kernel: Some(reconcile::Kernel { redirect, pods }),
+        lifecycle: Some(Lifecycle { cgroup, pins, predecessor, added }),
+    })
+}
 
-    let offer_listeners = listeners.dup().context("duplicate the listeners for a future hand-over")?;
-    let admin_fd = match &admin_listener {
-        Some(l) => Some(l.as_fd().try_clone_to_owned().context("duplicate the admin listener")?),
-        None => None,
-    };
-    let offer = Offer { listeners: offer_listeners, admin: admin_fd };
-    if let Some(l) = admin_listener {
-        let state = admin::AdminState {
-            snapshot: latest.clone(),
-            config: effective,
-            status,
-            stats: Arc::clone(&stats),
-            kernel,
-            log,
-        };
-        tokio::spawn(admin::serve(l, state, stop.clone()));
+/// The next stop or reload signal; never, for an agent without signal handlers.
+async fn next_signal(signals: &mut Option<Signals>) -> &'static str {
+    match signals {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
     }
-    let proxy = Proxy::new(latest, orig, mark, Arc::clone(&stats));
-    let tasks = TaskTracker::new();
-    let accept_loops: Vec<_> = [Some(listeners.v4), listeners.v6, listeners.node_v4, listeners.node_v6]
-        .into_iter()
-        .flatten()
-        .map(|l| tokio::spawn(Arc::clone(&proxy).serve(l, tasks.clone(), stop.clone())))
-        .collect();
-    // We accept on the sockets now: the previous agent may stop accepting. Only then do
-    // we replace its hand-over socket with ours.
-    if let Some(predecessor) = predecessor
-        && let Err(e) = predecessor.ready()
-    {
-        // It went away after handing over: nothing to stop, we serve either way.
-        warn!(error = %anyhow::Error::from(e), "could not tell the previous agent we are ready");
-    }
-    let mut handed_over = tokio::spawn(handover::serve(handover::bind(&running.main.agent.handover_socket)?, offer));
-    added.keep();
-    info!(
-        listen.port = running.main.agent.listen_port,
-        cgroup = %cgroup.display(),
-        pins = %pins.path().display(),
-        services = snapshot.len(),
-        "switchyard ready"
-    );
+}
 
-    let mut backends_tick = tokio::time::interval(BACKENDS_SYNC);
-    backends_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let reason = loop {
-        tokio::select! {
-            signal = signals.next() => match signal {
-                "SIGHUP" => running.reload_file(path),
-                stop_signal => break Stop::Signal(stop_signal),
-            },
-            Some(update) = incoming.recv() => running.update(update),
-            _ = backends_tick.tick() => {
-                running.sync_backends();
-                running.sync_pods();
-            }
-            successor = &mut handed_over => break Stop::HandedOver(successor.ok().flatten()),
+/// A successor's pid once the hand-over server has handed over; never without one.
+async fn handed_over_by(server: &mut Option<JoinHandle<Option<i32>>>) -> Option<i32> {
+    match server {
+        Some(h) => {
+            let successor = h.await.ok().flatten();
+            *server = None;
+            successor
         }
-    };
-    log_counters(&running.redirect);
-    log_service_stats(&running.publish.borrow());
-    running.checks.cancel();
-    match reason {
-        Stop::Signal(signal) => {
-            info!(signal, "shutting down with no successor: detaching redirect programs and removing the pins");
-            handed_over.abort();
-            let removed = redirect::uninstall(pins.path()).context("uninstall on shutdown")?;
-            let addresses = nodeaddr::remove_ours().context("remove the node addresses from lo on shutdown")?;
-            info!(
-                programs = removed.links,
-                maps = removed.maps,
-                pins = %pins.path().display(),
-                node_addresses = %join(&addresses),
-                "uninstalled"
-            );
-            let _ = std::fs::remove_file(&running.main.agent.handover_socket);
-        }
-        Stop::HandedOver(successor) => {
-            info!(successor.pid = successor, "handed over to a new agent; draining, programs and pins stay");
-        }
+        None => std::future::pending().await,
     }
-    drop(running);
-    stop.cancel();
-    for l in accept_loops {
-        let _ = l.await;
-    }
-    tasks.close();
-    if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
-        warn!(open = tasks.len(), after = ?drain, "connections still open at the drain deadline; cutting them");
-    }
-    info!("stopped");
-    Ok(())
+}
+
+/// `switchyard check`: parse and validate, and say what the config holds.
+pub fn check(path: &Path) -> anyhow::Result<String> {
+    let config = Config::load(path)?;
+    let addresses: usize = config.services.iter().map(|s| s.addresses.len()).sum();
+    let endpoints: usize = config.services.iter().map(|s| s.endpoints.len()).sum();
+    Ok(format!(
+        "{}: ok ({} services, {addresses} service addresses, {endpoints} endpoints)",
+        path.display(),
+        config.services.len()
+    ))
 }
 
 /// The admin listener: the one handed over if it is on the configured address, else a
@@ -358,48 +498,12 @@ fn raise_fd_limit() {
     }
 }
 
-/// The merged config if it is valid, else its problems as text.
-fn validated(merged: Config) -> Result<Config, String> {
-    let problems = merged.problems();
-    if problems.is_empty() {
-        Ok(merged.canonical())
-    } else {
-        Err(problems.iter().map(|p| format!("  {}: {}", p.field, p.message)).collect::<Vec<_>>().join("\n"))
-    }
-}
-
-/// The agent's live state: the config and source contributions in force, and what acts on
-/// them. Dropping it leaves the kernel programs attached (they are pinned).
-struct Running {
-    main: Config,
-    sources: Sources,
-    publish: watch::Sender<Arc<Snapshot>>,
-    /// The effective (merged) configuration, for the admin API's `/config`.
-    publish_config: watch::Sender<Arc<Config>>,
-    redirect: Redirect,
-    checks: CancellationToken,
-    dns: Dns,
-    mark: u32,
-    status: Arc<admin::Status>,
-    pods: PodsReconcile,
-}
-
-/// What the agent keeps to follow pod namespaces and exclusions between ticks.
-struct PodsReconcile {
-    paths: PodPaths,
-    orig: Arc<OrigDstTable>,
-    mode: PodsMode,
-    exclude: Vec<PathBuf>,
-    node_address: Vec<String>,
-    stats: Arc<Stats>,
-}
-
 /// Node addresses this start put on lo: removed again if it fails before the agent is
 /// ready (a failed first start leaves nothing behind, as with the pins).
 struct Added(Vec<IpAddr>);
 
 impl Added {
-    fn keep(mut self) {
+    fn keep(&mut self) {
         self.0.clear();
     }
 }
@@ -424,152 +528,6 @@ fn node_addresses(config: &Config) -> Vec<IpAddr> {
 fn cgroup_level(cgroup: &Path) -> u32 {
     let root = redirect::cgroup2_root().unwrap_or_default();
     cgroup.strip_prefix(&root).map(|rel| rel.components().count() as u32).unwrap_or(0)
-}
-
-impl Running {
-    /// SIGHUP: re-read the main config file.
-    fn reload_file(&mut self, path: &Path) {
-        let mut new = match Config::load(path) {
-            Ok(c) => c,
-            Err(e) => return self.reject("config file", format!("{:#}", anyhow::Error::from(e))),
-        };
-        if new.agent != self.main.agent {
-            warn!(
-                "agent settings (listen_port, cgroup, mark, zone, catalog, ...) only change on restart; reloading services"
-            );
-            new.agent = self.main.agent.clone();
-        }
-        if let Err(problems) = self.apply(new, self.sources.clone(), "config file") {
-            self.reject("config file", format!("the result would be invalid:\n{problems}"));
-        }
-    }
-
-    /// Log a rejected change and record it for `/status`; nothing else changes.
-    fn reject(&self, source: &str, error: String) {
-        error!(source, error = error.as_str(), "update rejected; still serving the last good state");
-        self.status.rejected(source, error);
-    }
-
-    /// An update from a discovery source.
-    fn update(&mut self, update: Update) {
-        let source = update.source();
-        let mut candidate = self.sources.clone();
-        if let Err(e) = candidate.apply(update) {
-            return self.reject(source, e);
-        }
-        if let Err(problems) = self.apply(self.main.clone(), candidate, source) {
-            self.reject(source, format!("the result would be invalid:\n{problems}"));
-        }
-    }
-
-    /// Make `main` + `sources` the running state if together they are valid.
-    fn apply(&mut self, main: Config, sources: Sources, source: &str) -> Result<(), String> {
-        let started = Instant::now();
-        let merged = validated(sources.merge(&main))?;
-        let prev = Arc::clone(&self.publish.borrow());
-        let next = Arc::new(Snapshot::build(&merged, &sources.resolved, Some(&prev)));
-        // Publish before the kernel learns new addresses, so the agent knows every service
-        // it may be sent. (A removed address can, for a moment, still be redirected and is
-        // then closed: the service is gone either way.)
-        self.publish.send_replace(Arc::clone(&next));
-        self.publish_config.send_replace(Arc::new(merged.clone()));
-        if let Err(e) = self.redirect.sync_services(next.service_addresses()) {
-            let e = anyhow::Error::from(e);
-            error!(error = format!("{e:#}"), "could not update the kernel's service addresses");
-        }
-        self.sync_backends();
-        arm_drain_deadlines(next.departures_since(&prev));
-        self.main = main;
-        self.sources = sources;
-        self.restart_background(&merged);
-        info!(source, services = next.len(), took_us = started.elapsed().as_micros() as u64, "configuration applied");
-        self.status.applied(source);
-        Ok(())
-    }
-
-    /// Keep the in-kernel fallback's endpoint sets at the healthy endpoints of now.
-    fn sync_backends(&mut self) {
-        let backends = self.publish.borrow().fallback_backends(Instant::now());
-        if let Err(e) = self.redirect.sync_backends(&backends) {
-            let e = anyhow::Error::from(e);
-            error!(error = format!("{e:#}"), "could not update the kernel's fallback endpoints");
-        }
-    }
-
-    /// Follow pod namespaces (block those whose connects never arrive, probe them again
-    /// later), publish what is known of them, and keep the exclusions in step with the
-    /// cgroups that exist now (a pod's cgroup appears when it starts).
-    fn sync_pods(&mut self) {
-        let p = &mut self.pods;
-        let maps = self.redirect.pods();
-        let excluded: HashSet<u64> = p.exclude.iter().filter_map(|path| redirect::cgroup_id(path).ok()).collect();
-        if let Err(e) = maps.sync_excluded(&excluded) {
-            error!(error = format!("{:#}", anyhow::Error::from(e)), "could not update the excluded cgroups");
-        }
-        let now = redirect::monotonic_ns();
-        let namespaces = maps.namespaces();
-        let stuck = maps.stuck_namespaces(now, pods::WINDOW.as_nanos() as u64);
-        for action in p.paths.tick(now, &namespaces, &stuck) {
-            let done = match action {
-                pods::Action::Block(netns) => maps.block(netns, now),
-                pods::Action::Reprobe(netns) => maps.forget(netns),
-                pods::Action::Recovered(_) => Ok(()),
-            };
-            if let Err(e) = done {
-                error!(error = format!("{:#}", anyhow::Error::from(e)), "could not update a pod namespace's path");
-                continue;
-            }
-            p.paths.applied(action, now);
-            if !matches!(action, pods::Action::Recovered(_)) {
-                // The next connection accepted from it must confirm it again.
-                p.orig.forget(action.netns());
-            }
-            match action {
-                pods::Action::Block(netns) => warn!(
-                    netns,
-                    node_address = %p.node_address.join(", "),
-                    retry_in = ?p.paths.retry_in(netns, now).unwrap_or_default(),
-                    "connections from this pod network namespace are not reaching the agent (a NetworkPolicy, an \
-                     ipvlan/macvlan pod or a firewall dropping them?); serving it by the in-kernel fallback"
-                ),
-                pods::Action::Reprobe(netns) => info!(netns, "probing a blocked pod network namespace again"),
-                pods::Action::Recovered(netns) => {
-                    info!(netns, "a blocked pod network namespace reaches the agent again")
-                }
-            }
-        }
-        let counts = p.paths.counts();
-        let gauge = |state| p.stats.metrics.pod_netns.get_or_create(&NetnsLabels { state });
-        gauge("reachable").set(counts.reachable as i64);
-        gauge("probing").set(counts.probing as i64);
-        gauge("blocked").set(counts.blocked as i64);
-        self.status.pods(admin::PodsStatus {
-            mode: p.mode,
-            node_address: p.node_address.clone(),
-            reachable: counts.reachable,
-            probing: counts.probing,
-            blocked: p.paths.blocked(now),
-        });
-    }
-
-    /// Health checks follow the snapshot; DNS refreshes follow the names in use.
-    fn restart_background(&mut self, merged: &Config) {
-        self.checks.cancel();
-        self.checks = CancellationToken::new();
-        health::spawn(&self.publish.borrow(), self.mark, &self.checks);
-        self.dns.track(&discovery::dns_targets(merged), &self.sources.resolved);
-    }
-}
-
-/// Endpoints that left service keep their connections until their drain deadline.
-fn arm_drain_deadlines(departures: Vec<Departure>) {
-    for d in departures {
-        info!(service = %d.service, endpoint = %d.addr, drain = ?d.drain_timeout, "endpoint left service; draining");
-        tokio::spawn(async move {
-            tokio::time::sleep(d.drain_timeout).await;
-            d.state.cut_if_still_draining(d.generation);
-        });
-    }
 }
 
 /// SIGTERM, SIGINT and SIGHUP, installed once.

@@ -3,8 +3,9 @@
 //! feed the results to the endpoint's rise/fall verdict. Checks connect with the agent's
 //! mark, like proxied connections, so they are never redirected.
 //!
-//! One task per (service, endpoint). A new snapshot replaces the whole set: the verdicts
-//! live in the endpoints' shared state, so restarting the tasks loses nothing.
+//! One task per (service, endpoint), in a task group the reconciler replaces with each
+//! snapshot: the verdicts live in the endpoints' shared state, so restarting the tasks
+//! loses nothing.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -12,14 +13,16 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{Request, header};
 use hyper_util::rt::TokioIo;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::{balance::EndpointState, config::HealthCheckConfig, proxy::upstream::connect_marked, state::Snapshot};
+use crate::{
+    balance::EndpointState, config::HealthCheckConfig, proxy::upstream::connect_marked, state::Snapshot,
+    tasks::Background,
+};
 
-/// Start checks for every endpoint of every service with a `health_check`; all of them
-/// stop when `stop` is cancelled.
-pub fn spawn(snapshot: &Snapshot, mark: u32, stop: &CancellationToken) {
+/// Start checks for every endpoint of every service with a `health_check`, as tasks of
+/// `group`; all of them stop when the group is stopped.
+pub fn spawn(snapshot: &Snapshot, mark: u32, group: &Background) {
     for svc in snapshot.services() {
         let Some(check) = &svc.config.health_check else { continue };
         for ep in svc.balancer.endpoints().iter().filter(|e| !e.terminating) {
@@ -30,7 +33,7 @@ pub fn spawn(snapshot: &Snapshot, mark: u32, stop: &CancellationToken) {
                 check: check.clone(),
                 mark,
             };
-            tokio::spawn(task.run(stop.clone()));
+            group.spawn(task.run());
         }
     }
 }
@@ -44,14 +47,11 @@ struct Probe {
 }
 
 impl Probe {
-    async fn run(self, stop: CancellationToken) {
+    async fn run(self) {
         // Start at a random point of the interval so checks of many endpoints spread out.
         let mut wait = self.check.interval.mul_f64(fastrand::f64());
         loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
+            tokio::time::sleep(wait).await;
             wait = self.check.interval;
             let result = tokio::time::timeout(self.check.timeout, self.once()).await;
             let ok = matches!(result, Ok(Ok(())));

@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 use crate::{
     balance::{Avail, Endpoint},
     config::MAX_ROUTE_DEPTH,
-    state::{Service, Snapshot},
+    state::{
+        Snapshot,
+        route::{BranchShare, Branch},
+    },
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -39,6 +42,12 @@ pub struct EndpointNode {
     pub open_connections: u32,
     pub connects_ok: u64,
     pub connects_failed: u64,
+    /// HTTP responses that were acceptable, and those that failed (5xx, retryable
+    /// status, timeout, broken connection): kept apart from connects.
+    #[serde(default)]
+    pub responses_ok: u64,
+    #[serde(default)]
+    pub responses_failed: u64,
 }
 
 /// One service for `/services`: its own endpoints, or where its route leads.
@@ -60,7 +69,8 @@ pub fn services(snapshot: &Snapshot, now: Instant) -> Vec<ServiceSummary> {
     snapshot
         .services()
         .iter()
-        .map(|svc| {
+        .enumerate()
+        .map(|(i, svc)| {
             let route = svc.config.route.as_ref();
             ServiceSummary {
                 service: svc.name.clone(),
@@ -70,14 +80,9 @@ pub fn services(snapshot: &Snapshot, now: Instant) -> Vec<ServiceSummary> {
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))
                     .unwrap_or_default(),
-                kind: match route {
-                    None => "endpoints",
-                    Some(r) if !r.split.is_empty() => "split",
-                    Some(_) => "failover",
-                }
-                .into(),
+                kind: route_kind(&svc.config).into(),
                 route: route.map(|r| r.targets().into_iter().map(str::to_owned).collect()).unwrap_or_default(),
-                healthy: snapshot.has_healthy(svc, now, 0),
+                healthy: snapshot.has_healthy(i, now),
                 endpoints: svc.balancer.endpoints().iter().map(|e| endpoint(e, now)).collect(),
             }
         })
@@ -87,45 +92,47 @@ pub fn services(snapshot: &Snapshot, now: Instant) -> Vec<ServiceSummary> {
 /// The tree for `target`: a service name or one of its addresses (`ip:port`).
 pub fn tree(snapshot: &Snapshot, target: &str, now: Instant) -> Option<Node> {
     let service = match target.parse::<SocketAddr>() {
-        Ok(addr) => snapshot.service_for(addr)?,
-        Err(_) => snapshot.service_named(target)?,
+        Ok(addr) => snapshot.index_for(addr)?,
+        Err(_) => snapshot.index_named(target)?,
     };
     Some(node(snapshot, service, None, now, 0))
 }
 
-fn node(snapshot: &Snapshot, svc: &Service, branch: Option<String>, now: Instant, depth: usize) -> Node {
+fn node(snapshot: &Snapshot, index: usize, branch: Option<String>, now: Instant, depth: usize) -> Node {
+    let svc = snapshot.service(index);
+    let branches = snapshot.branches(index);
     let mut n = Node {
         service: svc.name.clone(),
         addresses: svc.config.addresses.iter().map(ToString::to_string).collect(),
-        kind: "endpoints".into(),
+        kind: route_kind(&svc.config).into(),
         branch,
-        healthy: snapshot.has_healthy(svc, now, depth),
+        healthy: snapshot.has_healthy(index, now),
         children: Vec::new(),
         endpoints: Vec::new(),
     };
-    match &svc.config.route {
-        None => n.endpoints = svc.balancer.endpoints().iter().map(|e| endpoint(e, now)).collect(),
-        Some(_) if depth >= MAX_ROUTE_DEPTH => {}
-        Some(route) if !route.split.is_empty() => {
-            n.kind = "split".into();
-            let total: u32 = route.split.iter().map(|b| b.weight).sum::<u32>().max(1);
-            for b in &route.split {
-                if let Some(t) = snapshot.service_named(&b.service) {
-                    let pct = format!("{:.0}%", 100.0 * b.weight as f64 / total as f64);
-                    n.children.push(node(snapshot, t, Some(pct), now, depth + 1));
+    if svc.config.route.is_none() {
+        n.endpoints = svc.balancer.endpoints().iter().map(|e| endpoint(e, now)).collect();
+    } else if depth < MAX_ROUTE_DEPTH {
+        for Branch { target, share } in branches {
+            let label = match share {
+                BranchShare::Weight { weight, total } => {
+                    format!("{:.0}%", 100.0 * weight as f64 / total.max(1) as f64)
                 }
-            }
-        }
-        Some(route) => {
-            n.kind = "failover".into();
-            for (i, name) in route.failover.iter().enumerate() {
-                if let Some(t) = snapshot.service_named(name) {
-                    n.children.push(node(snapshot, t, Some(format!("#{}", i + 1)), now, depth + 1));
-                }
-            }
+                BranchShare::Position(p) => format!("#{p}"),
+            };
+            n.children.push(node(snapshot, target, Some(label), now, depth + 1));
         }
     }
     n
+}
+
+/// "endpoints", "split" or "failover".
+fn route_kind(config: &crate::config::ServiceConfig) -> &'static str {
+    match &config.route {
+        None => "endpoints",
+        Some(r) if !r.split.is_empty() => "split",
+        Some(_) => "failover",
+    }
 }
 
 fn endpoint(e: &Endpoint, now: Instant) -> EndpointNode {
@@ -150,6 +157,8 @@ fn endpoint(e: &Endpoint, now: Instant) -> EndpointNode {
         open_connections: e.state.active(),
         connects_ok: e.state.connects_ok.load(std::sync::atomic::Ordering::Relaxed),
         connects_failed: e.state.connects_failed.load(std::sync::atomic::Ordering::Relaxed),
+        responses_ok: e.state.responses_ok.load(std::sync::atomic::Ordering::Relaxed),
+        responses_failed: e.state.responses_failed.load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 

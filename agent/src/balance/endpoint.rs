@@ -80,28 +80,96 @@ impl PeakEwma {
 }
 
 /// Live state shared by every snapshot that lists the endpoint.
+///
+/// Written under locks, read without: every pick reads the availability and cost of
+/// several endpoints, so each mutation publishes what picks need (`avail`, the latency
+/// estimates) in atomics, and a pick takes no lock (linkerd2-proxy and Envoy keep their
+/// balancers lock-free on the read side for the same reason).
 #[derive(Debug)]
 pub struct EndpointState {
     /// Connections open or being opened to it.
     active: AtomicU32,
-    ewma: Mutex<PeakEwma>,
+    /// Connect latency (every endpoint has it) and response latency (HTTP only): two
+    /// inputs, so a slow response never reads as a slow connect or the reverse.
+    connect_ewma: Mutex<PeakEwma>,
+    response_ewma: Mutex<PeakEwma>,
+    /// The larger of the two estimates, as f64 bits: what p2c weighs.
+    estimate: AtomicU64,
     health: Mutex<Health>,
+    /// `Health` as picks see it, see [`Summary`].
+    avail: AtomicU64,
     drain: Mutex<Drain>,
     pub connects_ok: AtomicU64,
     pub connects_failed: AtomicU64,
+    pub responses_ok: AtomicU64,
+    pub responses_failed: AtomicU64,
 }
 
 impl Default for EndpointState {
     fn default() -> Self {
+        let ewma = |ns: f64| Mutex::new(PeakEwma { estimate_ns: ns, stamp: Instant::now() });
+        let rtt = DEFAULT_RTT.as_nanos() as f64;
         Self {
             active: AtomicU32::new(0),
-            ewma: Mutex::new(PeakEwma { estimate_ns: DEFAULT_RTT.as_nanos() as f64, stamp: Instant::now() }),
+            connect_ewma: ewma(rtt),
+            // No response seen yet: zero, so the connect estimate decides.
+            response_ewma: ewma(0.0),
+            estimate: AtomicU64::new(rtt.to_bits()),
             health: Mutex::new(Health::default()),
+            avail: AtomicU64::new(0),
             drain: Mutex::new(Drain::default()),
             connects_ok: AtomicU64::new(0),
             connects_failed: AtomicU64::new(0),
+            responses_ok: AtomicU64::new(0),
+            responses_failed: AtomicU64::new(0),
         }
     }
+}
+
+/// `Health` packed into one word for lock-free reads: the active checks' verdict, the
+/// trial in flight, and the end of the ejection in nanoseconds since [`epoch`] (0: not
+/// ejected).
+struct Summary;
+
+impl Summary {
+    const CHECKED_OUT: u64 = 1 << 63;
+    const TRIAL: u64 = 1 << 62;
+    const UNTIL: u64 = (1 << 62) - 1;
+
+    fn pack(h: &Health) -> u64 {
+        let mut word = h.ejected_until().map_or(0, |until| nanos(until).max(1) & Self::UNTIL);
+        if !h.checked_healthy() {
+            word |= Self::CHECKED_OUT;
+        }
+        if h.trial_in_flight() {
+            word |= Self::TRIAL;
+        }
+        word
+    }
+
+    /// The same answer as `Health::availability`.
+    fn availability(word: u64, now_ns: impl FnOnce() -> u64) -> Avail {
+        if word & Self::CHECKED_OUT != 0 {
+            return Avail::Out;
+        }
+        match word & Self::UNTIL {
+            0 => Avail::Healthy,
+            _ if word & Self::TRIAL != 0 => Avail::Out,
+            until if now_ns() < until => Avail::Out,
+            _ => Avail::Trial,
+        }
+    }
+}
+
+/// The process's reference point for [`nanos`].
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// `t` as nanoseconds since [`epoch`], the clock picks compare with.
+pub fn nanos(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_nanos() as u64
 }
 
 /// Counts one connection against the endpoint for as long as it lives.
@@ -127,35 +195,72 @@ impl EndpointState {
 
     /// Load estimate for p2c: latency estimate times (open connections + 1).
     pub fn cost(&self) -> f64 {
-        let ewma = self.ewma.lock().unwrap().estimate_ns;
-        ewma * (self.active() as f64 + 1.0)
+        f64::from_bits(self.estimate.load(Ordering::Relaxed)) * (self.active() as f64 + 1.0)
     }
 
     pub fn availability(&self, now: Instant) -> Avail {
-        self.health.lock().unwrap().availability(now)
+        self.availability_with(|| nanos(now))
+    }
+
+    /// [`EndpointState::availability`] with the time asked for only when it matters (an
+    /// ejected endpoint): what a pick reads, one atomic load for a healthy endpoint.
+    pub fn availability_with(&self, now_ns: impl FnOnce() -> u64) -> Avail {
+        Summary::availability(self.avail.load(Ordering::Acquire), now_ns)
     }
 
     pub fn claim_trial(&self, now: Instant) -> bool {
-        self.health.lock().unwrap().claim_trial(now)
+        self.with_health(|h| h.claim_trial(now))
     }
 
+    /// A connect to the endpoint worked.
     pub fn on_connect_ok(&self, latency: Duration, now: Instant) -> Change {
         self.connects_ok.fetch_add(1, Ordering::Relaxed);
-        self.ewma.lock().unwrap().observe(latency, now);
-        self.health.lock().unwrap().on_success()
+        self.observe(&self.connect_ewma, latency, now);
+        self.with_health(Health::on_success)
     }
 
+    /// A connect to the endpoint was refused, unreachable or timed out.
     pub fn on_connect_failed(&self, now: Instant, cfg: &FailureAccrualConfig) -> Change {
         self.connects_failed.fetch_add(1, Ordering::Relaxed);
-        self.health.lock().unwrap().on_failure(now, cfg, fastrand::f64())
+        self.with_health(|h| h.on_failure(now, cfg, fastrand::f64()))
+    }
+
+    /// An HTTP response came back acceptable, `latency` after the request went out.
+    pub fn on_response_ok(&self, latency: Duration, now: Instant) -> Change {
+        self.responses_ok.fetch_add(1, Ordering::Relaxed);
+        self.observe(&self.response_ewma, latency, now);
+        self.with_health(Health::on_success)
+    }
+
+    /// An HTTP exchange failed on the endpoint's side: a 5xx or retryable status, no
+    /// response in time, or the connection broke. Counts towards ejection as a failed
+    /// connect does.
+    pub fn on_response_failed(&self, now: Instant, cfg: &FailureAccrualConfig) -> Change {
+        self.responses_failed.fetch_add(1, Ordering::Relaxed);
+        self.with_health(|h| h.on_failure(now, cfg, fastrand::f64()))
     }
 
     pub fn on_check(&self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
-        self.health.lock().unwrap().on_check(ok, rise, fall)
+        self.with_health(|h| h.on_check(ok, rise, fall))
+    }
+
+    /// Change health under its lock and publish the result for lock-free picks.
+    fn with_health<T>(&self, f: impl FnOnce(&mut Health) -> T) -> T {
+        let mut h = self.health.lock().unwrap();
+        let out = f(&mut h);
+        self.avail.store(Summary::pack(&h), Ordering::Release);
+        out
+    }
+
+    fn observe(&self, ewma: &Mutex<PeakEwma>, latency: Duration, now: Instant) {
+        ewma.lock().unwrap().observe(latency, now);
+        let connect = self.connect_ewma.lock().unwrap().estimate_ns;
+        let response = self.response_ewma.lock().unwrap().estimate_ns;
+        self.estimate.store(connect.max(response).to_bits(), Ordering::Relaxed);
     }
 
     pub fn checked_healthy(&self) -> bool {
-        self.health.lock().unwrap().checked_healthy()
+        self.avail.load(Ordering::Acquire) & Summary::CHECKED_OUT == 0
     }
 
     /// Token a connection watches: cancelled when this endpoint's drain deadline passes.
@@ -230,6 +335,44 @@ mod tests {
         assert!((s.cost() - 3.0 * base).abs() < 1e-6);
         drop((g1, g2));
         assert_eq!(s.active(), 0);
+    }
+
+    #[test]
+    fn connect_and_response_results_are_separate_inputs() {
+        let s = EndpointState::default();
+        let now = Instant::now();
+        s.on_response_ok(Duration::from_millis(50), now);
+        assert_eq!(s.connect_ewma.lock().unwrap().estimate_ns, DEFAULT_RTT.as_nanos() as f64, "connect EWMA untouched");
+        assert_eq!(s.cost(), Duration::from_millis(50).as_nanos() as f64, "a slow response makes the endpoint costly");
+        s.on_response_failed(now, &FailureAccrualConfig::default());
+        s.on_connect_ok(Duration::from_micros(100), now);
+        let counts = [&s.connects_ok, &s.connects_failed, &s.responses_ok, &s.responses_failed]
+            .map(|c| c.load(Ordering::Relaxed));
+        assert_eq!(counts, [1, 0, 1, 1]);
+    }
+
+    #[test]
+    fn the_lock_free_summary_agrees_with_health() {
+        let cfg = FailureAccrualConfig { consecutive_failures: 1, ..Default::default() };
+        let s = EndpointState::default();
+        let t0 = Instant::now();
+        assert_eq!(s.availability(t0), Avail::Healthy);
+        assert!(matches!(s.on_connect_failed(t0, &cfg), Change::Ejected(_)));
+        assert_eq!(s.availability(t0), Avail::Out);
+        let later = t0 + cfg.max_ejection * 2;
+        assert_eq!(s.availability(later), Avail::Trial);
+        assert!(s.claim_trial(later));
+        assert_eq!(s.availability(later), Avail::Out, "its trial is in flight");
+        assert_eq!(s.on_connect_ok(Duration::from_micros(100), later), Change::Returned);
+        assert_eq!(s.availability(later), Avail::Healthy);
+        for _ in 0..3 {
+            s.on_check(false, 2, 3);
+        }
+        assert_eq!(s.availability(later), Avail::Out, "failed by active checks");
+        let h = s.health.lock().unwrap();
+        for t in [t0, later] {
+            assert_eq!(s.availability(t), h.availability(t));
+        }
     }
 
     #[test]

@@ -121,6 +121,14 @@ impl Health {
     pub fn checked_healthy(&self) -> bool {
         self.checked_healthy
     }
+
+    pub fn ejected_until(&self) -> Option<Instant> {
+        self.ejected_until
+    }
+
+    pub fn trial_in_flight(&self) -> bool {
+        self.trial_in_flight
+    }
 }
 
 #[cfg(test)]

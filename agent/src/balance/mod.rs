@@ -11,6 +11,7 @@
 //!
 //! Endpoints already tried by this client connection are skipped while others remain.
 
+pub mod budget;
 mod endpoint;
 mod health;
 mod ring;
@@ -53,6 +54,8 @@ pub struct Balancer {
 /// One pick: the endpoint, the tier it came from, and whether health was ignored.
 #[derive(Debug)]
 pub struct Pick<'a> {
+    /// The endpoint's index in [`Balancer::endpoints`].
+    pub index: usize,
     pub endpoint: &'a Endpoint,
     pub tier: Tier,
     pub panic: bool,
@@ -97,123 +100,246 @@ impl Balancer {
 
     /// Choose an endpoint for a new connection. `key` identifies the client (ring hash),
     /// `exclude` lists endpoints this connection already tried.
+    ///
+    /// Allocation-free and lock-free: a few passes over the endpoints, reading each one's
+    /// published availability, instead of building candidate lists.
     pub fn pick(&self, key: u64, exclude: &[SocketAddr], now: Instant) -> Option<Pick<'_>> {
-        let eps = &self.endpoints;
-        let live: Vec<usize> = (0..eps.len()).filter(|&i| !eps[i].terminating).collect();
-        if live.is_empty() {
-            return None;
-        }
-        let avail: Vec<Avail> = eps.iter().map(|e| e.state.availability(now)).collect();
-        let out = live.iter().filter(|&&i| avail[i] == Avail::Out).count();
-        let panic = out > 0 && out * 100 > live.len() * self.accrual.max_ejected_percent as usize;
-        let fresh = |i: &usize| !exclude.contains(&eps[*i].addr);
-
-        let (mut pool, tier) = if panic {
-            let untried: Vec<usize> = live.iter().copied().filter(fresh).collect();
-            (if untried.is_empty() { live.clone() } else { untried }, None)
-        } else {
-            match self.tier_pool(&live, &avail, &fresh, self.draw(key)) {
-                Some((pool, tier)) => (pool, Some(tier)),
-                // Every healthy endpoint was tried already: try one of them again.
-                None => (live.iter().copied().filter(|&i| avail[i] != Avail::Out).collect(), None),
-            }
-        };
-        while !pool.is_empty() {
-            let i = self.select(&pool, key);
+        // Only an ejected endpoint needs the time: read the clock for it once, if at all.
+        let clock = std::cell::OnceCell::new();
+        // A trial claimed by another pick meanwhile shows as out on the next pass.
+        for _ in 0..4 {
+            let view = View { eps: &self.endpoints, exclude, now, clock: &clock };
+            let (pool, tier, panic) = self.pool(&view, key)?;
+            let i = self.select(&view, pool, key)?;
             // An endpoint out of back-off takes one trial connection at a time.
-            if panic || avail[i] != Avail::Trial || eps[i].state.claim_trial(now) {
-                let tier = tier.unwrap_or(eps[i].tier);
+            if panic || view.avail(i) != Avail::Trial || self.endpoints[i].state.claim_trial(now) {
+                let tier = tier.unwrap_or(self.endpoints[i].tier);
                 self.stats.by_tier[tier as usize].fetch_add(1, Ordering::Relaxed);
                 if panic {
                     self.stats.panics.fetch_add(1, Ordering::Relaxed);
                 }
-                let panic_changed = self.in_panic.swap(panic, Ordering::Relaxed) != panic;
-                return Some(Pick { endpoint: &eps[i], tier, panic, panic_changed });
+                // Read first: the swap (a write every pick) only on a transition.
+                let panic_changed =
+                    self.in_panic.load(Ordering::Relaxed) != panic && self.in_panic.swap(panic, Ordering::Relaxed) != panic;
+                return Some(Pick { index: i, endpoint: &self.endpoints[i], tier, panic, panic_changed });
             }
-            pool.retain(|&j| j != i);
         }
         None
+    }
+
+    /// Which endpoints the policy chooses among: health (or panic), then locality.
+    /// Returns the pool (with its size and weight, counted in the same pass), the tier
+    /// it was drawn from, and whether health is ignored.
+    fn pool(&self, view: &View<'_>, key: u64) -> Option<(Pool, Option<Tier>, bool)> {
+        let (mut live, mut out) = (0usize, 0usize);
+        // Sizes and weights of the candidate pools: per tier the healthy untried members,
+        // then live untried, live, and healthy (tried or not).
+        let mut tiers = [Tally::default(); 3];
+        let (mut fresh, mut all, mut healthy_any) = (Tally::default(), Tally::default(), Tally::default());
+        for (i, e) in view.eps.iter().enumerate() {
+            if e.terminating {
+                continue;
+            }
+            live += 1;
+            let w = e.weight.max(1) as u64;
+            let healthy = view.avail(i) != Avail::Out;
+            let untried = view.fresh(i);
+            out += usize::from(!healthy);
+            all.add(w);
+            let t = &mut tiers[e.tier as usize];
+            t.members += 1;
+            if untried {
+                fresh.add(w);
+            }
+            if healthy {
+                t.healthy += 1;
+                healthy_any.add(w);
+                if untried {
+                    t.add(w);
+                }
+            }
+        }
+        if live == 0 {
+            return None;
+        }
+        let panic = out > 0 && out * 100 > live * self.accrual.max_ejected_percent as usize;
+        if panic {
+            let (tally, fresh_only) = if fresh.count > 0 { (fresh, true) } else { (all, false) };
+            return Some((Pool { tier: None, healthy: false, fresh: fresh_only, tally }, None, true));
+        }
+        // The nearest tier with healthy untried endpoints keeps its share; the rest of
+        // the draw spills onward.
+        let mut u = self.draw(key);
+        let mut chosen = None;
+        for tier in Tier::ALL {
+            let t = tiers[tier as usize];
+            if t.count == 0 {
+                continue;
+            }
+            chosen = Some(tier);
+            let share = (t.healthy as f64 / t.members as f64 / self.spill_threshold).min(1.0);
+            if u < share {
+                break;
+            }
+            // Rescale what is left of the draw to the remaining probability mass.
+            u = (u - share) / (1.0 - share);
+        }
+        Some(match chosen {
+            Some(tier) => {
+                let tally = tiers[tier as usize];
+                (Pool { tier: Some(tier), healthy: true, fresh: true, tally }, Some(tier), false)
+            }
+            // Every healthy endpoint was tried already: try one of them again.
+            None => (Pool { tier: None, healthy: true, fresh: false, tally: healthy_any }, None, false),
+        })
     }
 
     /// A number in [0, 1) for the locality draw: random, except under ring hash, where it
     /// follows the client so that spilling does not break affinity more than it must.
     fn draw(&self, key: u64) -> f64 {
         match self.kind {
-            BalanceKind::RingHash => (hash((key, "locality")) >> 11) as f64 / (1u64 << 53) as f64,
+            BalanceKind::RingHash => (mix(key) >> 11) as f64 / (1u64 << 53) as f64,
             _ => fastrand::f64(),
         }
     }
 
-    /// The healthy, untried endpoints of the tier the locality draw `u` lands in.
-    fn tier_pool(
-        &self,
-        live: &[usize],
-        avail: &[Avail],
-        fresh: &impl Fn(&usize) -> bool,
-        mut u: f64,
-    ) -> Option<(Vec<usize>, Tier)> {
-        let mut fallback = None;
-        for tier in Tier::ALL {
-            let members: Vec<usize> = live.iter().copied().filter(|&i| self.endpoints[i].tier == tier).collect();
-            let healthy = members.iter().filter(|&&i| avail[i] != Avail::Out).count();
-            let usable: Vec<usize> = members.iter().copied().filter(|i| avail[*i] != Avail::Out && fresh(i)).collect();
-            if usable.is_empty() {
-                continue;
-            }
-            let share = (healthy as f64 / members.len() as f64 / self.spill_threshold).min(1.0);
-            if u < share {
-                return Some((usable, tier));
-            }
-            // Rescale what is left of the draw to the remaining probability mass.
-            u = (u - share) / (1.0 - share);
-            fallback = Some((usable, tier));
-        }
-        fallback
-    }
-
-    /// Apply the policy to a non-empty pool of endpoint indices.
-    fn select(&self, pool: &[usize], key: u64) -> usize {
+    /// Apply the policy to the endpoints in `pool`; `None` if it is empty.
+    fn select(&self, view: &View<'_>, pool: Pool, key: u64) -> Option<usize> {
         let eps = &self.endpoints;
+        let member = |i: usize| pool.holds(view, i);
         let weight = |i: usize| eps[i].weight.max(1) as u64;
-        match self.kind {
+        let Tally { count, weight: total, .. } = pool.tally;
+        if count == 0 {
+            return None;
+        }
+        let members = || (0..eps.len()).filter(move |&i| member(i));
+        Some(match self.kind {
             BalanceKind::RoundRobin => {
                 let n = self.next.fetch_add(1, Ordering::Relaxed) as u64;
-                weighted_nth(pool, n % pool.iter().map(|&i| weight(i)).sum::<u64>(), weight)
+                weighted_nth(members(), n % total, weight)
             }
-            BalanceKind::Random => {
-                weighted_nth(pool, fastrand::u64(..pool.iter().map(|&i| weight(i)).sum::<u64>()), weight)
-            }
+            BalanceKind::Random => weighted_nth(members(), fastrand::u64(..total), weight),
             BalanceKind::LeastConnections => {
-                let load = |i: usize| eps[i].state.active() as f64 / weight(i) as f64;
-                let min = pool.iter().map(|&i| load(i)).fold(f64::INFINITY, f64::min);
-                let least: Vec<usize> = pool.iter().copied().filter(|&i| load(i) <= min).collect();
-                least[fastrand::usize(..least.len())]
+                // The least loaded (open connections per unit of weight, compared by
+                // cross-multiplying: no division). The scan starts at a random endpoint,
+                // so ties go to a random one of them (uniform when all are tied, the
+                // common case at low load) with one random draw.
+                let active = |i: usize| eps[i].state.active() as u64;
+                let start = fastrand::usize(..eps.len());
+                let mut best = usize::MAX;
+                for i in (start..eps.len()).chain(0..start).filter(|&i| member(i)) {
+                    if best == usize::MAX || active(i) * weight(best) < active(best) * weight(i) {
+                        best = i;
+                    }
+                }
+                best
             }
             BalanceKind::P2cEwma => {
-                if pool.len() == 1 {
-                    return pool[0];
+                if count == 1 {
+                    return members().next();
                 }
-                let a = fastrand::usize(..pool.len());
-                let b = (a + 1 + fastrand::usize(..pool.len() - 1)) % pool.len();
+                let a = fastrand::usize(..count);
+                let b = (a + 1 + fastrand::usize(..count - 1)) % count;
+                let (mut ia, mut ib) = (0, 0);
+                for (rank, i) in members().enumerate() {
+                    if rank == a {
+                        ia = i;
+                    }
+                    if rank == b {
+                        ib = i;
+                    }
+                }
                 let cost = |i: usize| eps[i].state.cost() / weight(i) as f64;
-                let (a, b) = (pool[a], pool[b]);
-                if cost(b) < cost(a) { b } else { a }
+                if cost(ib) < cost(ia) { ib } else { ia }
             }
-            BalanceKind::RingHash => self.ring.pick(key, |i| pool.contains(&i)).unwrap_or(pool[0]),
-        }
+            BalanceKind::RingHash => match self.ring.pick(key, member) {
+                Some(i) => i,
+                None => members().next()?,
+            },
+        })
     }
 }
 
+/// What one pick sees of the endpoints.
+struct View<'a> {
+    eps: &'a [Endpoint],
+    exclude: &'a [SocketAddr],
+    now: Instant,
+    /// `now` in `endpoint::nanos`, computed on first need.
+    clock: &'a std::cell::OnceCell<u64>,
+}
+
+impl View<'_> {
+    fn avail(&self, i: usize) -> Avail {
+        self.eps[i].state.availability_with(|| *self.clock.get_or_init(|| endpoint::nanos(self.now)))
+    }
+
+    /// Not tried yet by this connection.
+    fn fresh(&self, i: usize) -> bool {
+        !self.exclude.contains(&self.eps[i].addr)
+    }
+}
+
+/// The endpoints a policy chooses among, as a filter (no list is built).
+#[derive(Debug, Clone, Copy)]
+struct Pool {
+    tier: Option<Tier>,
+    /// Only endpoints not out (false in panic mode).
+    healthy: bool,
+    /// Only endpoints not tried yet.
+    fresh: bool,
+    /// How many endpoints the filter holds, and their weight.
+    tally: Tally,
+}
+
+/// Endpoints counted into a pool: how many and their weight; for a tier also its
+/// members and healthy members (for the locality share).
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
+    count: usize,
+    weight: u64,
+    members: usize,
+    healthy: usize,
+}
+
+impl Tally {
+    fn add(&mut self, weight: u64) {
+        self.count += 1;
+        self.weight += weight;
+    }
+}
+
+impl Pool {
+    fn holds(&self, view: &View<'_>, i: usize) -> bool {
+        let e = &view.eps[i];
+        !e.terminating
+            && self.tier.is_none_or(|t| e.tier == t)
+            && (!self.healthy || view.avail(i) != Avail::Out)
+            && (!self.fresh || view.fresh(i))
+    }
+}
+
+/// A cheap, stable scramble of a client key (splitmix64's finaliser): the ring-hash
+/// locality draw, kept apart from the ring's own hash of the key.
+fn mix(key: u64) -> u64 {
+    let mut z = key ^ 0x9e37_79b9_7f4a_7c15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// The pool member that the `n`th unit of weight falls on.
-fn weighted_nth(pool: &[usize], mut n: u64, weight: impl Fn(usize) -> u64) -> usize {
-    for &i in pool {
+fn weighted_nth(pool: impl Iterator<Item = usize>, mut n: u64, weight: impl Fn(usize) -> u64) -> usize {
+    let mut last = 0;
+    for i in pool {
         let w = weight(i);
         if n < w {
             return i;
         }
         n -= w;
+        last = i;
     }
-    pool[pool.len() - 1]
+    last
 }
 
 #[cfg(test)]

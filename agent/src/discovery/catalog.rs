@@ -16,7 +16,10 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use super::Update;
-use crate::config::{Config, ConfigError, Origin, ServiceConfig};
+use crate::{
+    config::{Config, ConfigError, Origin, ServiceConfig},
+    tasks::Background,
+};
 
 /// Wait after the last event before reading: a truncate-then-write save is two events,
 /// and reading between them would see an empty file.
@@ -60,7 +63,11 @@ pub fn load(path: &Path) -> Result<Vec<ServiceConfig>, ConfigError> {
 
 /// Watch `path`; send an [`Update::Catalog`] after every change. The returned watcher
 /// must be kept: dropping it stops the watch.
-pub fn watch(path: &Path, updates: mpsc::Sender<Update>) -> Result<notify::RecommendedWatcher, CatalogError> {
+pub fn watch(
+    path: &Path,
+    updates: mpsc::Sender<Update>,
+    background: &Background,
+) -> Result<notify::RecommendedWatcher, CatalogError> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned();
     let name = path.file_name().map(ToOwned::to_owned);
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
@@ -75,7 +82,7 @@ pub fn watch(path: &Path, updates: mpsc::Sender<Update>) -> Result<notify::Recom
     watcher.watch(&dir, RecursiveMode::NonRecursive).map_err(|source| CatalogError::Watch { dir, source })?;
 
     let path = path.to_owned();
-    tokio::spawn(async move {
+    background.spawn(async move {
         while rx.recv().await.is_some() {
             // Settle: swallow the burst of events one save makes.
             loop {

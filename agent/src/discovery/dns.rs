@@ -18,13 +18,13 @@ use hickory_resolver::{
     name_server::TokioConnectionProvider,
 };
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Update;
 use crate::{
     config::{DnsConfig, Target},
     state::Resolved,
+    tasks::Background,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,12 +40,14 @@ type Answer = (Vec<(SocketAddr, u32)>, Instant);
 pub struct Dns {
     resolver: TokioResolver,
     config: DnsConfig,
-    tasks: HashMap<Target, CancellationToken>,
+    tasks: HashMap<Target, Background>,
     updates: mpsc::Sender<Update>,
+    /// Where the refresh tasks run (one child group per name).
+    background: Background,
 }
 
 impl Dns {
-    pub fn new(config: &DnsConfig, updates: mpsc::Sender<Update>) -> Result<Self, DnsError> {
+    pub fn new(config: &DnsConfig, updates: mpsc::Sender<Update>, background: Background) -> Result<Self, DnsError> {
         let mut opts = ResolverOpts::default();
         // We ask again exactly when an answer expires; a cache would only hide changes.
         opts.cache_size = 0;
@@ -64,7 +66,7 @@ impl Dns {
             )
         };
         let resolver = builder.with_options(opts).build();
-        Ok(Self { resolver, config: config.clone(), tasks: HashMap::new(), updates })
+        Ok(Self { resolver, config: config.clone(), tasks: HashMap::new(), updates, background })
     }
 
     /// Resolve every name once, concurrently, waiting at most `limit`: the answers the
@@ -99,7 +101,7 @@ impl Dns {
         self.tasks.retain(|t, stop| {
             let keep = targets.contains(t);
             if !keep {
-                stop.cancel();
+                stop.stop();
             }
             keep
         });
@@ -107,8 +109,8 @@ impl Dns {
             if self.tasks.contains_key(t) {
                 continue;
             }
-            let stop = CancellationToken::new();
-            self.tasks.insert(t.clone(), stop.clone());
+            let group = self.background.child();
+            self.tasks.insert(t.clone(), group.clone());
             let task = Refresh {
                 resolver: self.resolver.clone(),
                 target: t.clone(),
@@ -116,14 +118,14 @@ impl Dns {
                 config: self.config.clone(),
                 updates: self.updates.clone(),
             };
-            tokio::spawn(task.run(stop));
+            group.spawn(task.run());
         }
     }
 }
 
 impl Drop for Dns {
     fn drop(&mut self) {
-        self.tasks.values().for_each(CancellationToken::cancel);
+        self.tasks.values().for_each(Background::stop);
     }
 }
 
@@ -136,7 +138,7 @@ struct Refresh {
 }
 
 impl Refresh {
-    async fn run(mut self, stop: CancellationToken) {
+    async fn run(mut self) {
         let mut failures = 0u32;
         loop {
             let wait = match lookup(&self.resolver, &self.target).await {
@@ -160,10 +162,7 @@ impl Refresh {
             };
             let wait = wait.clamp(self.config.min_ttl, self.config.max_ttl);
             debug!(name = %self.target, next_in = ?wait, "DNS refresh scheduled");
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
+            tokio::time::sleep(wait).await;
         }
     }
 }

@@ -24,7 +24,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::Update;
-use crate::config::{EndpointConfig, KubernetesConfig, Origin, ServiceConfig, Target};
+use crate::{
+    config::{EndpointConfig, KubernetesConfig, Origin, ServiceConfig, Target},
+    tasks::Background,
+};
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -77,6 +80,7 @@ pub async fn start(
     cfg: &KubernetesConfig,
     updates: mpsc::Sender<Update>,
     sync_limit: Duration,
+    background: &Background,
 ) -> Result<ClusterView, KubeError> {
     let client = client(cfg).await?;
     let node_name = cfg.node_name.clone().or_else(|| std::env::var("NODE_NAME").ok());
@@ -109,7 +113,7 @@ pub async fn start(
             view_of(&svc, &sl, node.as_ref())
         }
     };
-    tokio::spawn(run(events, view.clone(), updates));
+    background.spawn(run(events, view.clone(), updates));
     let synced = async {
         let _ = services.wait_until_ready().await;
         let _ = slices.wait_until_ready().await;

@@ -46,7 +46,7 @@ fn give(buf: Box<[u8]>) {
 /// Where the bytes read from one side are counted, besides the returned total.
 pub struct Count<'a> {
     pub live: &'a AtomicU64,
-    pub metric: Counter,
+    pub metric: &'a Counter,
 }
 
 impl Count<'_> {
@@ -135,8 +135,9 @@ mod tests {
         let (out, inbound) = (AtomicU64::new(0), AtomicU64::new(0));
         let metric = Counter::default();
         let proxy = async {
-            let count_a = Some(Count { live: &out, metric: metric.clone() });
-            let count_b = Some(Count { live: &inbound, metric: Counter::default() });
+            let other = Counter::default();
+            let count_a = Some(Count { live: &out, metric: &metric });
+            let count_b = Some(Count { live: &inbound, metric: &other });
             bidirectional(&a, &b, count_a, count_b).await
         };
         let peers = async {

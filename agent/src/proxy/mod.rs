@@ -1,7 +1,8 @@
-//! The outbound proxy: accept redirected connections, find where the client meant to go,
-//! open the upstream side (`upstream`: pick, connect with the mark, retry elsewhere) and
-//! copy bytes both ways (`copy`: no buffer held while idle) until close, or until the
-//! endpoint's drain deadline.
+//! The outbound proxy: accept redirected connections, find where the client meant to go
+//! (`origin`), decide what to try (the snapshot's plan), open the upstream side
+//! (`upstream` over the `attempt` engine: pick, connect with the mark, retry elsewhere)
+//! and copy bytes both ways (`copy`: no buffer held while idle) until close, or until the
+//! endpoint's drain deadline. Each connection task returns one `outcome`.
 //!
 //! One tokio task and one tracing span per connection. Per-connection errors end in that
 //! task with a debug log; only accept errors back off (mini-redis `server.rs`).
@@ -29,19 +30,20 @@ use bytes::BytesMut;
 
 use self::{
     detect::{Detected, detect},
+    outcome::Outcome,
     upstream::{ConnectError, Upstream},
 };
 use crate::{
-    balance::hash,
-    config::Protocol,
-    redirect::OrigDstTable,
-    state::{Service, Snapshot},
-    stats::{Stats, conns::Client, metrics::UnservedLabels},
+    origin::Origins,
+    state::{Mode, Plan, Snapshot},
+    stats::{ConnHandle, Stats, conns::Client},
 };
 
+pub mod attempt;
 mod copy;
 mod detect;
-mod http;
+pub mod http;
+pub mod outcome;
 mod tcp;
 pub mod upstream;
 
@@ -130,6 +132,15 @@ impl Listeners {
         .collect()
     }
 
+    /// The addresses the listeners are bound to.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        [Some(&self.v4), self.v6.as_ref(), self.node_v4.as_ref(), self.node_v6.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
     /// Duplicates of the listening sockets, to hand to a successor while these accept.
     pub fn dup(&self) -> io::Result<Inherited> {
         let dup = |l: Option<&TcpListener>| l.map(|l| l.as_fd().try_clone_to_owned()).transpose();
@@ -181,7 +192,7 @@ async fn listen(addr: SocketAddr, inherited: Option<OwnedFd>) -> Result<TcpListe
 /// Everything a connection task needs, shared by all of them.
 pub struct Proxy {
     state: watch::Receiver<Arc<Snapshot>>,
-    orig: Arc<OrigDstTable>,
+    origins: Arc<dyn Origins>,
     mark: u32,
     stats: Arc<Stats>,
     http: Arc<http::Http>,
@@ -189,14 +200,21 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// `origins`: where accepted connections were going (the kernel's map, or a fixed
+    /// table in tests); `mark`: the SO_MARK of upstream sockets (0: none).
     pub fn new(
         state: watch::Receiver<Arc<Snapshot>>,
-        orig: Arc<OrigDstTable>,
+        origins: Arc<dyn Origins>,
         mark: u32,
         stats: Arc<Stats>,
     ) -> Arc<Self> {
-        let http = http::Http::new(mark, Arc::clone(&stats), state.clone());
-        Arc::new(Self { state, orig, mark, stats, http, next_id: AtomicU64::new(1) })
+        let http = http::Http::new(mark, Arc::clone(&stats));
+        Arc::new(Self { state, origins, mark, stats, http, next_id: AtomicU64::new(1) })
+    }
+
+    /// The HTTP side's shared state (its pool is swept by the reconciler).
+    pub fn http(&self) -> &Arc<http::Http> {
+        &self.http
     }
 
     /// Accept until `stop` fires; each connection runs as a task on `tasks`, so the
@@ -235,51 +253,63 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr, id: u64, stop: CancellationToken) {
-        let span = tracing::Span::current();
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, id: u64, stop: CancellationToken) {
         let conn = self.stats.conns.open(id, peer);
-        let metrics = &self.stats.metrics;
-        let unserved = |reason: &str| metrics.unserved.get_or_create(&UnservedLabels { reason: reason.into() }).inc();
-        let Some(origin) = self.orig.lookup(peer) else {
+        let outcome = self.connection(client, peer, &conn, stop).await;
+        outcome::finish(&conn, &self.stats.metrics, outcome);
+    }
+
+    /// One connection from accept to close: decide (origin, plan), then act.
+    async fn connection(
+        &self,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        conn: &ConnHandle,
+        stop: CancellationToken,
+    ) -> Outcome {
+        let span = tracing::Span::current();
+        let Some(origin) = self.origins.lookup(peer) else {
             debug!("no original destination recorded for this client (not redirected?); closing");
-            conn.outcome("not_redirected");
-            unserved("not_redirected");
-            return;
+            return Outcome::NotRedirected;
         };
         span.record("orig.dst", field::display(origin.dst));
         span.record("client.pid", origin.pid);
         span.record("client.comm", origin.comm.as_str());
+        // An opaque connection keeps this snapshot for its life (a reload does not change
+        // the endpoint under it); HTTP requests each read the newest one.
+        let snapshot = Arc::clone(&self.state.borrow());
+        let plan = snapshot.plan(origin.dst, origin.cgroup_id, std::time::Instant::now());
         conn.client(Client {
             pid: origin.pid,
-            comm: origin.comm.clone(),
+            comm: origin.comm,
             cgroup_id: origin.cgroup_id,
             cgroup: None,
             original_dst: origin.dst,
             netns: origin.netns,
             pod: origin.pod,
         });
-        // An opaque connection keeps this snapshot for its life (a reload does not change
-        // the endpoint under it); HTTP requests each read the newest one.
-        let snapshot = Arc::clone(&self.state.borrow());
-        let Some(service) = snapshot.service_for(origin.dst) else {
+        let Some(plan) = plan else {
             debug!("original destination is not a known service; closing");
-            conn.outcome("unknown_service");
-            unserved("unknown_service");
-            return;
+            return Outcome::UnknownService;
         };
+        let service = snapshot.service(plan.service);
         span.record("service", service.name.as_str());
         conn.service(&service.name);
         let _ = client.set_nodelay(true);
         let mut prefix = BytesMut::new();
-        let key = hash(origin.cgroup_id);
-        let (detected, opened) = match service.config.protocol {
-            Protocol::Tcp => (Detected::Opaque, None),
-            Protocol::Http1 => (Detected::Http1, None),
-            Protocol::Http2 => (Detected::Http2, None),
-            Protocol::Auto if snapshot.detect.opaque_ports.contains(&origin.dst.port()) => (Detected::Opaque, None),
+        let (detected, opened) = match plan.mode {
+            Mode::Opaque => (Detected::Opaque, None),
+            Mode::Http1 => (Detected::Http1, None),
+            Mode::Http2 => (Detected::Http2, None),
             // Boxed, like the HTTP path below: a connection task's future is as large as its
             // largest state, and an idle opaque connection should not carry these.
-            Protocol::Auto => Box::pin(self.sniff(&mut client, &mut prefix, &snapshot, service, key)).await,
+            Mode::Detect => match Box::pin(self.sniff(&mut client, &mut prefix, &snapshot, &plan)).await {
+                Sniffed::Spoke(detected, opened) => (detected, opened),
+                Sniffed::Unreachable(e) => {
+                    conn.protocol(Detected::Opaque.name(), None, false);
+                    return self.unreachable(&client, &e);
+                }
+            },
         };
         span.record("protocol", detected.name());
         let version = match detected {
@@ -294,68 +324,89 @@ impl Proxy {
         conn.protocol(detected.name(), sni, version.is_some());
         if detected == Detected::Closed {
             debug!("client closed before sending anything");
-            conn.outcome("client_closed");
-            return;
+            return Outcome::ClientClosed;
         }
         if let Some(version) = version {
             // An upstream connection opened while the client was slow to speak is not
             // needed: requests pick their own.
             drop(opened);
             let name = service.name.clone();
+            let key = plan.key;
             drop(snapshot);
             let shared = self.stats.enabled.then(|| conn.shared());
             let io = http::Prefixed::new(prefix, client);
             let state = self.state.clone();
             let serve = Box::pin(Arc::clone(&self.http).serve(io, version, state, name, key, shared, stop));
-            if let Err(e) = serve.await {
-                debug!(error = %e, "HTTP connection ended with an error");
-                conn.outcome("error");
-            }
-            return;
+            return match serve.await {
+                Ok(()) => Outcome::Closed,
+                Err(e) => {
+                    debug!(error = %e, "HTTP connection ended with an error");
+                    Outcome::Error
+                }
+            };
         }
-        tcp::proxy(&self, client, prefix, &snapshot, service, key, &conn, opened.map(Box::new)).await;
+        let up = match opened {
+            Some(up) => up,
+            None => match upstream::connect(&snapshot, &plan.concrete, plan.key, self.mark, &self.stats.metrics).await {
+                Ok(up) => Box::new(up),
+                Err(e) => return self.unreachable(&client, &e),
+            },
+        };
+        tcp::proxy(self, client, prefix, &service.name, *up, conn).await
+    }
+
+    /// Nothing could be reached: reset the client so it sees the failure at once.
+    fn unreachable(&self, client: &TcpStream, e: &ConnectError) -> Outcome {
+        debug!(error = %e, "no endpoint could be reached; resetting client");
+        reset(client);
+        Outcome::NoEndpoint
     }
 
     /// Detect the client's protocol without stalling a server that speaks first: most
     /// clients speak at once; one silent for `SPECULATE_AFTER` gets its upstream
-    /// connection opened, and whichever side sends first decides. Returns the protocol
-    /// and the connection (or why none could be opened), if one was.
-    async fn sniff<'a>(
+    /// connection opened, and whichever side sends first decides.
+    async fn sniff<'s>(
         &self,
         client: &mut TcpStream,
         prefix: &mut BytesMut,
-        snapshot: &'a Snapshot,
-        service: &'a Service,
-        key: u64,
-    ) -> (Detected, Option<Result<Upstream<'a>, ConnectError>>) {
+        snapshot: &'s Snapshot,
+        plan: &'s Plan,
+    ) -> Sniffed<'s> {
         let deadline = tokio::time::Instant::now() + snapshot.detect.timeout;
         if let Ok(d) = tokio::time::timeout(SPECULATE_AFTER, detect(client, prefix, deadline)).await {
-            return (d, None);
+            return Sniffed::Spoke(d, None);
         }
-        let candidates = snapshot.concrete_for(service, std::time::Instant::now());
-        let connect = upstream::connect(&candidates, key, self.mark, &self.stats.metrics);
+        let connect = upstream::connect(snapshot, &plan.concrete, plan.key, self.mark, &self.stats.metrics);
         tokio::pin!(connect);
         let up = tokio::select! {
             // The client spoke while the connect was in flight: it is abandoned.
-            d = detect(client, prefix, deadline) => return (d, None),
+            d = detect(client, prefix, deadline) => return Sniffed::Spoke(d, None),
             up = &mut connect => up,
         };
         let up = match up {
-            Ok(up) => up,
-            Err(e) => return (Detected::Opaque, Some(Err(e))),
+            Ok(up) => Box::new(up),
+            Err(e) => return Sniffed::Unreachable(e),
         };
-        let server_first = tokio::select! {
+        let client_first = tokio::select! {
             d = detect(client, prefix, deadline) => Some(d),
             _ = up.stream.readable() => None,
         };
-        match server_first {
-            Some(d) => (d, Some(Ok(up))),
-            None => {
-                debug!("server spoke first: opaque");
-                (Detected::Opaque, Some(Ok(up)))
-            }
-        }
+        let detected = client_first.unwrap_or_else(|| {
+            debug!("server spoke first: opaque");
+            Detected::Opaque
+        });
+        Sniffed::Spoke(detected, Some(up))
     }
+}
+
+/// What detection found out.
+enum Sniffed<'s> {
+    /// The protocol, and the upstream connection opened while waiting, if one was.
+    /// (Boxed: an async fn keeps room for its locals for its whole life, and an opaque
+    /// connection's life is mostly an idle copy.)
+    Spoke(Detected, Option<Box<Upstream<'s>>>),
+    /// The client stayed silent and no endpoint could be reached.
+    Unreachable(ConnectError),
 }
 
 /// How long a silent client may take to speak before the upstream connection is opened

@@ -1,126 +1,111 @@
-//! Opaque TCP: one endpoint per connection (with the service's connect retries), the
-//! bytes detection read sent first, then a copy both ways until close or the endpoint's
-//! drain deadline.
+//! Opaque TCP once connected: the bytes detection read go first, then a counted copy
+//! both ways until close or the endpoint's drain deadline. Tunnels (HTTP upgrades and
+//! CONNECT) use the same copy (`relay`).
 
-use std::time::Instant;
+use std::sync::atomic::Ordering;
 
 use bytes::BytesMut;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 use tracing::{debug, field};
 
-use super::{
-    Proxy, copy,
-    copy::Count,
-    reset,
-    upstream::{self, ConnectError, Upstream},
-};
-use crate::{
-    state::{Service, Snapshot},
-    stats::{
-        ConnHandle, Metrics,
-        conns::Route,
-        metrics::{BytesLabels, Direction, UnservedLabels},
-    },
+use super::{Proxy, copy, copy::Count, outcome::Outcome, upstream::Upstream};
+use prometheus_client::metrics::counter::Counter;
+
+use crate::stats::{
+    ConnHandle,
+    conns::{Conn, Route},
+    metrics::Direction,
 };
 
-#[allow(clippy::too_many_arguments)]
+/// Proxy an opaque connection to the upstream that was opened for it.
 pub(super) async fn proxy(
     proxy: &Proxy,
     client: TcpStream,
     prefix: BytesMut,
-    snapshot: &Snapshot,
-    service: &Service,
-    key: u64,
+    dialled: &str,
+    up: Upstream<'_>,
     conn: &ConnHandle,
-    // Boxed: an async fn keeps room for its arguments for its whole life, and this one's
-    // life is mostly an idle copy.
-    opened: Option<Box<Result<Upstream<'_>, ConnectError>>>,
-) {
-    let metrics = &proxy.stats.metrics;
-    // Routes are followed per connection; affinity (ring hash) follows the client
-    // workload: its cgroup. Detection may have connected already.
-    let opened = match opened {
-        Some(r) => *r,
-        None => {
-            let candidates = snapshot.concrete_for(service, Instant::now());
-            upstream::connect(&candidates, key, proxy.mark, metrics).await
-        }
-    };
-    let up = match opened {
-        Ok(up) => up,
-        Err(e) => {
-            debug!(error = %e, "no endpoint could be reached; resetting client");
-            conn.outcome("no_endpoint");
-            metrics.unserved.get_or_create(&UnservedLabels { reason: "no_endpoint".into() }).inc();
-            reset(&client);
-            return;
-        }
-    };
-    tracing::Span::current().record("endpoint", field::display(up.endpoint.addr));
+) -> Outcome {
+    let a = &up.attempt;
+    tracing::Span::current().record("endpoint", field::display(a.endpoint.addr));
     debug!(
-        concrete = %up.service.name,
-        attempts = up.attempts,
-        locality = up.tier.name(),
+        concrete = %a.service.name,
+        attempts = a.number,
+        locality = a.tier.name(),
         connect_us = up.connect_latency.as_micros() as u64,
         "connected"
     );
     conn.connected(Route {
-        service: service.name.clone(),
-        concrete: up.service.name.clone(),
-        endpoint: up.endpoint.addr,
-        locality: up.tier.name(),
-        attempts: up.attempts,
+        service: dialled.to_owned(),
+        concrete: a.service.name.clone(),
+        endpoint: a.endpoint.addr,
+        locality: a.tier.name(),
+        attempts: a.number,
         connect_us: up.connect_latency.as_micros() as u64,
     });
+    let drain = a.endpoint.state.drain_token();
+    let handles = proxy.stats.enabled.then(|| a.handles());
     let mut upstream = up.stream;
     let _ = upstream.set_nodelay(true);
-    let drain = up.endpoint.state.drain_token();
+    let metrics = &proxy.stats.metrics;
     // What detection read goes first; written here, before the long copy phase, whose
     // state every idle connection's task carries.
     if !prefix.is_empty() {
         if let Err(e) = upstream.write_all(&prefix).await {
             debug!(error = %e, "could not send the client's first bytes upstream");
-            conn.outcome("error");
-            return;
+            return Outcome::Error;
         }
-        conn.conn().bytes_out.fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        conn.conn().bytes_out.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+        if let Some(h) = handles {
+            h.bytes(metrics, Direction::Out).inc_by(prefix.len() as u64);
+        }
     }
-    let sent_first = prefix.len() as u64;
     drop(prefix);
     let copy = async {
-        if !proxy.stats.enabled {
-            return copy::bidirectional(&client, &upstream, None, None).await;
-        }
-        let labels = Metrics::endpoint(&up.service.name, up.endpoint.addr);
-        metrics.connections.get_or_create(&labels).inc();
-        let open = metrics.open.get_or_create(&labels).clone();
+        let Some(h) = handles else { return relay(&client, &upstream, None).await };
+        h.connections(metrics).inc();
+        let open = h.open(metrics);
         open.inc();
-        let bytes = |direction| {
-            let l = BytesLabels { service: labels.service.clone(), endpoint: labels.endpoint.clone(), direction };
-            metrics.bytes.get_or_create(&l).clone()
-        };
-        // Reads are counted as they happen: client reads are bytes out, upstream reads
-        // bytes in.
-        let c = conn.conn();
-        let out = Count { live: &c.bytes_out, metric: bytes(Direction::Out) };
-        out.metric.inc_by(sent_first);
-        let inbound = Count { live: &c.bytes_in, metric: bytes(Direction::In) };
-        let copied = copy::bidirectional(&client, &upstream, Some(out), Some(inbound)).await;
+        let meters = Meters { conn: conn.conn(), out: h.bytes(metrics, Direction::Out), inbound: h.bytes(metrics, Direction::In) };
+        let outcome = relay(&client, &upstream, Some(meters)).await;
         open.dec();
-        copied
+        outcome
     };
     tokio::select! {
-        r = copy => match r {
-            Ok((to_upstream, to_client)) => debug!(bytes.out = to_upstream, bytes.in = to_client, "closed"),
-            Err(e) => {
-                debug!(error = %e, "connection ended with an error");
-                conn.outcome("error");
-            }
-        },
+        outcome = copy => outcome,
         _ = drain.cancelled() => {
             debug!("endpoint left service and its drain deadline passed; closing");
-            conn.outcome("drained");
+            Outcome::Drained
         }
     }
-    drop(up.guard);
+}
+
+/// Where relayed bytes are counted: the connection's entry and the endpoint's metrics.
+pub(super) struct Meters<'a> {
+    pub conn: &'a Conn,
+    pub out: &'a Counter,
+    pub inbound: &'a Counter,
+}
+
+/// Copy both ways until both sides close, counting bytes as they move (reads from the
+/// client are bytes out, reads from upstream bytes in).
+pub(super) async fn relay(client: &TcpStream, upstream: &TcpStream, meters: Option<Meters<'_>>) -> Outcome {
+    let copied = match meters {
+        None => copy::bidirectional(client, upstream, None, None).await,
+        Some(m) => {
+            let out = Count { live: &m.conn.bytes_out, metric: m.out };
+            let inbound = Count { live: &m.conn.bytes_in, metric: m.inbound };
+            copy::bidirectional(client, upstream, Some(out), Some(inbound)).await
+        }
+    };
+    match copied {
+        Ok((to_upstream, to_client)) => {
+            debug!(bytes.out = to_upstream, bytes.in = to_client, "closed");
+            Outcome::Closed
+        }
+        Err(e) => {
+            debug!(error = %e, "connection ended with an error");
+            Outcome::Error
+        }
+    }
 }

@@ -40,6 +40,8 @@ use switchyard_common::{
 };
 use tracing::{info, warn};
 
+use crate::origin::{Origin, Origins};
+
 /// The compiled programs, built by build.rs from `ebpf/`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switchyard-ebpf"));
 
@@ -149,25 +151,12 @@ struct OrigInner {
     confirmed: HashSet<u64>,
 }
 
-/// Where a redirected client meant to go, and who it is.
-#[derive(Debug, Clone)]
-pub struct Origin {
-    pub dst: SocketAddr,
-    pub pid: u32,
-    pub cgroup_id: u64,
-    pub comm: String,
-    /// Cookie of the client's network namespace.
-    pub netns: u64,
-    /// True when that is not the agent's namespace: the client is a pod.
-    pub pod: bool,
-}
-
-impl OrigDstTable {
+impl Origins for OrigDstTable {
     /// The original destination and client of a connection the agent accepted, by its
     /// peer address. The entry is taken (an entry left behind means a SYN that never
     /// arrived, see `PodMaps::stuck_namespaces`), and a pod namespace that reached us is
     /// marked reachable, which ends its probe.
-    pub fn lookup(&self, client: SocketAddr) -> Option<Origin> {
+    fn lookup(&self, client: SocketAddr) -> Option<Origin> {
         let key = SockAddrV1::from(client);
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let o = inner.client_orig.get(&key, 0).ok()?;
@@ -195,7 +184,9 @@ impl OrigDstTable {
             pod,
         })
     }
+}
 
+impl OrigDstTable {
     /// A namespace the reconciler marked blocked or forgot must be confirmed again.
     pub fn forget(&self, netns: u64) {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).confirmed.remove(&netns);

@@ -3,6 +3,12 @@
 //! Per-connection byte counters hold clones of their metric handles, so bytes show up
 //! in `/metrics` while connections are open, not only when they close.
 
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{OnceLock, RwLock},
+};
+
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue},
     metrics::{
@@ -23,9 +29,9 @@ pub struct EndpointLabels {
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 pub enum Direction {
     /// client -> endpoint
-    Out,
+    Out = 0,
     /// endpoint -> client
-    In,
+    In = 1,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -40,7 +46,7 @@ pub struct FailureLabels {
     pub service: String,
     pub endpoint: String,
     /// refused, timeout, unreachable, other
-    pub reason: String,
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -59,14 +65,15 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RetryLabels {
     pub service: String,
-    /// status (a retryable response), timeout, connect, error (connection broke)
-    pub reason: String,
+    /// status (a retryable response), timeout, connect, error (connection broke), closed
+    /// (a pooled connection the server had closed)
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UnservedLabels {
     /// not_redirected, unknown_service, no_endpoint
-    pub reason: String,
+    pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -164,6 +171,182 @@ impl Metrics {
 
     pub fn endpoint(service: &str, endpoint: std::net::SocketAddr) -> EndpointLabels {
         EndpointLabels { service: service.to_owned(), endpoint: endpoint.to_string() }
+    }
+}
+
+/// Why an HTTP attempt was retried (the `reason` label of `http_retries`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReason {
+    Status = 0,
+    Timeout = 1,
+    Connect = 2,
+    Error = 3,
+    Closed = 4,
+}
+
+impl RetryReason {
+    pub fn name(self) -> &'static str {
+        ["status", "timeout", "connect", "error", "closed"][self as usize]
+    }
+}
+
+/// Why a connect failed (the `reason` label of `connect_failures`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailReason {
+    Refused = 0,
+    Timeout = 1,
+    Unreachable = 2,
+    Other = 3,
+}
+
+impl FailReason {
+    pub fn of(e: &std::io::Error) -> Self {
+        match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => Self::Refused,
+            std::io::ErrorKind::TimedOut => Self::Timeout,
+            std::io::ErrorKind::NetworkUnreachable | std::io::ErrorKind::HostUnreachable => Self::Unreachable,
+            _ => Self::Other,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        ["refused", "timeout", "unreachable", "other"][self as usize]
+    }
+}
+
+/// Metric handles of one service and its endpoints, kept with the service in the
+/// snapshot. Each is looked up in its family on first use and then held, so a connection
+/// or request touches its counters without building label strings; series still appear
+/// in `/metrics` only once something happened.
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    name: String,
+    connect_latency: OnceLock<Histogram>,
+    request_latency: OnceLock<Histogram>,
+    retries: [OnceLock<Counter>; 5],
+    budget_exhausted: OnceLock<Counter>,
+    /// `http_requests` by (endpoint that answered, or none when the agent did; status):
+    /// the dialled service's, whichever concrete service the endpoint belongs to.
+    answers: RwLock<HashMap<(Option<SocketAddr>, u16), Counter>>,
+    endpoints: Box<[EndpointMetrics]>,
+}
+
+#[derive(Debug)]
+pub struct EndpointMetrics {
+    addr: SocketAddr,
+    connections: OnceLock<Counter>,
+    open: OnceLock<Gauge>,
+    /// Indexed by `Direction as usize`.
+    bytes: [OnceLock<Counter>; 2],
+    failures: [OnceLock<Counter>; 4],
+    ejections: OnceLock<Counter>,
+}
+
+impl ServiceMetrics {
+    pub fn new(name: &str, endpoints: impl Iterator<Item = SocketAddr>) -> Self {
+        Self {
+            name: name.to_owned(),
+            connect_latency: OnceLock::new(),
+            request_latency: OnceLock::new(),
+            retries: Default::default(),
+            budget_exhausted: OnceLock::new(),
+            answers: RwLock::default(),
+            endpoints: endpoints
+                .map(|addr| EndpointMetrics {
+                    addr,
+                    connections: OnceLock::new(),
+                    open: OnceLock::new(),
+                    bytes: Default::default(),
+                    failures: Default::default(),
+                    ejections: OnceLock::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn labels(&self) -> ServiceLabels {
+        ServiceLabels { service: self.name.clone() }
+    }
+
+    pub fn connect_latency<'a>(&'a self, m: &Metrics) -> &'a Histogram {
+        self.connect_latency.get_or_init(|| m.connect_latency.get_or_create(&self.labels()).clone())
+    }
+
+    pub fn request_latency<'a>(&'a self, m: &Metrics) -> &'a Histogram {
+        self.request_latency.get_or_init(|| m.request_latency.get_or_create(&self.labels()).clone())
+    }
+
+    pub fn retried(&self, m: &Metrics, reason: RetryReason) {
+        let labels = || RetryLabels { service: self.name.clone(), reason: reason.name() };
+        self.retries[reason as usize].get_or_init(|| m.retries.get_or_create(&labels()).clone()).inc();
+    }
+
+    pub fn budget_exhausted(&self, m: &Metrics) {
+        self.budget_exhausted.get_or_init(|| m.budget_exhausted.get_or_create(&self.labels()).clone()).inc();
+    }
+
+    /// Count an HTTP answer to a request for this service: from `endpoint`, or made by
+    /// the agent (`None`).
+    pub fn answered(&self, m: &Metrics, endpoint: Option<SocketAddr>, status: u16) {
+        if let Some(c) = self.answers.read().unwrap().get(&(endpoint, status)) {
+            c.inc();
+            return;
+        }
+        let labels = RequestLabels {
+            service: self.name.clone(),
+            endpoint: endpoint.map(|e| e.to_string()).unwrap_or_default(),
+            status,
+        };
+        let c = m.requests.get_or_create(&labels).clone();
+        c.inc();
+        self.answers.write().unwrap().insert((endpoint, status), c);
+    }
+
+    /// The handles of endpoint `i` of the service, with the service's name for labels.
+    pub fn endpoint(&self, i: usize) -> Option<EndpointHandles<'_>> {
+        Some(EndpointHandles { service: &self.name, e: self.endpoints.get(i)? })
+    }
+}
+
+/// One endpoint's handles, bound to its service.
+#[derive(Clone, Copy)]
+pub struct EndpointHandles<'a> {
+    service: &'a str,
+    e: &'a EndpointMetrics,
+}
+
+impl<'a> EndpointHandles<'a> {
+    fn labels(&self) -> EndpointLabels {
+        Metrics::endpoint(self.service, self.e.addr)
+    }
+
+    pub fn connections(&self, m: &Metrics) -> &'a Counter {
+        self.e.connections.get_or_init(|| m.connections.get_or_create(&self.labels()).clone())
+    }
+
+    pub fn open(&self, m: &Metrics) -> &'a Gauge {
+        self.e.open.get_or_init(|| m.open.get_or_create(&self.labels()).clone())
+    }
+
+    pub fn bytes(&self, m: &Metrics, direction: Direction) -> &'a Counter {
+        self.e.bytes[direction as usize].get_or_init(|| {
+            let l = self.labels();
+            m.bytes.get_or_create(&BytesLabels { service: l.service, endpoint: l.endpoint, direction }).clone()
+        })
+    }
+
+    pub fn connect_failed(&self, m: &Metrics, reason: FailReason) {
+        let make = || {
+            let l = self.labels();
+            m.connect_failures
+                .get_or_create(&FailureLabels { service: l.service, endpoint: l.endpoint, reason: reason.name() })
+                .clone()
+        };
+        self.e.failures[reason as usize].get_or_init(make).inc();
+    }
+
+    pub fn ejected(&self, m: &Metrics) {
+        self.e.ejections.get_or_init(|| m.ejections.get_or_create(&self.labels()).clone()).inc();
     }
 }
 

@@ -163,6 +163,13 @@ impl RespBody {
         RespBody::Upstream { first: None, inner, meter, _guard: guard }
     }
 
+    /// Count the response as load on its endpoint (`guard`) until the body ends.
+    pub fn hold(&mut self, guard: ActiveGuard) {
+        if let RespBody::Upstream { _guard, .. } = self {
+            *_guard = Some(guard);
+        }
+    }
+
     /// Read the first frame ahead, waiting at most `wait`; it is still sent first.
     /// Returns the trailers if the body is nothing but trailers (how gRPC servers answer
     /// with an error status after the headers).

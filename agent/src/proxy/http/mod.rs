@@ -6,7 +6,6 @@
 //! modified beyond hop-by-hop headers (`headers`). See docs/http.md.
 
 use std::{
-    collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -24,39 +23,39 @@ use hyper::{
     upgrade::OnUpgrade,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::{net::TcpStream, sync::watch};
+use prometheus_client::metrics::counter::Counter;
+use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use self::{
     body::{Meter, Replay, ReqBody, RespBody},
-    budget::Budget,
-    headers::{dtab_target, is_idempotent, is_upgrade, retryable, strip_hop_by_hop},
-    pool::Pool,
+    headers::{dtab_target, is_upgrade, retryable, strip_hop_by_hop},
+    pool::{Lent, Pool, PoolError},
+    retry::{Failure, Retry},
 };
 pub use self::{pool::Version, rewind::Rewind as Prefixed};
-use super::upstream::{self, pick, report};
+use super::{
+    attempt::{Attempt, Attempts, Limit, Spent},
+    outcome::Outcome,
+    tcp::{Meters, relay},
+    upstream,
+};
 use crate::{
-    balance::{ActiveGuard, Endpoint},
-    config::RetryConfig,
+    balance::ActiveGuard,
     state::{Service, Snapshot},
-    stats::{
-        Stats,
-        conns::Conn,
-        metrics::{BytesLabels, Direction, RequestLabels, RetryLabels, ServiceLabels},
-    },
+    stats::{Stats, conns::Conn, metrics::Direction},
 };
 
 mod body;
-mod budget;
 mod headers;
 mod pool;
+mod retry;
 mod rewind;
 
-/// What every HTTP connection shares: upstream connections and retry budgets.
+/// What every HTTP connection shares: the upstream connections.
 pub struct Http {
     pool: Pool,
-    budgets: Mutex<HashMap<String, Arc<Budget>>>,
     mark: u32,
     stats: Arc<Stats>,
 }
@@ -75,48 +74,39 @@ struct Downstream {
     tunnel: Mutex<Option<Tunnel>>,
 }
 
+/// An upgrade the endpoint accepted: both sides' upgraded connections, the endpoint's
+/// in-flight guard, and its byte counters (owned: the tunnel outlives the request's
+/// snapshot).
 struct Tunnel {
     downstream: OnUpgrade,
     upstream: OnUpgrade,
+    bytes: [Counter; 2],
     _guard: ActiveGuard,
+}
+
+/// What one attempt at an endpoint came to.
+enum Exchange {
+    Answered(Response<Incoming>, Duration),
+    /// A response the agent makes for a failed attempt, and how it failed.
+    Failed(Failure),
+    /// A pooled connection had closed; the request comes back unsent.
+    Unsent(ReqBody),
 }
 
 /// How long a gRPC response's first frame is awaited to see whether it is an error
 /// status to retry; a stream whose first message takes longer passes on unread.
 const GRPC_STATUS_WAIT: Duration = Duration::from_millis(100);
 
-/// How often idle upstream connections are looked at.
-const SWEEP_EVERY: Duration = Duration::from_secs(10);
-
 impl Http {
-    pub fn new(mark: u32, stats: Arc<Stats>, state: watch::Receiver<Arc<Snapshot>>) -> Arc<Self> {
-        let http = Arc::new(Self { pool: Pool::default(), budgets: Mutex::default(), mark, stats });
-        let weak = Arc::downgrade(&http);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(SWEEP_EVERY).await;
-                let Some(http) = weak.upgrade() else { return };
-                // The shortest idle timeout any service asks for bounds them all.
-                let idle = state.borrow().services().iter().map(|s| s.config.http.pool_idle_timeout).min();
-                http.pool.sweep(idle.unwrap_or(Duration::from_secs(90)));
-            }
-        });
-        http
+    pub fn new(mark: u32, stats: Arc<Stats>) -> Arc<Self> {
+        Arc::new(Self { pool: Pool::default(), mark, stats })
     }
 
-    /// The retry budget of `service`, kept across requests and reloads.
-    fn budget(&self, service: &str, policy: &RetryConfig, now: Instant) -> Arc<Budget> {
-        let mut budgets = self.budgets.lock().unwrap();
-        // Looked up by &str first: this runs for every request, and the common case
-        // (known service, unchanged policy) then allocates nothing.
-        if let Some(b) = budgets.get(service)
-            && b.same_policy(policy.budget_ratio, policy.budget_min_per_second, policy.budget_window)
-        {
-            return Arc::clone(b);
-        }
-        let b = Arc::new(Budget::new(policy.budget_ratio, policy.budget_min_per_second, policy.budget_window, now));
-        budgets.insert(service.to_owned(), Arc::clone(&b));
-        b
+    /// Close upstream connections idle longer than the shortest `pool_idle_timeout` any
+    /// service asks for (the reconciler calls this now and then).
+    pub fn sweep(&self, snapshot: &Snapshot) {
+        let idle = snapshot.services().iter().map(|s| s.config.http.pool_idle_timeout).min();
+        self.pool.sweep(idle.unwrap_or(Duration::from_secs(90)));
     }
 
     /// Serve one client connection until it closes (or `stop` fires: then finish the
@@ -177,45 +167,39 @@ impl Downstream {
         let grpc = is_grpc(&req);
         // Per request, the newest state: endpoints that came or went since the
         // connection opened count.
-        let Some(service) = snapshot.service_named(&self.service) else {
+        let Some(index) = snapshot.index_named(&self.service) else {
             return local(StatusCode::SERVICE_UNAVAILABLE, "service_removed", grpc);
         };
+        let service = snapshot.service(index);
         if let Some(c) = &self.conn {
             c.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         let upgrade = self.version == Version::Http1 && is_upgrade(&req);
         strip_hop_by_hop(req.headers_mut(), upgrade);
         let (resp, endpoint) = if upgrade {
-            self.upgrade(req, &snapshot, service).await
+            self.upgrade(req, &snapshot, index).await
         } else {
-            let target = self.route_override(&req, &snapshot, service);
+            let target = self.route_override(&req, &snapshot, index);
             self.forward(req, &snapshot, service, target, grpc).await
         };
-        let metrics = &self.http.stats.metrics;
-        metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                service: service.name.clone(),
-                endpoint: endpoint.map(|a| a.to_string()).unwrap_or_default(),
-                status: resp.status().as_u16(),
-            })
-            .inc();
+        service.metrics.answered(&self.http.stats.metrics, endpoint, resp.status().as_u16());
         resp
     }
 
     /// The service named by an allowed `l5d-dtab` override, else the dialled one.
-    fn route_override<'a>(&self, req: &Request<Incoming>, snapshot: &'a Snapshot, service: &'a Service) -> &'a Service {
+    fn route_override(&self, req: &Request<Incoming>, snapshot: &Snapshot, dialled: usize) -> usize {
+        let service = snapshot.service(dialled);
         let allowed = &service.config.http.allow_override;
         if allowed.is_empty() {
-            return service;
+            return dialled;
         }
         match dtab_target(req.headers(), &service.name) {
-            Some(t) if allowed.iter().any(|a| a == t) => snapshot.service_named(t).unwrap_or(service),
+            Some(t) if allowed.iter().any(|a| a == t) => snapshot.index_named(t).unwrap_or(dialled),
             Some(t) => {
                 debug!(service = %service.name, target = t, "l5d-dtab names a service not in http.allow_override; ignored");
-                service
+                dialled
             }
-            None => service,
+            None => dialled,
         }
     }
 
@@ -227,164 +211,156 @@ impl Downstream {
         req: Request<Incoming>,
         snapshot: &Snapshot,
         dialled: &Service,
-        target: &Service,
+        target: usize,
         grpc: bool,
     ) -> (Response<RespBody>, Option<SocketAddr>) {
         let policy = &dialled.config.http;
-        let retry = &policy.retry;
         let metrics = &self.http.stats.metrics;
         let start = Instant::now();
         let deadline = policy.request_timeout.map(|t| start + t);
-        let budget = self.http.budget(&dialled.name, retry, start);
-        budget.deposit(start);
+        dialled.budget.deposit(start);
         let (parts, incoming) = req.into_parts();
-        let idempotent = is_idempotent(&parts.method);
-        let replay = Replay::new(retry.max_body);
-        let mut incoming = Some(incoming);
-        // A request an upstream connection gave back unsent (it had closed).
-        let mut unsent: Option<ReqBody> = None;
-        let mut tried: Vec<SocketAddr> = Vec::new();
+        let retry = Retry::new(&policy.retry, &parts.method);
+        let mut body = Bodies { incoming: Some(incoming), unsent: None, replay: Replay::new(policy.retry.max_body) };
+        let concrete = snapshot.concrete(target, start);
+        let limit = Limit::Total { attempts: retry.attempts(), deadline };
+        let mut attempts = Attempts::new(snapshot, &concrete, self.key, limit);
         let mut last: Option<(Response<RespBody>, Option<SocketAddr>)> = None;
-        let retried = |reason: &str| {
-            metrics.retries.get_or_create(&RetryLabels { service: dialled.name.clone(), reason: reason.into() }).inc()
-        };
-        for attempt in 1..=retry.attempts {
+        loop {
             let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                last = Some((local(StatusCode::GATEWAY_TIMEOUT, "request_timeout", grpc), None));
+            if attempts.made() > 0 && !retry.may_send_again(dialled, body.sendable(), metrics, now) {
                 break;
             }
-            if attempt > 1 {
-                if unsent.is_none() && incoming.is_none() && !replay.can_replay() {
+            let attempt = match attempts.next(now) {
+                Ok(a) => a,
+                Err(Spent::Deadline) => {
+                    last = Some((local(StatusCode::GATEWAY_TIMEOUT, "request_timeout", grpc), None));
                     break;
                 }
-                if !budget.withdraw(now) {
-                    metrics.budget_exhausted.get_or_create(&ServiceLabels { service: dialled.name.clone() }).inc();
-                    debug!(service = %dialled.name, "retry budget spent; not retrying");
-                    break;
-                }
-            }
-            let candidates = snapshot.concrete_for(target, now);
-            let Some((svc, ep)) =
-                candidates.iter().find_map(|s| pick(s, self.key, &tried, now).map(|p| (*s, p.endpoint)))
-            else {
-                break;
+                Err(Spent::Attempts | Spent::NoEndpoint) => break,
             };
-            tried.push(ep.addr);
-            let guard = ep.state.begin();
-            let remaining = deadline.map(|d| d.saturating_duration_since(now));
-            let attempt_timeout = match (policy.attempt_timeout, remaining) {
+            let addr = attempt.endpoint.addr;
+            let attempt_timeout = match (policy.attempt_timeout, deadline.map(|d| d.saturating_duration_since(now))) {
                 (Some(a), Some(r)) => Some(a.min(r)),
                 (a, r) => a.or(r),
             };
-            let t0 = Instant::now();
-            let connect_timeout = svc.config.connect.timeout.min(attempt_timeout.unwrap_or(Duration::MAX));
-            let mut lent = match self
-                .http
-                .pool
-                .lend(ep.addr, self.version, self.http.mark, connect_timeout, policy.pool_idle_timeout)
-                .await
-            {
-                Ok(l) => l,
-                Err(e) => {
-                    debug!(attempt, endpoint = %ep.addr, error = %e, "upstream HTTP connection failed");
-                    self.failed(svc, ep);
-                    last = Some((local(StatusCode::BAD_GATEWAY, "connect_failed", grpc), None));
-                    retried("connect");
-                    continue;
+            let failure = match self.exchange(&attempt, &parts, &mut body, attempt_timeout).await {
+                Exchange::Unsent(unsent) => {
+                    // Not the endpoint's fault, and safe for any method.
+                    body.unsent = Some(unsent);
+                    last = Some((local(StatusCode::BAD_GATEWAY, "upstream_error", grpc), Some(addr)));
+                    Failure::Closed
                 }
-            };
-            let body = match (unsent.take(), incoming.take()) {
-                (Some(b), _) => b,
-                (None, Some(inc)) => ReqBody::first(inc, replay.clone(), self.meter(svc, ep.addr, Direction::Out)),
-                (None, None) => replay.replay().expect("checked replayable above"),
-            };
-            let send = lent.send(rebuild(&parts, body));
-            let sent = match attempt_timeout {
-                Some(t) => tokio::time::timeout(t.saturating_sub(t0.elapsed()), send).await.ok(),
-                None => Some(send.await),
-            };
-            match sent {
-                None => {
-                    lent.discard();
-                    self.failed(svc, ep);
-                    debug!(attempt, endpoint = %ep.addr, "no response headers in time");
-                    let timed_out = local(StatusCode::GATEWAY_TIMEOUT, "response_timeout", grpc);
-                    last = Some((timed_out, Some(ep.addr)));
-                    if !idempotent {
-                        break;
+                Exchange::Failed(failure) => {
+                    let (status, reason, endpoint) = match failure {
+                        Failure::Connect => (StatusCode::BAD_GATEWAY, "connect_failed", None),
+                        Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "response_timeout", Some(addr)),
+                        _ => (StatusCode::BAD_GATEWAY, "upstream_error", Some(addr)),
+                    };
+                    if failure != Failure::Connect {
+                        attempt.responded(metrics, false, Duration::ZERO);
                     }
-                    retried("timeout");
+                    last = Some((local(status, reason, grpc), endpoint));
+                    failure
                 }
-                Some(Err(mut e)) => {
-                    let never_sent = e.take_message();
-                    debug!(attempt, endpoint = %ep.addr, error = %e.error(), unsent = never_sent.is_some(), "upstream request failed");
-                    lent.discard();
-                    last = Some((local(StatusCode::BAD_GATEWAY, "upstream_error", grpc), Some(ep.addr)));
-                    if let Some(req) = never_sent {
-                        // A pooled connection the server had closed: not the endpoint's
-                        // fault, and safe for any method.
-                        unsent = Some(req.into_body());
-                        retried("closed");
-                        continue;
-                    }
-                    self.failed(svc, ep);
-                    if !idempotent {
-                        break;
-                    }
-                    retried("error");
-                }
-                Some(Ok(resp)) => {
-                    let latency = t0.elapsed();
-                    self.http.pool.give_back(lent);
+                Exchange::Answered(resp, latency) => {
                     let (mut rparts, rbody) = resp.into_parts();
                     // Each hop speaks its own version: an HTTP/1.0 answer from the endpoint
                     // must not turn the client's keep-alive HTTP/1.1 connection into 1.0.
                     rparts.version = parts.version;
-                    let meter = self.meter(svc, ep.addr, Direction::In);
-                    let mut resp = Response::from_parts(rparts, RespBody::upstream(rbody, meter, Some(guard)));
-                    let mut retry_it = retryable(resp.status(), resp.headers(), retry);
-                    let may_retry = attempt < retry.attempts && replay.can_replay();
+                    let meter = self.meter(&attempt, Direction::In);
+                    let may_retry = attempts.made() < retry.attempts() && body.replay.can_replay();
+                    let mut resp = Response::from_parts(rparts, RespBody::upstream(rbody, meter, None));
+                    let mut retry_it = retryable(resp.status(), resp.headers(), &policy.retry);
                     if grpc && !retry_it && may_retry {
                         // gRPC errors mostly come as trailers right after the headers.
                         let trailers = resp.body_mut().peek_trailers(GRPC_STATUS_WAIT).await;
-                        retry_it = trailers.is_some_and(|t| retryable(StatusCode::OK, t, retry));
+                        retry_it = trailers.is_some_and(|t| retryable(StatusCode::OK, t, &policy.retry));
                     }
-                    if resp.status().is_server_error() || retry_it {
-                        self.failed(svc, ep);
-                    } else {
-                        report(svc, ep, ep.state.on_connect_ok(latency, Instant::now()), metrics);
+                    attempt.responded(metrics, !(resp.status().is_server_error() || retry_it), latency);
+                    if !(retry_it && may_retry) {
+                        dialled.metrics.request_latency(metrics).observe(start.elapsed().as_secs_f64());
+                        // The endpoint counts the response as load until its body ends.
+                        resp.body_mut().hold(attempt.guard);
+                        return (resp, Some(addr));
                     }
-                    if retry_it && may_retry {
-                        debug!(attempt, endpoint = %ep.addr, status = %resp.status(), "retryable response");
-                        last = Some((resp, Some(ep.addr)));
-                        retried("status");
-                        continue;
-                    }
-                    metrics
-                        .request_latency
-                        .get_or_create(&ServiceLabels { service: dialled.name.clone() })
-                        .observe(start.elapsed().as_secs_f64());
-                    return (resp, Some(ep.addr));
+                    debug!(attempt = attempt.number, endpoint = %addr, status = %resp.status(), "retryable response");
+                    last = Some((resp, Some(addr)));
+                    Failure::Status
                 }
+            };
+            match retry.after(failure) {
+                Some(reason) => dialled.metrics.retried(metrics, reason),
+                None => break,
             }
         }
         last.unwrap_or_else(|| (local(StatusCode::SERVICE_UNAVAILABLE, "no_endpoint", grpc), None))
     }
 
-    /// 5xx, a timeout or a broken connection: counts towards ejecting the endpoint.
-    fn failed(&self, svc: &Service, ep: &Endpoint) {
-        let change = ep.state.on_connect_failed(Instant::now(), svc.balancer.accrual());
-        report(svc, ep, change, &self.http.stats.metrics);
+    /// One attempt: an upstream connection from the pool (a new connect is reported to
+    /// the attempt like any other), the request sent, the response headers awaited.
+    async fn exchange(
+        &self,
+        attempt: &Attempt<'_>,
+        parts: &Parts,
+        body: &mut Bodies,
+        timeout: Option<Duration>,
+    ) -> Exchange {
+        let metrics = &self.http.stats.metrics;
+        let addr = attempt.endpoint.addr;
+        let policy = &attempt.service.config;
+        let t0 = Instant::now();
+        let connect_timeout = policy.connect.timeout.min(timeout.unwrap_or(Duration::MAX));
+        let pool = &self.http.pool;
+        let mut lent: Lent =
+            match pool.lend(addr, self.version, self.http.mark, connect_timeout, policy.http.pool_idle_timeout).await {
+                Ok(l) => l,
+                Err(e) => {
+                    debug!(attempt = attempt.number, endpoint = %addr, error = %e, "upstream HTTP connection failed");
+                    match &e {
+                        PoolError::Connect { source, .. } => attempt.connect_failed(metrics, source),
+                        PoolError::Handshake { .. } => attempt.responded(metrics, false, Duration::ZERO),
+                    }
+                    return Exchange::Failed(Failure::Connect);
+                }
+            };
+        if let Some(latency) = lent.connected_in {
+            attempt.connected(metrics, latency);
+        }
+        let req = rebuild(parts, body.next(self.meter(attempt, Direction::Out)));
+        let send = lent.send(req);
+        let sent = match timeout {
+            Some(t) => tokio::time::timeout(t.saturating_sub(t0.elapsed()), send).await.ok(),
+            None => Some(send.await),
+        };
+        match sent {
+            None => {
+                lent.discard();
+                debug!(attempt = attempt.number, endpoint = %addr, "no response headers in time");
+                Exchange::Failed(Failure::Timeout)
+            }
+            Some(Err(mut e)) => {
+                let never_sent = e.take_message();
+                debug!(attempt = attempt.number, endpoint = %addr, error = %e.error(), unsent = never_sent.is_some(), "upstream request failed");
+                lent.discard();
+                match never_sent {
+                    Some(req) => Exchange::Unsent(req.into_body()),
+                    None => Exchange::Failed(Failure::Broke),
+                }
+            }
+            Some(Ok(resp)) => {
+                pool.give_back(lent);
+                Exchange::Answered(resp, t0.elapsed())
+            }
+        }
     }
 
-    fn meter(&self, svc: &Service, endpoint: SocketAddr, direction: Direction) -> Option<Meter> {
+    fn meter(&self, attempt: &Attempt<'_>, direction: Direction) -> Option<Meter> {
         let conn = self.conn.as_ref()?;
-        let labels = BytesLabels { service: svc.name.clone(), endpoint: endpoint.to_string(), direction };
         Some(Meter {
             conn: Arc::clone(conn),
             outbound: direction == Direction::Out,
-            metric: self.http.stats.metrics.bytes.get_or_create(&labels).clone(),
+            metric: attempt.handles().bytes(&self.http.stats.metrics, direction).clone(),
         })
     }
 
@@ -394,19 +370,22 @@ impl Downstream {
         &self,
         mut req: Request<Incoming>,
         snapshot: &Snapshot,
-        service: &Service,
+        service: usize,
     ) -> (Response<RespBody>, Option<SocketAddr>) {
         let downstream = hyper::upgrade::on(&mut req);
         let metrics = &self.http.stats.metrics;
-        let candidates = snapshot.concrete_for(service, Instant::now());
-        let up = match upstream::connect(&candidates, self.key, self.http.mark, metrics).await {
+        let concrete = snapshot.concrete(service, Instant::now());
+        let up = match upstream::connect(snapshot, &concrete, self.key, self.http.mark, metrics).await {
             Ok(up) => up,
             Err(e) => {
                 debug!(error = %e, "no endpoint for the upgrade");
                 return (local(StatusCode::BAD_GATEWAY, "connect_failed", false), None);
             }
         };
-        let addr = up.endpoint.addr;
+        let attempt = up.attempt;
+        let addr = attempt.endpoint.addr;
+        let handles = attempt.handles();
+        let bytes = [handles.bytes(metrics, Direction::Out).clone(), handles.bytes(metrics, Direction::In).clone()];
         let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(up.stream)).await {
             Ok(x) => x,
             Err(e) => {
@@ -431,33 +410,75 @@ impl Downstream {
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS || (connect && resp.status().is_success()) {
             let upstream = hyper::upgrade::on(&mut resp);
-            *self.tunnel.lock().unwrap() = Some(Tunnel { downstream, upstream, _guard: up.guard });
+            *self.tunnel.lock().unwrap() = Some(Tunnel { downstream, upstream, bytes, _guard: attempt.guard });
             let (parts, body) = resp.into_parts();
             return (Response::from_parts(parts, RespBody::upstream(body, None, None)), Some(addr));
         }
         let (parts, body) = resp.into_parts();
-        (Response::from_parts(parts, RespBody::upstream(body, None, Some(up.guard))), Some(addr))
+        (Response::from_parts(parts, RespBody::upstream(body, None, Some(attempt.guard))), Some(addr))
     }
 
-    /// Copy bytes both ways between the two upgraded connections until both close.
-    async fn run_tunnel(&self, t: Tunnel) {
+    /// Copy bytes both ways between the two upgraded connections until both close, with
+    /// the counted copy opaque TCP uses (bytes hyper had read ahead on either side go
+    /// first).
+    async fn run_tunnel(&self, t: Tunnel) -> Outcome {
         let (down, up) = match tokio::try_join!(t.downstream, t.upstream) {
             Ok(x) => x,
             Err(e) => {
                 debug!(error = %e, "upgrade did not complete");
-                return;
+                return Outcome::Error;
             }
         };
-        let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
-        match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-            Ok((out, inb)) => {
-                if let Some(c) = &self.conn {
-                    c.bytes_out.fetch_add(out, std::sync::atomic::Ordering::Relaxed);
-                    c.bytes_in.fetch_add(inb, std::sync::atomic::Ordering::Relaxed);
-                }
-                debug!(bytes.out = out, bytes.in = inb, "tunnel closed");
+        let (Ok(down), Ok(up)) = (down.downcast::<TokioIo<Prefixed<TcpStream>>>(), up.downcast::<TokioIo<TcpStream>>())
+        else {
+            debug!("an upgraded connection is not the socket it started as; closing the tunnel");
+            return Outcome::Error;
+        };
+        let (unread, mut client) = down.io.into_inner().into_parts();
+        let mut upstream = up.io.into_inner();
+        let [out, inbound] = &t.bytes;
+        let ahead = async {
+            for bytes in [&unread[..], &down.read_buf[..]] {
+                upstream.write_all(bytes).await?;
+                out.inc_by(bytes.len() as u64);
             }
-            Err(e) => debug!(error = %e, "tunnel ended with an error"),
+            client.write_all(&up.read_buf).await?;
+            inbound.inc_by(up.read_buf.len() as u64);
+            std::io::Result::Ok(())
+        };
+        if let Err(e) = ahead.await {
+            debug!(error = %e, "tunnel ended with an error");
+            return Outcome::Error;
+        }
+        if let Some(c) = &self.conn {
+            use std::sync::atomic::Ordering::Relaxed;
+            c.bytes_out.fetch_add((unread.len() + down.read_buf.len()) as u64, Relaxed);
+            c.bytes_in.fetch_add(up.read_buf.len() as u64, Relaxed);
+        }
+        let meters = self.conn.as_deref().map(|conn| Meters { conn, out, inbound });
+        relay(&client, &upstream, meters).await
+    }
+}
+
+/// A request body over the attempts: the client's (streamed to the first attempt while a
+/// copy is kept), one given back unsent, or the kept copy.
+struct Bodies {
+    incoming: Option<Incoming>,
+    unsent: Option<ReqBody>,
+    replay: Replay,
+}
+
+impl Bodies {
+    /// Whether there is a body for another attempt.
+    fn sendable(&self) -> bool {
+        self.unsent.is_some() || self.incoming.is_some() || self.replay.can_replay()
+    }
+
+    fn next(&mut self, meter: Option<Meter>) -> ReqBody {
+        match (self.unsent.take(), self.incoming.take()) {
+            (Some(b), _) => b,
+            (None, Some(inc)) => ReqBody::first(inc, self.replay.clone(), meter),
+            (None, None) => self.replay.replay().expect("checked sendable before the attempt"),
         }
     }
 }

@@ -48,6 +48,9 @@ pub enum PoolError {
 /// A connection lent out for one request. Dropping it without [`Pool::give_back`]
 /// (a timed-out or failed request) closes the connection.
 pub struct Lent {
+    /// How long the connect took, when this connection was opened for the request (an
+    /// idle one taken from the pool: `None`).
+    pub connected_in: Option<Duration>,
     sender: Sender,
     addr: SocketAddr,
     /// The connection's task: aborted when the connection is not given back, so a hung
@@ -87,8 +90,10 @@ impl Pool {
         if let Some(lent) = self.take_idle(addr, version, idle_timeout) {
             return Ok(lent);
         }
+        let t0 = Instant::now();
         let stream =
             connect_marked(addr, mark, connect_timeout).await.map_err(|source| PoolError::Connect { addr, source })?;
+        let connected_in = Some(t0.elapsed());
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
         let handshake = |source| PoolError::Handshake { addr, source };
@@ -106,7 +111,7 @@ impl Pool {
             // Shared from the start: later requests multiplex onto it.
             self.put(addr, version, Idle { sender: Sender::H2(s.clone()), task: task.clone(), since: Instant::now() });
         }
-        Ok(Lent { sender, addr, task })
+        Ok(Lent { connected_in, sender, addr, task })
     }
 
     fn take_idle(&self, addr: SocketAddr, version: Version, idle_timeout: Duration) -> Option<Lent> {
@@ -119,14 +124,14 @@ impl Pool {
             Version::Http2 => conns.iter_mut().find(|c| c.sender.is_ready()).map(|c| {
                 c.since = now;
                 let Sender::H2(s) = &c.sender else { unreachable!("h2 pool holds h2 senders") };
-                Lent { sender: Sender::H2(s.clone()), addr, task: c.task.clone() }
+                Lent { connected_in: None, sender: Sender::H2(s.clone()), addr, task: c.task.clone() }
             }),
             // HTTP/1: one request at a time; a connection still streaming its last response
             // is not ready and stays where it is.
             Version::Http1 => {
                 let i = conns.iter().position(|c| c.sender.is_ready())?;
                 let c = conns.swap_remove(i);
-                Some(Lent { sender: c.sender, addr, task: c.task })
+                Some(Lent { connected_in: None, sender: c.sender, addr, task: c.task })
             }
         }
     }

@@ -19,6 +19,11 @@ impl<T> Rewind<T> {
     pub fn new(prefix: BytesMut, inner: T) -> Self {
         Self { prefix, inner }
     }
+
+    /// The bytes not read yet, and the stream (for a tunnel taking the socket over).
+    pub fn into_parts(self) -> (BytesMut, T) {
+        (self.prefix, self.inner)
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {

@@ -1,7 +1,17 @@
 //! The agent's picture of the world: which service owns each service address, its
-//! endpoints and its policy. A [`Snapshot`] is immutable; a config change builds a new one
-//! that carries the live endpoint state (load, health, drain) over from the last, and is
-//! published on a `tokio::sync::watch`. The data path only ever reads the latest one.
+//! endpoints, its policy and where its route leads. A [`Snapshot`] is immutable; a config
+//! change builds a new one that carries the live endpoint state (load, health, drain) over
+//! from the last, and is published on a `tokio::sync::watch`. The data path only ever
+//! reads the latest one.
+//!
+//! Built once, read per connection: routes are compiled when the snapshot is built
+//! (branch names resolved to indices; depth and cycles were checked by validation), and
+//! [`route`] turns a snapshot, an original destination and a client into a [`Plan`] (what
+//! to try, in order) with one route walker. A service whose config and endpoints did not
+//! change is the same `Arc` in the next snapshot, with its balancer, retry budget and
+//! metric handles.
+
+pub mod route;
 
 use std::{
     collections::HashMap,
@@ -10,9 +20,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use self::route::{Mode, Plan};
+use self::route::Route;
 use crate::{
-    balance::{Avail, Balancer, Endpoint, EndpointState, Tier},
-    config::{Config, DetectConfig, MAX_ROUTE_DEPTH, ServiceConfig, Target},
+    balance::{Balancer, Endpoint, EndpointState, Tier, budget::Budget},
+    config::{Config, DetectConfig, RetryConfig, ServiceConfig, Target},
+    stats::metrics::ServiceMetrics,
 };
 
 /// DNS answers by name: (address, weight) pairs; weight is the SRV weight, 1 for A/AAAA.
@@ -24,12 +37,19 @@ pub struct Service {
     pub name: String,
     pub config: ServiceConfig,
     pub balancer: Balancer,
+    /// HTTP retries it may still make; shared with the previous snapshot's service of
+    /// the same name while the budget policy stays the same, dropped with the service.
+    pub budget: Arc<Budget>,
+    /// Its metric handles, indexed like `balancer.endpoints()`.
+    pub metrics: ServiceMetrics,
 }
 
 /// Every service, indexed by service address and by name.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    services: Vec<Service>,
+    services: Vec<Arc<Service>>,
+    /// Each service's compiled route, by the same index.
+    routes: Vec<Route>,
     by_addr: HashMap<SocketAddr, usize>,
     by_name: HashMap<String, usize>,
     /// How connections' protocols are detected (agent-wide; reloadable like the rest).
@@ -48,8 +68,8 @@ pub struct Departure {
 
 impl Snapshot {
     /// Build from a validated config, with DNS names as `resolved` has them (a name not
-    /// resolved yet contributes no endpoint), reusing the live state of endpoints `prev`
-    /// knew.
+    /// resolved yet contributes no endpoint), reusing what `prev` knew: unchanged
+    /// services whole, the live state of endpoints otherwise.
     pub fn build(config: &Config, resolved: &Resolved, prev: Option<&Snapshot>) -> Self {
         let mut snap = Self { detect: config.agent.detect.clone(), ..Self::default() };
         for (id, svc) in config.services.iter().enumerate() {
@@ -57,107 +77,45 @@ impl Snapshot {
                 snap.by_addr.insert(*addr, id);
             }
             let old = prev.and_then(|p| p.service_named(&svc.name));
-            let mut endpoints: Vec<Endpoint> = Vec::new();
-            for e in &svc.endpoints {
-                let concrete = match &e.target {
-                    Target::Addr(a) => vec![(*a, 1)],
-                    name => resolved.get(name).cloned().unwrap_or_default(),
-                };
-                for (addr, weight) in concrete {
-                    // Two names may resolve to one address: the first listing wins.
-                    if endpoints.iter().any(|x| x.addr == addr) {
-                        continue;
-                    }
-                    let state = old
-                        .and_then(|o| o.balancer.endpoints().iter().find(|x| x.addr == addr))
-                        .map(|x| Arc::clone(&x.state))
-                        .unwrap_or_default();
-                    endpoints.push(Endpoint {
-                        addr,
-                        weight: e.weight.saturating_mul(weight.max(1)),
-                        tier: tier(&config.agent.zone, &config.agent.region, &e.zone, &e.region),
-                        terminating: e.terminating,
-                        zone: e.zone.clone(),
-                        region: e.region.clone(),
-                        node: e.node.clone(),
-                        state,
-                    });
+            let endpoints = endpoints(config, svc, resolved, old);
+            let service = match old {
+                Some(old) if old.config == *svc && same_endpoints(old.balancer.endpoints(), &endpoints) => {
+                    Arc::clone(old)
                 }
-            }
-            let balancer =
-                Balancer::new(svc.balance, endpoints, svc.failure_accrual.clone(), svc.locality.spill_threshold);
+                _ => Arc::new(Service::new(svc, endpoints, old, Instant::now())),
+            };
             snap.by_name.insert(svc.name.clone(), snap.services.len());
-            snap.services.push(Service { name: svc.name.clone(), config: svc.clone(), balancer });
+            snap.services.push(service);
         }
+        snap.routes = config.services.iter().map(|s| Route::compile(s.route.as_ref(), &snap.by_name)).collect();
         snap
     }
 
     /// The service a connection to `dst` is for. v4-mapped destinations match their IPv4
     /// service address.
-    pub fn service_for(&self, dst: SocketAddr) -> Option<&Service> {
+    pub fn service_for(&self, dst: SocketAddr) -> Option<&Arc<Service>> {
+        self.index_for(dst).map(|i| &self.services[i])
+    }
+
+    pub fn index_for(&self, dst: SocketAddr) -> Option<usize> {
         let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
-        self.by_addr.get(&dst).map(|&i| &self.services[i])
+        self.by_addr.get(&dst).copied()
     }
 
-    pub fn service_named(&self, name: &str) -> Option<&Service> {
-        self.by_name.get(name).map(|&i| &self.services[i])
+    pub fn service_named(&self, name: &str) -> Option<&Arc<Service>> {
+        self.index_named(name).map(|i| &self.services[i])
     }
 
-    /// The concrete services (those with endpoints) a new connection to `service` may
-    /// use, in the order to try: a split contributes the one branch drawn for this
-    /// connection, a failover its healthy branches in order, then the others.
-    pub fn concrete_for<'a>(&'a self, service: &'a Service, now: Instant) -> Vec<&'a Service> {
-        let mut out = Vec::new();
-        self.expand(service, now, 0, &mut out);
-        out
+    pub fn index_named(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
     }
 
-    fn expand<'a>(&'a self, svc: &'a Service, now: Instant, depth: usize, out: &mut Vec<&'a Service>) {
-        if depth > MAX_ROUTE_DEPTH {
-            return;
-        }
-        let Some(route) = &svc.config.route else {
-            if !out.iter().any(|s| std::ptr::eq(*s, svc)) {
-                out.push(svc);
-            }
-            return;
-        };
-        if !route.split.is_empty() {
-            let total: u32 = route.split.iter().map(|b| b.weight).sum();
-            let mut n = fastrand::u32(..total.max(1));
-            for b in &route.split {
-                if n < b.weight {
-                    if let Some(t) = self.service_named(&b.service) {
-                        self.expand(t, now, depth + 1, out);
-                    }
-                    return;
-                }
-                n -= b.weight;
-            }
-        } else {
-            let branches: Vec<&Service> = route.failover.iter().filter_map(|n| self.service_named(n)).collect();
-            let (healthy, rest): (Vec<&Service>, Vec<&Service>) =
-                branches.into_iter().partition(|b| self.has_healthy(b, now, depth + 1));
-            for b in healthy.into_iter().chain(rest) {
-                self.expand(b, now, depth + 1, out);
-            }
-        }
+    /// The service at `index` (as plans and [`Snapshot::index_for`] give them).
+    pub fn service(&self, index: usize) -> &Arc<Service> {
+        &self.services[index]
     }
 
-    /// Whether a new connection to `svc` could find a healthy endpoint.
-    pub fn has_healthy(&self, svc: &Service, now: Instant, depth: usize) -> bool {
-        if depth > MAX_ROUTE_DEPTH {
-            return false;
-        }
-        match &svc.config.route {
-            None => svc.balancer.endpoints().iter().any(|e| !e.terminating && e.state.availability(now) != Avail::Out),
-            Some(r) => {
-                r.targets().iter().filter_map(|n| self.service_named(n)).any(|t| self.has_healthy(t, now, depth + 1))
-            }
-        }
-    }
-
-    pub fn services(&self) -> &[Service] {
+    pub fn services(&self) -> &[Arc<Service>] {
         &self.services
     }
 
@@ -216,63 +174,6 @@ impl Snapshot {
         out
     }
 
-    /// For the in-kernel fallback (connects made while no agent listens): every service
-    /// address with the endpoints a connect to it may be sent to, sorted, so an unchanged
-    /// set compares equal. Healthy endpoints of the service's family only (the kernel
-    /// cannot rewrite a connect across families); if none is healthy, every endpoint that
-    /// is not terminating, as the balancer's panic mode would. Routes: a split offers all
-    /// its branches, a failover its first branch with a healthy endpoint. Weights and
-    /// locality are not kept: the fallback is for the seconds until an agent is back.
-    pub fn fallback_backends(&self, now: Instant) -> Vec<(SocketAddr, Vec<SocketAddr>)> {
-        let mut out = Vec::new();
-        for svc in &self.services {
-            let (mut healthy, mut any) = (Vec::new(), Vec::new());
-            self.fallback_walk(svc, now, 0, &mut healthy, &mut any);
-            let pool = if healthy.is_empty() { any } else { healthy };
-            for addr in &svc.config.addresses {
-                let mut eps: Vec<SocketAddr> = pool.iter().copied().filter(|e| e.is_ipv4() == addr.is_ipv4()).collect();
-                eps.sort();
-                eps.dedup();
-                out.push((*addr, eps));
-            }
-        }
-        out
-    }
-
-    fn fallback_walk(
-        &self,
-        svc: &Service,
-        now: Instant,
-        depth: usize,
-        healthy: &mut Vec<SocketAddr>,
-        any: &mut Vec<SocketAddr>,
-    ) {
-        if depth > MAX_ROUTE_DEPTH {
-            return;
-        }
-        let Some(route) = &svc.config.route else {
-            for e in svc.balancer.endpoints().iter().filter(|e| !e.terminating) {
-                any.push(e.addr);
-                if e.state.availability(now) == Avail::Healthy {
-                    healthy.push(e.addr);
-                }
-            }
-            return;
-        };
-        let targets: Vec<&Service> = if route.split.is_empty() {
-            let branches: Vec<&Service> = route.failover.iter().filter_map(|n| self.service_named(n)).collect();
-            match branches.iter().find(|b| self.has_healthy(b, now, depth + 1)) {
-                Some(first) => vec![*first],
-                None => branches,
-            }
-        } else {
-            route.split.iter().filter(|b| b.weight > 0).filter_map(|b| self.service_named(&b.service)).collect()
-        };
-        for t in targets {
-            self.fallback_walk(t, now, depth + 1, healthy, any);
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.services.len()
     }
@@ -280,6 +181,73 @@ impl Snapshot {
     pub fn is_empty(&self) -> bool {
         self.services.is_empty()
     }
+}
+
+impl Service {
+    /// A service built anew; `old` (the same name in the previous snapshot) lends its
+    /// retry budget when the retry policy is unchanged.
+    fn new(config: &ServiceConfig, endpoints: Vec<Endpoint>, old: Option<&Arc<Service>>, now: Instant) -> Self {
+        let retry = &config.http.retry;
+        let budget = match old {
+            Some(o) if same_budget(&o.config.http.retry, retry) => Arc::clone(&o.budget),
+            _ => Arc::new(Budget::new(retry.budget_ratio, retry.budget_min_per_second, retry.budget_window, now)),
+        };
+        let metrics = ServiceMetrics::new(&config.name, endpoints.iter().map(|e| e.addr));
+        let balancer = Balancer::new(
+            config.balance,
+            endpoints,
+            config.failure_accrual.clone(),
+            config.locality.spill_threshold,
+        );
+        Self { name: config.name.clone(), config: config.clone(), balancer, budget, metrics }
+    }
+}
+
+fn same_budget(a: &RetryConfig, b: &RetryConfig) -> bool {
+    (a.budget_ratio, a.budget_min_per_second, a.budget_window) == (b.budget_ratio, b.budget_min_per_second, b.budget_window)
+}
+
+/// The endpoints of `svc` from its config and DNS answers, with the live state of those
+/// `old` had.
+fn endpoints(config: &Config, svc: &ServiceConfig, resolved: &Resolved, old: Option<&Arc<Service>>) -> Vec<Endpoint> {
+    let mut endpoints: Vec<Endpoint> = Vec::new();
+    for e in &svc.endpoints {
+        let concrete = match &e.target {
+            Target::Addr(a) => vec![(*a, 1)],
+            name => resolved.get(name).cloned().unwrap_or_default(),
+        };
+        for (addr, weight) in concrete {
+            // Two names may resolve to one address: the first listing wins.
+            if endpoints.iter().any(|x| x.addr == addr) {
+                continue;
+            }
+            let state = old
+                .and_then(|o| o.balancer.endpoints().iter().find(|x| x.addr == addr))
+                .map(|x| Arc::clone(&x.state))
+                .unwrap_or_default();
+            endpoints.push(Endpoint {
+                addr,
+                weight: e.weight.saturating_mul(weight.max(1)),
+                tier: tier(&config.agent.zone, &config.agent.region, &e.zone, &e.region),
+                terminating: e.terminating,
+                zone: e.zone.clone(),
+                region: e.region.clone(),
+                node: e.node.clone(),
+                state,
+            });
+        }
+    }
+    endpoints
+}
+
+/// The same endpoints in the same order, with the same attributes and live state.
+fn same_endpoints(a: &[Endpoint], b: &[Endpoint]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            (x.addr, x.weight, x.tier, x.terminating) == (y.addr, y.weight, y.tier, y.terminating)
+                && (&x.zone, &x.region, &x.node) == (&y.zone, &y.region, &y.node)
+                && Arc::ptr_eq(&x.state, &y.state)
+        })
 }
 
 /// Locality tier of an endpoint seen from this node. Without a node zone every endpoint
@@ -370,17 +338,68 @@ mod tests {
         );
         let snap = Snapshot::build(&cfg, &Resolved::new(), None);
         let now = Instant::now();
-        let web = snap.service_named("web").unwrap();
-        let picks: Vec<&str> = (0..2000).map(|_| snap.concrete_for(web, now)[0].name.as_str()).collect();
+        let web = snap.index_named("web").unwrap();
+        let picks: Vec<&str> = (0..2000).map(|_| snap.service(snap.concrete(web, now)[0]).name.as_str()).collect();
         let v2 = picks.iter().filter(|n| **n == "v2").count() as f64 / picks.len() as f64;
         assert!((0.07..0.13).contains(&v2), "90/10 split gave v2 {v2}");
-        let db = snap.service_named("db").unwrap();
-        let order = |s: &Snapshot| s.concrete_for(db, now).iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        let db = snap.index_named("db").unwrap();
+        let order =
+            |s: &Snapshot| s.concrete(db, now).iter().map(|&i| s.service(i).name.clone()).collect::<Vec<_>>();
         assert_eq!(order(&snap), ["v2", "v1"], "first healthy branch first");
         let v2_ep = &snap.service_named("v2").unwrap().balancer.endpoints()[0];
         v2_ep.state.on_connect_failed(now, snap.service_named("v2").unwrap().balancer.accrual());
         assert_eq!(order(&snap), ["v1", "v2"], "unhealthy branch last");
-        assert!(snap.has_healthy(db, now, 0));
+        assert!(snap.has_healthy(db, now));
+    }
+
+    #[test]
+    fn a_plan_decides_service_mode_and_concrete_services_before_anything_is_read() {
+        let cfg = config(
+            r#"
+agent: { detect: { opaque_ports: [6379] } }
+services:
+  - { name: web, addresses: ["10.96.0.1:80", "10.96.0.1:6379"], route: { failover: [v1, v2] } }
+  - { name: v1, endpoints: ["10.0.0.1:80"] }
+  - { name: v2, endpoints: ["10.0.0.2:80"] }
+  - { name: grpc, addresses: ["10.96.0.3:80"], protocol: http2, endpoints: ["10.0.0.3:80"] }
+"#,
+        );
+        let snap = Snapshot::build(&cfg, &Resolved::new(), None);
+        let now = Instant::now();
+        let plan = snap.plan("10.96.0.1:80".parse().unwrap(), 7, now).unwrap();
+        assert_eq!(snap.service(plan.service).name, "web");
+        assert_eq!(plan.mode, Mode::Detect);
+        let names: Vec<&str> = plan.concrete.iter().map(|&i| snap.service(i).name.as_str()).collect();
+        assert_eq!(names, ["v1", "v2"]);
+        assert_eq!(plan.key, crate::balance::hash(7u64), "affinity follows the client cgroup");
+        assert_eq!(snap.plan("10.96.0.1:6379".parse().unwrap(), 7, now).unwrap().mode, Mode::Opaque, "opaque port");
+        assert_eq!(snap.plan("10.96.0.3:80".parse().unwrap(), 7, now).unwrap().mode, Mode::Http2, "configured");
+        assert!(snap.plan("10.96.0.9:80".parse().unwrap(), 7, now).is_none(), "no such service");
+    }
+
+    #[test]
+    fn unchanged_services_are_shared_between_snapshots() {
+        let one = config(
+            r#"
+services:
+  - { name: web, addresses: ["10.96.0.1:80"], endpoints: ["10.0.0.1:80"] }
+  - { name: db, addresses: ["10.96.0.2:80"], endpoints: ["10.0.1.1:80"] }
+"#,
+        );
+        let a = Snapshot::build(&one, &Resolved::new(), None);
+        let two = config(
+            r#"
+services:
+  - { name: web, addresses: ["10.96.0.1:80"], endpoints: ["10.0.0.1:80"] }
+  - { name: db, addresses: ["10.96.0.2:80"], endpoints: ["10.0.1.1:80", "10.0.1.2:80"] }
+"#,
+        );
+        let b = Snapshot::build(&two, &Resolved::new(), Some(&a));
+        assert!(Arc::ptr_eq(a.service_named("web").unwrap(), b.service_named("web").unwrap()), "web did not change");
+        let (db_a, db_b) = (a.service_named("db").unwrap(), b.service_named("db").unwrap());
+        assert!(!Arc::ptr_eq(db_a, db_b), "db gained an endpoint");
+        assert!(Arc::ptr_eq(&db_a.budget, &db_b.budget), "same retry policy: the budget carries over");
+        assert!(Arc::ptr_eq(&db_a.balancer.endpoints()[0].state, &db_b.balancer.endpoints()[0].state));
     }
 
     #[test]

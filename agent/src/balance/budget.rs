@@ -35,13 +35,6 @@ impl Budget {
         }
     }
 
-    /// Same policy (a reload that changed nothing keeps the counts).
-    pub fn same_policy(&self, ratio: f64, min_per_second: u32, window: Duration) -> bool {
-        self.ratio == ratio
-            && self.min_per_second == min_per_second
-            && self.slots.lock().unwrap().counts.len() == window.as_secs().max(1) as usize
-    }
-
     /// Count a request (its first attempt).
     pub fn deposit(&self, now: Instant) {
         self.slots.lock().unwrap().at(now).0 += 1;

@@ -1,0 +1,224 @@
+//! The attempt engine: the one loop behind every upstream try, for opaque connects,
+//! HTTP requests and upgrades alike. It owns the tried set, the deadline and the attempt
+//! count, picks the next endpoint across a plan's concrete services, counts the attempt
+//! against the endpoint while it lives, and takes the result back as endpoint feedback:
+//! connect results and response results are separate inputs (see
+//! `EndpointState::on_connect_*` and `on_response_*`).
+//!
+//! What to do after a failure is not decided here: opaque connects simply go on while
+//! the limits allow, HTTP asks its retry policy (`http::retry`) first.
+
+use std::{
+    io,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use smallvec::SmallVec;
+use tracing::{info, warn};
+
+use crate::{
+    balance::{ActiveGuard, Change, Endpoint, Tier},
+    state::{Service, Snapshot},
+    stats::{
+        Metrics,
+        metrics::{EndpointHandles, FailReason},
+    },
+};
+
+/// How many attempts may be made, and until when.
+#[derive(Debug, Clone, Copy)]
+pub enum Limit {
+    /// Opaque connects: each concrete service in turn, with its own `connect.attempts`
+    /// and `connect.deadline`, so a failover moves on once a branch is spent.
+    PerService,
+    /// HTTP requests: `attempts` in all, each from the first concrete service that has
+    /// an endpoint to offer, until `deadline`.
+    Total { attempts: u32, deadline: Option<Instant> },
+}
+
+/// Why no further attempt is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spent {
+    /// No endpoint left to pick (none at all, all terminating, or all tried and out).
+    NoEndpoint,
+    Attempts,
+    Deadline,
+}
+
+/// The attempts of one connection or request.
+pub struct Attempts<'s> {
+    snapshot: &'s Snapshot,
+    concrete: &'s [usize],
+    key: u64,
+    limit: Limit,
+    tried: SmallVec<[SocketAddr; 4]>,
+    /// Attempts made in all.
+    made: u32,
+    /// PerService: the concrete service being tried, its attempts, its deadline.
+    at: usize,
+    made_here: u32,
+    deadline_here: Option<Instant>,
+}
+
+impl<'s> Attempts<'s> {
+    /// Attempts over `concrete` (snapshot indices, in order) for a client with affinity
+    /// `key`.
+    pub fn new(snapshot: &'s Snapshot, concrete: &'s [usize], key: u64, limit: Limit) -> Self {
+        Self {
+            snapshot,
+            concrete,
+            key,
+            limit,
+            tried: SmallVec::new(),
+            made: 0,
+            at: 0,
+            made_here: 0,
+            deadline_here: None,
+        }
+    }
+
+    /// Attempts made so far.
+    pub fn made(&self) -> u32 {
+        self.made
+    }
+
+    /// The next endpoint to try, counted against it until the attempt is dropped, or why
+    /// there is none.
+    pub fn next(&mut self, now: Instant) -> Result<Attempt<'s>, Spent> {
+        match self.limit {
+            Limit::Total { attempts, deadline } => {
+                if self.made >= attempts {
+                    return Err(Spent::Attempts);
+                }
+                if deadline.is_some_and(|d| now >= d) {
+                    return Err(Spent::Deadline);
+                }
+                for &c in self.concrete {
+                    if let Some(a) = self.pick(c, now, deadline) {
+                        return Ok(a);
+                    }
+                }
+                Err(Spent::NoEndpoint)
+            }
+            Limit::PerService => {
+                let mut spent = Spent::NoEndpoint;
+                while let Some(&c) = self.concrete.get(self.at) {
+                    let connect = &self.snapshot.service(c).config.connect;
+                    let deadline = *self.deadline_here.get_or_insert(now + connect.deadline);
+                    let why = if self.made_here >= connect.attempts {
+                        Some(Spent::Attempts)
+                    } else if now >= deadline {
+                        Some(Spent::Deadline)
+                    } else {
+                        None
+                    };
+                    if why.is_none()
+                        && let Some(a) = self.pick(c, now, Some(deadline))
+                    {
+                        self.made_here += 1;
+                        return Ok(a);
+                    }
+                    // This branch is spent: fail over to the next, with its own limits.
+                    spent = why.unwrap_or(Spent::NoEndpoint);
+                    self.at += 1;
+                    self.made_here = 0;
+                    self.deadline_here = None;
+                }
+                Err(spent)
+            }
+        }
+    }
+
+    fn pick(&mut self, concrete: usize, now: Instant, deadline: Option<Instant>) -> Option<Attempt<'s>> {
+        let service = self.snapshot.service(concrete);
+        let pick = service.balancer.pick(self.key, &self.tried, now)?;
+        if pick.panic_changed {
+            if pick.panic {
+                warn!(service = %service.name, "most endpoints are unhealthy: ignoring health (panic mode)");
+            } else {
+                info!(service = %service.name, "enough endpoints healthy again: leaving panic mode");
+            }
+        }
+        self.tried.push(pick.endpoint.addr);
+        self.made += 1;
+        Some(Attempt {
+            service,
+            index: pick.index,
+            endpoint: pick.endpoint,
+            tier: pick.tier,
+            number: self.made,
+            deadline,
+            started: now,
+            guard: pick.endpoint.state.begin(),
+        })
+    }
+}
+
+/// One try of one endpoint. Holds the endpoint's in-flight count until dropped (or
+/// until its guard is taken for the connection's life).
+pub struct Attempt<'s> {
+    /// The concrete service the endpoint belongs to.
+    pub service: &'s Arc<Service>,
+    /// The endpoint's index in the service (for its metric handles).
+    pub index: usize,
+    pub endpoint: &'s Endpoint,
+    pub tier: Tier,
+    /// 1 for the first attempt.
+    pub number: u32,
+    /// The limit's deadline for this attempt, if there is one.
+    pub deadline: Option<Instant>,
+    pub started: Instant,
+    pub guard: ActiveGuard,
+}
+
+impl Attempt<'_> {
+    /// How long a connect may take: the service's connect timeout, within the deadline.
+    pub fn connect_timeout(&self, now: Instant) -> Duration {
+        let timeout = self.service.config.connect.timeout;
+        self.deadline.map_or(timeout, |d| timeout.min(d.saturating_duration_since(now)))
+    }
+
+    pub fn handles(&self) -> EndpointHandles<'_> {
+        self.service.metrics.endpoint(self.index).expect("metric handles are built for every endpoint")
+    }
+
+    /// A connect worked after `latency`.
+    pub fn connected(&self, metrics: &Metrics, latency: Duration) {
+        self.report(metrics, self.endpoint.state.on_connect_ok(latency, Instant::now()), "connect failures");
+        self.service.metrics.connect_latency(metrics).observe(latency.as_secs_f64());
+    }
+
+    /// A connect failed with `error`.
+    pub fn connect_failed(&self, metrics: &Metrics, error: &io::Error) {
+        self.handles().connect_failed(metrics, FailReason::of(error));
+        let accrual = self.service.balancer.accrual();
+        self.report(metrics, self.endpoint.state.on_connect_failed(Instant::now(), accrual), "connect failures");
+    }
+
+    /// An HTTP exchange ended: acceptable (`latency` to the response headers), or failed
+    /// on the endpoint's side.
+    pub fn responded(&self, metrics: &Metrics, ok: bool, latency: Duration) {
+        let state = &self.endpoint.state;
+        let change = if ok {
+            state.on_response_ok(latency, Instant::now())
+        } else {
+            state.on_response_failed(Instant::now(), self.service.balancer.accrual())
+        };
+        self.report(metrics, change, "failed responses");
+    }
+
+    /// Log (and count) what a result changed; `cause` names what ejects.
+    fn report(&self, metrics: &Metrics, change: Change, cause: &str) {
+        let (service, endpoint) = (&self.service.name, self.endpoint.addr);
+        match change {
+            Change::None => {}
+            Change::Ejected(back_off) => {
+                self.handles().ejected(metrics);
+                warn!(%service, %endpoint, ?back_off, "ejecting endpoint after {cause}");
+            }
+            Change::Returned => info!(%service, %endpoint, "endpoint back in service"),
+        }
+    }
+}

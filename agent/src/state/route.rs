@@ -1,0 +1,237 @@
+//! Routes compiled into the snapshot, and the one walker over them. Every user of the
+//! route graph goes through here: a new connection's [`Plan`] (opaque TCP, detection,
+//! upgrades), each HTTP request's concrete services, the in-kernel fallback's endpoint
+//! sets, health as `/services` and `switchyard resolve` show it, and the resolve tree's
+//! branches.
+
+use std::{collections::HashMap, net::SocketAddr, time::Instant};
+
+use smallvec::SmallVec;
+
+use super::Snapshot;
+use crate::{
+    balance::{Avail, hash},
+    config::{self, MAX_ROUTE_DEPTH, Protocol},
+};
+
+/// A service's route with branch names resolved to snapshot indices.
+#[derive(Debug)]
+pub(super) enum Route {
+    /// A concrete service: it has endpoints of its own.
+    Endpoints,
+    /// (weight, target) per branch; one branch is drawn per connection.
+    Split { branches: Box<[(u32, usize)]>, total: u32 },
+    /// Targets in order of preference.
+    Failover(Box<[usize]>),
+}
+
+impl Route {
+    /// Resolve a validated route's names. (Validation already refused unknown targets,
+    /// cycles and routes deeper than `MAX_ROUTE_DEPTH`; a name missing anyway is left
+    /// out rather than trusted.)
+    pub(super) fn compile(route: Option<&config::Route>, by_name: &HashMap<String, usize>) -> Self {
+        let Some(route) = route else { return Self::Endpoints };
+        if route.split.is_empty() {
+            return Self::Failover(route.failover.iter().filter_map(|n| by_name.get(n).copied()).collect());
+        }
+        let branches: Box<[(u32, usize)]> =
+            route.split.iter().filter_map(|b| Some((b.weight, *by_name.get(&b.service)?))).collect();
+        let total = branches.iter().map(|(w, _)| *w).sum();
+        Self::Split { branches, total }
+    }
+}
+
+/// How a connection's bytes are handled, decided before any are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Opaque bytes, balanced per connection.
+    Opaque,
+    /// HTTP/1.x or HTTP/2, balanced per request (configured, so not detected).
+    Http1,
+    Http2,
+    /// Look at the first bytes (without stalling a server that speaks first).
+    Detect,
+}
+
+/// What a new connection will try: the decision made before acting on it.
+#[derive(Debug)]
+pub struct Plan {
+    /// The service dialled (index into the snapshot).
+    pub service: usize,
+    pub mode: Mode,
+    /// The client's affinity key (its cgroup, hashed) for ring-hash balancing.
+    pub key: u64,
+    /// Concrete services to try, in order: a split's branch drawn for this connection, a
+    /// failover's healthy branches first.
+    pub concrete: Concrete,
+}
+
+/// Concrete service indices, on the stack for the common route shapes.
+pub type Concrete = SmallVec<[usize; 4]>;
+
+/// What a walk through a route yields at each kind of node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// For a new connection: one split branch drawn by weight; failover branches with a
+    /// healthy endpoint first, then the others.
+    Connect,
+    /// For the kernel fallback: every split branch with weight; a failover's first
+    /// healthy branch (all of them if none is).
+    Fallback,
+}
+
+/// One branch of a route, for the resolve tree.
+#[derive(Debug, Clone)]
+pub struct Branch {
+    pub target: usize,
+    /// Split weight as a share of the total, or failover position (from 1).
+    pub share: BranchShare,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum BranchShare {
+    Weight { weight: u32, total: u32 },
+    Position(usize),
+}
+
+impl Snapshot {
+    /// The decision for a new connection to `dst` from a client in cgroup `cgroup_id`:
+    /// which service, how its bytes are handled, where to try. `None` when `dst` is no
+    /// service's address.
+    pub fn plan(&self, dst: SocketAddr, cgroup_id: u64, now: Instant) -> Option<Plan> {
+        let service = self.index_for(dst)?;
+        let mode = match self.services[service].config.protocol {
+            Protocol::Tcp => Mode::Opaque,
+            Protocol::Http1 => Mode::Http1,
+            Protocol::Http2 => Mode::Http2,
+            Protocol::Auto if self.detect.opaque_ports.contains(&dst.port()) => Mode::Opaque,
+            Protocol::Auto => Mode::Detect,
+        };
+        Some(Plan { service, mode, key: hash(cgroup_id), concrete: self.concrete(service, now) })
+    }
+
+    /// The concrete services a new connection or request to `service` may use, in the
+    /// order to try (each once).
+    pub fn concrete(&self, service: usize, now: Instant) -> Concrete {
+        let mut out = Concrete::new();
+        self.walk(service, Walk::Connect, now, 0, &mut |i| {
+            if !out.contains(&i) {
+                out.push(i);
+            }
+        });
+        out
+    }
+
+    /// Whether a new connection to `service` could find a healthy endpoint.
+    pub fn has_healthy(&self, service: usize, now: Instant) -> bool {
+        self.healthy_at(service, now, 0)
+    }
+
+    /// For the in-kernel fallback (connects made while no agent listens): every service
+    /// address with the endpoints a connect to it may be sent to, sorted, so an unchanged
+    /// set compares equal. Healthy endpoints of the service's family only (the kernel
+    /// cannot rewrite a connect across families); if none is healthy, every endpoint that
+    /// is not terminating, as the balancer's panic mode would. Weights and locality are
+    /// not kept: the fallback is for the seconds until an agent is back.
+    pub fn fallback_backends(&self, now: Instant) -> Vec<(SocketAddr, Vec<SocketAddr>)> {
+        let mut out = Vec::new();
+        for (i, svc) in self.services.iter().enumerate() {
+            let (mut healthy, mut any) = (Vec::new(), Vec::new());
+            self.walk(i, Walk::Fallback, now, 0, &mut |c| {
+                for e in self.services[c].balancer.endpoints().iter().filter(|e| !e.terminating) {
+                    any.push(e.addr);
+                    if e.state.availability(now) == Avail::Healthy {
+                        healthy.push(e.addr);
+                    }
+                }
+            });
+            let pool = if healthy.is_empty() { any } else { healthy };
+            for addr in &svc.config.addresses {
+                let mut eps: Vec<SocketAddr> = pool.iter().copied().filter(|e| e.is_ipv4() == addr.is_ipv4()).collect();
+                eps.sort();
+                eps.dedup();
+                out.push((*addr, eps));
+            }
+        }
+        out
+    }
+
+    /// The branches of `service`'s route (none for a concrete service).
+    pub fn branches(&self, service: usize) -> Vec<Branch> {
+        match &self.routes[service] {
+            Route::Endpoints => Vec::new(),
+            Route::Split { branches, total } => branches
+                .iter()
+                .map(|&(weight, target)| Branch { target, share: BranchShare::Weight { weight, total: *total } })
+                .collect(),
+            Route::Failover(targets) => targets
+                .iter()
+                .enumerate()
+                .map(|(n, &target)| Branch { target, share: BranchShare::Position(n + 1) })
+                .collect(),
+        }
+    }
+
+    /// The route walker: calls `visit` with each concrete service `service` leads to,
+    /// in order, as `walk` says.
+    fn walk(&self, service: usize, walk: Walk, now: Instant, depth: usize, visit: &mut impl FnMut(usize)) {
+        if depth > MAX_ROUTE_DEPTH {
+            return;
+        }
+        match &self.routes[service] {
+            Route::Endpoints => visit(service),
+            Route::Split { branches, total } => match walk {
+                Walk::Connect => {
+                    let mut n = fastrand::u32(..(*total).max(1));
+                    for &(weight, target) in branches.iter() {
+                        if n < weight {
+                            return self.walk(target, walk, now, depth + 1, visit);
+                        }
+                        n -= weight;
+                    }
+                }
+                Walk::Fallback => {
+                    for &(_, target) in branches.iter().filter(|(w, _)| *w > 0) {
+                        self.walk(target, walk, now, depth + 1, visit);
+                    }
+                }
+            },
+            Route::Failover(targets) => {
+                let healthy = |t: &&usize| self.healthy_at(**t, now, depth + 1);
+                match walk {
+                    Walk::Connect => {
+                        for &t in targets.iter().filter(healthy) {
+                            self.walk(t, walk, now, depth + 1, visit);
+                        }
+                        for &t in targets.iter().filter(|t| !healthy(t)) {
+                            self.walk(t, walk, now, depth + 1, visit);
+                        }
+                    }
+                    Walk::Fallback => match targets.iter().find(healthy) {
+                        Some(&first) => self.walk(first, walk, now, depth + 1, visit),
+                        None => {
+                            for &t in targets.iter() {
+                                self.walk(t, walk, now, depth + 1, visit);
+                            }
+                        }
+                    },
+                }
+            }
+        }
+    }
+
+    fn healthy_at(&self, service: usize, now: Instant, depth: usize) -> bool {
+        if depth > MAX_ROUTE_DEPTH {
+            return false;
+        }
+        match &self.routes[service] {
+            Route::Endpoints => self.services[service]
+                .balancer
+                .endpoints()
+                .iter()
+                .any(|e| !e.terminating && e.state.availability(now) != Avail::Out),
+            Route::Split { branches, .. } => branches.iter().any(|&(_, t)| self.healthy_at(t, now, depth + 1)),
+            Route::Failover(targets) => targets.iter().any(|&t| self.healthy_at(t, now, depth + 1)),
+        }
+    }
+}
