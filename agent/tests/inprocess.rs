@@ -1,0 +1,364 @@
+//! The agent above the kernel, in-process and unprivileged: HTTP retries and budgets,
+//! replayed bodies, the upstream pool, timeouts, agent-made answers (plain and gRPC), the
+//! override header, forced protocol modes, server-speaks-first detection, tunnels and the
+//! admin API; real hyper endpoints and clients on loopback (see `support`).
+
+mod support;
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Request, StatusCode};
+use support::{Endpoint, H1, H2, agent, answer, refused};
+use switchyard::origin::Fixed;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+const WEB: &str = "10.96.0.1:80";
+
+fn web() -> Fixed {
+    Fixed::all(WEB.parse().unwrap())
+}
+
+fn client_ip(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_hide_retryable_statuses_within_the_budget_and_a_spent_budget_stops_them() {
+    let bad = Endpoint::fixed(503, "bad").await;
+    let good = Endpoint::fixed(200, "good").await;
+    let only_bad = Endpoint::fixed(503, "down").await;
+    let services = format!(
+        r#"  - {{ name: web, addresses: ["{WEB}"], endpoints: ["{}", "{}"], balance: round-robin,
+        failure_accrual: {{ consecutive_failures: 1000 }} }}
+  - {{ name: storm, addresses: ["10.96.0.2:80"], endpoints: ["{}"],
+        http: {{ retry: {{ budget_ratio: 0.0, budget_min_per_second: 1, budget_window: 1s }} }} }}
+"#,
+        bad.addr, good.addr, only_bad.addr
+    );
+    let origins = web().with(client_ip(2), "10.96.0.2:80".parse().unwrap());
+    let a = agent("", &services, origins).await;
+    let mut c = H1::connect(a.proxy).await;
+    for _ in 0..20 {
+        let got = c.get("/").await;
+        assert_eq!((got.status, got.text().as_str()), (StatusCode::OK, "good"), "a 503 must be retried elsewhere");
+    }
+    assert!(bad.requests() >= 5, "round robin sends first attempts to the bad endpoint too: {}", bad.requests());
+    assert_eq!(good.requests(), 20);
+    let retried = a.metric(r#"switchyard_http_retries_total{service="web",reason="status"}"#).await;
+    assert_eq!(retried, Some(bad.requests() as f64), "every 503 was retried once");
+
+    // A service that is down: retries would triple its load; the budget allows one.
+    let mut storm = H1::over(a.dial_from(client_ip(2)).await).await;
+    for _ in 0..20 {
+        assert_eq!(storm.get("/").await.status, StatusCode::SERVICE_UNAVAILABLE, "the endpoint's own answer");
+    }
+    assert!(
+        (20..=22).contains(&only_bad.requests()),
+        "a spent budget stops retries: {} requests for 20",
+        only_bad.requests()
+    );
+    let spent = a.metric(r#"switchyard_http_retry_budget_exhausted_total{service="storm"}"#).await.unwrap_or(0.0);
+    assert!(spent >= 18.0, "budget exhaustion counted: {spent}");
+}
+
+/// An endpoint that reads the whole body, records its length, and answers `status`
+/// with the body echoed.
+fn echo_body(status: u16, seen: Arc<Mutex<Vec<usize>>>) -> support::Handler {
+    Arc::new(move |req| {
+        let seen = Arc::clone(&seen);
+        Box::pin(async move {
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            seen.lock().unwrap().push(body.len());
+            answer(status, body)
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_is_replayed_on_another_endpoint_when_it_fits_the_limit() {
+    let (seen_a, seen_b) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+    let failing = Endpoint::h1(echo_body(503, Arc::clone(&seen_a))).await;
+    let healthy = Endpoint::h1(echo_body(200, Arc::clone(&seen_b))).await;
+    let policy = "balance: round-robin, failure_accrual: { consecutive_failures: 1000 }";
+    let services = format!(
+        r#"  - {{ name: web, addresses: ["{WEB}"], endpoints: ["{a}", "{b}"], {policy} }}
+  - {{ name: small, addresses: ["10.96.0.2:80"], endpoints: ["{a}", "{b}"], {policy},
+        http: {{ retry: {{ max_body: 1024 }} }} }}
+"#,
+        a = failing.addr,
+        b = healthy.addr
+    );
+    let a = agent("", &services, web().with(client_ip(2), "10.96.0.2:80".parse().unwrap())).await;
+    let payload: Bytes = (0..20_000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
+    let post = || Request::post("/upload").header("host", "svc").body(Full::new(payload.clone())).unwrap();
+    let mut c = H1::connect(a.proxy).await;
+    for _ in 0..4 {
+        let got = c.send(post()).await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.body, payload, "the endpoint that answered got the whole body");
+    }
+    assert!(!seen_a.lock().unwrap().is_empty(), "some first attempts went to the failing endpoint");
+    assert!(seen_a.lock().unwrap().iter().all(|&n| n == payload.len()), "the first attempt streamed it all");
+
+    // Over max_body: nothing is kept, so a failed attempt is the answer.
+    let mut small = H1::over(a.dial_from(client_ip(2)).await).await;
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        statuses.push(small.send(post()).await.status.as_u16());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 503], "round robin: one request met the failing endpoint and was not replayed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_pooled_across_clients_and_closed_when_idle() {
+    let ep = Endpoint::fixed(200, "ok").await;
+    let services = format!(
+        "  - {{ name: web, addresses: [\"{WEB}\"], endpoints: [\"{}\"], protocol: http1, http: {{ pool_idle_timeout: 400ms }} }}\n",
+        ep.addr
+    );
+    let a = agent("", &services, web()).await;
+    for _ in 0..5 {
+        // A new client connection each time: the upstream one is the pool's.
+        assert_eq!(H1::connect(a.proxy).await.get("/").await.status, StatusCode::OK);
+    }
+    assert_eq!((ep.requests(), ep.connections()), (5, 1), "five requests over one pooled upstream connection");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(H1::connect(a.proxy).await.get("/").await.status, StatusCode::OK);
+    assert_eq!(ep.connections(), 2, "the idle connection expired; a new one was opened");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_and_unreachable_endpoints_get_answers_the_agent_makes_plain_or_grpc() {
+    let hung = Endpoint::h1(Arc::new(|_| {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            answer(200, "late")
+        })
+    }))
+    .await;
+    let dead = refused().await;
+    let services = format!(
+        r#"  - {{ name: slow, addresses: ["{WEB}"], endpoints: ["{}"], http: {{ request_timeout: 300ms }} }}
+  - {{ name: gone, addresses: ["10.96.0.2:80"], endpoints: ["{dead}"], connect: {{ attempts: 1 }} }}
+  - {{ name: grpc, addresses: ["10.96.0.3:80"], endpoints: ["{dead}"], connect: {{ attempts: 1 }}, protocol: http2 }}
+"#,
+        hung.addr
+    );
+    let origins =
+        web().with(client_ip(2), "10.96.0.2:80".parse().unwrap()).with(client_ip(3), "10.96.0.3:80".parse().unwrap());
+    let a = agent("", &services, origins).await;
+    let started = Instant::now();
+    let got = H1::connect(a.proxy).await.get("/").await;
+    assert_eq!((got.status, got.header("switchyard-error")), (StatusCode::GATEWAY_TIMEOUT, Some("request_timeout")));
+    assert!(started.elapsed() < Duration::from_secs(3), "the request timeout cut it: {:?}", started.elapsed());
+
+    let got = H1::over(a.dial_from(client_ip(2)).await).await.get("/").await;
+    assert_eq!((got.status, got.header("switchyard-error")), (StatusCode::BAD_GATEWAY, Some("connect_failed")));
+    assert_eq!(got.text(), "switchyard: connect_failed\n");
+
+    // A gRPC client gets a gRPC status it understands, not an HTTP error.
+    let call = Request::post("http://svc/pkg.Svc/Call")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+        .unwrap();
+    let got = H2::over(a.dial_from(client_ip(3)).await).await.send(call).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!((got.header("grpc-status"), got.header("switchyard-error")), (Some("14"), Some("connect_failed")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_unavailable_is_retried_per_call_on_one_channel() {
+    // Trailers-only answers, after reading the request as a gRPC server does.
+    let grpc = |code: &'static str| -> support::Handler {
+        Arc::new(move |req| {
+            Box::pin(async move {
+                let _ = req.into_body().collect().await;
+                hyper::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", code)
+                    .body(Full::default())
+                    .unwrap()
+            })
+        })
+    };
+    let unavailable = Endpoint::h2(grpc("14")).await;
+    let fine = Endpoint::h2(grpc("0")).await;
+    let services = format!(
+        "  - {{ name: web, addresses: [\"{WEB}\"], endpoints: [\"{}\", \"{}\"], balance: round-robin, protocol: http2, failure_accrual: {{ consecutive_failures: 1000 }} }}\n",
+        unavailable.addr, fine.addr
+    );
+    let a = agent("", &services, web()).await;
+    let mut channel = H2::over(tokio::net::TcpStream::connect(a.proxy).await.unwrap()).await;
+    for _ in 0..10 {
+        let call = Request::post("http://svc/pkg.Svc/Call")
+            .header("content-type", "application/grpc")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        let got = channel.send(call).await;
+        assert_eq!(got.header("grpc-status"), Some("0"), "UNAVAILABLE is retried elsewhere: {got:?}");
+    }
+    assert!(unavailable.requests() >= 3, "calls on one channel were balanced one by one: {}", unavailable.requests());
+    assert_eq!(fine.requests(), 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_override_header_moves_requests_only_to_allowed_services() {
+    let (stable, canary, other) =
+        (Endpoint::fixed(200, "stable").await, Endpoint::fixed(200, "canary").await, Endpoint::fixed(200, "other").await);
+    let services = format!(
+        r#"  - {{ name: web, addresses: ["{WEB}"], endpoints: ["{}"], http: {{ allow_override: [canary] }} }}
+  - {{ name: canary, endpoints: ["{}"] }}
+  - {{ name: other, addresses: ["10.96.0.9:80"], endpoints: ["{}"] }}
+"#,
+        stable.addr, canary.addr, other.addr
+    );
+    let a = agent("", &services, web()).await;
+    let mut c = H1::connect(a.proxy).await;
+    let with = |dtab: &str| Request::get("/").header("host", "svc").header("l5d-dtab", dtab).body(Full::default()).unwrap();
+    assert_eq!(c.send(with("/svc/web => /svc/canary")).await.text(), "canary");
+    assert_eq!(c.send(with("/svc/web => /svc/other")).await.text(), "stable", "not in allow_override: ignored");
+    assert_eq!(c.get("/").await.text(), "stable");
+    assert_eq!(other.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_protocol_decides_whether_requests_or_connections_are_balanced() {
+    let (one, two) = (Endpoint::fixed(200, "one").await, Endpoint::fixed(200, "two").await);
+    let services = format!(
+        r#"  - {{ name: opaque, addresses: ["10.96.0.1:80"], endpoints: ["{a}", "{b}"], balance: round-robin, protocol: tcp }}
+  - {{ name: http, addresses: ["10.96.0.2:80"], endpoints: ["{a}", "{b}"], balance: round-robin, protocol: http1 }}
+"#,
+        a = one.addr,
+        b = two.addr
+    );
+    let origins = Fixed::default()
+        .with(client_ip(2), "10.96.0.1:80".parse().unwrap())
+        .with(client_ip(3), "10.96.0.2:80".parse().unwrap());
+    let a = agent("", &services, origins).await;
+    let mut opaque = H1::over(a.dial_from(client_ip(2)).await).await;
+    assert_eq!(six_answers(&mut opaque).await.len(), 1, "protocol: tcp keeps one endpoint per connection");
+    let mut http = H1::over(a.dial_from(client_ip(3)).await).await;
+    assert_eq!(six_answers(&mut http).await, ["one", "two"], "protocol: http1 balances each request");
+}
+
+/// The distinct answers to six requests on one connection.
+async fn six_answers(c: &mut H1) -> Vec<String> {
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        seen.push(c.get("/").await.text());
+    }
+    seen.sort();
+    seen.dedup();
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_speaks_first_is_not_stalled_by_detection() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let banner_at = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s.write_all(b"220 smtp ready\r\n").await;
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let services = format!("  - {{ name: mail, addresses: [\"{WEB}\"], endpoints: [\"{banner_at}\"] }}\n");
+    // A detect timeout far longer than the wait below: only speculation can pass.
+    let a = agent("detect: { timeout: 10s }", &services, web()).await;
+    let mut c = tokio::net::TcpStream::connect(a.proxy).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf)).await.expect("the banner within 3 s").unwrap();
+    assert_eq!(&buf[..n], b"220 smtp ready\r\n");
+    let conns = a.admin_json("/conns").await;
+    assert_eq!(conns[0]["protocol"], "tcp", "{conns}");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgraded_connections_are_tunnelled_with_the_counted_copy() {
+    let echo = Endpoint::h1(Arc::new(|mut req| {
+        Box::pin(async move {
+            let upgrade = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let Ok(up) = upgrade.await else { return };
+                let mut io = hyper_util::rt::TokioIo::new(up);
+                let mut buf = [0u8; 64];
+                while let Ok(n @ 1..) = io.read(&mut buf).await {
+                    if io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            hyper::Response::builder()
+                .status(101)
+                .header("connection", "upgrade")
+                .header("upgrade", "echo")
+                .body(Full::default())
+                .unwrap()
+        })
+    }))
+    .await;
+    let services = format!("  - {{ name: web, addresses: [\"{WEB}\"], endpoints: [\"{}\"] }}\n", echo.addr);
+    let a = agent("", &services, web()).await;
+    let mut c = tokio::net::TcpStream::connect(a.proxy).await.unwrap();
+    c.write_all(b"GET /ws HTTP/1.1\r\nhost: svc\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        c.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    c.write_all(b"through the tunnel").await.unwrap();
+    let mut back = [0u8; 18];
+    c.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"through the tunnel");
+    let series = |dir: &str| format!(r#"switchyard_bytes_total{{service="web",endpoint="{}",direction="{dir}"}}"#, echo.addr);
+    // Counted as the bytes move, while the tunnel is open.
+    assert_eq!(a.metric(&series("Out")).await, Some(18.0));
+    assert_eq!(a.metric(&series("In")).await, Some(18.0));
+    let conns = a.admin_json("/conns").await;
+    assert_eq!((conns[0]["bytes_out"].as_u64(), conns[0]["bytes_in"].as_u64()), (Some(18), Some(18)), "{conns}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_shows_services_connections_resolution_and_metrics() {
+    let ep = Endpoint::fixed(200, "ok").await;
+    let services = format!("  - {{ name: web, addresses: [\"{WEB}\"], endpoints: [\"{}\"] }}\n", ep.addr);
+    let a = agent("", &services, web()).await;
+    let mut c = H1::connect(a.proxy).await;
+    assert_eq!(c.get("/").await.status, StatusCode::OK);
+    // The client connection is still open: it is in the table.
+    let conns = a.admin_json("/conns").await;
+    let conn = &conns[0];
+    assert_eq!((conn["service"].as_str(), conn["protocol"].as_str()), (Some("web"), Some("http/1")), "{conns}");
+    assert_eq!(conn["requests"], 1);
+    assert_eq!(conn["client"]["original_dst"], WEB);
+    let services = a.admin_json("/services").await;
+    assert_eq!(services[0]["service"], "web");
+    assert_eq!(services[0]["endpoints"][0]["health"], "healthy");
+    assert_eq!(services[0]["endpoints"][0]["responses_ok"], 1, "{services}");
+    let tree = a.admin_json("/resolve?target=10.96.0.1:80").await;
+    assert_eq!((tree["service"].as_str(), tree["healthy"].as_bool()), (Some("web"), Some(true)));
+    let series = format!(r#"switchyard_http_requests_total{{service="web",endpoint="{}",status="200"}}"#, ep.addr);
+    assert_eq!(a.metric(&series).await, Some(1.0));
+    assert_eq!(a.admin_get("/resolve?target=nope").await.0, StatusCode::NOT_FOUND);
+    drop(c);
+    let started = Instant::now();
+    while !a.admin_json("/conns").await.as_array().unwrap().is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(5), "a closed connection leaves the table");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(a.admin_json("/status").await["rejected"], serde_json::json!({}), "nothing was rejected");
+}
