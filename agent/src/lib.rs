@@ -8,38 +8,54 @@
 //!   loading and attaching the eBPF programs, pinning them and their maps in bpffs (and
 //!   `uninstall`), the maps the agent writes (services, fallback endpoints, listeners, pod
 //!   namespace states, exclusions) and counters.
+//! * [`origin`]: where a redirected connection was going and who opened it: the seam
+//!   between the kernel (`redirect::OrigDstTable`) and the proxy (a fixed table in the
+//!   in-process tests).
 //! * [`state`]: immutable snapshots of the services, their endpoints and policy, indexed
-//!   by service address; carries live endpoint state across reloads.
+//!   by service address; routes compiled at build time and one walker over them
+//!   (`state::route`: the plan of a connection, each request's concrete services, the
+//!   kernel fallback's sets); unchanged services shared between snapshots, live endpoint
+//!   state carried across reloads.
 //! * [`balance`]: endpoint choice: health and ejection, locality tiers, the balancing
 //!   policies. Pure, clocked by the caller.
 //! * [`proxy`]: listeners, the accept loop, protocol detection, opaque TCP (per-connection
-//!   byte copying) and HTTP (hyper, per-request balancing over pooled upstream
-//!   connections, retries under a budget); `proxy::upstream` connects to an endpoint with
-//!   retries on others.
+//!   counted byte copying) and HTTP (hyper, per-request balancing over pooled upstream
+//!   connections, retries under a budget, upgrades as tunnels on the same copy);
+//!   `proxy::attempt` is the one attempt engine (tried set, deadline, pick, feedback)
+//!   under both, `proxy::upstream` connects over it, `proxy::outcome` is how a connection
+//!   ended.
 //! * [`health`]: active health checks (TCP connect or HTTP GET).
 //! * [`nodeaddr`]: the node addresses on the host's `lo` where pods reach the agent
 //!   (rtnetlink; added at start, removed at uninstall).
 //! * [`pods`]: which pod network namespaces cannot reach the agent (blocked paths, probed
-//!   again with back-off); pure, fed from the kernel maps by `app`.
+//!   again with back-off); pure, fed from the kernel maps by `reconcile`.
 //! * [`handover`]: upgrade hand-over: giving the listening sockets to a newer agent over
 //!   a unix socket, and taking them from the running one.
 //! * [`discovery`]: sources beyond the config file: the watched catalog file, DNS names
-//!   and the Kubernetes API, each sending updates that `app` merges, validates and applies.
+//!   and the Kubernetes API, each sending updates that `reconcile` merges, validates and
+//!   applies.
+//! * [`reconcile`]: after start-up, every change: apply or reject (typed errors, last good
+//!   state kept), kernel maps in step with endpoint health and pods, the HTTP pool swept;
+//!   owns the background tasks.
+//! * [`tasks`]: one tracker and stop signal for every background task.
 //! * [`stats`]: the live connection table, Prometheus metrics, cgroup paths.
 //! * [`resolve`]: a service's resolution tree (routes down to endpoint health).
 //! * [`admin`]: the localhost admin HTTP API (connections, services, metrics, config,
-//!   status, resolve, log level, the dashboard) and the CLI's client for it.
+//!   status, resolve, log level, the dashboard), on a thread of its own, and the CLI's
+//!   client for it.
 //! * [`cli`]: `switchyard conns`, `services`, `top`: tables over the admin API.
-//! * [`app`]: the composition root: wires the above together and owns start-up order and
-//!   shutdown.
+//! * [`app`]: the composition root: `build` binds and wires the above in start-up order and
+//!   returns what it bound; `Bound::wait` runs to shutdown. `Kernel::None` builds it
+//!   without the kernel side (no root), for the in-process tests.
 //!
 //! The path of one connection: an application in the attached cgroup calls `connect()` to
 //! a service address; `cgroup/connect4|6` rewrites it to the agent's loopback listener (or,
 //! from a pod's network namespace, to the node address) and records the original
-//! destination; `proxy` accepts, asks `redirect` for the original
-//! destination by the client's address, `state` names the service, `balance` picks an
-//! endpoint, and `proxy` connects with the agent's SO_MARK (which the kernel programs
-//! never redirect) and copies bytes, counting them into `stats` as they move. See
+//! destination; `proxy` accepts, asks its `origin` source for the original destination by
+//! the client's address, the snapshot's plan names the service and what to try (decide),
+//! the attempt engine has `balance` pick an endpoint and `proxy` connects with the agent's
+//! SO_MARK (which the kernel programs never redirect) and copies bytes, counting them into
+//! `stats` as they move (act); the task's outcome is recorded in one place. See
 //! docs/design.md, docs/balancing.md, docs/discovery.md and, for start, agent death,
 //! upgrade and removal, docs/lifecycle.md.
 

@@ -980,7 +980,8 @@ fn random_hex(len: usize) -> String {
 
 /// Run `f` on a thread of its own that has joined `netns` (setns is per thread; the test's
 /// threads stay where they are). A panic in `f` is the caller's.
-fn in_netns<T: Send>(netns: &Netns, f: impl FnOnce() -> T + Send) -> T {
+/// Run `f` on a thread inside `netns` (sockets it makes live there).
+pub fn in_netns<T: Send>(netns: &Netns, f: impl FnOnce() -> T + Send) -> T {
     let fd = netns.file.as_raw_fd();
     thread::scope(|s| {
         let joined = s.spawn(move || {

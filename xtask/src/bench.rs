@@ -258,6 +258,55 @@ fn measure(
     Ok(Sample { value, cpu, p50_us: p50, p99_us: p99 })
 }
 
+/// Keep-alive through the agent with `conns` connections held open, first quiet, then
+/// while its admin API is scraped (`/metrics` and `/conns`, 10 times a second each, as
+/// an eager Prometheus and a dashboard would): whether the admin side steals latency
+/// from the data path. Returns (quiet, scraped, scrapes made).
+fn scraped(setup: &Setup, conns: u64, secs: u64) -> anyhow::Result<(Sample, Sample, u64)> {
+    let (target, cg) = setup.target(Via::Switchyard, HTTP);
+    let hold_ms = ((2 * secs + 30) * 1000).to_string();
+    let mut cmd = Command::new(&setup.probe);
+    cmd.args(["hold", "--connect", &target, "--conns", &conns.to_string(), "--hold-ms", &hold_ms]);
+    let mut child = setup.topo.in_node(&mut cmd, cg).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)?;
+    ensure!(line.starts_with("held="), "could not hold {conns} connections: {line}");
+    let quiet = measure(setup, None, "http keep-alive", Via::Switchyard, secs, 0)?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (busy, scrapes) = thread::scope(|s| {
+        let scraper = s.spawn(|| {
+            switchyard_tests::in_netns(&setup.topo.node, || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for path in ["/metrics", "/conns"] {
+                        n += u64::from(admin_get(path).is_ok());
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
+                n
+            })
+        });
+        let busy = measure(setup, None, "http keep-alive", Via::Switchyard, secs, 0);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (busy, scraper.join().unwrap_or(0))
+    });
+    // Ours, started above: end it now rather than wait out its hold time.
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok((quiet, busy?, scrapes))
+}
+
+/// One GET of the agent's admin API (from a thread in the node's namespace).
+fn admin_get(path: &str) -> std::io::Result<usize> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", 4191))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nhost: admin\r\n\r\n").as_bytes())?;
+    let mut body = Vec::new();
+    s.read_to_end(&mut body)?;
+    Ok(body.len())
+}
+
 /// Memory of a proxy holding `conns` idle proxied connections.
 fn idle_memory(setup: &Setup, path: Via, conns: u64) -> anyhow::Result<(f64, f64)> {
     let pid = setup.proxy_pid(path).expect("a proxy");
@@ -482,6 +531,14 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool) -> anyhow::Resul
         }
     }
     setup.start_agent(true)?;
+    let held = idle.min(3_000);
+    eprintln!("bench: http keep-alive via switchyard, {held} connections open, quiet then admin scraped");
+    let (quiet, busy, scrapes) = scraped(&setup, held, secs)?;
+    let scraping = json!({
+        "connections_open": held, "scrapes": scrapes,
+        "quiet": {"rps": quiet.value, "p50_us": quiet.p50_us, "p99_us": quiet.p99_us},
+        "scraped": {"rps": busy.value, "p50_us": busy.p50_us, "p99_us": busy.p99_us},
+    });
     let mut memory = Vec::new();
     for path in [Via::Switchyard, Via::HaproxyTcp, Via::EnvoyTcp] {
         eprintln!("bench: {idle} idle connections via {}", path.name());
@@ -539,12 +596,21 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool) -> anyhow::Resul
             m["bytes_per_connection"].as_f64().unwrap_or(0.0)
         );
     }
+    let us = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.0} us"));
+    println!(
+        "\nadmin API scraped (/metrics and /conns 10 times a second each, {held} connections open, {scrapes} scrapes):\n  \
+         keep-alive via switchyard: quiet {:.0} req/s, p99 {}; scraped {:.0} req/s, p99 {}",
+        quiet.value,
+        us(quiet.p99_us),
+        busy.value,
+        us(busy.p99_us)
+    );
     let out_dir = crate::workspace_root().join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let doc = json!({
         "quick": quick, "rounds": rounds, "seconds_per_run": secs,
         "cpus": "proxy on CPU 0 (one worker), load generator and backends on CPU 1",
-        "results": report, "idle_memory": memory,
+        "results": report, "idle_memory": memory, "admin_scraped": scraping,
     });
     let path = write(&out_dir, "latest.json", &serde_json::to_string_pretty(&doc)?)?;
     println!("\nJSON: {}", path.display());
