@@ -16,7 +16,7 @@ use std::{
 };
 
 use smallvec::SmallVec;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     balance::{ActiveGuard, Change, Endpoint, Tier},
@@ -122,6 +122,10 @@ impl<'s> Attempts<'s> {
                     }
                     // This branch is spent: fail over to the next, with its own limits.
                     spent = why.unwrap_or(Spent::NoEndpoint);
+                    if self.at + 1 < self.concrete.len() {
+                        let service = &self.snapshot.service(c).name;
+                        debug!(%service, why = ?spent, "no endpoint reachable here; failing over to the next branch");
+                    }
                     self.at += 1;
                     self.made_here = 0;
                     self.deadline_here = None;
@@ -220,5 +224,71 @@ impl Attempt<'_> {
             }
             Change::Returned => info!(%service, %endpoint, "endpoint back in service"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{config::Config, state::Resolved};
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        Snapshot::build(&Config::parse(yaml, Path::new("t.yaml")).unwrap(), &Resolved::new(), None)
+    }
+
+    const FAILOVER: &str = r#"
+services:
+  - { name: web, addresses: ["10.96.0.1:80"], route: { failover: [a, b] } }
+  - { name: a, endpoints: ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], connect: { attempts: 2 } }
+  - { name: b, endpoints: ["10.0.1.1:80"], connect: { attempts: 5 } }
+"#;
+
+    #[test]
+    fn opaque_connects_spend_each_branch_by_its_own_limits_then_fail_over() {
+        let snap = snapshot(FAILOVER);
+        let now = Instant::now();
+        let concrete = snap.concrete(snap.index_named("web").unwrap(), now);
+        let mut attempts = Attempts::new(&snap, &concrete, 0, Limit::PerService);
+        let mut tried = Vec::new();
+        while let Ok(a) = attempts.next(now) {
+            tried.push((a.service.name.clone(), a.endpoint.addr, a.number));
+        }
+        let services: Vec<&str> = tried.iter().map(|(s, _, _)| s.as_str()).collect();
+        // Two attempts in a (its limit), then b's five (a single endpoint still gets its
+        // service's attempts).
+        assert_eq!(services, ["a", "a", "b", "b", "b", "b", "b"]);
+        assert_ne!(tried[0].1, tried[1].1, "a retry goes to another endpoint");
+        assert_eq!(tried.iter().map(|t| t.2).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(attempts.made(), 7);
+    }
+
+    #[test]
+    fn requests_spend_a_total_within_the_deadline() {
+        let snap = snapshot(FAILOVER);
+        let now = Instant::now();
+        let concrete = snap.concrete(snap.index_named("web").unwrap(), now);
+        let limit = Limit::Total { attempts: 3, deadline: Some(now + Duration::from_secs(1)) };
+        let mut attempts = Attempts::new(&snap, &concrete, 0, limit);
+        let picked: std::collections::HashSet<SocketAddr> =
+            (0..3).map(|_| attempts.next(now).unwrap().endpoint.addr).collect();
+        assert_eq!(picked.len(), 3, "each attempt on an endpoint not tried yet");
+        assert_eq!(attempts.next(now).err(), Some(Spent::Attempts), "3 in all, not 3 per branch");
+        let mut late = Attempts::new(&snap, &concrete, 0, limit);
+        assert_eq!(late.next(now + Duration::from_secs(2)).err(), Some(Spent::Deadline));
+    }
+
+    #[test]
+    fn an_attempt_holds_its_endpoint_until_dropped() {
+        let snap = snapshot(FAILOVER);
+        let now = Instant::now();
+        let concrete = [snap.index_named("b").unwrap()];
+        let mut attempts = Attempts::new(&snap, &concrete, 0, Limit::PerService);
+        let a = attempts.next(now).unwrap();
+        assert_eq!(a.endpoint.state.active(), 1);
+        let state = Arc::clone(&a.endpoint.state);
+        drop(a);
+        assert_eq!(state.active(), 0);
     }
 }

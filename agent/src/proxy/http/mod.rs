@@ -86,8 +86,9 @@ struct Tunnel {
 
 /// What one attempt at an endpoint came to.
 enum Exchange {
+    /// Response headers, and how long they took.
     Answered(Response<Incoming>, Duration),
-    /// A response the agent makes for a failed attempt, and how it failed.
+    /// No response: how the attempt failed (the caller makes the answer).
     Failed(Failure),
     /// A pooled connection had closed; the request comes back unsent.
     Unsent(ReqBody),
@@ -244,7 +245,8 @@ impl Downstream {
                 (Some(a), Some(r)) => Some(a.min(r)),
                 (a, r) => a.or(r),
             };
-            let failure = match self.exchange(&attempt, &parts, &mut body, attempt_timeout).await {
+            let exchange = self.exchange(&attempt, &parts, &mut body, attempt_timeout, policy.pool_idle_timeout);
+            let failure = match exchange.await {
                 Exchange::Unsent(unsent) => {
                     // Not the endpoint's fault, and safe for any method.
                     body.unsent = Some(unsent);
@@ -299,21 +301,22 @@ impl Downstream {
 
     /// One attempt: an upstream connection from the pool (a new connect is reported to
     /// the attempt like any other), the request sent, the response headers awaited.
+    /// `timeout` bounds it all; `idle` is the dialled service's pool idle timeout.
     async fn exchange(
         &self,
         attempt: &Attempt<'_>,
         parts: &Parts,
         body: &mut Bodies,
         timeout: Option<Duration>,
+        idle: Duration,
     ) -> Exchange {
         let metrics = &self.http.stats.metrics;
         let addr = attempt.endpoint.addr;
-        let policy = &attempt.service.config;
         let t0 = Instant::now();
-        let connect_timeout = policy.connect.timeout.min(timeout.unwrap_or(Duration::MAX));
+        // The endpoint's own service's connect timeout, as an opaque connect would use.
+        let connect_timeout = attempt.service.config.connect.timeout.min(timeout.unwrap_or(Duration::MAX));
         let pool = &self.http.pool;
-        let mut lent: Lent =
-            match pool.lend(addr, self.version, self.http.mark, connect_timeout, policy.http.pool_idle_timeout).await {
+        let mut lent: Lent = match pool.lend(addr, self.version, self.http.mark, connect_timeout, idle).await {
                 Ok(l) => l,
                 Err(e) => {
                     debug!(attempt = attempt.number, endpoint = %addr, error = %e, "upstream HTTP connection failed");
