@@ -137,6 +137,13 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
     build(config, Some(path.to_owned()), Kernel::Attach, log).await?.wait().await
 }
 
+/// The host as start-up found it.
+enum Host {
+    /// Privileges, cgroup v2 and the bpffs checked; the cgroup to attach to.
+    Checked { cgroup: PathBuf, pins: PinDir },
+    Unattached(Arc<dyn Origins>),
+}
+
 /// What start-up made of the kernel side.
 struct Plane {
     listeners: Listeners,
@@ -159,6 +166,7 @@ struct Lifecycle {
 /// task then follows SIGHUP (when `path` is the config file it came from) and the
 /// sources, until SIGTERM/SIGINT (with a `path`), a hand-over, or [`Bound::shutdown`].
 pub async fn build(main: Config, path: Option<PathBuf>, kernel: Kernel, log: admin::LogControl) -> anyhow::Result<Bound> {
+    // The host is checked before anything else happens.
     let host = match kernel {
         Kernel::Attach => {
             redirect::check_privileges()?;
@@ -166,14 +174,14 @@ pub async fn build(main: Config, path: Option<PathBuf>, kernel: Kernel, log: adm
             let cgroup = redirect::attach_cgroup(main.agent.cgroup.as_deref())?;
             let pins = PinDir::open(&main.agent.bpffs_dir)?;
             handover::prepare(&main.agent.handover_socket)?;
-            Some((cgroup, pins))
+            Host::Checked { cgroup, pins }
         }
-        Kernel::None(_) => None,
+        Kernel::None(origins) => Host::Unattached(origins),
     };
-    let mut signals = path.is_some().then(Signals::new).transpose()?;
+    let signals = path.is_some().then(Signals::new).transpose()?;
     let background = Background::default();
     // Sources: what they say at start-up is part of the first snapshot.
-    let (updates, mut incoming) = mpsc::channel(256);
+    let (updates, incoming) = mpsc::channel(256);
     let mut sources = Sources::default();
     let catalog_watch = match &main.agent.catalog {
         Some(catalog) => {
@@ -196,16 +204,15 @@ pub async fn build(main: Config, path: Option<PathBuf>, kernel: Kernel, log: adm
         validated(sources.merge(&main)).map_err(|p| anyhow::anyhow!("the catalog clashes with {origin}:\n{p}"))?;
     let snapshot = Arc::new(Snapshot::build(&merged, &sources.resolved, None));
 
-    let plane = match (kernel, host) {
-        (Kernel::Attach, Some((cgroup, pins))) => attach(&main, cgroup, pins, &snapshot).await?,
-        (Kernel::None(origins), _) => Plane {
+    let plane = match host {
+        Host::Checked { cgroup, pins } => attach(&main, cgroup, pins, &snapshot).await?,
+        Host::Unattached(origins) => Plane {
             listeners: Listeners::bind(0, &[], Inherited::default()).await?,
             admin: admin_listener(main.agent.admin, None).await?,
             origins,
             kernel: None,
             lifecycle: None,
         },
-        (Kernel::Attach, None) => unreachable!("the host is checked for Kernel::Attach"),
     };
     let (publish, latest) = watch::channel(Arc::clone(&snapshot));
     let (publish_config, effective) = watch::channel(Arc::new(merged.clone()));
@@ -289,22 +296,60 @@ pub async fn build(main: Config, path: Option<PathBuf>, kernel: Kernel, log: adm
     drop(snapshot);
 
     let requested = CancellationToken::new();
-    let request = requested.clone();
-    let main = tokio::spawn(async move {
-        // Kept for the agent's life: dropping the watcher ends the catalog watch.
-        let _catalog_watch = catalog_watch;
+    let running = Running {
+        reconciler,
+        signals,
+        incoming,
+        path,
+        handed_over,
+        requested: requested.clone(),
+        lifecycle,
+        _catalog_watch: catalog_watch,
+        stop,
+        accept_loops,
+        tasks,
+    };
+    let main = tokio::spawn(running.run());
+    Ok(Bound { proxy: proxy_addrs, admin: admin_addr, requested, main })
+}
+
+/// The running agent after start-up: the main loop and the way down.
+struct Running {
+    reconciler: Reconciler,
+    signals: Option<Signals>,
+    incoming: mpsc::Receiver<discovery::Update>,
+    /// The config file SIGHUP re-reads.
+    path: Option<PathBuf>,
+    handed_over: Option<JoinHandle<Option<i32>>>,
+    requested: CancellationToken,
+    lifecycle: Option<Lifecycle>,
+    /// Kept for the agent's life: dropping the watcher ends the catalog watch.
+    _catalog_watch: Option<notify::RecommendedWatcher>,
+    /// Stops the accept loops (and the admin API).
+    stop: CancellationToken,
+    accept_loops: Vec<JoinHandle<()>>,
+    /// The connection tasks, drained at the end.
+    tasks: TaskTracker,
+}
+
+impl Running {
+    /// Follow signals, source updates and the tick until a stop, then go down: uninstall
+    /// (with no successor) or leave programs and pins (after a hand-over), stop accepting,
+    /// drain.
+    async fn run(mut self) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let reconciler = &mut self.reconciler;
         let reason = loop {
             tokio::select! {
-                signal = next_signal(&mut signals) => match signal {
-                    "SIGHUP" => if let Some(path) = &path { reconciler.reload_file(path) },
+                signal = next_signal(&mut self.signals) => match signal {
+                    "SIGHUP" => if let Some(path) = &self.path { reconciler.reload_file(path) },
                     stop_signal => break Stop::Signal(stop_signal),
                 },
-                Some(update) = incoming.recv() => reconciler.update(update),
+                Some(update) = self.incoming.recv() => reconciler.update(update),
                 _ = tick.tick() => reconciler.tick(),
-                successor = handed_over_by(&mut handed_over) => break Stop::HandedOver(successor),
-                _ = request.cancelled() => break Stop::Requested,
+                successor = handed_over_by(&mut self.handed_over) => break Stop::HandedOver(successor),
+                _ = self.requested.cancelled() => break Stop::Requested,
             }
         };
         if let Some(k) = &reconciler.kernel {
@@ -312,7 +357,7 @@ pub async fn build(main: Config, path: Option<PathBuf>, kernel: Kernel, log: adm
         }
         log_service_stats(&reconciler.publish.borrow());
         reconciler.shutdown().await;
-        match (reason, &lifecycle) {
+        match (reason, &self.lifecycle) {
             (Stop::HandedOver(successor), _) => {
                 info!(successor.pid = successor, "handed over to a new agent; draining, programs and pins stay");
             }
@@ -323,7 +368,7 @@ pub async fn build(main: Config, path: Option<PathBuf>, kernel: Kernel, log: adm
                     _ => "shutdown requested",
                 };
                 info!(why, "shutting down with no successor: detaching redirect programs and removing the pins");
-                if let Some(h) = &handed_over {
+                if let Some(h) = &self.handed_over {
                     h.abort();
                 }
                 let removed = redirect::uninstall(life.pins.path()).context("uninstall on shutdown")?;
@@ -339,19 +384,19 @@ pub async fn build(main: Config, path: Option<PathBuf>, kernel: Kernel, log: adm
             }
         }
         let drain = Duration::from_secs(reconciler.main.agent.drain_timeout_secs);
-        drop(reconciler);
-        stop.cancel();
-        for l in accept_loops {
+        // Dropping the reconciler leaves the programs attached (they are pinned).
+        drop(self.reconciler);
+        self.stop.cancel();
+        for l in self.accept_loops {
             let _ = l.await;
         }
-        tasks.close();
-        if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
-            warn!(open = tasks.len(), after = ?drain, "connections still open at the drain deadline; cutting them");
+        self.tasks.close();
+        if tokio::time::timeout(drain, self.tasks.wait()).await.is_err() {
+            warn!(open = self.tasks.len(), after = ?drain, "connections still open at the drain deadline; cutting them");
         }
         info!("stopped");
         Ok(())
-    });
-    Ok(Bound { proxy: proxy_addrs, admin: admin_addr, requested, main })
+    }
 }
 
 /// The kernel side of start-up: node addresses on lo, the listeners (taken over from a

@@ -36,7 +36,10 @@ use self::{
 use crate::{
     origin::Origins,
     state::{Mode, Plan, Snapshot},
-    stats::{ConnHandle, Stats, conns::Client},
+    stats::{
+        ConnHandle, Stats,
+        conns::{Client, Route},
+    },
 };
 
 pub mod attempt;
@@ -255,28 +258,29 @@ impl Proxy {
 
     async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, id: u64, stop: CancellationToken) {
         let conn = self.stats.conns.open(id, peer);
-        let outcome = self.connection(client, peer, &conn, stop).await;
+        // Decide and connect, then relay: only what the relay needs lives on in the
+        // task of an opaque connection (most of an idle connection's memory is this
+        // future).
+        let outcome = match self.decide(client, peer, &conn, stop).await {
+            Next::Done(outcome) => outcome,
+            Next::Relay(relay) => tcp::proxy(&self, relay, &conn).await,
+        };
         outcome::finish(&conn, &self.stats.metrics, outcome);
     }
 
-    /// One connection from accept to close: decide (origin, plan), then act.
-    async fn connection(
-        &self,
-        mut client: TcpStream,
-        peer: SocketAddr,
-        conn: &ConnHandle,
-        stop: CancellationToken,
-    ) -> Outcome {
+    /// One connection up to its relay phase: find the origin, plan, detect, connect (or
+    /// serve it as HTTP to the end).
+    async fn decide(&self, mut client: TcpStream, peer: SocketAddr, conn: &ConnHandle, stop: CancellationToken) -> Next {
         let span = tracing::Span::current();
         let Some(origin) = self.origins.lookup(peer) else {
             debug!("no original destination recorded for this client (not redirected?); closing");
-            return Outcome::NotRedirected;
+            return Next::Done(Outcome::NotRedirected);
         };
         span.record("orig.dst", field::display(origin.dst));
         span.record("client.pid", origin.pid);
         span.record("client.comm", origin.comm.as_str());
-        // An opaque connection keeps this snapshot for its life (a reload does not change
-        // the endpoint under it); HTTP requests each read the newest one.
+        // The plan is made on the newest snapshot; HTTP requests each read the newest one
+        // again, an opaque connection keeps its service for its life.
         let snapshot = Arc::clone(&self.state.borrow());
         let plan = snapshot.plan(origin.dst, origin.cgroup_id, std::time::Instant::now());
         conn.client(Client {
@@ -290,7 +294,7 @@ impl Proxy {
         });
         let Some(plan) = plan else {
             debug!("original destination is not a known service; closing");
-            return Outcome::UnknownService;
+            return Next::Done(Outcome::UnknownService);
         };
         let service = snapshot.service(plan.service);
         span.record("service", service.name.as_str());
@@ -307,7 +311,7 @@ impl Proxy {
                 Sniffed::Spoke(detected, opened) => (detected, opened),
                 Sniffed::Unreachable(e) => {
                     conn.protocol(Detected::Opaque.name(), None, false);
-                    return self.unreachable(&client, &e);
+                    return Next::Done(self.unreachable(&client, &e));
                 }
             },
         };
@@ -324,7 +328,7 @@ impl Proxy {
         conn.protocol(detected.name(), sni, version.is_some());
         if detected == Detected::Closed {
             debug!("client closed before sending anything");
-            return Outcome::ClientClosed;
+            return Next::Done(Outcome::ClientClosed);
         }
         if let Some(version) = version {
             // An upstream connection opened while the client was slow to speak is not
@@ -337,22 +341,38 @@ impl Proxy {
             let io = http::Prefixed::new(prefix, client);
             let state = self.state.clone();
             let serve = Box::pin(Arc::clone(&self.http).serve(io, version, state, name, key, shared, stop));
-            return match serve.await {
+            return Next::Done(match serve.await {
                 Ok(()) => Outcome::Closed,
                 Err(e) => {
                     debug!(error = %e, "HTTP connection ended with an error");
                     Outcome::Error
                 }
-            };
+            });
         }
-        let up = match opened {
-            Some(up) => up,
+        let upstream = match opened {
+            Some(up) => *up,
             None => match upstream::connect(&snapshot, &plan.concrete, plan.key, self.mark, &self.stats.metrics).await {
-                Ok(up) => Box::new(up),
-                Err(e) => return self.unreachable(&client, &e),
+                Ok(up) => up,
+                Err(e) => return Next::Done(self.unreachable(&client, &e)),
             },
         };
-        tcp::proxy(self, client, prefix, &service.name, *up, conn).await
+        span.record("endpoint", field::display(upstream.endpoint().addr));
+        debug!(
+            concrete = %upstream.service.name,
+            attempts = upstream.attempts,
+            locality = upstream.tier.name(),
+            connect_us = upstream.connect_latency.as_micros() as u64,
+            "connected"
+        );
+        conn.connected(Route {
+            service: service.name.clone(),
+            concrete: upstream.service.name.clone(),
+            endpoint: upstream.endpoint().addr,
+            locality: upstream.tier.name(),
+            attempts: upstream.attempts,
+            connect_us: upstream.connect_latency.as_micros() as u64,
+        });
+        Next::Relay(Relay { client, prefix, upstream })
     }
 
     /// Nothing could be reached: reset the client so it sees the failure at once.
@@ -365,13 +385,7 @@ impl Proxy {
     /// Detect the client's protocol without stalling a server that speaks first: most
     /// clients speak at once; one silent for `SPECULATE_AFTER` gets its upstream
     /// connection opened, and whichever side sends first decides.
-    async fn sniff<'s>(
-        &self,
-        client: &mut TcpStream,
-        prefix: &mut BytesMut,
-        snapshot: &'s Snapshot,
-        plan: &'s Plan,
-    ) -> Sniffed<'s> {
+    async fn sniff(&self, client: &mut TcpStream, prefix: &mut BytesMut, snapshot: &Snapshot, plan: &Plan) -> Sniffed {
         let deadline = tokio::time::Instant::now() + snapshot.detect.timeout;
         if let Ok(d) = tokio::time::timeout(SPECULATE_AFTER, detect(client, prefix, deadline)).await {
             return Sniffed::Spoke(d, None);
@@ -399,12 +413,26 @@ impl Proxy {
     }
 }
 
+/// Where a connection goes after `decide`.
+enum Next {
+    /// Served (HTTP) or refused: how it ended.
+    Done(Outcome),
+    /// Opaque: relay bytes.
+    Relay(Relay),
+}
+
+/// What the relay phase of an opaque connection needs, and nothing more.
+pub(super) struct Relay {
+    pub client: TcpStream,
+    /// The client's first bytes, read by detection, to send first.
+    pub prefix: BytesMut,
+    pub upstream: Upstream,
+}
+
 /// What detection found out.
-enum Sniffed<'s> {
+enum Sniffed {
     /// The protocol, and the upstream connection opened while waiting, if one was.
-    /// (Boxed: an async fn keeps room for its locals for its whole life, and an opaque
-    /// connection's life is mostly an idle copy.)
-    Spoke(Detected, Option<Box<Upstream<'s>>>),
+    Spoke(Detected, Option<Box<Upstream>>),
     /// The client stayed silent and no endpoint could be reached.
     Unreachable(ConnectError),
 }

@@ -4,48 +4,23 @@
 
 use std::sync::atomic::Ordering;
 
-use bytes::BytesMut;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
-use tracing::{debug, field};
+use tracing::debug;
 
-use super::{Proxy, copy, copy::Count, outcome::Outcome, upstream::Upstream};
+use super::{Proxy, Relay, copy, copy::Count, outcome::Outcome, upstream::Upstream};
 use prometheus_client::metrics::counter::Counter;
 
-use crate::stats::{
-    ConnHandle,
-    conns::{Conn, Route},
-    metrics::Direction,
-};
+use crate::stats::{ConnHandle, conns::Conn, metrics::Direction};
 
-/// Proxy an opaque connection to the upstream that was opened for it.
-pub(super) async fn proxy(
-    proxy: &Proxy,
-    client: TcpStream,
-    prefix: BytesMut,
-    dialled: &str,
-    up: Upstream<'_>,
-    conn: &ConnHandle,
-) -> Outcome {
-    let a = &up.attempt;
-    tracing::Span::current().record("endpoint", field::display(a.endpoint.addr));
-    debug!(
-        concrete = %a.service.name,
-        attempts = a.number,
-        locality = a.tier.name(),
-        connect_us = up.connect_latency.as_micros() as u64,
-        "connected"
-    );
-    conn.connected(Route {
-        service: dialled.to_owned(),
-        concrete: a.service.name.clone(),
-        endpoint: a.endpoint.addr,
-        locality: a.tier.name(),
-        attempts: a.number,
-        connect_us: up.connect_latency.as_micros() as u64,
-    });
-    let drain = a.endpoint.state.drain_token();
-    let handles = proxy.stats.enabled.then(|| a.handles());
-    let mut upstream = up.stream;
+/// Proxy an opaque connection to the upstream that was opened for it (and recorded in
+/// the connection table by the caller).
+/// (Taken whole: what the caller moves in, it does not also keep.)
+pub(super) async fn proxy(proxy: &Proxy, opened: Relay, conn: &ConnHandle) -> Outcome {
+    let Relay { client, prefix, upstream: up } = opened;
+    let drain = up.endpoint().state.drain_token();
+    // The guard counts the connection against its endpoint until this returns.
+    let Upstream { stream: mut upstream, service, index, guard: _guard, .. } = up;
+    let handles = proxy.stats.enabled.then(|| service.metrics.endpoint(index)).flatten();
     let _ = upstream.set_nodelay(true);
     let metrics = &proxy.stats.metrics;
     // What detection read goes first; written here, before the long copy phase, whose

@@ -7,6 +7,7 @@ use std::{
     io,
     net::SocketAddr,
     os::fd::AsFd,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -15,14 +16,48 @@ use tokio::net::{TcpSocket, TcpStream};
 use tracing::debug;
 
 use super::attempt::{Attempt, Attempts, Limit};
-use crate::{state::Snapshot, stats::Metrics};
+use crate::{
+    balance::{ActiveGuard, Endpoint, Tier},
+    state::{Service, Snapshot},
+    stats::{Metrics, metrics::EndpointHandles},
+};
 
-/// A connected upstream and the attempt that made it (which counts the connection
-/// against its endpoint until dropped).
-pub struct Upstream<'s> {
+/// A connected upstream, owning what it needs for the connection's life: its service
+/// (not the snapshot it came from, so a long connection pins one service, not every
+/// service of an old snapshot) and the guard that counts it against its endpoint.
+pub struct Upstream {
     pub stream: TcpStream,
-    pub attempt: Attempt<'s>,
+    /// The concrete service connected to (the dialled one, or where its route led).
+    pub service: Arc<Service>,
+    /// The endpoint's index in the service.
+    pub index: usize,
+    pub tier: Tier,
+    /// Attempts it took, this one included.
+    pub attempts: u32,
     pub connect_latency: Duration,
+    pub guard: ActiveGuard,
+}
+
+impl Upstream {
+    fn new(stream: TcpStream, attempt: Attempt<'_>, connect_latency: Duration) -> Self {
+        Self {
+            stream,
+            service: Arc::clone(attempt.service),
+            index: attempt.index,
+            tier: attempt.tier,
+            attempts: attempt.number,
+            connect_latency,
+            guard: attempt.guard,
+        }
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.service.balancer.endpoints()[self.index]
+    }
+
+    pub fn handles(&self) -> EndpointHandles<'_> {
+        self.service.metrics.endpoint(self.index).expect("metric handles are built for every endpoint")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,13 +76,13 @@ pub enum ConnectError {
 
 /// Connect a client (identified by `key` for affinity) to an endpoint of the first of
 /// `concrete` (snapshot indices, in failover order) that has one reachable.
-pub async fn connect<'s>(
-    snapshot: &'s Snapshot,
-    concrete: &'s [usize],
+pub async fn connect(
+    snapshot: &Snapshot,
+    concrete: &[usize],
     key: u64,
     mark: u32,
     metrics: &Metrics,
-) -> Result<Upstream<'s>, ConnectError> {
+) -> Result<Upstream, ConnectError> {
     let start = Instant::now();
     let mut attempts = Attempts::new(snapshot, concrete, key, Limit::PerService);
     let mut last = None;
@@ -57,7 +92,7 @@ pub async fn connect<'s>(
             Ok(stream) => {
                 let latency = t0.elapsed();
                 attempt.connected(metrics, latency);
-                return Ok(Upstream { stream, attempt, connect_latency: latency });
+                return Ok(Upstream::new(stream, attempt, latency));
             }
             Err(e) => {
                 debug!(attempt = attempt.number, service = %attempt.service.name, endpoint = %attempt.endpoint.addr, error = %e, "upstream connect failed");

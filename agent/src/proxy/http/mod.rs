@@ -385,11 +385,11 @@ impl Downstream {
                 return (local(StatusCode::BAD_GATEWAY, "connect_failed", false), None);
             }
         };
-        let attempt = up.attempt;
-        let addr = attempt.endpoint.addr;
-        let handles = attempt.handles();
+        let addr = up.endpoint().addr;
+        let handles = up.handles();
         let bytes = [handles.bytes(metrics, Direction::Out).clone(), handles.bytes(metrics, Direction::In).clone()];
-        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(up.stream)).await {
+        let upstream::Upstream { stream, guard, .. } = up;
+        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
             Ok(x) => x,
             Err(e) => {
                 debug!(error = %e, endpoint = %addr, "upstream handshake failed");
@@ -413,12 +413,12 @@ impl Downstream {
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS || (connect && resp.status().is_success()) {
             let upstream = hyper::upgrade::on(&mut resp);
-            *self.tunnel.lock().unwrap() = Some(Tunnel { downstream, upstream, bytes, _guard: attempt.guard });
+            *self.tunnel.lock().unwrap() = Some(Tunnel { downstream, upstream, bytes, _guard: guard });
             let (parts, body) = resp.into_parts();
             return (Response::from_parts(parts, RespBody::upstream(body, None, None)), Some(addr));
         }
         let (parts, body) = resp.into_parts();
-        (Response::from_parts(parts, RespBody::upstream(body, None, Some(attempt.guard))), Some(addr))
+        (Response::from_parts(parts, RespBody::upstream(body, None, Some(guard))), Some(addr))
     }
 
     /// Copy bytes both ways between the two upgraded connections until both close, with
