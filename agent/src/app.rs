@@ -140,7 +140,10 @@ pub async fn run(path: &Path, log: admin::LogControl) -> anyhow::Result<()> {
 /// The host as start-up found it.
 enum Host {
     /// Privileges, cgroup v2 and the bpffs checked; the cgroup to attach to.
-    Checked { cgroup: PathBuf, pins: PinDir },
+    Checked {
+        cgroup: PathBuf,
+        pins: PinDir,
+    },
     Unattached(Arc<dyn Origins>),
 }
 
@@ -165,7 +168,12 @@ struct Lifecycle {
 /// take over) the listeners, attach, start accepting. Returns once it serves; its main
 /// task then follows SIGHUP (when `path` is the config file it came from) and the
 /// sources, until SIGTERM/SIGINT (with a `path`), a hand-over, or [`Bound::shutdown`].
-pub async fn build(main: Config, path: Option<PathBuf>, kernel: Kernel, log: admin::LogControl) -> anyhow::Result<Bound> {
+pub async fn build(
+    main: Config,
+    path: Option<PathBuf>,
+    kernel: Kernel,
+    log: admin::LogControl,
+) -> anyhow::Result<Bound> {
     // The host is checked before anything else happens.
     let host = match kernel {
         Kernel::Attach => {

@@ -235,7 +235,11 @@ impl Rtnl {
     fn open() -> Result<Self, NodeAddrError> {
         let open = || -> nix::Result<OwnedFd> {
             let fd = socket(SockFamily::Netlink, SockType::Raw, SockFlag::SOCK_CLOEXEC, SockProtocol::NetlinkRoute)?;
-            setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::from(libc::timeval { tv_sec: REPLY_WAIT.as_secs() as _, tv_usec: 0 }))?;
+            setsockopt(
+                &fd,
+                sockopt::ReceiveTimeout,
+                &TimeVal::from(libc::timeval { tv_sec: REPLY_WAIT.as_secs() as _, tv_usec: 0 }),
+            )?;
             Ok(fd)
         };
         let fd = open().map_err(|e| NodeAddrError::Socket(e.into()))?;

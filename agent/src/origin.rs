@@ -53,13 +53,6 @@ impl Fixed {
 impl Origins for Fixed {
     fn lookup(&self, peer: SocketAddr) -> Option<Origin> {
         let dst = self.by_client.get(&peer.ip()).copied().or(self.default)?;
-        Some(Origin {
-            dst,
-            pid: std::process::id(),
-            cgroup_id: 0,
-            comm: "test".into(),
-            netns: 0,
-            pod: false,
-        })
+        Some(Origin { dst, pid: std::process::id(), cgroup_id: 0, comm: "test".into(), netns: 0, pod: false })
     }
 }

@@ -12,7 +12,7 @@ use crate::{
     config::MAX_ROUTE_DEPTH,
     state::{
         Snapshot,
-        route::{BranchShare, Branch},
+        route::{Branch, BranchShare},
     },
 };
 

@@ -211,8 +211,11 @@ async fn grpc_unavailable_is_retried_per_call_on_one_channel() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_override_header_moves_requests_only_to_allowed_services() {
-    let (stable, canary, other) =
-        (Endpoint::fixed(200, "stable").await, Endpoint::fixed(200, "canary").await, Endpoint::fixed(200, "other").await);
+    let (stable, canary, other) = (
+        Endpoint::fixed(200, "stable").await,
+        Endpoint::fixed(200, "canary").await,
+        Endpoint::fixed(200, "other").await,
+    );
     let services = format!(
         r#"  - {{ name: web, addresses: ["{WEB}"], endpoints: ["{}"], http: {{ allow_override: [canary] }} }}
   - {{ name: canary, endpoints: ["{}"] }}
@@ -222,7 +225,8 @@ async fn the_override_header_moves_requests_only_to_allowed_services() {
     );
     let a = agent("", &services, web()).await;
     let mut c = H1::connect(a.proxy).await;
-    let with = |dtab: &str| Request::get("/").header("host", "svc").header("l5d-dtab", dtab).body(Full::default()).unwrap();
+    let with =
+        |dtab: &str| Request::get("/").header("host", "svc").header("l5d-dtab", dtab).body(Full::default()).unwrap();
     assert_eq!(c.send(with("/svc/web => /svc/canary")).await.text(), "canary");
     assert_eq!(c.send(with("/svc/web => /svc/other")).await.text(), "stable", "not in allow_override: ignored");
     assert_eq!(c.get("/").await.text(), "stable");
@@ -278,7 +282,8 @@ async fn a_server_that_speaks_first_is_not_stalled_by_detection() {
     let a = agent("detect: { timeout: 10s }", &services, web()).await;
     let mut c = tokio::net::TcpStream::connect(a.proxy).await.unwrap();
     let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf)).await.expect("the banner within 3 s").unwrap();
+    let n =
+        tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf)).await.expect("the banner within 3 s").unwrap();
     assert_eq!(&buf[..n], b"220 smtp ready\r\n");
     let conns = a.admin_json("/conns").await;
     assert_eq!(conns[0]["protocol"], "tcp", "{conns}");
@@ -324,7 +329,8 @@ async fn upgraded_connections_are_tunnelled_with_the_counted_copy() {
     let mut back = [0u8; 18];
     c.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"through the tunnel");
-    let series = |dir: &str| format!(r#"switchyard_bytes_total{{service="web",endpoint="{}",direction="{dir}"}}"#, echo.addr);
+    let series =
+        |dir: &str| format!(r#"switchyard_bytes_total{{service="web",endpoint="{}",direction="{dir}"}}"#, echo.addr);
     // Counted as the bytes move, while the tunnel is open.
     assert_eq!(a.metric(&series("Out")).await, Some(18.0));
     assert_eq!(a.metric(&series("In")).await, Some(18.0));

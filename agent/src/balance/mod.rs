@@ -119,8 +119,8 @@ impl Balancer {
                     self.stats.panics.fetch_add(1, Ordering::Relaxed);
                 }
                 // Read first: the swap (a write every pick) only on a transition.
-                let panic_changed =
-                    self.in_panic.load(Ordering::Relaxed) != panic && self.in_panic.swap(panic, Ordering::Relaxed) != panic;
+                let panic_changed = self.in_panic.load(Ordering::Relaxed) != panic
+                    && self.in_panic.swap(panic, Ordering::Relaxed) != panic;
                 return Some(Pick { index: i, endpoint: &self.endpoints[i], tier, panic, panic_changed });
             }
         }

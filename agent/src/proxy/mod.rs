@@ -270,7 +270,13 @@ impl Proxy {
 
     /// One connection up to its relay phase: find the origin, plan, detect, connect (or
     /// serve it as HTTP to the end).
-    async fn decide(&self, mut client: TcpStream, peer: SocketAddr, conn: &ConnHandle, stop: CancellationToken) -> Next {
+    async fn decide(
+        &self,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        conn: &ConnHandle,
+        stop: CancellationToken,
+    ) -> Next {
         let span = tracing::Span::current();
         let Some(origin) = self.origins.lookup(peer) else {
             debug!("no original destination recorded for this client (not redirected?); closing");
@@ -351,10 +357,12 @@ impl Proxy {
         }
         let upstream = match opened {
             Some(up) => *up,
-            None => match upstream::connect(&snapshot, &plan.concrete, plan.key, self.mark, &self.stats.metrics).await {
-                Ok(up) => up,
-                Err(e) => return Next::Done(self.unreachable(&client, &e)),
-            },
+            None => {
+                match upstream::connect(&snapshot, &plan.concrete, plan.key, self.mark, &self.stats.metrics).await {
+                    Ok(up) => up,
+                    Err(e) => return Next::Done(self.unreachable(&client, &e)),
+                }
+            }
         };
         span.record("endpoint", field::display(upstream.endpoint().addr));
         debug!(

@@ -41,7 +41,11 @@ pub(super) async fn proxy(proxy: &Proxy, opened: Relay, conn: &ConnHandle) -> Ou
         h.connections(metrics).inc();
         let open = h.open(metrics);
         open.inc();
-        let meters = Meters { conn: conn.conn(), out: h.bytes(metrics, Direction::Out), inbound: h.bytes(metrics, Direction::In) };
+        let meters = Meters {
+            conn: conn.conn(),
+            out: h.bytes(metrics, Direction::Out),
+            inbound: h.bytes(metrics, Direction::In),
+        };
         let outcome = relay(&client, &upstream, Some(meters)).await;
         open.dec();
         outcome

@@ -20,8 +20,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use self::route::{Mode, Plan};
 use self::route::Route;
+pub use self::route::{Mode, Plan};
 use crate::{
     balance::{Balancer, Endpoint, EndpointState, Tier, budget::Budget},
     config::{Config, DetectConfig, RetryConfig, ServiceConfig, Target},
@@ -193,18 +193,15 @@ impl Service {
             _ => Arc::new(Budget::new(retry.budget_ratio, retry.budget_min_per_second, retry.budget_window, now)),
         };
         let metrics = ServiceMetrics::new(&config.name, endpoints.iter().map(|e| e.addr));
-        let balancer = Balancer::new(
-            config.balance,
-            endpoints,
-            config.failure_accrual.clone(),
-            config.locality.spill_threshold,
-        );
+        let balancer =
+            Balancer::new(config.balance, endpoints, config.failure_accrual.clone(), config.locality.spill_threshold);
         Self { name: config.name.clone(), config: config.clone(), balancer, budget, metrics }
     }
 }
 
 fn same_budget(a: &RetryConfig, b: &RetryConfig) -> bool {
-    (a.budget_ratio, a.budget_min_per_second, a.budget_window) == (b.budget_ratio, b.budget_min_per_second, b.budget_window)
+    (a.budget_ratio, a.budget_min_per_second, a.budget_window)
+        == (b.budget_ratio, b.budget_min_per_second, b.budget_window)
 }
 
 /// The endpoints of `svc` from its config and DNS answers, with the live state of those
@@ -343,8 +340,7 @@ mod tests {
         let v2 = picks.iter().filter(|n| **n == "v2").count() as f64 / picks.len() as f64;
         assert!((0.07..0.13).contains(&v2), "90/10 split gave v2 {v2}");
         let db = snap.index_named("db").unwrap();
-        let order =
-            |s: &Snapshot| s.concrete(db, now).iter().map(|&i| s.service(i).name.clone()).collect::<Vec<_>>();
+        let order = |s: &Snapshot| s.concrete(db, now).iter().map(|&i| s.service(i).name.clone()).collect::<Vec<_>>();
         assert_eq!(order(&snap), ["v2", "v1"], "first healthy branch first");
         let v2_ep = &snap.service_named("v2").unwrap().balancer.endpoints()[0];
         v2_ep.state.on_connect_failed(now, snap.service_named("v2").unwrap().balancer.accrual());

@@ -317,16 +317,16 @@ impl Downstream {
         let connect_timeout = attempt.service.config.connect.timeout.min(timeout.unwrap_or(Duration::MAX));
         let pool = &self.http.pool;
         let mut lent: Lent = match pool.lend(addr, self.version, self.http.mark, connect_timeout, idle).await {
-                Ok(l) => l,
-                Err(e) => {
-                    debug!(attempt = attempt.number, endpoint = %addr, error = %e, "upstream HTTP connection failed");
-                    match &e {
-                        PoolError::Connect { source, .. } => attempt.connect_failed(metrics, source),
-                        PoolError::Handshake { .. } => attempt.responded(metrics, false, Duration::ZERO),
-                    }
-                    return Exchange::Failed(Failure::Connect);
+            Ok(l) => l,
+            Err(e) => {
+                debug!(attempt = attempt.number, endpoint = %addr, error = %e, "upstream HTTP connection failed");
+                match &e {
+                    PoolError::Connect { source, .. } => attempt.connect_failed(metrics, source),
+                    PoolError::Handshake { .. } => attempt.responded(metrics, false, Duration::ZERO),
                 }
-            };
+                return Exchange::Failed(Failure::Connect);
+            }
+        };
         if let Some(latency) = lent.connected_in {
             attempt.connected(metrics, latency);
         }
