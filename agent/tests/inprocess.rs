@@ -14,7 +14,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::{Request, StatusCode};
-use support::{Endpoint, H1, H2, agent, answer, refused};
+use support::{Endpoint, H1, H2, Scratch, agent, answer, eventually, refused};
 use switchyard::origin::Fixed;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -367,4 +367,48 @@ async fn the_admin_api_shows_services_connections_resolution_and_metrics() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(a.admin_json("/status").await["rejected"], serde_json::json!({}), "nothing was rejected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_catalog_is_rejected_and_the_last_good_state_keeps_serving() {
+    let (one, two) = (Endpoint::fixed(200, "one").await, Endpoint::fixed(200, "two").await);
+    let dir = Scratch::new("catalog");
+    let catalog = dir.0.join("catalog.yaml");
+    let write = |endpoint: &str| {
+        let text = format!("services:\n  - {{ name: web, addresses: [\"{WEB}\"], endpoints: [\"{endpoint}\"] }}\n");
+        std::fs::write(&catalog, text).unwrap();
+    };
+    write(&one.addr.to_string());
+    let a = agent(&format!("catalog: \"{}\"", catalog.display()), "  []\n", web()).await;
+    assert_eq!(H1::connect(a.proxy).await.get("/").await.text(), "one");
+
+    // A catalog that does not parse: refused, said in /status naming the field, and
+    // nothing else changes.
+    std::fs::write(&catalog, "services:\n  - { name: web, addresses: [nonsense] }\n").unwrap();
+    eventually("the catalog's rejection in /status", || async {
+        let status = a.admin_json("/status").await;
+        status["rejected"]["catalog"]["error"].as_str().is_some_and(|e| e.contains("services[0].addresses[0]"))
+    })
+    .await;
+    assert_eq!(H1::connect(a.proxy).await.get("/").await.text(), "one", "the last good state serves");
+
+    // A good one again: applied, and its endpoint serves.
+    write(&two.addr.to_string());
+    eventually("the new endpoint serves", || async { H1::connect(a.proxy).await.get("/").await.text() == "two" }).await;
+    assert_eq!(a.admin_json("/status").await["last_applied_source"], "catalog");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_every_background_task_and_the_agent_ends() {
+    let ep = Endpoint::fixed(200, "ok").await;
+    let services = format!(
+        "  - {{ name: web, addresses: [\"{WEB}\"], endpoints: [\"{}\"], health_check: {{ kind: http, interval: 50ms }} }}\n",
+        ep.addr
+    );
+    let a = agent("", &services, web()).await;
+    eventually("health checks reach the endpoint", || async { ep.requests() >= 3 }).await;
+    a.stop(Duration::from_secs(10)).await;
+    let after_stop = ep.requests();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(ep.requests(), after_stop, "no health check runs after shutdown");
 }

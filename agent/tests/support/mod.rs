@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// A running in-process agent; shut down when dropped.
 pub struct Agent {
-    bound: Bound,
+    bound: Option<Bound>,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
 }
@@ -47,7 +47,7 @@ pub async fn agent(agent: &str, services: &str, origins: Fixed) -> Agent {
     let bound = app::build(config, None, Kernel::None(Arc::new(origins)), log).await.expect("the agent starts");
     let proxy = *bound.proxy.iter().find(|a| a.is_ipv4()).expect("a v4 listener");
     let admin = bound.admin.expect("the admin API is on");
-    Agent { bound, proxy, admin }
+    Agent { bound: Some(bound), proxy, admin }
 }
 
 impl Agent {
@@ -80,9 +80,47 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Shut down and wait until the agent has stopped (at most `limit`).
+    pub async fn stop(mut self, limit: Duration) {
+        let bound = self.bound.take().expect("running");
+        bound.shutdown();
+        tokio::time::timeout(limit, bound.wait()).await.expect("the agent stops in time").expect("a clean stop");
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
-        self.bound.shutdown();
+        if let Some(b) = &self.bound {
+            b.shutdown();
+        }
+    }
+}
+
+/// A directory of its own for a test's files, removed when dropped.
+pub struct Scratch(pub std::path::PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("switchyard-inprocess-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Wait (at most 10 s) until `check` holds.
+pub async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "not within 10 s: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
