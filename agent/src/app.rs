@@ -152,7 +152,7 @@ struct Plane {
     listeners: Listeners,
     admin: Option<tokio::net::TcpListener>,
     origins: Arc<dyn Origins>,
-    kernel: Option<reconcile::Kernel>,
+    kernel: Option<reconcile::Attached>,
     lifecycle: Option<Lifecycle>,
 }
 
@@ -481,7 +481,7 @@ async fn attach(main: &Config, cgroup: PathBuf, pins: PinDir, snapshot: &Snapsho
         listeners,
         admin,
         origins: orig,
-        kernel: Some(reconcile::Kernel { redirect, pods }),
+        kernel: Some(reconcile::Attached { redirect, pods }),
         lifecycle: Some(Lifecycle { cgroup, pins, predecessor, added }),
     })
 }

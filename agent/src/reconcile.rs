@@ -51,14 +51,9 @@ pub enum Rejected {
 }
 
 /// Validation problems of a merged config, one per line.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct Problems(pub String);
-
-impl std::fmt::Display for Problems {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
 
 /// The merged config if it is valid, else its problems.
 pub fn validated(merged: Config) -> Result<Config, Problems> {
@@ -71,7 +66,7 @@ pub fn validated(merged: Config) -> Result<Config, Problems> {
 }
 
 /// The kernel side the reconciler keeps in step (absent when the agent runs without it).
-pub struct Kernel {
+pub struct Attached {
     pub redirect: Redirect,
     pub pods: PodsReconcile,
 }
@@ -93,7 +88,7 @@ pub struct Reconciler {
     pub publish: watch::Sender<Arc<Snapshot>>,
     /// The effective (merged) configuration, for the admin API's `/config`.
     pub publish_config: watch::Sender<Arc<Config>>,
-    pub kernel: Option<Kernel>,
+    pub kernel: Option<Attached>,
     pub dns: Dns,
     pub mark: u32,
     pub status: Arc<admin::Status>,
@@ -118,7 +113,7 @@ impl Reconciler {
     pub fn reload_file(&mut self, path: &Path) {
         let mut new = match Config::load(path) {
             Ok(c) => c,
-            Err(e) => return self.reject("config file", &Rejected::Config(e)),
+            Err(e) => return self.reject("config file", Rejected::Config(e)),
         };
         if new.agent != self.main.agent {
             warn!(
@@ -127,7 +122,7 @@ impl Reconciler {
             new.agent = self.main.agent.clone();
         }
         if let Err(e) = self.apply(new, self.sources.clone(), "config file") {
-            self.reject("config file", &e);
+            self.reject("config file", e);
         }
     }
 
@@ -136,16 +131,17 @@ impl Reconciler {
         let source = update.source();
         let mut candidate = self.sources.clone();
         if let Err(e) = candidate.apply(update) {
-            return self.reject(source, &Rejected::Source(e));
+            return self.reject(source, Rejected::Source(e));
         }
         if let Err(e) = self.apply(self.main.clone(), candidate, source) {
-            self.reject(source, &e);
+            self.reject(source, e);
         }
     }
 
     /// Log a rejected change and record it for `/status`; nothing else changes.
-    fn reject(&self, source: &str, error: &Rejected) {
-        let error = chain(error);
+    fn reject(&self, source: &str, error: Rejected) {
+        // With its sources, on one line, as the agent's other error lines read.
+        let error = format!("{:#}", anyhow::Error::from(error));
         error!(source, error = error.as_str(), "update rejected; still serving the last good state");
         self.status.rejected(source, error);
     }
@@ -202,7 +198,7 @@ impl Reconciler {
     /// later), publish what is known of them, and keep the exclusions in step with the
     /// cgroups that exist now (a pod's cgroup appears when it starts).
     fn sync_pods(&mut self) {
-        let Some(Kernel { redirect: r, pods: p }) = &mut self.kernel else { return };
+        let Some(Attached { redirect: r, pods: p }) = &mut self.kernel else { return };
         let maps = r.pods();
         let excluded: HashSet<u64> = p.exclude.iter().filter_map(|path| redirect::cgroup_id(path).ok()).collect();
         if let Err(e) = maps.sync_excluded(&excluded) {
@@ -280,16 +276,4 @@ impl Reconciler {
             warn!(tasks = self.background.len(), "background tasks still running after shutdown");
         }
     }
-}
-
-/// An error and its sources, on one line, as the agent's other error lines read.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }

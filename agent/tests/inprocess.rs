@@ -361,11 +361,10 @@ async fn the_admin_api_shows_services_connections_resolution_and_metrics() {
     assert_eq!(a.metric(&series).await, Some(1.0));
     assert_eq!(a.admin_get("/resolve?target=nope").await.0, StatusCode::NOT_FOUND);
     drop(c);
-    let started = Instant::now();
-    while !a.admin_json("/conns").await.as_array().unwrap().is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(5), "a closed connection leaves the table");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("a closed connection leaves the table", Duration::from_secs(5), || async {
+        a.admin_json("/conns").await.as_array().unwrap().is_empty()
+    })
+    .await;
     assert_eq!(a.admin_json("/status").await["rejected"], serde_json::json!({}), "nothing was rejected");
 }
 
@@ -385,7 +384,7 @@ async fn a_bad_catalog_is_rejected_and_the_last_good_state_keeps_serving() {
     // A catalog that does not parse: refused, said in /status naming the field, and
     // nothing else changes.
     std::fs::write(&catalog, "services:\n  - { name: web, addresses: [nonsense] }\n").unwrap();
-    eventually("the catalog's rejection in /status", || async {
+    eventually("the catalog's rejection in /status", Duration::from_secs(10), || async {
         let status = a.admin_json("/status").await;
         status["rejected"]["catalog"]["error"].as_str().is_some_and(|e| e.contains("services[0].addresses[0]"))
     })
@@ -394,7 +393,10 @@ async fn a_bad_catalog_is_rejected_and_the_last_good_state_keeps_serving() {
 
     // A good one again: applied, and its endpoint serves.
     write(&two.addr.to_string());
-    eventually("the new endpoint serves", || async { H1::connect(a.proxy).await.get("/").await.text() == "two" }).await;
+    eventually("the new endpoint serves", Duration::from_secs(10), || async {
+        H1::connect(a.proxy).await.get("/").await.text() == "two"
+    })
+    .await;
     assert_eq!(a.admin_json("/status").await["last_applied_source"], "catalog");
 }
 
@@ -406,7 +408,7 @@ async fn shutdown_stops_every_background_task_and_the_agent_ends() {
         ep.addr
     );
     let a = agent("", &services, web()).await;
-    eventually("health checks reach the endpoint", || async { ep.requests() >= 3 }).await;
+    eventually("health checks reach the endpoint", Duration::from_secs(10), || async { ep.requests() >= 3 }).await;
     a.stop(Duration::from_secs(10)).await;
     let after_stop = ep.requests();
     tokio::time::sleep(Duration::from_millis(400)).await;

@@ -263,14 +263,7 @@ fn measure(
 /// an eager Prometheus and a dashboard would): whether the admin side steals latency
 /// from the data path. Returns (quiet, scraped, scrapes made).
 fn scraped(setup: &Setup, conns: u64, secs: u64) -> anyhow::Result<(Sample, Sample, u64)> {
-    let (target, cg) = setup.target(Via::Switchyard, HTTP);
-    let hold_ms = ((2 * secs + 30) * 1000).to_string();
-    let mut cmd = Command::new(&setup.probe);
-    cmd.args(["hold", "--connect", &target, "--conns", &conns.to_string(), "--hold-ms", &hold_ms]);
-    let mut child = setup.topo.in_node(&mut cmd, cg).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)?;
-    ensure!(line.starts_with("held="), "could not hold {conns} connections: {line}");
+    let mut child = hold(setup, Via::Switchyard, conns, Duration::from_secs(2 * secs + 30))?;
     let quiet = measure(setup, None, "http keep-alive", Via::Switchyard, secs, 0)?;
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (busy, scrapes) = thread::scope(|s| {
@@ -307,18 +300,25 @@ fn admin_get(path: &str) -> std::io::Result<usize> {
     Ok(body.len())
 }
 
+/// `conns` connections to the HTTP backend through `path`, held open for `time` by the
+/// probe (returned once they are all open).
+fn hold(setup: &Setup, path: Via, conns: u64, time: Duration) -> anyhow::Result<std::process::Child> {
+    let (target, cg) = setup.target(path, HTTP);
+    let mut cmd = Command::new(&setup.probe);
+    let hold_ms = time.as_millis().to_string();
+    cmd.args(["hold", "--connect", &target, "--conns", &conns.to_string(), "--hold-ms", &hold_ms]);
+    let mut child = setup.topo.in_node(&mut cmd, cg).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)?;
+    ensure!(line.starts_with("held="), "{} could not hold {conns} connections: {line}", path.name());
+    Ok(child)
+}
+
 /// Memory of a proxy holding `conns` idle proxied connections.
 fn idle_memory(setup: &Setup, path: Via, conns: u64) -> anyhow::Result<(f64, f64)> {
     let pid = setup.proxy_pid(path).expect("a proxy");
     let before = rss_kib(pid);
-    let (target, cg) = setup.target(path, HTTP);
-    let mut cmd = Command::new(&setup.probe);
-    cmd.args(["hold", "--connect", &target, "--conns", &conns.to_string(), "--hold-ms", "4000"]);
-    let mut child = setup.topo.in_node(&mut cmd, cg).stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut out, &mut line)?;
-    ensure!(line.starts_with("held="), "{} could not hold {conns} connections: {line}", path.name());
+    let mut child = hold(setup, path, conns, Duration::from_secs(4))?;
     thread::sleep(Duration::from_millis(500));
     let during = rss_kib(pid);
     let _ = switchyard_tests::wait_bounded(&mut child, Duration::from_secs(30));

@@ -154,7 +154,6 @@ impl<'s> Attempts<'s> {
             tier: pick.tier,
             number: self.made,
             deadline,
-            started: now,
             guard: pick.endpoint.state.begin(),
         })
     }
@@ -173,7 +172,6 @@ pub struct Attempt<'s> {
     pub number: u32,
     /// The limit's deadline for this attempt, if there is one.
     pub deadline: Option<Instant>,
-    pub started: Instant,
     pub guard: ActiveGuard,
 }
 
@@ -185,7 +183,7 @@ impl Attempt<'_> {
     }
 
     pub fn handles(&self) -> EndpointHandles<'_> {
-        self.service.metrics.endpoint(self.index).expect("metric handles are built for every endpoint")
+        self.service.metrics.endpoint(self.index)
     }
 
     /// A connect worked after `latency`.

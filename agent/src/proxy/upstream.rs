@@ -56,7 +56,7 @@ impl Upstream {
     }
 
     pub fn handles(&self) -> EndpointHandles<'_> {
-        self.service.metrics.endpoint(self.index).expect("metric handles are built for every endpoint")
+        self.service.metrics.endpoint(self.index)
     }
 }
 

@@ -302,9 +302,10 @@ impl ServiceMetrics {
         self.answers.write().unwrap().insert((endpoint, status), c);
     }
 
-    /// The handles of endpoint `i` of the service, with the service's name for labels.
-    pub fn endpoint(&self, i: usize) -> Option<EndpointHandles<'_>> {
-        Some(EndpointHandles { service: &self.name, e: self.endpoints.get(i)? })
+    /// The handles of endpoint `i` of the service (indexed like its balancer's
+    /// endpoints, which they are built with), with the service's name for labels.
+    pub fn endpoint(&self, i: usize) -> EndpointHandles<'_> {
+        EndpointHandles { service: &self.name, e: &self.endpoints[i] }
     }
 }
 

@@ -115,11 +115,11 @@ impl Drop for Scratch {
     }
 }
 
-/// Wait (at most 10 s) until `check` holds.
-pub async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+/// Wait (at most `within`) until `check` holds.
+pub async fn eventually<F: Future<Output = bool>>(what: &str, within: Duration, mut check: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + within;
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "not within 10 s: {what}");
+        assert!(tokio::time::Instant::now() < deadline, "not within {within:?}: {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -243,11 +243,7 @@ impl H1 {
 
     pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Got {
         self.0.ready().await.expect("the connection takes another request");
-        let resp = tokio::time::timeout(Duration::from_secs(20), self.0.send_request(req))
-            .await
-            .expect("a response within 20 s")
-            .expect("a response");
-        collect(resp).await
+        response(self.0.send_request(req)).await
     }
 
     pub async fn get(&mut self, path: &str) -> Got {
@@ -267,15 +263,14 @@ impl H2 {
     }
 
     pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Got {
-        let resp = tokio::time::timeout(Duration::from_secs(20), self.0.send_request(req))
-            .await
-            .expect("a response within 20 s")
-            .expect("a response");
-        collect(resp).await
+        response(self.0.send_request(req)).await
     }
 }
 
-async fn collect(resp: Response<Incoming>) -> Got {
+/// The response to a request sent (within 20 s), body and trailers read.
+async fn response(sent: impl Future<Output = hyper::Result<Response<Incoming>>>) -> Got {
+    let resp =
+        tokio::time::timeout(Duration::from_secs(20), sent).await.expect("a response within 20 s").expect("a response");
     let (parts, body) = resp.into_parts();
     let collected = body.collect().await.expect("the response body");
     let mut headers = parts.headers;

@@ -259,9 +259,6 @@ impl Downstream {
                         Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "response_timeout", Some(addr)),
                         _ => (StatusCode::BAD_GATEWAY, "upstream_error", Some(addr)),
                     };
-                    if failure != Failure::Connect {
-                        attempt.responded(metrics, false, Duration::ZERO);
-                    }
                     last = Some((local(status, reason, grpc), endpoint));
                     failure
                 }
@@ -301,7 +298,8 @@ impl Downstream {
 
     /// One attempt: an upstream connection from the pool (a new connect is reported to
     /// the attempt like any other), the request sent, the response headers awaited.
-    /// `timeout` bounds it all; `idle` is the dialled service's pool idle timeout.
+    /// `timeout` bounds it all; `idle` is the dialled service's pool idle timeout. Every
+    /// failure is fed back to the endpoint here; an answer is judged by the caller.
     async fn exchange(
         &self,
         attempt: &Attempt<'_>,
@@ -313,8 +311,8 @@ impl Downstream {
         let metrics = &self.http.stats.metrics;
         let addr = attempt.endpoint.addr;
         let t0 = Instant::now();
-        // The endpoint's own service's connect timeout, as an opaque connect would use.
-        let connect_timeout = attempt.service.config.connect.timeout.min(timeout.unwrap_or(Duration::MAX));
+        // As an opaque connect would wait, and no longer than the attempt may take.
+        let connect_timeout = attempt.connect_timeout(t0).min(timeout.unwrap_or(Duration::MAX));
         let pool = &self.http.pool;
         let mut lent: Lent = match pool.lend(addr, self.version, self.http.mark, connect_timeout, idle).await {
             Ok(l) => l,
@@ -340,6 +338,7 @@ impl Downstream {
             None => {
                 lent.discard();
                 debug!(attempt = attempt.number, endpoint = %addr, "no response headers in time");
+                attempt.responded(metrics, false, Duration::ZERO);
                 Exchange::Failed(Failure::Timeout)
             }
             Some(Err(mut e)) => {
@@ -348,7 +347,10 @@ impl Downstream {
                 lent.discard();
                 match never_sent {
                     Some(req) => Exchange::Unsent(req.into_body()),
-                    None => Exchange::Failed(Failure::Broke),
+                    None => {
+                        attempt.responded(metrics, false, Duration::ZERO);
+                        Exchange::Failed(Failure::Broke)
+                    }
                 }
             }
             Some(Ok(resp)) => {
