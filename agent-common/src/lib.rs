@@ -35,21 +35,24 @@ pub mod prog {
 /// must change whenever the layout of its key or value (or, for `SY_COUNTERS`, its length)
 /// changes: the suffix follows the version of the type it holds.
 pub mod map {
-    pub const SERVICES: &str = "SY_SERVICES";
+    pub const SERVICES: &str = "SY_SERVICES2";
     pub const AGENT: &str = "SY_AGENT2";
     pub const SOCK_ORIG: &str = "SY_SOCK_ORIG3";
     pub const CLIENT_ORIG: &str = "SY_CLIENT_ORIG3";
     /// Holds `counter::COUNT` slots: bump the suffix when counters are added.
-    pub const COUNTERS: &str = "SY_COUNTERS3";
-    pub const BACKENDS: &str = "SY_BACKENDS1";
+    pub const COUNTERS: &str = "SY_COUNTERS4";
+    pub const BACKENDS: &str = "SY_BACKENDS2";
     /// SOCKMAP of the agent's listening sockets, indexed by `listener::*`.
     pub const LISTENERS: &str = "SY_LISTENERS1";
     /// Network namespace cookie -> `NetnsV1`: can that namespace reach the agent?
     pub const NETNS: &str = "SY_NETNS1";
     /// cgroup ids whose connects are never touched (`agent.exclude_cgroups`).
     pub const EXCLUDE: &str = "SY_EXCLUDE1";
+    /// Ring buffer of `ConnEventV1`: connections the kernel sent straight to an endpoint.
+    pub const EVENTS: &str = "SY_EVENTS1";
     /// Every map, all pinned.
-    pub const ALL: [&str; 9] = [SERVICES, AGENT, SOCK_ORIG, CLIENT_ORIG, COUNTERS, BACKENDS, LISTENERS, NETNS, EXCLUDE];
+    pub const ALL: [&str; 10] =
+        [SERVICES, AGENT, SOCK_ORIG, CLIENT_ORIG, COUNTERS, BACKENDS, LISTENERS, NETNS, EXCLUDE, EVENTS];
     /// Prefix of every map name: what `switchyard uninstall` and the tests recognise as ours.
     pub const PREFIX: &str = "SY_";
 }
@@ -135,16 +138,27 @@ impl From<SocketAddr> for SockAddrV1 {
     }
 }
 
-/// Value of `SY_SERVICES`: which service a service address belongs to.
+/// Value of `SY_SERVICES`: which service a service address belongs to, and how its
+/// connects are handled. V2: `flags` (was reserved).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ServiceV1 {
-    /// Index of the service in the agent's configuration (host order). The kernel only
-    /// needs to know the address is a service; the id is for `bpftool map dump` readers.
+pub struct ServiceV2 {
+    /// Index of the service in the agent's configuration (host order), for `bpftool map
+    /// dump` readers.
     pub id: u32,
-    pub _reserved: u32,
+    /// `service::*` (host order).
+    pub flags: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServiceV1>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceV2>() == 8);
+
+/// `ServiceV2::flags`.
+pub mod service {
+    /// `mode: kernel`: every connect goes straight to an endpoint drawn from the
+    /// service's `SY_BACKENDS` table, agent or not; the agent sees it through
+    /// `SY_EVENTS`. Without it a connect goes to the agent, and to the table only while no
+    /// agent listens (the fallback).
+    pub const KERNEL: u32 = 1;
+}
 
 /// Value of the single-slot `SY_AGENT` array: where redirected connects go. V2: adds the
 /// node addresses (for connects from other network namespaces), the pod mode and the
@@ -275,34 +289,101 @@ impl OrigDstV3 {
     }
 }
 
-/// Most endpoints one service address keeps in `SY_BACKENDS` for the in-kernel fallback.
-pub const MAX_BACKENDS: usize = 32;
+/// Most endpoints one service address keeps in its `SY_BACKENDS` table. A service with
+/// more keeps a subset chosen per node (see the agent's `redirect::table`), so that every
+/// endpoint still gets traffic from some nodes.
+pub const MAX_BACKENDS: usize = 64;
 
-/// Value of `SY_BACKENDS`: the healthy endpoints of one service address, for the
-/// in-kernel fallback that serves connects while no agent listens (agent killed, or
-/// restarting). The agent rewrites an entry whole whenever the set changes, so the kernel
-/// sees either the old or the new set, never a mix.
+/// Slots of a `SY_BACKENDS` table: a power of two, so a draw is a mask. With 1,024 slots
+/// an endpoint's share is kept to within 0.1% of all connections.
+pub const TABLE_SLOTS: usize = 1024;
+
+/// Value of `SY_BACKENDS`: where the kernel sends a connect to one service address when
+/// it chooses the endpoint itself (`mode: kernel` services always, every service while no
+/// agent listens). The agent turns the balancer's view (health, weights, locality tiers
+/// and their spill) into a table of `TABLE_SLOTS` slots in which each endpoint holds
+/// slots in proportion to the share of new connections it should get; the kernel draws
+/// one slot at random. The agent rewrites an entry whole whenever the table changes, so
+/// the kernel sees either the old or the new one, never a mix.
+///
+/// Why a weighted table rather than Maglev's permutation: a socket-level balancer decides
+/// once per connection, at connect, so nothing needs the same flow to land on the same
+/// endpoint when the table changes, which is what Maglev's consistency buys a per-packet
+/// balancer. What matters here is proportion, and a table gives it in one draw with no
+/// loop for the verifier.
 ///
 /// Only endpoints of the service address's own family are kept (an IPv4 service address
 /// keeps IPv4 endpoints as v4-mapped addresses), since a connect can only be rewritten
-/// within its family. A service with more healthy endpoints keeps the first
-/// `MAX_BACKENDS` in address order (stable, so an unchanged set is not rewritten): enough
-/// to spread load until the agent is back.
+/// within its family.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BackendsV1 {
-    /// How many of `addrs` are valid (host order); 0 means "none: pass the connect".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendsV2 {
+    /// How many of `addrs` are valid (host order); 0 means "none".
     pub count: u32,
     pub _pad: u32,
     pub addrs: [SockAddrV1; MAX_BACKENDS],
+    /// Index into `addrs` per slot; every slot is valid while `count > 0`.
+    pub table: [u8; TABLE_SLOTS],
 }
-const _: () = assert!(core::mem::size_of::<BackendsV1>() == 8 + 20 * MAX_BACKENDS);
+const _: () = assert!(core::mem::size_of::<BackendsV2>() == 8 + 20 * MAX_BACKENDS + TABLE_SLOTS);
+const _: () = assert!(TABLE_SLOTS.is_power_of_two() && MAX_BACKENDS <= u8::MAX as usize + 1);
 
-impl Default for BackendsV1 {
+impl Default for BackendsV2 {
     fn default() -> Self {
-        Self { count: 0, _pad: 0, addrs: [SockAddrV1::default(); MAX_BACKENDS] }
+        Self { count: 0, _pad: 0, addrs: [SockAddrV1::default(); MAX_BACKENDS], table: [0; TABLE_SLOTS] }
     }
 }
+
+/// One record of `SY_EVENTS`: the life of a connection the kernel sent straight to an
+/// endpoint (`mode: kernel`, or the fallback), which the agent never accepts and so can
+/// only learn of this way. sock_ops writes one at the SYN (`event::CONNECT`, with who and
+/// where), one when the handshake completes (`ESTABLISHED`) and one at close (`CLOSED`,
+/// with the bytes moved); all carry the socket cookie that ties them together.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEventV1 {
+    /// `event::*` (host order).
+    pub kind: u32,
+    /// CLOSED: the TCP state the socket left (`tcp_state::*`, host order); a close from
+    /// SYN_SENT is a connect that failed.
+    pub old_state: u32,
+    /// The socket cookie (host order).
+    pub cookie: u64,
+    /// CLOCK_MONOTONIC nanoseconds of the event.
+    pub ts_ns: u64,
+    /// CLOSED: bytes received and bytes the peer acknowledged (host order).
+    pub bytes_received: u64,
+    pub bytes_acked: u64,
+    /// CONNECT: the endpoint (the socket's peer after the rewrite) and the client's own
+    /// address.
+    pub endpoint: SockAddrV1,
+    pub client: SockAddrV1,
+    /// ESTABLISHED: smoothed RTT in microseconds (host order).
+    pub srtt_us: u32,
+    /// CLOSED: segments retransmitted (host order). A connect that failed with none was
+    /// refused (answered by a reset); with some, its SYNs went unanswered.
+    pub retrans: u32,
+    /// CONNECT: who dialled what.
+    pub orig: OrigDstV3,
+}
+const _: () = assert!(core::mem::size_of::<ConnEventV1>() == 88 + 72);
+
+/// `ConnEventV1::kind`.
+pub mod event {
+    pub const CONNECT: u32 = 1;
+    pub const ESTABLISHED: u32 = 2;
+    pub const CLOSED: u32 = 3;
+}
+
+/// Linux TCP states (include/net/tcp_states.h), as sock_ops reports them.
+pub mod tcp_state {
+    pub const ESTABLISHED: u32 = 1;
+    pub const SYN_SENT: u32 = 2;
+}
+
+/// `OrigDstV3::flags`: the connect went straight to an endpoint and is reported in
+/// `SY_EVENTS` (not set for connects to the agent, which sees those itself).
+pub const ORIG_EVENTS: u16 = 2;
 
 /// Linux address family numbers (stable ABI; libc is not available in the kernel crate).
 pub const AF_INET: u16 = 2;
@@ -340,8 +421,12 @@ pub mod counter {
     /// connect from a network namespace whose path to the agent is blocked or not yet
     /// confirmed: sent to a healthy endpoint in the kernel (also counted in `FALLBACK`).
     pub const FALLBACK_BLOCKED: u32 = 12;
+    /// connect to a `mode: kernel` service sent straight to an endpoint of its table.
+    pub const KERNEL: u32 = 13;
+    /// a `SY_EVENTS` record could not be written (ring full: no agent reading).
+    pub const EVENTS_LOST: u32 = 14;
     /// Number of counters (the array's max_entries; bump `map::COUNTERS` with it).
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 15;
     /// Names, by index, for logs and metrics.
     pub const NAMES: [&str; COUNT as usize] = [
         "redirected",
@@ -357,18 +442,21 @@ pub mod counter {
         "redirected_pod",
         "skipped_excluded",
         "fallback_blocked",
+        "kernel",
+        "events_lost",
     ];
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all six are repr(C), integers only, with explicit padding, so every bit
+    // SAFETY: all seven are repr(C), integers only, with explicit padding, so every bit
     // pattern is valid and there are no implicit padding bytes.
     unsafe impl aya::Pod for super::SockAddrV1 {}
-    unsafe impl aya::Pod for super::ServiceV1 {}
+    unsafe impl aya::Pod for super::ServiceV2 {}
     unsafe impl aya::Pod for super::AgentV2 {}
     unsafe impl aya::Pod for super::OrigDstV3 {}
-    unsafe impl aya::Pod for super::BackendsV1 {}
+    unsafe impl aya::Pod for super::BackendsV2 {}
+    unsafe impl aya::Pod for super::ConnEventV1 {}
     unsafe impl aya::Pod for super::NetnsV1 {}
 }
 

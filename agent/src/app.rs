@@ -246,6 +246,13 @@ pub async fn build(
         last_sweep: Instant::now(),
     };
     reconciler.start(&merged);
+    if let Some(k) = &mut reconciler.kernel {
+        let events = k.redirect.events().context("follow the kernel's connection events")?;
+        if let Some(events) = events {
+            let direct = crate::direct::Direct::new(events, latest.clone(), Arc::clone(&stats));
+            reconciler.background.spawn(direct.run());
+        }
+    }
 
     let stop = CancellationToken::new();
     let offer = match &plane.lifecycle {
@@ -466,7 +473,7 @@ async fn attach(main: &Config, cgroup: PathBuf, pins: PinDir, snapshot: &Snapsho
         agent,
         &slots,
         snapshot.service_addresses(),
-        &snapshot.fallback_backends(Instant::now()),
+        &snapshot.kernel_tables(Instant::now()),
     )
     .context("start the transparent redirect")?;
     drop(slots);

@@ -92,7 +92,8 @@ fn conn_row(c: &Value) -> Vec<String> {
         } else {
             s(&c["route"]["endpoint"])
         },
-        s(&c["state"]),
+        // Connections the kernel sent straight to an endpoint are marked as such.
+        if c["via"] == "kernel" { format!("{} (kernel)", s(&c["state"])) } else { s(&c["state"]) },
         age(c["age_ms"].as_u64().unwrap_or(0)),
         human(c["bytes_out"].as_u64().unwrap_or(0)),
         human(c["bytes_in"].as_u64().unwrap_or(0)),

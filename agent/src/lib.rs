@@ -64,6 +64,7 @@ pub mod app;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod direct;
 pub mod discovery;
 pub mod handover;
 pub mod health;

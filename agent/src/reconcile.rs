@@ -173,7 +173,7 @@ impl Reconciler {
         Ok(())
     }
 
-    /// The periodic work: the kernel's fallback sets and pod namespaces, idle upstream
+    /// The periodic work: the kernel's endpoint tables and pod namespaces, idle upstream
     /// HTTP connections.
     pub fn tick(&mut self) {
         self.sync_backends();
@@ -184,13 +184,14 @@ impl Reconciler {
         }
     }
 
-    /// Keep the in-kernel fallback's endpoint sets at the healthy endpoints of now.
+    /// Keep the kernel's endpoint tables (`mode: kernel` services, and the fallback) at
+    /// the endpoints' health, weights and locality of now.
     fn sync_backends(&mut self) {
         let Some(k) = &mut self.kernel else { return };
-        let backends = self.publish.borrow().fallback_backends(Instant::now());
+        let backends = self.publish.borrow().kernel_tables(Instant::now());
         if let Err(e) = k.redirect.sync_backends(&backends) {
             let e = anyhow::Error::from(e);
-            error!(error = format!("{e:#}"), "could not update the kernel's fallback endpoints");
+            error!(error = format!("{e:#}"), "could not update the kernel's endpoint tables");
         }
     }
 

@@ -7,17 +7,17 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockMap},
 };
-use switchyard_common::{AgentV2, BackendsV1, NetnsV1, OrigDstV3, ServiceV1, SockAddrV1, counter, listener};
+use switchyard_common::{AgentV2, BackendsV2, NetnsV1, OrigDstV3, ServiceV2, SockAddrV1, counter, listener};
 
 /// Service addresses to redirect. Key: service address (v4 as v4-mapped); value: the
-/// service's index. Written by the agent, read by connect4/6.
+/// service's index and mode. Written by the agent, read by connect4/6.
 /// HASH, not LRU: a service address must never be evicted. 65,536 covers a large cluster
 /// (Kubernetes' default ClusterIP range is a /12, but few clusters pass 10k services with a
 /// handful of ports each).
-#[map(name = "SY_SERVICES")]
-pub static SERVICES: HashMap<SockAddrV1, ServiceV1> = HashMap::pinned(65_536, 0);
+#[map(name = "SY_SERVICES2")]
+pub static SERVICES: HashMap<SockAddrV1, ServiceV2> = HashMap::pinned(65_536, 0);
 
 /// One slot: the agent's listener addresses, mark, network namespace and pod policy.
 /// Written by the agent once its listeners are bound; read by connect4/6, which also check
@@ -72,17 +72,27 @@ pub static CLIENT_ORIG: LruHashMap<SockAddrV1, OrigDstV3> = LruHashMap::pinned(6
 /// Per-CPU decision counters, indexed by `switchyard_common::counter`. Written by every
 /// program; summed and exported by the agent. Per-CPU so the hot path needs no atomics.
 /// Pinned like the rest, so the counts survive agent restarts.
-#[map(name = "SY_COUNTERS3")]
+#[map(name = "SY_COUNTERS4")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 
-/// Service address -> its healthy endpoints, for the in-kernel fallback: read by
-/// connect4/6 only when no agent listener exists (agent killed or restarting), written by
-/// the agent whenever a service's healthy set changes. Same keys and size as
-/// SY_SERVICES; HASH, never evicted. BPF_F_NO_PREALLOC because a value is 648 bytes:
-/// preallocating 65,536 of them would pin 42 MiB of kernel memory for a map that holds a
+/// Service address -> the table the kernel draws an endpoint from (`BackendsV2`): read
+/// by connect4/6 for `mode: kernel` services on every connect, and for the others only
+/// when no agent listener exists (agent killed or restarting, the fallback); written by
+/// the agent whenever a table changes (health, weights, locality). Same keys and size as
+/// SY_SERVICES; HASH, never evicted. BPF_F_NO_PREALLOC because a value is 2,320 bytes:
+/// preallocating 65,536 of them would pin 150 MiB of kernel memory for a map that holds a
 /// few hundred entries on most nodes.
-#[map(name = "SY_BACKENDS1")]
-pub static BACKENDS: HashMap<SockAddrV1, BackendsV1> = HashMap::pinned(65_536, BPF_F_NO_PREALLOC);
+#[map(name = "SY_BACKENDS2")]
+pub static BACKENDS: HashMap<SockAddrV1, BackendsV2> = HashMap::pinned(65_536, BPF_F_NO_PREALLOC);
+
+/// Connections sent straight to an endpoint (`switchyard_common::ConnEventV1`): written by
+/// sock_ops at their SYN, handshake and close; read by the agent, which shows them in
+/// `/conns` and counts them in its metrics and endpoint health. 1 MiB holds about 6,000
+/// records: seconds of connects at a busy node's rate, for an agent that reads
+/// continuously. While no agent reads (the fallback), the ring fills and further records
+/// are counted lost, not queued.
+#[map(name = "SY_EVENTS1")]
+pub static EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
 
 #[inline(always)]
 pub fn count(index: u32) {

@@ -10,8 +10,8 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_NOEXIST, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
-        bpf_sock_addr, bpf_sock_ops,
+        BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, bpf_sock_addr, bpf_sock_ops,
     },
     cty::c_void,
     helpers::{
@@ -22,10 +22,11 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext},
 };
 use switchyard_common::{
-    AF_INET, AgentV2, MAX_EXCLUDE_DEPTH, NetnsV1, ORIG_TO_AGENT, OrigDstV3, SockAddrV1, counter, listener, netns, pods,
+    AF_INET, AgentV2, ConnEventV1, MAX_EXCLUDE_DEPTH, NetnsV1, ORIG_EVENTS, ORIG_TO_AGENT, OrigDstV3, SockAddrV1,
+    TABLE_SLOTS, counter, event, listener, netns, pods, service,
 };
 
-use crate::maps::{AGENT, BACKENDS, CLIENT_ORIG, EXCLUDE, LISTENERS, NETNS, SERVICES, SOCK_ORIG, count};
+use crate::maps::{AGENT, BACKENDS, CLIENT_ORIG, EVENTS, EXCLUDE, LISTENERS, NETNS, SERVICES, SOCK_ORIG, count};
 
 const SOCK_STREAM: u32 = 1;
 /// Error code for a failed map update (the helpers' own return is not kept).
@@ -100,6 +101,8 @@ enum Verdict {
     Agent(SockAddrV1),
     /// To a healthy endpoint, in the kernel (counted `FALLBACK` plus the reason, if any).
     Fallback(SockAddrV1, Option<u32>),
+    /// To an endpoint of a `mode: kernel` service's table.
+    Kernel(SockAddrV1),
 }
 
 // Inlined into each entry point so `family` is a constant there: connect4 programs may
@@ -115,10 +118,10 @@ pub fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
         return Ok(());
     }
     // SAFETY: a hash lookup returning a reference valid for this program run.
-    if unsafe { SERVICES.get(dst) }.is_none() {
+    let Some(flags) = (unsafe { SERVICES.get(dst) }).map(|s| s.flags) else {
         count(counter::PASSED);
         return Ok(());
-    }
+    };
     let Some(agent) = AGENT.get(0) else { return Err(EMAP) };
     // The agent writes its slot before it attaches anything, so this only guards against
     // a map emptied by hand.
@@ -138,7 +141,16 @@ pub fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let host = agent.netns_cookie == 0 || netns_cookie == agent.netns_cookie;
     let (to, listener) = listener_for(agent, &dst, host);
-    let verdict = if host {
+    let verdict = if flags & service::KERNEL != 0 && (host || agent.pods != pods::OFF) {
+        // From the host or any covered pod: the endpoint is dialled directly, no agent
+        // path involved. With no endpoint, the agent (if there) answers the connection
+        // the way it does for any service without one; else the connect is passed as it is.
+        match table_endpoint(&dst) {
+            Some(endpoint) => Verdict::Kernel(endpoint),
+            None if listener_alive(listener) && (host || agent.pods == pods::REDIRECT) => Verdict::Agent(to),
+            None => Verdict::Pass(counter::SKIPPED_NOT_READY),
+        }
+    } else if host {
         // The agent's listener if it is there; else, in-kernel, a healthy endpoint (the
         // agent was killed or is restarting: the connection must not fail meanwhile).
         if listener_alive(listener) { Verdict::Agent(to) } else { fallback(&dst, None) }
@@ -164,7 +176,7 @@ pub fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
             return Ok(());
         }
         Verdict::Agent(to) => (to, ORIG_TO_AGENT),
-        Verdict::Fallback(to, _) => (to, 0),
+        Verdict::Fallback(to, _) | Verdict::Kernel(to) => (to, ORIG_EVENTS),
     };
     // Remember the destination before rewriting it: if we cannot, the agent could not
     // route the connection, so leave it alone. Fallback connections are recorded too, so
@@ -201,6 +213,7 @@ pub fn try_connect(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
                 count(why);
             }
         }
+        Verdict::Kernel(_) => count(counter::KERNEL),
         Verdict::Pass(_) => {}
     }
     Ok(())
@@ -273,30 +286,31 @@ fn excluded(agent: &AgentV2) -> bool {
     false
 }
 
-/// A random healthy endpoint of the service at `dst`, from the set the agent keeps in
-/// SY_BACKENDS, or a pass when it has none. No loop: the set holds healthy endpoints
-/// only, so one draw is enough.
+/// An endpoint of the service at `dst` drawn from its table in SY_BACKENDS (the fallback
+/// while no agent listens), or a pass when it has none.
 #[inline(always)]
 fn fallback(dst: &SockAddrV1, why: Option<u32>) -> Verdict {
-    match fallback_endpoint(dst) {
+    match table_endpoint(dst) {
         Some(endpoint) => Verdict::Fallback(endpoint, why),
         None => Verdict::Pass(counter::SKIPPED_NOT_READY),
     }
 }
 
+/// One draw from the service's weighted table: a random slot, the endpoint it names. No
+/// loop: the agent fills every slot, with endpoints in proportion to their share.
 #[inline(always)]
-fn fallback_endpoint(dst: &SockAddrV1) -> Option<SockAddrV1> {
+fn table_endpoint(dst: &SockAddrV1) -> Option<SockAddrV1> {
     // SAFETY: a hash lookup returning a reference valid for this program run; the agent
     // replaces values whole (BPF_F_NO_PREALLOC map: an update never rewrites in place).
     let backends = unsafe { BACKENDS.get(dst) }?;
-    let n = backends.count;
-    if n == 0 {
+    if backends.count == 0 {
         return None;
     }
     // SAFETY: helper valid in every program type.
-    let i = unsafe { bpf_get_prandom_u32() } % n;
-    // `get` bounds the index by the array length, which is what the verifier needs to
-    // see before the variable-offset read.
+    let slot = unsafe { bpf_get_prandom_u32() } as usize & (TABLE_SLOTS - 1);
+    // `get` bounds each index by its array's length, which is what the verifier needs to
+    // see before a variable-offset read.
+    let i = *backends.table.get(slot)?;
     backends.addrs.get(i as usize).copied()
 }
 
@@ -316,6 +330,10 @@ pub fn try_getpeername(ctx: &SockAddrContext, family: u16) -> Result<(), i64> {
 pub fn try_sock_ops(ctx: &SockOpsContext) -> Result<(), i64> {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            on_established(ctx);
+            Ok(())
+        }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             on_close(ctx);
             Ok(())
@@ -355,12 +373,86 @@ fn on_connect(ctx: &SockOpsContext) -> Result<(), i64> {
         let client = local_addr(ctx.ops, ctx.family());
         CLIENT_ORIG.insert(client, orig, 0).map_err(|_| EMAP)?;
         count(counter::ORIG_DST_PUBLISHED);
+    } else if orig.flags & ORIG_EVENTS != 0 {
+        let ev = ConnEventV1 {
+            kind: event::CONNECT,
+            cookie,
+            endpoint: remote_addr(ctx.ops, ctx.family()),
+            client: local_addr(ctx.ops, ctx.family()),
+            orig: *orig,
+            ..Default::default()
+        };
+        publish(ev);
     }
     ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32).map_err(|e| e as i64)
 }
 
-/// A redirected client socket closed: its entries are no longer needed.
+/// The peer address of a sock_ops socket: for a rewritten connect, the endpoint.
+#[inline(always)]
+fn remote_addr(ops: *mut bpf_sock_ops, family: u32) -> SockAddrV1 {
+    // Read both families and choose between values, as in `local_addr`.
+    // SAFETY: verifier-checked context fields, read 4 bytes at a time.
+    let (ip4, ip6, port) = unsafe {
+        (read_volatile(&(*ops).remote_ip4), read_ip6(&(*ops).remote_ip6), read_volatile(&(*ops).remote_port))
+    };
+    // remote_port is in network order; sock_ops has long shifted it into the upper half
+    // of the word, where other program types keep it in the lower.
+    let port = if port > 0xffff { (port >> 16) as u16 } else { port as u16 };
+    if family == AF_INET as u32 { SockAddrV1::from_v4_raw(ip4, port) } else { SockAddrV1::from_v6_raw(ip6, port) }
+}
+
+/// Write `ev` to SY_EVENTS, stamped now; a full ring (no agent reading) is counted.
+#[inline(always)]
+fn publish(mut ev: ConnEventV1) {
+    // SAFETY: helper valid in every program type.
+    ev.ts_ns = unsafe { bpf_ktime_get_ns() };
+    if EVENTS.output::<ConnEventV1>(&ev, 0).is_err() {
+        count(counter::EVENTS_LOST);
+    }
+}
+
+/// The cookie of the sock_ops socket if it is one whose life SY_EVENTS follows.
+#[inline(always)]
+fn followed(ctx: &SockOpsContext) -> Option<u64> {
+    // SAFETY: helper valid for sock_ops programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the reference is used within this run only.
+    let orig = unsafe { SOCK_ORIG.get(cookie) }?;
+    (orig.flags & ORIG_EVENTS != 0).then_some(cookie)
+}
+
+/// A connect sent straight to an endpoint completed its handshake.
+fn on_established(ctx: &SockOpsContext) {
+    let Some(cookie) = followed(ctx) else { return };
+    // SAFETY: verifier-checked context field.
+    let srtt = unsafe { read_volatile(&(*ctx.ops).srtt_us) };
+    // The kernel keeps srtt scaled by 8.
+    publish(ConnEventV1 { kind: event::ESTABLISHED, cookie, srtt_us: srtt >> 3, ..Default::default() });
+}
+
+/// A redirected client socket closed: its entries are no longer needed, and one the
+/// kernel sent straight to an endpoint is reported with the bytes it moved.
 fn on_close(ctx: &SockOpsContext) {
+    if let Some(cookie) = followed(ctx) {
+        // SAFETY: verifier-checked context fields of a full socket.
+        let (received, acked, retrans) = unsafe {
+            let ops = ctx.ops;
+            (
+                read_volatile(&(*ops).bytes_received),
+                read_volatile(&(*ops).bytes_acked),
+                read_volatile(&(*ops).total_retrans),
+            )
+        };
+        publish(ConnEventV1 {
+            kind: event::CLOSED,
+            old_state: ctx.arg(0),
+            cookie,
+            bytes_received: received,
+            bytes_acked: acked,
+            retrans,
+            ..Default::default()
+        });
+    }
     // SAFETY: helper valid for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = SOCK_ORIG.remove(cookie);

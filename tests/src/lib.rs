@@ -489,6 +489,14 @@ impl Topology {
         )
     }
 
+    /// The value of `name{...label...}` in the agent's /metrics, if it is there.
+    pub fn metric(&self, name: &str, label: &str) -> Option<f64> {
+        let text = self.admin_get("/metrics");
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
     /// Run any client command in the node namespace and the test cgroup.
     pub fn client(&self, cmd: &mut Command) -> Output {
         run(self.in_node(cmd, true), Duration::from_secs(60))
@@ -1048,11 +1056,12 @@ pub fn cgroup_relative(path: &Path) -> String {
     format!("/{}", below.display())
 }
 
-/// The client address of every `connection closed` line in `log` (text format): each is
-/// a connection the agent accepted. v4-mapped addresses are given as v4.
+/// The client address of every `connection closed` line in `log` (text format) of a
+/// connection the agent accepted (`via=Agent`; those the kernel sent straight to an
+/// endpoint are logged too, `via=Kernel`). v4-mapped addresses are given as v4.
 pub fn closed_conn_clients(log: &str) -> Vec<IpAddr> {
     log.lines()
-        .filter(|l| l.contains("switchyard::conn") && l.contains("connection closed"))
+        .filter(|l| l.contains("switchyard::conn") && l.contains("connection closed") && l.contains("via=Agent"))
         .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("client.addr=")))
         .filter_map(|a| a.trim_matches('"').parse::<SocketAddr>().ok())
         .map(|a| a.ip().to_canonical())

@@ -16,7 +16,7 @@ use switchyard_tests::{
 };
 
 /// One service, one endpoint on each of two backend hosts, active TCP checks so an
-/// endpoint that dies leaves the fallback set quickly.
+/// endpoint that dies leaves the kernel table quickly.
 fn config(topo: &Topology) -> String {
     format!(
         r#"
@@ -180,11 +180,11 @@ fn while_no_agent_runs_the_kernel_sends_connects_to_healthy_endpoints_only() {
     let mut agent = Agent::start(&topo, &config(&topo));
     // Host 1's endpoint dies; the agent's checks take it out and the kernel's fallback set
     // follows.
-    let updates = |log: &str| log.matches("fallback endpoints updated").count();
+    let updates = |log: &str| log.matches("kernel endpoint tables updated").count();
     let before = updates(&agent.log());
     servers[1].kill();
     eventually(Duration::from_secs(5), "the dead endpoint checked out", || agent.log().contains("health checks fail"));
-    eventually(Duration::from_secs(5), "the fallback set updated", || updates(&agent.log()) > before);
+    eventually(Duration::from_secs(5), "the kernel table updated", || updates(&agent.log()) > before);
     agent.kill();
 
     let conns = load(&topo, 2).wait();

@@ -116,14 +116,6 @@ fn all_reached(what: &str, conns: &[Conn], endpoints: &[String]) {
     );
 }
 
-/// The value of `name{...label...}` in the agent's /metrics, if it is there.
-fn metric(topo: &Topology, name: &str, label: &str) -> Option<f64> {
-    let text = topo.admin_get("/metrics");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 fn errno(probe: &switchyard_tests::Probe) -> &str {
     probe.get("connect_errno").unwrap_or("none")
 }
@@ -330,7 +322,7 @@ fn a_pod_that_cannot_reach_the_agent_is_served_by_the_fallback_and_reported() {
         let status = topo.admin_json("/status");
         (!status["pods"]["blocked"].as_array()?.is_empty()).then_some(status)
     });
-    let blocked_metric = metric(&topo, "switchyard_pod_netns", "state=\"blocked\"");
+    let blocked_metric = topo.metric("switchyard_pod_netns", "state=\"blocked\"");
     let pods = &status["pods"];
     assert_eq!(pods["mode"], "redirect", "{status}");
     assert_eq!(pods["node_address"], json!(["169.254.83.89:15001", "[fd00:5359::1]:15001"]), "{status}");
@@ -374,7 +366,7 @@ fn a_pod_that_cannot_reach_the_agent_is_served_by_the_fallback_and_reported() {
         let pods = &topo.admin_json("/status")["pods"];
         pods["reachable"] == 2 && pods["blocked"] == json!([])
     });
-    let after = metric(&topo, "switchyard_pod_netns", "state=\"blocked\"");
+    let after = topo.metric("switchyard_pod_netns", "state=\"blocked\"");
     assert!(matches!(after, None | Some(0.0)), "blocked netns metric after recovery: {after:?}");
     let counters = kernel_counters(&agent.stop());
     assert!(counter(&counters, "fallback_blocked") >= served.len(), "{counters:?}");

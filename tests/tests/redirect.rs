@@ -227,7 +227,7 @@ fn stopping_detaches_everything_and_killing_leaves_the_kernel_serving() {
     assert!(addr::BACKEND_V4.iter().any(|a| hello == format!("{a}:7000")), "fallback reached an endpoint: {hello}");
     // `switchyard uninstall` removes what the killed agent left.
     let (ok, out) = topo.uninstall();
-    assert!(ok && out.contains("detached 5 programs and removed 9 pinned maps"), "uninstall: {out}");
+    assert!(ok && out.contains("detached 5 programs and removed 10 pinned maps"), "uninstall: {out}");
     assert!(topo.attached_programs().is_empty());
     assert!(!topo.pin_dir().exists());
     assert_eq!(topo.probe("10.96.0.10:7000", 0).get("connect_errno"), Some(ENETUNREACH));

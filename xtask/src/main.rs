@@ -51,11 +51,15 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
-    /// Compare Switchyard with direct connections, HAProxy and Envoy (table + JSON in
-    /// target/bench/). About 5 minutes; --quick for a smoke run.
+    /// Compare Switchyard with direct connections, HAProxy, nginx and Envoy (table + JSON
+    /// in target/bench/). About 10 minutes; --quick for a smoke run.
     Bench {
         #[arg(long)]
         quick: bool,
+        /// Also profile the agent (perf, strace -c) on the main cases and write the
+        /// reports to target/bench/profile/.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -85,10 +89,13 @@ fn main() -> anyhow::Result<()> {
             let bin = build_agent(false)?;
             demo::run(&bin)
         }
-        Cmd::Bench { quick } => {
+        Cmd::Bench { quick, profile } => {
             ensure!(bootstrap::is_root(), "the benchmark loads eBPF programs and creates namespaces: run it as root");
             bootstrap::all()?;
             bootstrap::bench_tools()?;
+            if profile {
+                bootstrap::profile_tools()?;
+            }
             let envoy = bootstrap::envoy(&target_dir().join("bench"))?;
             let bin = build_agent(true)?;
             bootstrap::status(cargo().args([
@@ -100,7 +107,7 @@ fn main() -> anyhow::Result<()> {
                 "sy-probe",
             ]))
             .context("build sy-probe")?;
-            bench::run(&bin, &target_dir().join("release/sy-probe"), &envoy, quick)
+            bench::run(&bin, &target_dir().join("release/sy-probe"), &envoy, quick, profile)
         }
     }
 }

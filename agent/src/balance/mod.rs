@@ -194,6 +194,54 @@ impl Balancer {
         })
     }
 
+    /// The share of new connections each endpoint should get, for a table the kernel
+    /// draws from instead of a pick (`mode: kernel`, and the fallback): the same health,
+    /// panic and locality rules as [`Balancer::pick`], with the policy reduced to weight
+    /// (a table cannot see load or latency). An endpoint out of back-off is flagged
+    /// `trial`: the table gives it the least it can, where a pick gives it one connection
+    /// at a time. Shares sum to 1; empty when no endpoint is live.
+    pub fn shares(&self, now: Instant) -> Vec<Share> {
+        let avail: Vec<Avail> = self.endpoints.iter().map(|e| e.state.availability(now)).collect();
+        let live = || self.endpoints.iter().enumerate().filter(|(_, e)| !e.terminating);
+        let (count, out) = live().fold((0, 0), |(n, o), (i, _)| (n + 1, o + usize::from(avail[i] == Avail::Out)));
+        let weight = |i: usize| self.endpoints[i].weight.max(1) as f64;
+        let mut shares = Vec::new();
+        let mut spread = |members: &mut dyn Iterator<Item = usize>, mass: f64| {
+            let members: Vec<usize> = members.collect();
+            let total: f64 = members.iter().map(|&i| weight(i)).sum();
+            for i in members {
+                shares.push(Share { index: i, share: mass * weight(i) / total, trial: avail[i] == Avail::Trial });
+            }
+        };
+        if count == 0 {
+            return shares;
+        }
+        if out == count || out * 100 > count * self.accrual.max_ejected_percent as usize {
+            spread(&mut live().map(|(i, _)| i), 1.0);
+            return shares;
+        }
+        // Tiers with a healthy member, nearest first: each keeps its share of what the
+        // nearer ones left, the last takes the rest (as a pick's draw spills onward).
+        let tiers: Vec<(Tier, f64)> = Tier::ALL
+            .into_iter()
+            .filter_map(|tier| {
+                let members = live().filter(|(_, e)| e.tier == tier).count();
+                let healthy = live().filter(|(i, e)| e.tier == tier && avail[*i] != Avail::Out).count();
+                (healthy > 0).then(|| (tier, (healthy as f64 / members as f64 / self.spill_threshold).min(1.0)))
+            })
+            .collect();
+        let mut left = 1.0;
+        for (n, &(tier, share)) in tiers.iter().enumerate() {
+            let mass = if n + 1 == tiers.len() { left } else { left * share };
+            if mass <= 0.0 {
+                break;
+            }
+            left -= mass;
+            spread(&mut live().filter(|(i, e)| e.tier == tier && avail[*i] != Avail::Out).map(|(i, _)| i), mass);
+        }
+        shares
+    }
+
     /// A number in [0, 1) for the locality draw: random, except under ring hash, where it
     /// follows the client so that spilling does not break affinity more than it must.
     fn draw(&self, key: u64) -> f64 {
@@ -258,6 +306,27 @@ impl Balancer {
             },
         })
     }
+}
+
+/// One endpoint's part of [`Balancer::shares`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Share {
+    /// Index in [`Balancer::endpoints`].
+    pub index: usize,
+    /// Fraction of new connections, in (0, 1].
+    pub share: f64,
+    /// Out of back-off, not yet proven healthy again.
+    pub trial: bool,
+}
+
+/// An endpoint with its share of a service address's new connections, across the
+/// service's route: what the kernel's table for that address is built from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Weighted {
+    pub addr: SocketAddr,
+    /// Relative: the table scales shares to its slots.
+    pub share: f64,
+    pub trial: bool,
 }
 
 /// What one pick sees of the endpoints.

@@ -200,6 +200,57 @@ fn an_endpoint_past_its_back_off_gets_one_trial_then_full_return() {
     assert_eq!(picks.iter().filter(|&&a| a == e.addr).count(), 10, "back in the rotation");
 }
 
+/// Table shares per endpoint's last address byte.
+fn table(b: &Balancer, now: Instant) -> HashMap<u8, f64> {
+    let out: HashMap<u8, f64> = b
+        .shares(now)
+        .iter()
+        .map(|s| {
+            let SocketAddr::V4(a) = b.endpoints()[s.index].addr else { unreachable!() };
+            (a.ip().octets()[3], s.share)
+        })
+        .collect();
+    let sum: f64 = out.values().sum();
+    assert!(out.is_empty() || (sum - 1.0).abs() < 1e-9, "shares sum to {sum}");
+    out
+}
+
+#[test]
+fn table_shares_follow_weights_health_locality_and_panic_as_picks_do() {
+    let b = balancer(
+        BalanceKind::Random,
+        vec![ep(1, 3, Tier::Local), ep(2, 1, Tier::Local), ep(3, 1, Tier::Local), ep(9, 1, Tier::Region)],
+    );
+    let now = Instant::now();
+    let t = table(&b, now);
+    assert_eq!(t.len(), 3, "a healthy local tier keeps everything: {t:?}");
+    assert!((t[&1] - 0.6).abs() < 1e-9 && (t[&2] - 0.2).abs() < 1e-9, "by weight: {t:?}");
+    // One local of three out: 2/3 healthy < 0.7 spills 1 - (2/3)/0.7 of the total, as a
+    // pick's draw does.
+    eject(&b.endpoints()[1]);
+    let t = table(&b, now);
+    let spill = 1.0 - (2.0 / 3.0) / 0.7;
+    assert!((t[&9] - spill).abs() < 1e-9, "spilled {t:?}");
+    assert!(!t.contains_key(&2), "the ejected endpoint has no share");
+    let picked = shares(&b, 40_000, |_| 0);
+    for (k, v) in &t {
+        assert!((picked[k] - v).abs() < 0.015, "table {t:?} vs picks {picked:?}");
+    }
+    // Past its back-off it is flagged a trial.
+    let later = now + Duration::from_secs(5);
+    let trial: Vec<bool> = b.shares(later).iter().filter(|s| s.index == 1).map(|s| s.trial).collect();
+    assert_eq!(trial, [true]);
+    // Three of four out is past max_ejected_percent (50%): health is ignored, by weight.
+    eject(&b.endpoints()[0]);
+    eject(&b.endpoints()[2]);
+    let t = table(&b, now);
+    assert_eq!(t.len(), 4, "panic: every live endpoint: {t:?}");
+    assert!((t[&1] - 0.5).abs() < 1e-9);
+    // Terminating endpoints never have a share; no live endpoint, no table.
+    let gone = balancer(BalanceKind::Random, vec![Endpoint { terminating: true, ..ep(1, 1, Tier::Local) }]);
+    assert!(gone.shares(now).is_empty());
+}
+
 proptest! {
     /// Whatever the health, weights and exclusions: a pick is never a terminating
     /// endpoint, and never an excluded one while a healthy untried endpoint exists.

@@ -16,7 +16,7 @@ pub use http::{DetectConfig, HttpConfig, Protocol, RetryConfig};
 use serde::{Deserialize, Serialize};
 pub use service::{
     BalanceKind, ConnectConfig, EndpointConfig, FailureAccrualConfig, HealthCheckConfig, HealthCheckKind,
-    LocalityConfig, Origin, Route, ServiceConfig, SplitBranch, Target,
+    LocalityConfig, Origin, Route, ServiceConfig, ServiceMode, SplitBranch, Target,
 };
 
 mod http;
@@ -304,6 +304,16 @@ impl Config {
                 }
             }
             svc.policy_problems(&label, &mut problem);
+            if svc.mode == ServiceMode::Kernel && matches!(svc.protocol, Protocol::Http1 | Protocol::Http2) {
+                problem(
+                    at("mode"),
+                    format!(
+                        "`kernel` sends connections straight to an endpoint, so nothing balances requests: it \
+                         cannot be combined with `protocol: {}` (use `mode: proxy`, or `protocol: tcp`)",
+                        if svc.protocol == Protocol::Http1 { "http1" } else { "http2" }
+                    ),
+                );
+            }
             for target in &svc.http.allow_override {
                 if self.service(target).is_none() {
                     problem(at("http.allow_override"), format!("names `{target}`, which is not a service"));
@@ -520,6 +530,7 @@ services:
       retry: { attempts: 0, on_status: [700], on_grpc: [17], budget_ratio: -1, budget_window: 0s }
       allow_override: [nowhere, canary]
   - { name: canary, endpoints: ["10.0.0.2:80"] }
+  - { name: fast, addresses: ["10.96.0.3:80"], endpoints: ["10.0.0.3:80"], mode: kernel, protocol: http1 }
 "#,
         );
         assert_eq!(
@@ -534,7 +545,22 @@ services:
                 "services[0].http.retry.budget_ratio",
                 "services[0].http.retry.budget_window",
                 "services[0].http.allow_override",
+                "services[2].mode",
             ]
+        );
+        let err = parse(
+            "services: [{ name: a, addresses: [\"10.96.0.1:80\"], endpoints: [\"10.0.0.1:80\"], mode: kernel, protocol: http2 }]\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("cannot be combined with `protocol: http2`"), "{err}");
+        let kernel = parse(
+            "services: [{ name: a, addresses: [\"10.96.0.1:80\"], endpoints: [\"10.0.0.1:80\"], mode: kernel }]\n",
+        )
+        .unwrap();
+        assert_eq!(kernel.services[0].mode, ServiceMode::Kernel);
+        assert!(
+            parse("services: [{ name: a, addresses: [\"10.96.0.1:80\"], endpoints: [\"10.0.0.1:80\"], mode: ebpf }]\n")
+                .is_err()
         );
         let err = parse(
             "services: [{ name: a, addresses: [\"10.96.0.1:80\"], endpoints: [\"10.0.0.1:80\"], protocol: h3 }]\n",

@@ -38,6 +38,9 @@ pub struct ServiceConfig {
     /// What the service's connections speak (default: detect).
     #[serde(default)]
     pub protocol: Protocol,
+    /// Who handles its connections: the agent (default) or the kernel alone.
+    #[serde(default)]
+    pub mode: ServiceMode,
     /// Per-request policy where they speak HTTP.
     #[serde(default)]
     pub http: HttpConfig,
@@ -89,10 +92,27 @@ impl ServiceConfig {
             locality: LocalityConfig::default(),
             drain_timeout: default_drain(),
             protocol: Protocol::default(),
+            mode: ServiceMode::default(),
             http: HttpConfig::default(),
             origin: Origin::File,
         }
     }
+}
+
+/// Who handles a service's connections.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceMode {
+    /// The agent proxies them: per-connection retries and failover, protocol detection,
+    /// per-request balancing of HTTP, live bytes.
+    #[default]
+    Proxy,
+    /// The kernel sends each connect straight to an endpoint drawn from a weighted table
+    /// the agent keeps (health, weights, locality, route splits): the speed of a direct
+    /// connection, for plain L4 services, with no retry of a failed connect and no HTTP
+    /// awareness. The agent still sees every connection (`/conns`, metrics, endpoint
+    /// health) through the kernel's connection events.
+    Kernel,
 }
 
 /// The source a service came from: names it in error messages.

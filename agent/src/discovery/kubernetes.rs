@@ -25,13 +25,16 @@ use tracing::{debug, info, warn};
 
 use super::Update;
 use crate::{
-    config::{EndpointConfig, KubernetesConfig, Origin, ServiceConfig, Target},
+    config::{EndpointConfig, KubernetesConfig, Origin, ServiceConfig, ServiceMode, Target},
     tasks::Background,
 };
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 const REGION_LABEL: &str = "topology.kubernetes.io/region";
+/// Annotation on a Service choosing who handles its connections: `proxy` (default) or
+/// `kernel` (see `ServiceMode`), the way Cilium reads `service.cilium.io/*` annotations.
+const MODE_ANNOTATION: &str = "switchyard.io/mode";
 /// Coalesce bursts of watch events into one update.
 const COALESCE: Duration = Duration::from_millis(20);
 
@@ -187,6 +190,17 @@ pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Nod
         if ips.is_empty() {
             continue;
         }
+        let mode = match svc.metadata.annotations.as_ref().and_then(|a| a.get(MODE_ANNOTATION)).map(String::as_str) {
+            None | Some("proxy") => ServiceMode::Proxy,
+            Some("kernel") => ServiceMode::Kernel,
+            Some(other) => {
+                problems.push(format!(
+                    "Service {ns}/{name}: annotation {MODE_ANNOTATION} is `{other}`, not `proxy` or `kernel`; \
+                     proxied meanwhile"
+                ));
+                ServiceMode::Proxy
+            }
+        };
         let own_slices: Vec<&EndpointSlice> = slices
             .iter()
             .filter(|s| {
@@ -246,6 +260,7 @@ pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Nod
                 addresses: ips.iter().map(|ip| SocketAddr::new(*ip, service_port)).collect(),
                 endpoints: endpoints.into_values().collect(),
                 origin: Origin::Kubernetes,
+                mode,
                 ..ServiceConfig::named("")
             });
         }
@@ -314,10 +329,29 @@ mod tests {
 
     #[test]
     fn bad_objects_are_named_and_skipped() {
-        let services = [svc(json!({"metadata": {"namespace": "x", "name": "bad"},
-            "spec": {"clusterIP": "999.1.1.1", "ports": [{"port": 80}]}}))];
+        let services = [
+            svc(json!({"metadata": {"namespace": "x", "name": "bad"},
+                "spec": {"clusterIP": "999.1.1.1", "ports": [{"port": 80}]}})),
+            svc(json!({"metadata": {"namespace": "x", "name": "odd", "annotations": {"switchyard.io/mode": "fast"}},
+                "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 80}]}})),
+        ];
         let v = view_of(&services, &[], None);
-        assert!(v.services.is_empty());
-        assert_eq!(v.problems, ["Service x/bad: clusterIP `999.1.1.1` is not an IP address"]);
+        assert_eq!(v.services.len(), 1);
+        assert_eq!(v.services[0].mode, ServiceMode::Proxy, "a bad mode falls back to the default");
+        assert_eq!(
+            v.problems,
+            [
+                "Service x/bad: clusterIP `999.1.1.1` is not an IP address",
+                "Service x/odd: annotation switchyard.io/mode is `fast`, not `proxy` or `kernel`; proxied meanwhile"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_mode_annotation_picks_the_kernel_path() {
+        let services = [svc(json!({"metadata": {"namespace": "x", "name": "fast",
+            "annotations": {"switchyard.io/mode": "kernel"}},
+            "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 6379}]}}))];
+        assert_eq!(view_of(&services, &[], None).services[0].mode, ServiceMode::Kernel);
     }
 }

@@ -175,28 +175,30 @@ pub struct Attempt<'s> {
     pub guard: ActiveGuard,
 }
 
-impl Attempt<'_> {
+impl<'s> Attempt<'s> {
     /// How long a connect may take: the service's connect timeout, within the deadline.
     pub fn connect_timeout(&self, now: Instant) -> Duration {
         let timeout = self.service.config.connect.timeout;
         self.deadline.map_or(timeout, |d| timeout.min(d.saturating_duration_since(now)))
     }
 
-    pub fn handles(&self) -> EndpointHandles<'_> {
-        self.service.metrics.endpoint(self.index)
+    pub fn handles(&self) -> EndpointHandles<'s> {
+        self.target().handles()
+    }
+
+    /// The endpoint, as results are reported against it.
+    pub fn target(&self) -> Target<'s> {
+        Target { service: self.service, index: self.index }
     }
 
     /// A connect worked after `latency`.
     pub fn connected(&self, metrics: &Metrics, latency: Duration) {
-        self.report(metrics, self.endpoint.state.on_connect_ok(latency, Instant::now()), "connect failures");
-        self.service.metrics.connect_latency(metrics).observe(latency.as_secs_f64());
+        self.target().connected(metrics, latency);
     }
 
     /// A connect failed with `error`.
     pub fn connect_failed(&self, metrics: &Metrics, error: &io::Error) {
-        self.handles().connect_failed(metrics, FailReason::of(error));
-        let accrual = self.service.balancer.accrual();
-        self.report(metrics, self.endpoint.state.on_connect_failed(Instant::now(), accrual), "connect failures");
+        self.target().connect_failed(metrics, FailReason::of(error));
     }
 
     /// An HTTP exchange ended: acceptable (`latency` to the response headers), or failed
@@ -208,12 +210,45 @@ impl Attempt<'_> {
         } else {
             state.on_response_failed(Instant::now(), self.service.balancer.accrual())
         };
-        self.report(metrics, change, "failed responses");
+        self.target().report(metrics, change, "failed responses");
+    }
+}
+
+/// One endpoint of a concrete service, as connect results are fed back into its health,
+/// metrics and logs: by the attempt engine, and for connections the kernel made (see
+/// `direct`).
+#[derive(Clone, Copy)]
+pub struct Target<'s> {
+    pub service: &'s Arc<Service>,
+    /// Index in the service's balancer (and metric handles).
+    pub index: usize,
+}
+
+impl<'s> Target<'s> {
+    pub fn endpoint(&self) -> &'s Endpoint {
+        &self.service.balancer.endpoints()[self.index]
+    }
+
+    pub fn handles(&self) -> EndpointHandles<'s> {
+        self.service.metrics.endpoint(self.index)
+    }
+
+    /// A connect worked after `latency`.
+    pub fn connected(&self, metrics: &Metrics, latency: Duration) {
+        self.report(metrics, self.endpoint().state.on_connect_ok(latency, Instant::now()), "connect failures");
+        self.service.metrics.connect_latency(metrics).observe(latency.as_secs_f64());
+    }
+
+    /// A connect failed, for `reason`.
+    pub fn connect_failed(&self, metrics: &Metrics, reason: FailReason) {
+        self.handles().connect_failed(metrics, reason);
+        let accrual = self.service.balancer.accrual();
+        self.report(metrics, self.endpoint().state.on_connect_failed(Instant::now(), accrual), "connect failures");
     }
 
     /// Log (and count) what a result changed; `cause` names what ejects.
     fn report(&self, metrics: &Metrics, change: Change, cause: &str) {
-        let (service, endpoint) = (&self.service.name, self.endpoint.addr);
+        let (service, endpoint) = (&self.service.name, self.endpoint().addr);
         match change {
             Change::None => {}
             Change::Ejected(back_off) => {

@@ -11,10 +11,7 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, AsRawFd as _, OwnedFd},
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::Duration,
 };
 
@@ -38,7 +35,7 @@ use crate::{
     state::{Mode, Plan, Snapshot},
     stats::{
         ConnHandle, Stats,
-        conns::{Client, Route},
+        conns::{Client, Route, Via},
     },
 };
 
@@ -199,7 +196,6 @@ pub struct Proxy {
     mark: u32,
     stats: Arc<Stats>,
     http: Arc<http::Http>,
-    next_id: AtomicU64,
 }
 
 impl Proxy {
@@ -212,7 +208,7 @@ impl Proxy {
         stats: Arc<Stats>,
     ) -> Arc<Self> {
         let http = http::Http::new(mark, Arc::clone(&stats));
-        Arc::new(Self { state, origins, mark, stats, http, next_id: AtomicU64::new(1) })
+        Arc::new(Self { state, origins, mark, stats, http })
     }
 
     /// The HTTP side's shared state (its pool is swept by the reconciler).
@@ -232,7 +228,7 @@ impl Proxy {
             match accepted {
                 Ok((client, peer)) => {
                     backoff = Duration::from_millis(10);
-                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let id = self.stats.conns.next_id();
                     let span = debug_span!(
                         "outbound",
                         conn.id = id,
@@ -257,7 +253,7 @@ impl Proxy {
     }
 
     async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, id: u64, stop: CancellationToken) {
-        let conn = self.stats.conns.open(id, peer);
+        let conn = self.stats.conns.open(id, peer, Via::Agent);
         // Decide and connect, then relay: only what the relay needs lives on in the
         // task of an opaque connection (most of an idle connection's memory is this
         // future).

@@ -9,10 +9,12 @@
 //! nothing: only [`uninstall`] (the `uninstall` command, or a stop with no successor)
 //! removes the programs and the pins. See docs/lifecycle.md.
 
+mod events;
 mod host;
 mod link;
 mod pins;
 mod pods;
+mod table;
 
 use std::{
     collections::HashSet,
@@ -31,16 +33,20 @@ use aya::{
         links::{FdLink, LinkError},
     },
 };
+pub use events::Events;
 pub use host::{HostError, attach_cgroup, cgroup2_root, check_privileges};
 pub use pins::cgroup_id;
 pub use pins::{PinDir, PinError, Removed, uninstall};
 pub use pods::{PodMaps, monotonic_ns};
 use switchyard_common::{
-    AgentV2, BackendsV1, MAX_BACKENDS, NetnsV1, OrigDstV3, ServiceV1, SockAddrV1, counter, map, netns, prog,
+    AgentV2, BackendsV2, NetnsV1, OrigDstV3, ServiceV2, SockAddrV1, counter, map, netns, prog, service,
 };
 use tracing::{info, warn};
 
-use crate::origin::{Origin, Origins};
+use crate::{
+    balance::Weighted,
+    origin::{Origin, Origins},
+};
 
 /// The compiled programs, built by build.rs from `ebpf/`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switchyard-ebpf"));
@@ -91,6 +97,12 @@ pub enum RedirectError {
         #[source]
         source: std::io::Error,
     },
+    #[error("watch BPF map {name} for new records")]
+    Watch {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("remove the pins of an older switchyard")]
     Stale(#[source] PinError),
     #[error("pin or reuse the link of {name} at {}", path.display())]
@@ -122,10 +134,16 @@ pub enum LinkPinError {
 /// Loaded and attached programs plus the maps the agent writes. Everything stays attached
 /// and pinned when it is dropped; see [`uninstall`].
 pub struct Redirect {
-    services: HashMap<MapData, SockAddrV1, ServiceV1>,
-    backends: HashMap<MapData, SockAddrV1, BackendsV1>,
-    /// What `backends` holds, so a sync writes only the entries that changed.
-    backends_written: std::collections::HashMap<SockAddrV1, BackendsV1>,
+    services: HashMap<MapData, SockAddrV1, ServiceV2>,
+    backends: HashMap<MapData, SockAddrV1, BackendsV2>,
+    /// A hash of each table `backends` holds, so a sync writes only the entries that
+    /// changed (a hash, not the 2 KiB value: thousands of services are common).
+    backends_written: std::collections::HashMap<SockAddrV1, u64>,
+    /// This node's name (its hostname): which subset a table of a service with more
+    /// endpoints than a table holds keeps.
+    node: String,
+    events: Option<aya::maps::RingBuf<MapData>>,
+    host_netns: u64,
     counters: Arc<KernelCounters>,
     sock_orig: HashMap<MapData, u64, OrigDstV3>,
     /// Written once at start; the kernel drops an entry by itself when its socket's last
@@ -195,7 +213,7 @@ impl OrigDstTable {
 
 impl Redirect {
     /// Load the programs against the maps pinned in `pins` (created there on first use),
-    /// publish `agent`, the service addresses and their fallback endpoints, then attach to
+    /// publish `agent`, the service addresses and their endpoint tables, then attach to
     /// `cgroup`, or swap the new programs into the links a previous agent pinned. The
     /// caller must have bound the listeners named in `agent` already; the programs check
     /// that a listener exists before they redirect to it in any case.
@@ -208,8 +226,8 @@ impl Redirect {
         pins: &PinDir,
         agent: AgentV2,
         listeners: &[(u32, BorrowedFd<'_>)],
-        services: impl IntoIterator<Item = (u32, SocketAddr)>,
-        backends: &[(SocketAddr, Vec<SocketAddr>)],
+        services: impl IntoIterator<Item = ServiceAddr>,
+        backends: &[(SocketAddr, Vec<Weighted>)],
     ) -> Result<(Self, Arc<OrigDstTable>), RedirectError> {
         let first_install = pins.is_empty();
         let started = Self::start_pinned(cgroup, pins, agent, listeners, services, backends);
@@ -227,8 +245,8 @@ impl Redirect {
         pins: &PinDir,
         agent: AgentV2,
         listeners: &[(u32, BorrowedFd<'_>)],
-        services: impl IntoIterator<Item = (u32, SocketAddr)>,
-        backends: &[(SocketAddr, Vec<SocketAddr>)],
+        services: impl IntoIterator<Item = ServiceAddr>,
+        backends: &[(SocketAddr, Vec<Weighted>)],
     ) -> Result<(Self, Arc<OrigDstTable>), RedirectError> {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.path())
@@ -236,7 +254,8 @@ impl Redirect {
             .map_err(|source| RedirectError::Load { pins: pins.path().to_owned(), source: Box::new(source) })?;
 
         let services_map = typed_map(&mut ebpf, map::SERVICES)?;
-        let backends_map: HashMap<_, SockAddrV1, BackendsV1> = typed_map(&mut ebpf, map::BACKENDS)?;
+        let backends_map: HashMap<_, SockAddrV1, BackendsV2> = typed_map(&mut ebpf, map::BACKENDS)?;
+        let events = Some(typed_map(&mut ebpf, map::EVENTS)?);
         let mut agent_map: Array<_, AgentV2> = typed_map(&mut ebpf, map::AGENT)?;
         agent_map.set(0, agent, 0).map_err(|source| RedirectError::Map { name: map::AGENT, source })?;
         // Listeners first: a connect is only ever sent to a listener found here.
@@ -258,11 +277,14 @@ impl Redirect {
         let counters = Arc::new(KernelCounters(typed_map(&mut ebpf, map::COUNTERS)?));
         let sock_orig = typed_map(&mut ebpf, map::SOCK_ORIG)?;
         // A reused map may hold entries of the previous agent: start from what is there.
-        let backends_written = backends_map.iter().filter_map(Result::ok).collect();
+        let backends_written = backends_map.iter().filter_map(Result::ok).map(|(k, v)| (k, digest(&v))).collect();
         let mut redirect = Self {
             services: services_map,
             backends: backends_map,
             backends_written,
+            node: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+            events,
+            host_netns: agent.netns_cookie,
             counters,
             sock_orig,
             _listeners: listeners_map,
@@ -296,31 +318,34 @@ impl Redirect {
     }
 
     /// Make the kernel's service addresses exactly `services`: add the new, delete the gone.
-    /// Entries that stay are never deleted, so connects to them are redirected throughout.
-    pub fn sync_services(
-        &mut self,
-        services: impl IntoIterator<Item = (u32, SocketAddr)>,
-    ) -> Result<(), RedirectError> {
+    /// Entries that stay are never deleted, so connects to them are redirected throughout
+    /// (a change of mode rewrites the entry in place).
+    pub fn sync_services(&mut self, services: impl IntoIterator<Item = ServiceAddr>) -> Result<(), RedirectError> {
         let err = |source| RedirectError::Map { name: map::SERVICES, source };
-        let want: std::collections::HashMap<SockAddrV1, u32> =
-            services.into_iter().map(|(id, addr)| (SockAddrV1::from(addr), id)).collect();
+        let want: std::collections::HashMap<SockAddrV1, ServiceV2> = services
+            .into_iter()
+            .map(|s| {
+                let flags = if s.kernel { service::KERNEL } else { 0 };
+                (SockAddrV1::from(s.addr), ServiceV2 { id: s.id, flags })
+            })
+            .collect();
         let have: Vec<SockAddrV1> = self.services.keys().collect::<Result<_, _>>().map_err(err)?;
         for key in have.iter().filter(|k| !want.contains_key(k)) {
             self.services.remove(key).map_err(err)?;
         }
-        for (key, id) in want {
-            self.services.insert(key, ServiceV1 { id, _reserved: 0 }, 0).map_err(err)?;
+        for (key, value) in want {
+            self.services.insert(key, value, 0).map_err(err)?;
         }
         Ok(())
     }
 
-    /// Make the kernel's fallback endpoints exactly `backends` (service address -> its
-    /// healthy endpoints), writing only the entries that changed. Each entry is replaced
-    /// whole, so the kernel never reads a half-written set.
-    pub fn sync_backends(&mut self, backends: &[(SocketAddr, Vec<SocketAddr>)]) -> Result<(), RedirectError> {
+    /// Make the kernel's endpoint tables exactly `backends` (service address -> its
+    /// endpoints' shares), writing only the entries that changed. Each entry is replaced
+    /// whole, so the kernel never reads a half-written table.
+    pub fn sync_backends(&mut self, backends: &[(SocketAddr, Vec<Weighted>)]) -> Result<(), RedirectError> {
         let err = |source| RedirectError::Map { name: map::BACKENDS, source };
-        let want: std::collections::HashMap<SockAddrV1, BackendsV1> =
-            backends.iter().map(|(svc, eps)| (SockAddrV1::from(*svc), encode_backends(eps))).collect();
+        let want: std::collections::HashMap<SockAddrV1, BackendsV2> =
+            backends.iter().map(|(svc, eps)| (SockAddrV1::from(*svc), table::encode(eps, &self.node))).collect();
         let gone: Vec<SockAddrV1> = self.backends_written.keys().filter(|k| !want.contains_key(k)).copied().collect();
         for key in gone {
             match self.backends.remove(&key) {
@@ -331,14 +356,15 @@ impl Redirect {
         }
         let mut changed = 0;
         for (key, value) in want {
-            if self.backends_written.get(&key) != Some(&value) {
+            let digest = digest(&value);
+            if self.backends_written.get(&key) != Some(&digest) {
                 self.backends.insert(key, value, 0).map_err(err)?;
-                self.backends_written.insert(key, value);
+                self.backends_written.insert(key, digest);
                 changed += 1;
             }
         }
         if changed > 0 {
-            tracing::debug!(changed, "fallback endpoints updated");
+            tracing::debug!(changed, "kernel endpoint tables updated");
         }
         Ok(())
     }
@@ -354,10 +380,36 @@ impl Redirect {
         Arc::clone(&self.counters)
     }
 
+    /// The reader of the kernel's connection events (once: one reader per agent).
+    pub fn events(&mut self) -> Result<Option<Events>, RedirectError> {
+        let Some(ring) = self.events.take() else { return Ok(None) };
+        let sock_orig = second_handle(&self.sock_orig, map::SOCK_ORIG)?;
+        Events::new(ring, sock_orig, self.host_netns)
+            .map(Some)
+            .map_err(|source| RedirectError::Watch { name: map::EVENTS, source })
+    }
+
     /// The maps behind pod coverage: path states and exclusions.
     pub fn pods(&mut self) -> &mut PodMaps {
         &mut self.pods
     }
+}
+
+/// One service address as the kernel's services map holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceAddr {
+    /// The service's index, for `bpftool map dump` readers.
+    pub id: u32,
+    pub addr: SocketAddr,
+    /// `mode: kernel`: connects go straight to an endpoint of the table.
+    pub kernel: bool,
+}
+
+fn digest(table: &BackendsV2) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    table.hash(&mut h);
+    h.finish()
 }
 
 /// Another handle on a map the loader gave us, for a second owner (the proxy's tasks
@@ -388,17 +440,6 @@ impl KernelCounters {
             })
             .collect()
     }
-}
-
-/// The map value for a set of endpoints: the first `MAX_BACKENDS` (callers pass them in
-/// a stable order, so an unchanged set encodes to an unchanged value).
-fn encode_backends(endpoints: &[SocketAddr]) -> BackendsV1 {
-    let mut value = BackendsV1::default();
-    for (slot, ep) in value.addrs.iter_mut().zip(endpoints) {
-        *slot = SockAddrV1::from(*ep);
-    }
-    value.count = endpoints.len().min(MAX_BACKENDS) as u32;
-    value
 }
 
 fn typed_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, RedirectError>
@@ -473,22 +514,4 @@ fn attach(
     // Pinned, the link stays attached after the process ends (see the module docs).
     link.pin(&path).map_err(|e| link_err(LinkPinError::Pin(e)))?;
     Ok(false)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backends_encode_in_order_and_keep_at_most_the_map_slots() {
-        let eps: Vec<SocketAddr> = (0..40).map(|i| SocketAddr::from(([10, 0, 0, i as u8], 80))).collect();
-        let v = encode_backends(&eps[..2]);
-        assert_eq!(v.count, 2);
-        assert_eq!(v.addrs[1], SockAddrV1::from(eps[1]));
-        assert_eq!(v.addrs[2], SockAddrV1::default(), "unused slots stay zero, so equal sets encode equally");
-        let full = encode_backends(&eps);
-        assert_eq!(full.count as usize, MAX_BACKENDS);
-        assert_eq!(full.addrs[MAX_BACKENDS - 1], SockAddrV1::from(eps[MAX_BACKENDS - 1]));
-        assert_eq!(encode_backends(&[]).count, 0);
-    }
 }

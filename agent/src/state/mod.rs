@@ -24,7 +24,8 @@ use self::route::Route;
 pub use self::route::{Mode, Plan};
 use crate::{
     balance::{Balancer, Endpoint, EndpointState, Tier, budget::Budget},
-    config::{Config, DetectConfig, RetryConfig, ServiceConfig, Target},
+    config::{Config, DetectConfig, RetryConfig, ServiceConfig, ServiceMode, Target},
+    redirect::ServiceAddr,
     stats::metrics::ServiceMetrics,
 };
 
@@ -119,9 +120,13 @@ impl Snapshot {
         &self.services
     }
 
-    /// (service index, service address) pairs, for the kernel's services map.
-    pub fn service_addresses(&self) -> impl Iterator<Item = (u32, SocketAddr)> + '_ {
-        self.services.iter().enumerate().flat_map(|(i, s)| s.config.addresses.iter().map(move |a| (i as u32, *a)))
+    /// Every service address with its service's index and mode, for the kernel's
+    /// services map.
+    pub fn service_addresses(&self) -> impl Iterator<Item = ServiceAddr> + '_ {
+        self.services.iter().enumerate().flat_map(|(i, s)| {
+            let kernel = s.config.mode == ServiceMode::Kernel;
+            s.config.addresses.iter().map(move |&addr| ServiceAddr { id: i as u32, addr, kernel })
+        })
     }
 
     /// Compare with the snapshot this one replaces: endpoints back in service stop
@@ -399,26 +404,39 @@ services:
     }
 
     #[test]
-    fn fallback_keeps_healthy_endpoints_of_the_address_family() {
+    fn kernel_tables_keep_healthy_endpoints_of_the_address_family_with_their_shares() {
         let cfg = config(
-            "services:\n  - { name: web, addresses: [\"10.96.0.1:80\", \"[fd96::1]:80\"], endpoints: [\"10.0.0.2:80\", \"10.0.0.1:80\", \"[fd10::1]:80\", { address: \"10.0.0.3:80\", terminating: true }], failure_accrual: { consecutive_failures: 1 } }\n  - { name: db, addresses: [\"10.96.0.2:80\"], route: { failover: [v1, v2] } }\n  - { name: v1, endpoints: [\"10.0.1.1:80\"], failure_accrual: { consecutive_failures: 1 } }\n  - { name: v2, endpoints: [\"10.0.2.1:80\"] }\n",
+            "services:\n  - { name: web, addresses: [\"10.96.0.1:80\", \"[fd96::1]:80\"], endpoints: [\"10.0.0.2:80\", { address: \"10.0.0.1:80\", weight: 3 }, \"[fd10::1]:80\", { address: \"10.0.0.3:80\", terminating: true }], failure_accrual: { consecutive_failures: 1 } }\n  - { name: db, addresses: [\"10.96.0.2:80\"], route: { failover: [v1, v2] } }\n  - { name: v1, endpoints: [\"10.0.1.1:80\"], failure_accrual: { consecutive_failures: 1 } }\n  - { name: v2, endpoints: [\"10.0.2.1:80\"] }\n  - { name: canary, addresses: [\"10.96.0.3:80\"], route: { split: [{ service: v1, weight: 9 }, { service: v2, weight: 1 }] } }\n",
         );
         let snap = Snapshot::build(&cfg, &Resolved::new(), None);
         let now = Instant::now();
-        let of = |s: &Snapshot, addr: &str| -> Vec<String> {
+        let of = |s: &Snapshot, addr: &str| -> Vec<(String, f64)> {
             let addr: SocketAddr = addr.parse().unwrap();
-            let all = s.fallback_backends(now);
-            all.into_iter().find(|(a, _)| *a == addr).unwrap().1.iter().map(|e| e.to_string()).collect()
+            let all = s.kernel_tables(now);
+            let table = all.into_iter().find(|(a, _)| *a == addr).unwrap().1;
+            let total: f64 = table.iter().map(|w| w.share).sum();
+            table.iter().map(|w| (w.addr.to_string(), (w.share / total * 100.0).round())).collect()
         };
-        assert_eq!(of(&snap, "10.96.0.1:80"), ["10.0.0.1:80", "10.0.0.2:80"], "v4 only, sorted, no terminating");
-        assert_eq!(of(&snap, "[fd96::1]:80"), ["[fd10::1]:80"]);
-        assert_eq!(of(&snap, "10.96.0.2:80"), ["10.0.1.1:80"], "failover: first healthy branch");
+        // Four endpoints, one terminating, one of the other family: 3 of 4 weight units
+        // to 10.0.0.1 among the v4 ones (the v6 one is in the other table).
+        assert_eq!(of(&snap, "10.96.0.1:80"), [("10.0.0.1:80".into(), 75.0), ("10.0.0.2:80".into(), 25.0)]);
+        assert_eq!(of(&snap, "[fd96::1]:80"), [("[fd10::1]:80".into(), 100.0)]);
+        assert_eq!(of(&snap, "10.96.0.2:80"), [("10.0.1.1:80".into(), 100.0)], "failover: first healthy branch");
+        assert_eq!(
+            of(&snap, "10.96.0.3:80"),
+            [("10.0.1.1:80".into(), 90.0), ("10.0.2.1:80".into(), 10.0)],
+            "a split by branch weight"
+        );
         let web = snap.service_named("web").unwrap();
-        web.balancer.endpoints()[0].state.on_connect_failed(now, web.balancer.accrual());
-        assert_eq!(of(&snap, "10.96.0.1:80"), ["10.0.0.1:80"], "an ejected endpoint leaves the set");
+        web.balancer.endpoints()[1].state.on_connect_failed(now, web.balancer.accrual());
+        assert_eq!(of(&snap, "10.96.0.1:80"), [("10.0.0.2:80".into(), 100.0)], "an ejected endpoint leaves the table");
         let v1 = snap.service_named("v1").unwrap();
         v1.balancer.endpoints()[0].state.on_connect_failed(now, v1.balancer.accrual());
-        assert_eq!(of(&snap, "10.96.0.2:80"), ["10.0.2.1:80"], "failover moves on");
+        assert_eq!(of(&snap, "10.96.0.2:80"), [("10.0.2.1:80".into(), 100.0)], "failover moves on");
+        let db = snap.index_named("db").unwrap();
+        let v1_index = snap.index_named("v1").unwrap();
+        assert_eq!(snap.endpoint_in(db, "10.0.1.1:80".parse().unwrap()), Some((v1_index, 0)), "found in any branch");
+        assert_eq!(snap.endpoint_in(db, "10.0.0.1:80".parse().unwrap()), None);
     }
 
     #[test]

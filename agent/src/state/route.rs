@@ -1,7 +1,7 @@
 //! Routes compiled into the snapshot, and the one walker over them. Every user of the
 //! route graph goes through here: a new connection's [`Plan`] (opaque TCP, detection,
-//! upgrades), each HTTP request's concrete services, the in-kernel fallback's endpoint
-//! sets, health as `/services` and `switchyard resolve` show it, and the resolve tree's
+//! upgrades), each HTTP request's concrete services, the kernel's weighted endpoint
+//! tables, health as `/services` and `switchyard resolve` show it, and the resolve tree's
 //! branches.
 
 use std::{collections::HashMap, net::SocketAddr, time::Instant};
@@ -10,7 +10,7 @@ use smallvec::SmallVec;
 
 use super::Snapshot;
 use crate::{
-    balance::{Avail, hash},
+    balance::{Avail, Weighted, hash},
     config::{self, MAX_ROUTE_DEPTH, Protocol},
 };
 
@@ -75,9 +75,11 @@ enum Walk {
     /// For a new connection: one split branch drawn by weight; failover branches with a
     /// healthy endpoint first, then the others.
     Connect,
-    /// For the kernel fallback: every split branch with weight; a failover's first
-    /// healthy branch (all of them if none is).
-    Fallback,
+    /// For the kernel's tables: every split branch, scaled by its weight; a failover's
+    /// first healthy branch (all of them, equally, if none is).
+    Table,
+    /// Every branch, whatever its weight or health.
+    Every,
 }
 
 /// One branch of a route, for the resolve tree.
@@ -114,7 +116,7 @@ impl Snapshot {
     /// order to try (each once).
     pub fn concrete(&self, service: usize, now: Instant) -> Concrete {
         let mut out = Concrete::new();
-        self.walk(service, Walk::Connect, now, 0, &mut |i| {
+        self.walk(service, Walk::Connect, now, 0, 1.0, &mut |i, _| {
             if !out.contains(&i) {
                 out.push(i);
             }
@@ -127,33 +129,50 @@ impl Snapshot {
         self.healthy_at(service, now, 0)
     }
 
-    /// For the in-kernel fallback (connects made while no agent listens): every service
-    /// address with the endpoints a connect to it may be sent to, sorted, so an unchanged
-    /// set compares equal. Healthy endpoints of the service's family only (the kernel
-    /// cannot rewrite a connect across families); if none is healthy, every endpoint that
-    /// is not terminating, as the balancer's panic mode would. Weights and locality are
-    /// not kept: the fallback is for the seconds until an agent is back.
-    pub fn fallback_backends(&self, now: Instant) -> Vec<(SocketAddr, Vec<SocketAddr>)> {
+    /// For the kernel's tables (`mode: kernel` services, and every service's fallback
+    /// while no agent listens): every service address with the share of new connections
+    /// each endpoint should get, as the balancer weighs them (health, weight, locality,
+    /// panic) and the route divides them (a split by branch weight, a failover to its
+    /// first healthy branch). Endpoints of the address's family only, since the kernel
+    /// cannot rewrite a connect across families; sorted by address, so an unchanged
+    /// table compares equal. Shares are relative: the encoder scales them.
+    pub fn kernel_tables(&self, now: Instant) -> Vec<(SocketAddr, Vec<Weighted>)> {
         let mut out = Vec::new();
         for (i, svc) in self.services.iter().enumerate() {
-            let (mut healthy, mut any) = (Vec::new(), Vec::new());
-            self.walk(i, Walk::Fallback, now, 0, &mut |c| {
-                for e in self.services[c].balancer.endpoints().iter().filter(|e| !e.terminating) {
-                    any.push(e.addr);
-                    if e.state.availability(now) == Avail::Healthy {
-                        healthy.push(e.addr);
+            let mut all: Vec<Weighted> = Vec::new();
+            self.walk(i, Walk::Table, now, 0, 1.0, &mut |c, scale| {
+                let b = &self.services[c].balancer;
+                for s in b.shares(now) {
+                    let addr = b.endpoints()[s.index].addr;
+                    match all.iter_mut().find(|w| w.addr == addr) {
+                        // The same endpoint through two branches: one entry, both shares.
+                        Some(w) => {
+                            w.share += scale * s.share;
+                            w.trial &= s.trial;
+                        }
+                        None => all.push(Weighted { addr, share: scale * s.share, trial: s.trial }),
                     }
                 }
             });
-            let pool = if healthy.is_empty() { any } else { healthy };
+            all.sort_by_key(|w| w.addr);
             for addr in &svc.config.addresses {
-                let mut eps: Vec<SocketAddr> = pool.iter().copied().filter(|e| e.is_ipv4() == addr.is_ipv4()).collect();
-                eps.sort();
-                eps.dedup();
-                out.push((*addr, eps));
+                out.push((*addr, all.iter().filter(|w| w.addr.is_ipv4() == addr.is_ipv4()).copied().collect()));
             }
         }
         out
+    }
+
+    /// Where endpoint `addr` is among the concrete services `service` leads to: (the
+    /// concrete service, the endpoint's index in it). For a connection the kernel sent to
+    /// `addr`, whose result the agent learns afterwards.
+    pub fn endpoint_in(&self, service: usize, addr: SocketAddr) -> Option<(usize, usize)> {
+        let mut found = None;
+        self.walk(service, Walk::Every, Instant::now(), 0, 1.0, &mut |c, _| {
+            if found.is_none() {
+                found = self.services[c].balancer.endpoints().iter().position(|e| e.addr == addr).map(|i| (c, i));
+            }
+        });
+        found
     }
 
     /// The branches of `service`'s route (none for a concrete service).
@@ -173,45 +192,61 @@ impl Snapshot {
     }
 
     /// The route walker: calls `visit` with each concrete service `service` leads to,
-    /// in order, as `walk` says.
-    fn walk(&self, service: usize, walk: Walk, now: Instant, depth: usize, visit: &mut impl FnMut(usize)) {
+    /// in order, as `walk` says, and the part of `scale` that reaches it (for
+    /// `Walk::Connect`, always all of it).
+    fn walk(
+        &self,
+        service: usize,
+        walk: Walk,
+        now: Instant,
+        depth: usize,
+        scale: f64,
+        visit: &mut impl FnMut(usize, f64),
+    ) {
         if depth > MAX_ROUTE_DEPTH {
             return;
         }
+        let next = depth + 1;
         match &self.routes[service] {
-            Route::Endpoints => visit(service),
+            Route::Endpoints => visit(service, scale),
             Route::Split { branches, total } => match walk {
                 Walk::Connect => {
                     let mut n = fastrand::u32(..(*total).max(1));
                     for &(weight, target) in branches.iter() {
                         if n < weight {
-                            return self.walk(target, walk, now, depth + 1, visit);
+                            return self.walk(target, walk, now, next, scale, visit);
                         }
                         n -= weight;
                     }
                 }
-                Walk::Fallback => {
-                    for &(_, target) in branches.iter().filter(|(w, _)| *w > 0) {
-                        self.walk(target, walk, now, depth + 1, visit);
+                Walk::Table | Walk::Every => {
+                    for &(weight, target) in branches.iter().filter(|(w, _)| *w > 0 || walk == Walk::Every) {
+                        self.walk(target, walk, now, next, scale * weight as f64 / (*total).max(1) as f64, visit);
                     }
                 }
             },
             Route::Failover(targets) => {
-                let healthy = |t: &&usize| self.healthy_at(**t, now, depth + 1);
+                let healthy = |t: &&usize| self.healthy_at(**t, now, next);
                 match walk {
-                    Walk::Connect => {
-                        for &t in targets.iter().filter(healthy) {
-                            self.walk(t, walk, now, depth + 1, visit);
-                        }
-                        for &t in targets.iter().filter(|t| !healthy(t)) {
-                            self.walk(t, walk, now, depth + 1, visit);
+                    Walk::Every => {
+                        for &t in targets.iter() {
+                            self.walk(t, walk, now, next, scale, visit);
                         }
                     }
-                    Walk::Fallback => match targets.iter().find(healthy) {
-                        Some(&first) => self.walk(first, walk, now, depth + 1, visit),
+                    Walk::Connect => {
+                        for &t in targets.iter().filter(healthy) {
+                            self.walk(t, walk, now, next, scale, visit);
+                        }
+                        for &t in targets.iter().filter(|t| !healthy(t)) {
+                            self.walk(t, walk, now, next, scale, visit);
+                        }
+                    }
+                    Walk::Table => match targets.iter().find(healthy) {
+                        Some(&first) => self.walk(first, walk, now, next, scale, visit),
                         None => {
+                            let each = scale / targets.len().max(1) as f64;
                             for &t in targets.iter() {
-                                self.walk(t, walk, now, depth + 1, visit);
+                                self.walk(t, walk, now, next, each, visit);
                             }
                         }
                     },

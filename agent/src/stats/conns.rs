@@ -31,6 +31,18 @@ pub enum ConnState {
     Open = 2,
 }
 
+/// Which path a connection's bytes take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// Through the agent, which proxies it.
+    #[default]
+    Agent,
+    /// Straight from the client to the endpoint (`mode: kernel`, or the fallback): the
+    /// agent follows it from the kernel's events, and learns its bytes at close.
+    Kernel,
+}
+
 /// Who opened the connection, from the kernel's record at connect time.
 #[derive(Debug, Clone, Serialize)]
 pub struct Client {
@@ -63,6 +75,7 @@ pub struct Conn {
     pub peer: SocketAddr,
     started: SystemTime,
     started_at: Instant,
+    via: Via,
     state: AtomicU8,
     client: OnceLock<Client>,
     service: OnceLock<String>,
@@ -83,6 +96,7 @@ pub struct Conn {
 pub struct ConnView {
     pub id: u64,
     pub state: ConnState,
+    pub via: Via,
     pub peer: SocketAddr,
     pub client: Option<Client>,
     pub service: Option<String>,
@@ -106,6 +120,7 @@ impl Conn {
         ConnView {
             id: self.id,
             state,
+            via: self.via,
             peer: self.peer,
             client: self.client.get().cloned(),
             service: self.service.get().cloned(),
@@ -125,6 +140,7 @@ impl Conn {
 #[derive(Debug)]
 pub struct ConnTable {
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    next_id: AtomicU64,
     cgroups: CgroupPaths,
     /// Off: handles are not registered and log nothing at close.
     enabled: bool,
@@ -133,16 +149,27 @@ pub struct ConnTable {
 impl ConnTable {
     /// `cgroup_root`: where cgroup ids are looked up as paths (None: ids only).
     pub fn new(cgroup_root: Option<std::path::PathBuf>, enabled: bool) -> Self {
-        Self { conns: Mutex::new(HashMap::new()), cgroups: CgroupPaths::new(cgroup_root), enabled }
+        Self {
+            conns: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            cgroups: CgroupPaths::new(cgroup_root),
+            enabled,
+        }
     }
 
-    /// Register a just-accepted connection.
-    pub fn open(self: &Arc<Self>, id: u64, peer: SocketAddr) -> ConnHandle {
+    /// An id for a new connection, unique for the agent's life.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Register a just-accepted connection (`via` the agent), or one the kernel reported.
+    pub fn open(self: &Arc<Self>, id: u64, peer: SocketAddr, via: Via) -> ConnHandle {
         let conn = Arc::new(Conn {
             id,
             peer,
             started: SystemTime::now(),
             started_at: Instant::now(),
+            via,
             state: AtomicU8::new(ConnState::Resolving as u8),
             client: OnceLock::new(),
             service: OnceLock::new(),
@@ -247,6 +274,7 @@ impl Drop for ConnHandle {
             target: "switchyard::conn",
             outcome = c.outcome.get().copied().unwrap_or("closed"),
             conn.id = c.id,
+            via = ?c.via,
             client.addr = %c.peer,
             client.pid = client.map(|x| x.pid),
             client.comm = client.map(|x| x.comm.as_str()),
@@ -288,7 +316,7 @@ mod tests {
     #[test]
     fn table_tracks_open_connections_and_shows_live_bytes() {
         let table = Arc::new(ConnTable::new(None, true));
-        let h = table.open(7, "127.0.0.1:5000".parse().unwrap());
+        let h = table.open(7, "127.0.0.1:5000".parse().unwrap(), Via::Agent);
         h.service("web");
         assert_eq!(table.list()[0].state, ConnState::Connecting);
         h.conn().bytes_out.fetch_add(5, Ordering::Relaxed);
@@ -300,7 +328,7 @@ mod tests {
     #[test]
     fn a_disabled_table_registers_nothing() {
         let table = Arc::new(ConnTable::new(None, false));
-        let h = table.open(1, "127.0.0.1:5000".parse().unwrap());
+        let h = table.open(1, "127.0.0.1:5000".parse().unwrap(), Via::Agent);
         h.service("web");
         assert!(table.list().is_empty());
         drop(h);

@@ -1,5 +1,5 @@
-//! `cargo xtask bench [--quick]`: Switchyard side by side with direct connections, HAProxy
-//! and Envoy, in one run, on one machine, as ratios (absolute numbers on a shared 2-core
+//! `cargo xtask bench [--quick]`: Switchyard side by side with direct connections, HAProxy,
+//! nginx and Envoy, in one run, on one machine, as ratios (absolute numbers on a shared 2-core
 //! machine drift; ratios taken minutes apart in the same run hold much better).
 //!
 //! Everything runs in a throwaway topology (the end-to-end harness's): backends (nginx,
@@ -16,6 +16,8 @@ use std::{
     time::Duration,
 };
 
+mod profile;
+
 use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
 use switchyard_tests::{Agent, Pod, Proc, Topology, host_v4};
@@ -31,11 +33,16 @@ enum Via {
     /// The same agent, to a service left to protocol detection: HTTP/1.1 served by
     /// hyper, balanced per request over pooled upstream connections.
     SwitchyardHttp,
+    /// The same backends behind `mode: kernel` services: the connect program dials the
+    /// endpoint, nothing proxies (the CPU figure is the agent following the events).
+    SwitchyardKernel,
     /// The same agent, restarted with `agent.stats: false`: what bookkeeping costs.
     SwitchyardNoStats,
     HaproxyTcp,
+    NginxTcp,
     EnvoyTcp,
     HaproxyHttp,
+    NginxHttp,
     EnvoyHttp,
 }
 
@@ -46,10 +53,13 @@ impl Via {
             Via::Switchyard => "switchyard (redirect, tcp)",
             Via::SwitchyardPod => "switchyard (pod -> service, tcp)",
             Via::SwitchyardHttp => "switchyard (redirect, http)",
+            Via::SwitchyardKernel => "switchyard (kernel mode)",
             Via::SwitchyardNoStats => "switchyard, stats off",
             Via::HaproxyTcp => "haproxy tcp",
+            Via::NginxTcp => "nginx stream",
             Via::EnvoyTcp => "envoy tcp_proxy",
             Via::HaproxyHttp => "haproxy http",
+            Via::NginxHttp => "nginx http",
             Via::EnvoyHttp => "envoy http",
         }
     }
@@ -67,6 +77,7 @@ struct Setup {
     agent_bin: PathBuf,
     agent_config: String,
     haproxy: Proc,
+    nginx: Proc,
     envoy: Proc,
     probe: PathBuf,
 }
@@ -86,20 +97,26 @@ impl Setup {
                 (format!("10.96.0.{}:{backend_port}", 80 + index), true)
             }
             Via::SwitchyardHttp => (format!("10.96.0.83:{backend_port}"), true),
+            Via::SwitchyardKernel => (format!("10.96.0.{}:{backend_port}", 84 + index), true),
             Via::HaproxyTcp => (format!("127.0.0.1:{}", 9001 + index), false),
             Via::EnvoyTcp => (format!("127.0.0.1:{}", 9101 + index), false),
+            Via::NginxTcp => (format!("127.0.0.1:{}", 9201 + index), false),
             Via::HaproxyHttp => ("127.0.0.1:9011".into(), false),
             Via::EnvoyHttp => ("127.0.0.1:9111".into(), false),
+            Via::NginxHttp => ("127.0.0.1:9211".into(), false),
         }
     }
 
     fn proxy_pid(&self, path: Via) -> Option<u32> {
         match path {
             Via::Direct => None,
-            Via::Switchyard | Via::SwitchyardPod | Via::SwitchyardHttp | Via::SwitchyardNoStats => {
-                self.agent.as_ref().map(|a| a.pid() as u32)
-            }
+            Via::Switchyard
+            | Via::SwitchyardPod
+            | Via::SwitchyardHttp
+            | Via::SwitchyardKernel
+            | Via::SwitchyardNoStats => self.agent.as_ref().map(|a| a.pid() as u32),
             Via::HaproxyTcp | Via::HaproxyHttp => Some(self.haproxy.0.id()),
+            Via::NginxTcp | Via::NginxHttp => Some(self.nginx.0.id()),
             Via::EnvoyTcp | Via::EnvoyHttp => Some(self.envoy.0.id()),
         }
     }
@@ -152,13 +169,18 @@ fn cpu_us(pid: u32) -> f64 {
     ticks * 1e6 / hz
 }
 
-fn rss_kib(pid: u32) -> f64 {
+/// A `kB` field of /proc/PID/status: `VmRSS` (resident now), `VmHWM` (the peak).
+fn status_kib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+fn rss_kib(pid: u32) -> f64 {
+    status_kib(pid, "VmRSS")
 }
 
 /// One measured figure.
@@ -381,13 +403,17 @@ fn setup(bin: &Path, probe: &Path, envoy: &Path, maxconn: u64) -> anyhow::Result
     }
 
     // b0 is forced to opaque TCP (the like of HAProxy's tcp mode); b3 is the same
-    // backend left to detection (HTTP mode); iperf3 and redis are detected as opaque.
-    let mut services: String = [(HTTP, "tcp"), (IPERF, "auto"), (REDIS, "auto"), (HTTP, "auto")]
+    // backend left to detection (HTTP mode); iperf3 and redis are detected as opaque;
+    // b4..b6 are the three backends in kernel mode.
+    let kernel = [(HTTP, "tcp", "kernel"), (IPERF, "tcp", "kernel"), (REDIS, "tcp", "kernel")];
+    let proxied = [(HTTP, "tcp", "proxy"), (IPERF, "auto", "proxy"), (REDIS, "auto", "proxy"), (HTTP, "auto", "proxy")];
+    let mut services: String = proxied
         .iter()
+        .chain(kernel.iter())
         .enumerate()
-        .map(|(i, (p, protocol))| {
+        .map(|(i, (p, protocol, mode))| {
             format!(
-                "  - {{ name: b{i}, addresses: [\"10.96.0.{}:{p}\"], endpoints: [\"{h}:{p}\"], protocol: {protocol} }}\n",
+                "  - {{ name: b{i}, addresses: [\"10.96.0.{}:{p}\"], endpoints: [\"{h}:{p}\"], protocol: {protocol}, mode: {mode} }}\n",
                 80 + i
             )
         })
@@ -408,6 +434,29 @@ fn setup(bin: &Path, probe: &Path, envoy: &Path, maxconn: u64) -> anyhow::Result
         ),
     )?;
     let haproxy = start(&topo, false, &["haproxy", "-db", "-f", &haproxy_cfg.to_string_lossy()], "0")?;
+
+    // nginx as a proxy: one process (no master, one worker loop), stream (L4) for the
+    // three backends, http with a keep-alive upstream pool for the HTTP one.
+    let nginx_proxy = write(
+        &dir,
+        "nginx-proxy.conf",
+        &format!(
+            "load_module {module};\n\
+             user root; master_process off; worker_rlimit_nofile 65536; daemon off; pid {d}/nginx-proxy.pid; error_log {d}/nginx-proxy.err;\n\
+             events {{ worker_connections {conns}; }}\n\
+             stream {{ server {{ listen 127.0.0.1:9201; proxy_pass {h}:{HTTP}; }}\n\
+               server {{ listen 127.0.0.1:9202; proxy_pass {h}:{IPERF}; }}\n\
+               server {{ listen 127.0.0.1:9203; proxy_pass {h}:{REDIS}; }} }}\n\
+             http {{ access_log off; keepalive_requests 10000000; client_body_temp_path {d}; proxy_temp_path {d};\n\
+               fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+               upstream b {{ server {h}:{HTTP}; keepalive 64; }}\n\
+               server {{ listen 127.0.0.1:9211 backlog=4096; location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }} }}\n",
+            module = crate::bootstrap::NGINX_STREAM_MODULE,
+            conns = 2 * maxconn + 1024,
+            d = dir.display()
+        ),
+    )?;
+    let nginx = start(&topo, false, &["nginx", "-c", &nginx_proxy.to_string_lossy()], "0")?;
 
     let tcp = |name: &str, port: u16, backend: u16| {
         format!(
@@ -450,7 +499,7 @@ fn setup(bin: &Path, probe: &Path, envoy: &Path, maxconn: u64) -> anyhow::Result
         ],
         "0",
     )?;
-    for port in [9001, 9002, 9003, 9011, 9101, 9102, 9103, 9111] {
+    for port in [9001, 9002, 9003, 9011, 9101, 9102, 9103, 9111, 9201, 9202, 9203, 9211] {
         wait_up(&topo, &format!("127.0.0.1:{port}"))?;
     }
     let mut setup = Setup {
@@ -460,6 +509,7 @@ fn setup(bin: &Path, probe: &Path, envoy: &Path, maxconn: u64) -> anyhow::Result
         agent_bin: bin.to_owned(),
         agent_config,
         haproxy,
+        nginx,
         envoy,
         probe: probe.to_owned(),
     };
@@ -483,21 +533,40 @@ fn raise_fd_limit() -> u64 {
     }
 }
 
-pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool) -> anyhow::Result<()> {
+pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool) -> anyhow::Result<()> {
     let fd_limit = raise_fd_limit();
     let (secs, rounds, redis_n, idle) = if quick { (2, 1, 20_000, 1_000) } else { (5, 2, 100_000, 10_000) };
     // Two descriptors per proxied connection, plus headroom for listeners and logs.
     let idle = idle.min(fd_limit.saturating_sub(2_000) / 2);
     let mut setup = setup(bin, probe, envoy, idle + 100)?;
-    let tcp_paths = [Via::Direct, Via::Switchyard, Via::SwitchyardPod, Via::HaproxyTcp, Via::EnvoyTcp];
-    let http_paths = [
+    // The agent at rest (started, serving its seven file services, nothing connected
+    // yet) and the peak of its start-up.
+    let agent_pid = setup.proxy_pid(Via::Switchyard).expect("the agent runs");
+    let at_rest = json!({
+        "rss_mib": status_kib(agent_pid, "VmRSS") / 1024.0,
+        "startup_peak_mib": status_kib(agent_pid, "VmHWM") / 1024.0,
+        "binary_mib": std::fs::metadata(bin).map(|m| m.len() as f64 / (1 << 20) as f64).unwrap_or(0.0),
+    });
+    let tcp_paths = [
         Via::Direct,
+        Via::SwitchyardKernel,
         Via::Switchyard,
         Via::SwitchyardPod,
         Via::HaproxyTcp,
+        Via::NginxTcp,
+        Via::EnvoyTcp,
+    ];
+    let http_paths = [
+        Via::Direct,
+        Via::SwitchyardKernel,
+        Via::Switchyard,
+        Via::SwitchyardPod,
+        Via::HaproxyTcp,
+        Via::NginxTcp,
         Via::EnvoyTcp,
         Via::SwitchyardHttp,
         Via::HaproxyHttp,
+        Via::NginxHttp,
         Via::EnvoyHttp,
     ];
     let cases: [(&str, &str, &[Via]); 5] = [
@@ -540,7 +609,7 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool) -> anyhow::Resul
         "scraped": {"rps": busy.value, "p50_us": busy.p50_us, "p99_us": busy.p99_us},
     });
     let mut memory = Vec::new();
-    for path in [Via::Switchyard, Via::HaproxyTcp, Via::EnvoyTcp] {
+    for path in [Via::Switchyard, Via::HaproxyTcp, Via::NginxTcp, Via::EnvoyTcp] {
         eprintln!("bench: {idle} idle connections via {}", path.name());
         let (rss_mib, per_conn) = idle_memory(&setup, path, idle)?;
         memory.push(json!({"proxy": path.name(), "idle_connections": idle, "rss_mib": rss_mib, "bytes_per_connection": per_conn}));
@@ -596,6 +665,12 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool) -> anyhow::Resul
             m["bytes_per_connection"].as_f64().unwrap_or(0.0)
         );
     }
+    println!(
+        "\nagent at rest: RSS {:.1} MiB, start-up peak {:.1} MiB, binary {:.1} MiB",
+        at_rest["rss_mib"].as_f64().unwrap_or(0.0),
+        at_rest["startup_peak_mib"].as_f64().unwrap_or(0.0),
+        at_rest["binary_mib"].as_f64().unwrap_or(0.0)
+    );
     let us = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.0} us"));
     println!(
         "\nadmin API scraped (/metrics and /conns 10 times a second each, {held} connections open, {scrapes} scrapes):\n  \
@@ -607,10 +682,13 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool) -> anyhow::Resul
     );
     let out_dir = crate::workspace_root().join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
+    if profiling {
+        profile::run(&setup, secs, &out_dir.join("profile"))?;
+    }
     let doc = json!({
         "quick": quick, "rounds": rounds, "seconds_per_run": secs,
         "cpus": "proxy on CPU 0 (one worker), load generator and backends on CPU 1",
-        "results": report, "idle_memory": memory, "admin_scraped": scraping,
+        "results": report, "idle_memory": memory, "agent_at_rest": at_rest, "admin_scraped": scraping,
     });
     let path = write(&out_dir, "latest.json", &serde_json::to_string_pretty(&doc)?)?;
     println!("\nJSON: {}", path.display());
