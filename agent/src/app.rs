@@ -309,6 +309,12 @@ pub async fn build(
         "switchyard ready"
     );
     drop(snapshot);
+    if lifecycle.is_some() {
+        match crate::memory::release_startup() {
+            Ok(bytes) => tracing::debug!(code_paged_out = bytes, "start-up memory released"),
+            Err(e) => tracing::debug!(error = %e, "could not release start-up memory"),
+        }
+    }
 
     let requested = CancellationToken::new();
     let running = Running {

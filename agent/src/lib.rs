@@ -68,6 +68,7 @@ pub mod direct;
 pub mod discovery;
 pub mod handover;
 pub mod health;
+pub mod memory;
 pub mod nodeaddr;
 pub mod origin;
 pub mod pods;

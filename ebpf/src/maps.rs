@@ -87,12 +87,16 @@ pub static BACKENDS: HashMap<SockAddrV1, BackendsV2> = HashMap::pinned(65_536, B
 
 /// Connections sent straight to an endpoint (`switchyard_common::ConnEventV1`): written by
 /// sock_ops at their SYN, handshake and close; read by the agent, which shows them in
-/// `/conns` and counts them in its metrics and endpoint health. 1 MiB holds about 6,000
-/// records: seconds of connects at a busy node's rate, for an agent that reads
-/// continuously. While no agent reads (the fallback), the ring fills and further records
-/// are counted lost, not queued.
+/// `/conns` and counts them in its metrics and endpoint health. 256 KiB (about 1,500
+/// records, three per connection) is what the agent maps, resident, so it is kept small:
+/// the agent reads every 50 ms and is woken once `EVENTS_WAKE_AT` bytes wait, so it
+/// keeps up with thousands of connections a second. While no agent reads (the
+/// fallback), the ring fills and further records are counted lost, not queued.
 #[map(name = "SY_EVENTS1")]
-pub static EVENTS: RingBuf = RingBuf::pinned(1 << 20, 0);
+pub static EVENTS: RingBuf = RingBuf::pinned(1 << 18, 0);
+
+/// Bytes waiting in `EVENTS` past which a record wakes the agent.
+pub const EVENTS_WAKE_AT: u64 = 1 << 16;
 
 #[inline(always)]
 pub fn count(index: u32) {

@@ -17,7 +17,7 @@ use std::{
 
 use nix::sys::socket::{setsockopt, sockopt};
 use tokio::{
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::watch,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -176,9 +176,20 @@ impl Listeners {
 
 /// A listener on `addr`: the inherited socket if there is one (it must be on `addr`),
 /// else a new one.
+///
+/// TCP_NODELAY is set on the listener: accepted sockets inherit it, which saves a
+/// system call per connection (requests and responses are relayed as they come, so
+/// Nagle would only delay them).
 async fn listen(addr: SocketAddr, inherited: Option<OwnedFd>) -> Result<TcpListener, ProxyError> {
     let Some(fd) = inherited else {
-        return TcpListener::bind(addr).await.map_err(|source| ProxyError::Bind { addr, source });
+        let bind = || -> io::Result<TcpListener> {
+            let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+            socket.set_reuseaddr(true)?;
+            socket.set_nodelay(true)?;
+            socket.bind(addr)?;
+            socket.listen(1024)
+        };
+        return bind().map_err(|source| ProxyError::Bind { addr, source });
     };
     let std = std::net::TcpListener::from(fd);
     let local = std.local_addr().map_err(ProxyError::Inherit)?;
@@ -186,6 +197,8 @@ async fn listen(addr: SocketAddr, inherited: Option<OwnedFd>) -> Result<TcpListe
         return Err(ProxyError::InheritedPort { got: local.to_string(), want: addr });
     }
     std.set_nonblocking(true).map_err(ProxyError::Inherit)?;
+    // A predecessor of an older version may not have set it.
+    setsockopt(&std, sockopt::TcpNoDelay, &true).map_err(|e| ProxyError::Inherit(e.into()))?;
     TcpListener::from_std(std).map_err(ProxyError::Inherit)
 }
 
@@ -301,7 +314,7 @@ impl Proxy {
         let service = snapshot.service(plan.service);
         span.record("service", service.name.as_str());
         conn.service(&service.name);
-        let _ = client.set_nodelay(true);
+        // TCP_NODELAY came with the socket, from the listener.
         let mut prefix = BytesMut::new();
         let (detected, opened) = match plan.mode {
             Mode::Opaque => (Detected::Opaque, None),
@@ -450,4 +463,24 @@ const SPECULATE_AFTER: Duration = Duration::from_millis(10);
 fn reset(client: &TcpStream) {
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
     let _ = setsockopt(&client.as_fd(), sockopt::Linger, &linger);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        let listener = listen("127.0.0.1:0".parse().unwrap(), None).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap(), "the relay relies on it instead of a setsockopt per connection");
+        // And a taken-over listener gets it too.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = plain.local_addr().unwrap();
+        let taken = listen(addr, Some(OwnedFd::from(plain))).await.unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        assert!(taken.accept().await.unwrap().0.nodelay().unwrap());
+    }
 }

@@ -17,7 +17,14 @@ pub struct Events {
     pub malformed: u64,
     /// The agent's network namespace: clients elsewhere are pods.
     pub host_netns: u64,
+    /// The kernel does not wake us per record (see `READ_EVERY`).
+    tick: tokio::time::Interval,
 }
+
+/// How often the ring is read: the kernel writes records without a wake-up (one per
+/// record would cost every connect an IPI), and wakes the agent only when the ring
+/// fills up, so this is how late `/conns` and endpoint health may learn of a connection.
+pub const READ_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl Events {
     pub(super) fn new(
@@ -29,17 +36,25 @@ impl Events {
         // as the AsyncFd holds the ring.
         let ring =
             unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }.map_err(io::Error::from)?;
-        Ok(Self { ring, sock_orig, malformed: 0, host_netns })
+        let mut tick = tokio::time::interval(READ_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(Self { ring, sock_orig, malformed: 0, host_netns, tick })
     }
 
-    /// Wait until records may be there, then append every record there is to `out`.
+    /// Wait until records may be there (the next read tick, or a wake-up from a ring
+    /// filling up), then append every record there is to `out`.
     pub async fn read(&mut self, out: &mut Vec<ConnEventV1>) -> io::Result<()> {
-        let mut guard = self.ring.readable_mut().await?;
-        self.malformed += drain(guard.get_inner_mut(), out);
-        // A record written between the drain and here woke nobody (the kernel wakes a
-        // reader only when it has caught up): clear, then drain once more.
-        guard.clear_ready();
-        self.malformed += drain(guard.get_inner_mut(), out);
+        tokio::select! {
+            guard = self.ring.readable_mut() => {
+                let mut guard = guard?;
+                self.malformed += drain(guard.get_inner_mut(), out);
+                // A record written between the drain and here woke nobody: clear, then
+                // drain once more.
+                guard.clear_ready();
+                self.malformed += drain(guard.get_inner_mut(), out);
+            }
+            _ = self.tick.tick() => self.malformed += drain(self.ring.get_mut(), out),
+        }
         Ok(())
     }
 

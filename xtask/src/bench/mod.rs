@@ -615,6 +615,12 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool)
         memory.push(json!({"proxy": path.name(), "idle_connections": idle, "rss_mib": rss_mib, "bytes_per_connection": per_conn}));
     }
 
+    // The agent idle again after every load above: what its working set grew to.
+    let mut at_rest = at_rest;
+    if let Some(pid) = setup.proxy_pid(Via::Switchyard) {
+        at_rest["rss_after_load_mib"] = json!(status_kib(pid, "VmRSS") / 1024.0);
+    }
+
     // Report: mean, spread across rounds, ratios to direct and to HAProxy tcp.
     let mean = |v: &[Sample], f: fn(&Sample) -> Option<f64>| {
         let xs: Vec<f64> = v.iter().filter_map(f).collect();
@@ -666,8 +672,9 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool)
         );
     }
     println!(
-        "\nagent at rest: RSS {:.1} MiB, start-up peak {:.1} MiB, binary {:.1} MiB",
+        "\nagent at rest: RSS {:.1} MiB after start-up, {:.1} MiB idle after the loads; start-up peak {:.1} MiB, binary {:.1} MiB",
         at_rest["rss_mib"].as_f64().unwrap_or(0.0),
+        at_rest["rss_after_load_mib"].as_f64().unwrap_or(0.0),
         at_rest["startup_peak_mib"].as_f64().unwrap_or(0.0),
         at_rest["binary_mib"].as_f64().unwrap_or(0.0)
     );

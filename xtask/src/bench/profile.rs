@@ -54,7 +54,12 @@ pub fn run(setup: &Setup, secs: u64, dir: &Path) -> anyhow::Result<()> {
             .arg(&data)
             .output()
             .context("perf report")?;
-        let text = String::from_utf8_lossy(&report.stdout);
+        let by_dso = Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "--sort", "dso", "-g", "none", "-i"])
+            .arg(&data)
+            .output()
+            .context("perf report by object")?;
+        let text = format!("{}\n{}", String::from_utf8_lossy(&by_dso.stdout), String::from_utf8_lossy(&report.stdout));
         std::fs::write(
             dir.join(format!("{stem}.perf.txt")),
             format!("{case} via {}: {:.0} req/s\n\n{text}", path.name(), sample.value),
