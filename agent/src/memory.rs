@@ -8,7 +8,7 @@
 //! that takes the agent from about 16 to under 10 MiB (docs/performance.md). The cost
 //! is paid once, by the first connections: page faults for the code they run.
 
-use std::{io, path::PathBuf};
+use std::{io, path::Path};
 
 /// Trim the heap and page out the agent's own code; returns the bytes of code paged out.
 pub fn release_startup() -> io::Result<usize> {
@@ -32,7 +32,7 @@ pub fn release_startup() -> io::Result<usize> {
 
 /// The (start, end) of every read-only mapping of `exe` (code and constants; writable
 /// data is left alone: its pages are the agent's own).
-fn own_read_only_mappings(maps: &str, exe: &PathBuf) -> Vec<(usize, usize)> {
+fn own_read_only_mappings(maps: &str, exe: &Path) -> Vec<(usize, usize)> {
     maps.lines()
         .filter_map(|line| {
             let mut f = line.split_whitespace();
@@ -61,7 +61,7 @@ mod tests {
 7f0000000000-7f0000100000 r-xp 00000000 08:01 7 /usr/lib/libc.so.6
 7f0000200000-7f0000300000 rw-p 00000000 00:00 0
 ";
-        let got = own_read_only_mappings(maps, &PathBuf::from("/usr/bin/switchyard"));
+        let got = own_read_only_mappings(maps, Path::new("/usr/bin/switchyard"));
         assert_eq!(got, [(0x55d0c0000000, 0x55d0c0100000), (0x55d0c0100000, 0x55d0c0900000)]);
     }
 }
