@@ -56,9 +56,9 @@ use crate::{
     tasks::Background,
 };
 
-/// How often the reconciler ticks: the in-kernel fallback's endpoint sets follow endpoint
-/// health (ejections and active checks change it between config updates), pod namespaces
-/// are followed.
+/// How often the reconciler ticks: the kernel's endpoint tables follow endpoint health
+/// (ejections and active checks change it between config updates), pod namespaces are
+/// followed.
 const TICK: Duration = Duration::from_millis(500);
 
 /// `switchyard uninstall`: detach the programs and remove every pin in the directory
