@@ -4,7 +4,11 @@
 //! tables, health as `/services` and `switchyard resolve` show it, and the resolve tree's
 //! branches.
 
-use std::{collections::HashMap, net::SocketAddr, time::Instant};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    time::Instant,
+};
 
 use smallvec::SmallVec;
 
@@ -139,24 +143,21 @@ impl Snapshot {
     pub fn kernel_tables(&self, now: Instant) -> Vec<(SocketAddr, Vec<Weighted>)> {
         let mut out = Vec::new();
         for (i, svc) in self.services.iter().enumerate() {
-            let mut all: Vec<Weighted> = Vec::new();
+            // By address: sorted, and the same endpoint reached through two branches is
+            // one entry with both shares (a lookup, not a scan: services with thousands
+            // of endpoints are recomputed on every tick).
+            let mut all: BTreeMap<SocketAddr, Weighted> = BTreeMap::new();
             self.walk(i, Walk::Table, now, 0, 1.0, &mut |c, scale| {
                 let b = &self.services[c].balancer;
                 for s in b.shares(now) {
                     let addr = b.endpoints()[s.index].addr;
-                    match all.iter_mut().find(|w| w.addr == addr) {
-                        // The same endpoint through two branches: one entry, both shares.
-                        Some(w) => {
-                            w.share += scale * s.share;
-                            w.trial &= s.trial;
-                        }
-                        None => all.push(Weighted { addr, share: scale * s.share, trial: s.trial }),
-                    }
+                    let w = all.entry(addr).or_insert(Weighted { addr, share: 0.0, trial: true });
+                    w.share += scale * s.share;
+                    w.trial &= s.trial;
                 }
             });
-            all.sort_by_key(|w| w.addr);
             for addr in &svc.config.addresses {
-                out.push((*addr, all.iter().filter(|w| w.addr.is_ipv4() == addr.is_ipv4()).copied().collect()));
+                out.push((*addr, all.values().filter(|w| w.addr.is_ipv4() == addr.is_ipv4()).copied().collect()));
             }
         }
         out

@@ -556,19 +556,12 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool)
         Via::NginxTcp,
         Via::EnvoyTcp,
     ];
-    let http_paths = [
-        Via::Direct,
-        Via::SwitchyardKernel,
-        Via::Switchyard,
-        Via::SwitchyardPod,
-        Via::HaproxyTcp,
-        Via::NginxTcp,
-        Via::EnvoyTcp,
-        Via::SwitchyardHttp,
-        Via::HaproxyHttp,
-        Via::NginxHttp,
-        Via::EnvoyHttp,
-    ];
+    // The HTTP cases go through every L4 path and the HTTP ones too.
+    let http_paths: Vec<Via> = tcp_paths
+        .iter()
+        .copied()
+        .chain([Via::SwitchyardHttp, Via::HaproxyHttp, Via::NginxHttp, Via::EnvoyHttp])
+        .collect();
     let cases: [(&str, &str, &[Via]); 5] = [
         ("http keep-alive", "req/s", &http_paths),
         ("http new connection", "req/s", &http_paths),
