@@ -125,8 +125,11 @@ fn pods_dial_kernel_mode_services_straight() {
     }
     let kernel = topo.metric("switchyard_kernel_decisions", "decision=\"kernel\"").unwrap_or(0.0);
     assert!(kernel >= 20.0, "kernel decisions: {kernel}");
+    // The agent reads the kernel's events every 50 ms: let it catch up before stopping.
+    let pod_lines =
+        |log: &str| log.lines().filter(|l| l.contains("connection closed") && l.contains("client.pod=true")).count();
+    eventually(Duration::from_secs(5), "the pod's close lines", || pod_lines(&agent.log()) >= 20);
     let log = agent.stop();
     assert_eq!(pod.closed_conns(&log), 0, "a pod connection went through the agent");
-    let pod_lines = log.lines().filter(|l| l.contains("connection closed") && l.contains("client.pod=true")).count();
-    assert_eq!(pod_lines, 20, "each pod connection is logged from the kernel's events: {log}");
+    assert_eq!(pod_lines(&log), 20, "each pod connection is logged from the kernel's events: {log}");
 }
