@@ -6,10 +6,16 @@
 //!   `switchyard resolve` prints).
 //! * `GET /status`: how many changes were applied, and each source's last rejected
 //!   change (cleared once that source sends a good one).
-//! * `GET /conns[?service=&endpoint=&client=]`: live connections (JSON), with who opened
-//!   them, where they went and bytes so far. `client` matches pid, command or cgroup.
-//! * `GET /services`, `GET /services/<name>`: services, endpoints, health, weights,
-//!   locality and connection counts (JSON).
+//! * `GET /conns[?service=&endpoint=&client=&after=&limit=]`: live connections (JSON),
+//!   with who opened them, where they went and bytes so far, oldest first. `client`
+//!   matches pid, command or cgroup.
+//! * `GET /services[?prefix=&after=&limit=]`, `GET /services/<name>`: services by name,
+//!   with endpoints, health, weights, locality and connection counts (JSON). `prefix`
+//!   filters by name (`shop/` for a namespace's).
+//!
+//!   Lists are paged, since a cluster has thousands of services: at most `limit` entries
+//!   (default and maximum [`PAGE`]); when there are more, the `x-next-after` header holds
+//!   the `after` value for the next page (the last name or connection id).
 //! * `GET /metrics`: Prometheus text format.
 //! * `GET /config`: the effective configuration (file, catalog and cluster merged).
 //! * `GET /log-level`, `PUT /log-level` (body: a tracing filter such as `debug` or
@@ -135,7 +141,8 @@ pub type LogControl = Arc<dyn Fn(Option<&str>) -> Result<String, String> + Send 
 #[derive(Clone)]
 pub struct AdminState {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
-    pub config: watch::Receiver<Arc<Config>>,
+    /// The agent settings in force; `/config` adds the snapshot's services.
+    pub config: watch::Receiver<Arc<crate::config::AgentConfig>>,
     pub status: Arc<Status>,
     pub stats: Arc<Stats>,
     /// The kernel programs' counters (none when the agent runs without them).
@@ -183,6 +190,22 @@ pub async fn serve(listener: TcpListener, state: AdminState, stop: CancellationT
     }
 }
 
+/// Entries per page of `/services` and `/conns`, by default and at most.
+pub const PAGE: usize = 1000;
+
+/// A paged list: the page, with the cursor of the next one when there is more.
+fn page_response(v: &impl serde::Serialize, next: Option<String>) -> Response<Full<Bytes>> {
+    let mut r = json_response(StatusCode::OK, v);
+    if let Some(next) = next.and_then(|n| hyper::header::HeaderValue::from_str(&percent_encode(&n)).ok()) {
+        r.headers_mut().insert("x-next-after", next);
+    }
+    r
+}
+
+fn percent_encode(v: &str) -> String {
+    percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
 fn response(status: StatusCode, body: impl Into<Bytes>, kind: &str) -> Response<Full<Bytes>> {
     Response::builder().status(status).header("content-type", kind).body(Full::new(body.into())).unwrap()
 }
@@ -211,7 +234,10 @@ async fn answer(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
         ("GET", "/live") => response(StatusCode::OK, "live\n", "text/plain"),
         ("GET", "/ready") => response(StatusCode::OK, "ready\n", "text/plain"),
         ("GET", "/status") => json_response(StatusCode::OK, &state.status.view()),
-        ("GET", "/config") => json_response(StatusCode::OK, &**state.config.borrow()),
+        ("GET", "/config") => {
+            let agent = (**state.config.borrow()).clone();
+            json_response(StatusCode::OK, &Config { agent, services: snapshot.services().map(|(_, s)| s.config.clone()).collect() })
+        }
         ("GET", "/metrics") => {
             if let Some(Ok(counters)) = state.kernel.as_ref().map(|k| k.read()) {
                 for (decision, n) in counters {
@@ -222,14 +248,22 @@ async fn answer(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
             response(StatusCode::OK, state.stats.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
         }
         ("GET", "/conns") => {
-            let conns: Vec<ConnView> =
-                state.stats.conns.list().into_iter().filter(|c| conn_matches(c, &query)).collect();
-            json_response(StatusCode::OK, &conns)
+            let limit = limit(&query);
+            let after: u64 = query.get("after").and_then(|a| a.parse().ok()).unwrap_or(0);
+            let mut conns = state.stats.conns.list().into_iter().filter(|c| c.id > after && conn_matches(c, &query));
+            let page: Vec<ConnView> = conns.by_ref().take(limit).collect();
+            let next = conns.next().and(page.last()).map(|c| c.id.to_string());
+            page_response(&page, next)
         }
-        ("GET", "/services") => json_response(StatusCode::OK, &resolve::services(&snapshot, Instant::now())),
+        ("GET", "/services") => {
+            let prefix = query.get("prefix").map_or("", String::as_str);
+            let after = query.get("after").map(String::as_str);
+            let (page, next) = resolve::services(&snapshot, Instant::now(), after, prefix, limit(&query));
+            page_response(&page, next)
+        }
         ("GET", p) if p.starts_with("/services/") => {
             let name = percent_encoding::percent_decode_str(&p["/services/".len()..]).decode_utf8_lossy().into_owned();
-            match resolve::services(&snapshot, Instant::now()).into_iter().find(|s| s.service == name) {
+            match resolve::service(&snapshot, &name, Instant::now()) {
                 Some(s) => json_response(StatusCode::OK, &s),
                 None => not_found(format!("no service is named `{name}`")),
             }
@@ -262,6 +296,10 @@ async fn answer(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
         }
         (_, other) => not_found(format!("no such admin path `{other}`")),
     }
+}
+
+fn limit(q: &HashMap<String, String>) -> usize {
+    q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(PAGE).clamp(1, PAGE)
 }
 
 /// `/conns` filters: exact service or endpoint; client matches pid, command or cgroup.

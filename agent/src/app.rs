@@ -37,7 +37,7 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     admin,
@@ -51,7 +51,7 @@ use crate::{
     proxy::{Inherited, Listeners, Proxy},
     reconcile::{self, PodsReconcile, Reconciler, validated},
     redirect::{self, PinDir, Redirect},
-    state::Snapshot,
+    state::{Snapshot, checked},
     stats::Stats,
     tasks::Background,
 };
@@ -198,19 +198,37 @@ pub async fn build(
         }
         None => None,
     };
-    if let Some(k8s) = &main.agent.kubernetes {
-        let view = discovery::kubernetes::start(k8s, updates.clone(), Duration::from_secs(30), &background)
-            .await
-            .context("watch the Kubernetes API (agent.kubernetes)")?;
-        sources.cluster = view;
-    }
+    let cluster = match &main.agent.kubernetes {
+        Some(k8s) => {
+            let first = discovery::kubernetes::start(k8s, updates.clone(), Duration::from_secs(30), &background)
+                .await
+                .context("watch the Kubernetes API (agent.kubernetes)")?;
+            (sources.zone, sources.region) = first.locality.clone().unwrap_or_default();
+            Some(first)
+        }
+        None => None,
+    };
     let dns = Dns::new(&main.agent.dns, updates.clone(), background.clone())?;
-    let targets = discovery::dns_targets(&sources.merge(&main));
+    let targets = discovery::dns_targets(main.services.iter().chain(&sources.catalog));
     sources.resolved = dns.resolve_all(&targets, Duration::from_secs(5)).await;
     let origin = path.as_deref().map_or_else(|| "the config".to_owned(), |p| p.display().to_string());
-    let merged =
-        validated(sources.merge(&main)).map_err(|p| anyhow::anyhow!("the catalog clashes with {origin}:\n{p}"))?;
-    let snapshot = Arc::new(Snapshot::build(&merged, &sources.resolved, None));
+    let merged = validated(sources.merge(&main, []))
+        .map_err(|p| anyhow::anyhow!("the catalog clashes with {origin}:\n{p}"))?;
+    let mut snapshot = Snapshot::build(&merged, &sources.resolved, None);
+    // The cluster's services join service by service, as its later changes do: one that
+    // clashes with the file is held back and reported, the rest are served from the start.
+    let mut held = std::collections::BTreeMap::new();
+    if let Some(first) = cluster {
+        let wanted = first.upsert.into_iter().map(|s| (s.name.clone(), Some(s))).collect();
+        let checked = checked::check(&snapshot, &merged.agent, wanted);
+        snapshot = snapshot.changed(&checked.upsert, &[], &sources.resolved).0;
+        for h in checked.held {
+            error!(source = "kubernetes", error = %format!("the result would be invalid:\n{}", h.problems),
+                "update rejected; still serving the last good state");
+            held.insert(h.name.clone(), h);
+        }
+    }
+    let snapshot = Arc::new(snapshot);
 
     let plane = match host {
         Host::Checked { cgroup, pins } => attach(&main, cgroup, pins, &snapshot).await?,
@@ -223,18 +241,17 @@ pub async fn build(
         },
     };
     let (publish, latest) = watch::channel(Arc::clone(&snapshot));
-    let (publish_config, effective) = watch::channel(Arc::new(merged.clone()));
+    let (publish_agent, effective) = watch::channel(Arc::new(merged.agent.clone()));
     let status = Arc::new(admin::Status::default());
     let stats = Stats::new(redirect::cgroup2_root().ok(), main.agent.stats);
     // Mark 0 is no mark: without programs there is nothing to get past.
     let mark = if plane.kernel.is_some() { main.agent.mark } else { 0 };
     let proxy = Proxy::new(latest.clone(), plane.origins, mark, Arc::clone(&stats));
-    let checks = background.child();
     let mut reconciler = Reconciler {
         main,
         sources,
         publish,
-        publish_config,
+        publish_agent,
         kernel: plane.kernel,
         dns,
         mark,
@@ -242,10 +259,12 @@ pub async fn build(
         stats: Arc::clone(&stats),
         http: Arc::clone(proxy.http()),
         background,
-        checks,
+        checks: Default::default(),
         last_sweep: Instant::now(),
+        held,
+        tables: Default::default(),
     };
-    reconciler.start(&merged);
+    reconciler.start();
     if let Some(k) = &mut reconciler.kernel {
         let events = k.redirect.events().context("follow the kernel's connection events")?;
         if let Some(events) = events {
@@ -634,9 +653,13 @@ fn log_counters(redirect: &Redirect) {
 
 fn log_service_stats(snapshot: &Snapshot) {
     use std::sync::atomic::Ordering::Relaxed;
-    for svc in snapshot.services() {
+    for (_, svc) in snapshot.services() {
         let s = &svc.balancer.stats;
         let tier = |t: Tier| s.by_tier[t as usize].load(Relaxed);
+        // Only services that were used: a cluster has thousands that were not.
+        if Tier::ALL.into_iter().all(|t| tier(t) == 0) {
+            continue;
+        }
         info!(
             service = %svc.name,
             picks.local = tier(Tier::Local),

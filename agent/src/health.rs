@@ -3,9 +3,9 @@
 //! feed the results to the endpoint's rise/fall verdict. Checks connect with the agent's
 //! mark, like proxied connections, so they are never redirected.
 //!
-//! One task per (service, endpoint), in a task group the reconciler replaces with each
-//! snapshot: the verdicts live in the endpoints' shared state, so restarting the tasks
-//! loses nothing.
+//! One task per (service, endpoint), in a task group per service that the reconciler
+//! replaces when that service changes: the verdicts live in the endpoints' shared state,
+//! so restarting the tasks loses nothing, and a change elsewhere touches none of them.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -16,15 +16,14 @@ use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn};
 
 use crate::{
-    balance::EndpointState, config::HealthCheckConfig, proxy::upstream::connect_marked, state::Snapshot,
+    balance::EndpointState, config::HealthCheckConfig, proxy::upstream::connect_marked, state::Service,
     tasks::Background,
 };
 
-/// Start checks for every endpoint of every service with a `health_check`, as tasks of
+/// Start checks for every endpoint of `svc` if it has a `health_check`, as tasks of
 /// `group`; all of them stop when the group is stopped.
-pub fn spawn(snapshot: &Snapshot, mark: u32, group: &Background) {
-    for svc in snapshot.services() {
-        let Some(check) = &svc.config.health_check else { continue };
+pub fn spawn(svc: &Service, mark: u32, group: &Background) {
+    if let Some(check) = &svc.config.health_check {
         for ep in svc.balancer.endpoints().iter().filter(|e| !e.terminating) {
             let task = Probe {
                 service: svc.name.clone(),

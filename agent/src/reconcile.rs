@@ -1,35 +1,43 @@
 //! The reconciler: everything that changes after start-up goes through here. Changes
-//! arrive from SIGHUP (re-read the config file) and the discovery sources; each is merged
-//! with the rest and validated as a whole; a bad one is rejected with its problems logged
-//! and recorded for `/status`, and the running state stays in force; a good one becomes a
-//! new snapshot, published without dropping anything (endpoints that left get their drain
-//! time, state of the others carries over). On a timer it keeps the kernel in step with
-//! endpoint health (the fallback's endpoint sets) and pod namespaces, and sweeps idle
-//! upstream HTTP connections.
+//! arrive from SIGHUP (re-read the config file) and the discovery sources. The file and
+//! the catalog are merged with the rest and validated as a whole; the cluster's changes
+//! (thousands of services, a few changing at a time) are checked service by service
+//! against the running state (`state::checked`). A bad change is rejected with its
+//! problems logged and recorded for `/status`, and the running state stays in force; a
+//! good one becomes a new snapshot that shares every unchanged service with the last,
+//! published without dropping anything (endpoints that left get their drain time, state
+//! of the others carries over). Only what changed is followed up: the kernel's entries of
+//! the addresses involved, the health checks of the services involved.
 //!
-//! It owns every background task (`tasks::Background`): health checks (replaced with
-//! each snapshot), drain deadlines, and the discovery watchers started before it; they
-//! stop when it shuts down.
+//! On a timer it keeps the kernel's endpoint tables in step with endpoint health (only
+//! where it changed), follows pod namespaces, and sweeps idle upstream HTTP connections.
+//!
+//! It owns every background task (`tasks::Background`): health checks (a group per
+//! service), drain deadlines, and the discovery watchers started before it; they stop
+//! when it shuts down.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashMap, HashSet},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
-    admin,
-    config::{Config, ConfigError, PodsMode},
-    discovery::{self, Sources, Update, dns::Dns},
+    admin, balance,
+    config::{AgentConfig, Config, ConfigError, Origin, PodsMode, ServiceConfig},
+    discovery::{self, Sources, Update, dns::Dns, kubernetes::ClusterDelta},
     health,
     pods::{self, PodPaths},
     proxy::http::Http,
     redirect::{self, OrigDstTable, Redirect},
-    state::{Departure, Snapshot},
+    state::{
+        Change, Departure, Snapshot,
+        checked::{self, Held},
+    },
     stats::{Stats, metrics::NetnsLabels},
     tasks::Background,
 };
@@ -86,8 +94,9 @@ pub struct Reconciler {
     pub main: Config,
     pub sources: Sources,
     pub publish: watch::Sender<Arc<Snapshot>>,
-    /// The effective (merged) configuration, for the admin API's `/config`.
-    pub publish_config: watch::Sender<Arc<Config>>,
+    /// The agent settings in force (with the Node's locality), for the admin API's
+    /// `/config`, which adds the snapshot's services.
+    pub publish_agent: watch::Sender<Arc<AgentConfig>>,
     pub kernel: Option<Attached>,
     pub dns: Dns,
     pub mark: u32,
@@ -95,17 +104,36 @@ pub struct Reconciler {
     pub stats: Arc<Stats>,
     pub http: Arc<Http>,
     pub background: Background,
-    /// The health checks of the snapshot in force.
-    pub checks: Background,
+    /// Health checks, one task group per service (by slot) that has them.
+    pub checks: HashMap<usize, Background>,
     pub last_sweep: Instant,
+    /// Cluster changes held back (they clashed with the rest), by service name: tried
+    /// again with every later change, since what they clashed with may have gone.
+    pub held: BTreeMap<String, Held>,
+    pub tables: Tables,
+}
+
+/// What the kernel's endpoint tables were last computed from, to recompute only those of
+/// services whose endpoints' availability changed.
+#[derive(Debug, Default)]
+pub struct Tables {
+    /// `balance::availability_epoch()` when endpoints were last looked at.
+    epoch: u64,
+    /// Some endpoint was not plainly healthy then: look again on every tick, since an
+    /// ejection runs out with the clock alone.
+    timed: bool,
+    /// Per service slot, its balancer's availability digest.
+    digests: HashMap<usize, u64>,
 }
 
 impl Reconciler {
     /// Start what follows the first snapshot: its health checks, DNS refreshes, drain
     /// deadlines, and the kernel's view of pods.
-    pub fn start(&mut self, merged: &Config) {
-        self.restart_background(merged);
-        self.arm_drain_deadlines(self.publish.borrow().departures_since(&Snapshot::default()));
+    pub fn start(&mut self) {
+        let snapshot = Arc::clone(&self.publish.borrow());
+        let changes = snapshot.all_new();
+        self.follow(&snapshot, &changes);
+        self.track_dns();
         self.tick();
     }
 
@@ -129,12 +157,62 @@ impl Reconciler {
     /// An update from a discovery source.
     pub fn update(&mut self, update: Update) {
         let source = update.source();
-        let mut candidate = self.sources.clone();
-        if let Err(e) = candidate.apply(update) {
-            return self.reject(source, Rejected::Source(e));
+        match update {
+            Update::Catalog(Err(e)) => self.reject(source, Rejected::Source(e)),
+            Update::Catalog(Ok(services)) => {
+                let candidate = Sources { catalog: services, ..self.sources.clone() };
+                if let Err(e) = self.apply(self.main.clone(), candidate, source) {
+                    self.reject(source, e);
+                }
+            }
+            Update::Dns { target, answer } => {
+                // Only the services that name it change; their configs were checked.
+                self.sources.resolved.insert(target.clone(), answer);
+                let upsert: Vec<ServiceConfig> = self
+                    .named_services()
+                    .filter(|s| s.endpoints.iter().any(|e| e.target == target))
+                    .cloned()
+                    .collect();
+                self.change(&upsert, &[], source, Instant::now());
+            }
+            Update::Cluster(delta) => self.cluster(delta),
         }
-        if let Err(e) = self.apply(self.main.clone(), candidate, source) {
-            self.reject(source, e);
+    }
+
+    /// The services of the main file and the catalog (the cluster's are in the snapshot).
+    fn named_services(&self) -> impl Iterator<Item = &ServiceConfig> {
+        self.main.services.iter().chain(&self.sources.catalog)
+    }
+
+    /// Changes from the cluster, checked service by service against the running state.
+    fn cluster(&mut self, delta: ClusterDelta) {
+        let started = Instant::now();
+        let ClusterDelta { upsert, remove, locality } = delta;
+        // Held-back changes first: the new ones supersede them.
+        let held = std::mem::take(&mut self.held);
+        // Reported already: a change held for the same reasons is not reported again.
+        let before: HashMap<String, String> = held.iter().map(|(n, h)| (n.clone(), h.problems.clone())).collect();
+        let mut wanted: BTreeMap<String, Option<ServiceConfig>> =
+            held.into_iter().map(|(n, h)| (n, h.change)).collect();
+        wanted.extend(remove.into_iter().map(|n| (n, None)));
+        wanted.extend(upsert.into_iter().map(|s| (s.name.clone(), Some(s))));
+        let snapshot = Arc::clone(&self.publish.borrow());
+        let checked = checked::check(&snapshot, &self.main.agent, wanted.into_iter().collect());
+        for held in checked.held {
+            if before.get(&held.name) != Some(&held.problems) {
+                self.reject("kubernetes", Rejected::Invalid(Problems(held.problems.clone())));
+            }
+            self.held.insert(held.name.clone(), held);
+        }
+        self.change(&checked.upsert, &checked.remove, "kubernetes", started);
+        if let Some((zone, region)) = locality
+            && (zone.as_ref(), region.as_ref()) != (self.sources.zone.as_ref(), self.sources.region.as_ref())
+        {
+            // Every endpoint's tier is relative to the node's zone: all services change.
+            let candidate = Sources { zone, region, ..self.sources.clone() };
+            if let Err(e) = self.apply(self.main.clone(), candidate, "kubernetes") {
+                self.reject("kubernetes", e);
+            }
         }
     }
 
@@ -146,37 +224,98 @@ impl Reconciler {
         self.status.rejected(source, error);
     }
 
-    /// Make `main` + `sources` the running state if together they are valid.
+    /// Make `main` + `sources` (+ the cluster's services in force) the running state if
+    /// together they are valid.
     fn apply(&mut self, main: Config, sources: Sources, source: &str) -> Result<(), Rejected> {
         let started = Instant::now();
-        let merged = validated(sources.merge(&main)).map_err(Rejected::Invalid)?;
         let prev = Arc::clone(&self.publish.borrow());
-        let next = Arc::new(Snapshot::build(&merged, &sources.resolved, Some(&prev)));
+        let cluster = prev.services().filter(|(_, s)| s.config.origin == Origin::Kubernetes).map(|(_, s)| s.config.clone());
+        let merged = validated(sources.merge(&main, cluster)).map_err(Rejected::Invalid)?;
+        let (next, changes) = prev.rebuilt(&merged, &sources.resolved);
+        self.main = main;
+        self.sources = sources;
+        self.publish_agent.send_if_modified(|a| {
+            let changed = **a != merged.agent;
+            if changed {
+                *a = Arc::new(merged.agent.clone());
+            }
+            changed
+        });
+        self.install(next, &changes, source, started);
+        self.track_dns();
+        // What a held-back change clashed with may be gone now.
+        if !self.held.is_empty() {
+            self.cluster(ClusterDelta::default());
+        }
+        Ok(())
+    }
+
+    /// Apply checked service changes to the running snapshot.
+    fn change(&mut self, upsert: &[ServiceConfig], remove: &[String], source: &str, started: Instant) {
+        if upsert.is_empty() && remove.is_empty() {
+            return;
+        }
+        let prev = Arc::clone(&self.publish.borrow());
+        let (next, changes) = prev.changed(upsert, remove, &self.sources.resolved);
+        self.install(next, &changes, source, started);
+    }
+
+    /// Publish `next` and bring what follows the services in step with `changes`: the
+    /// kernel's entries for the addresses involved, drain deadlines, health checks.
+    fn install(&mut self, next: Snapshot, changes: &[Change], source: &str, started: Instant) {
+        let next = Arc::new(next);
         // Publish before the kernel learns new addresses, so the agent knows every service
         // it may be sent. (A removed address can, for a moment, still be redirected and is
         // then closed: the service is gone either way.)
         self.publish.send_replace(Arc::clone(&next));
-        self.publish_config.send_replace(Arc::new(merged.clone()));
-        if let Some(k) = &mut self.kernel
-            && let Err(e) = k.redirect.sync_services(next.service_addresses())
-        {
-            let e = anyhow::Error::from(e);
-            error!(error = format!("{e:#}"), "could not update the kernel's service addresses");
+        if let Some(k) = &mut self.kernel {
+            let entries = next.kernel_entries(next.touched_addresses(changes), Instant::now());
+            if let Err(e) = k.redirect.update_addresses(&entries) {
+                let e = anyhow::Error::from(e);
+                error!(error = format!("{e:#}"), "could not update the kernel's service addresses");
+            }
         }
-        self.sync_backends();
-        self.arm_drain_deadlines(next.departures_since(&prev));
-        self.main = main;
-        self.sources = sources;
-        self.restart_background(&merged);
-        info!(source, services = next.len(), took_us = started.elapsed().as_micros() as u64, "configuration applied");
+        self.follow(&next, changes);
+        info!(
+            source,
+            services = next.len(),
+            changed = changes.len(),
+            took_us = started.elapsed().as_micros() as u64,
+            "configuration applied"
+        );
         self.status.applied(source);
-        Ok(())
+    }
+
+    /// Drain deadlines and health checks of the services `changes` touched.
+    fn follow(&mut self, snapshot: &Snapshot, changes: &[Change]) {
+        self.arm_drain_deadlines(snapshot.departures(changes));
+        for c in changes {
+            if let Some(group) = self.checks.remove(&c.slot) {
+                group.stop();
+            }
+            self.tables.digests.remove(&c.slot);
+            if c.gone {
+                continue;
+            }
+            let svc = snapshot.service(c.slot);
+            if svc.config.health_check.is_some() {
+                let group = self.background.child();
+                health::spawn(svc, self.mark, &group);
+                self.checks.insert(c.slot, group);
+            }
+        }
+    }
+
+    /// DNS refreshes follow the names the file's and the catalog's services use.
+    fn track_dns(&mut self) {
+        let targets = discovery::dns_targets(self.named_services());
+        self.dns.track(&targets, &self.sources.resolved);
     }
 
     /// The periodic work: the kernel's endpoint tables and pod namespaces, idle upstream
     /// HTTP connections.
     pub fn tick(&mut self) {
-        self.sync_backends();
+        self.sync_tables();
         self.sync_pods();
         if self.last_sweep.elapsed() >= SWEEP_EVERY {
             self.http.sweep(&self.publish.borrow());
@@ -185,11 +324,40 @@ impl Reconciler {
     }
 
     /// Keep the kernel's endpoint tables (`mode: kernel` services, and the fallback) at
-    /// the endpoints' health, weights and locality of now.
-    fn sync_backends(&mut self) {
+    /// the endpoints' health of now: only after some endpoint's availability changed (or
+    /// may have, with the clock), and only for the services it changed in (and those
+    /// that route to services, whose tables follow their targets).
+    fn sync_tables(&mut self) {
         let Some(k) = &mut self.kernel else { return };
-        let backends = self.publish.borrow().kernel_tables(Instant::now());
-        if let Err(e) = k.redirect.sync_backends(&backends) {
+        let epoch = balance::availability_epoch();
+        if epoch == self.tables.epoch && !self.tables.timed {
+            return;
+        }
+        self.tables.epoch = epoch;
+        let snapshot = Arc::clone(&self.publish.borrow());
+        let now = Instant::now();
+        let mut timed = false;
+        let mut changed = HashSet::new();
+        for (slot, svc) in snapshot.services() {
+            let (digest, t) = svc.balancer.availability_digest(now);
+            timed |= t;
+            if self.tables.digests.insert(slot, digest) != Some(digest) {
+                changed.insert(slot);
+            }
+        }
+        self.tables.timed = timed;
+        if changed.is_empty() {
+            return;
+        }
+        let addrs = changed
+            .iter()
+            .copied()
+            .chain(snapshot.routing())
+            .flat_map(|i| snapshot.service(i).config.addresses.iter().copied())
+            .collect::<std::collections::BTreeSet<_>>();
+        let entries = snapshot.kernel_entries(addrs, now);
+        debug!(services = changed.len(), addresses = entries.len(), "endpoint availability changed");
+        if let Err(e) = k.redirect.update_addresses(&entries) {
             let e = anyhow::Error::from(e);
             error!(error = format!("{e:#}"), "could not update the kernel's endpoint tables");
         }
@@ -249,14 +417,6 @@ impl Reconciler {
             probing: counts.probing,
             blocked: p.paths.blocked(now),
         });
-    }
-
-    /// Health checks follow the snapshot; DNS refreshes follow the names in use.
-    fn restart_background(&mut self, merged: &Config) {
-        self.checks.stop();
-        self.checks = self.background.child();
-        health::spawn(&self.publish.borrow(), self.mark, &self.checks);
-        self.dns.track(&discovery::dns_targets(merged), &self.sources.resolved);
     }
 
     /// Endpoints that left service keep their connections until their drain deadline.

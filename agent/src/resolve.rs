@@ -11,6 +11,7 @@ use crate::{
     balance::{Avail, Endpoint},
     config::MAX_ROUTE_DEPTH,
     state::{
+        Service,
         Snapshot,
         route::{Branch, BranchShare},
     },
@@ -64,29 +65,48 @@ pub struct ServiceSummary {
     pub endpoints: Vec<EndpointNode>,
 }
 
-/// Every service, in snapshot order.
-pub fn services(snapshot: &Snapshot, now: Instant) -> Vec<ServiceSummary> {
-    snapshot
-        .services()
-        .iter()
-        .enumerate()
-        .map(|(i, svc)| {
-            let route = svc.config.route.as_ref();
-            ServiceSummary {
-                service: svc.name.clone(),
-                addresses: svc.config.addresses.iter().map(ToString::to_string).collect(),
-                origin: format!("{:?}", svc.config.origin).to_lowercase(),
-                balance: serde_json::to_value(svc.balancer.kind())
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-                kind: route_kind(&svc.config).into(),
-                route: route.map(|r| r.targets().into_iter().map(str::to_owned).collect()).unwrap_or_default(),
-                healthy: snapshot.has_healthy(i, now),
-                endpoints: svc.balancer.endpoints().iter().map(|e| endpoint(e, now)).collect(),
-            }
-        })
-        .collect()
+/// Up to `limit` services by name, after the name `after`, whose names start with
+/// `prefix`; and the name to continue after when there are more.
+pub fn services(
+    snapshot: &Snapshot,
+    now: Instant,
+    after: Option<&str>,
+    prefix: &str,
+    limit: usize,
+) -> (Vec<ServiceSummary>, Option<String>) {
+    use std::ops::Bound;
+    let from = match after {
+        Some(a) if a >= prefix => Bound::Excluded(a),
+        _ => Bound::Included(prefix),
+    };
+    let mut matching = snapshot.services_from(from).take_while(|(_, s)| s.name.starts_with(prefix));
+    let page: Vec<ServiceSummary> = matching.by_ref().take(limit).map(|(i, s)| summary(snapshot, i, s, now)).collect();
+    let more = matching.next().is_some();
+    let next = more.then(|| page.last().map(|s| s.service.clone())).flatten();
+    (page, next)
+}
+
+/// The service called `name`.
+pub fn service(snapshot: &Snapshot, name: &str, now: Instant) -> Option<ServiceSummary> {
+    let i = snapshot.index_named(name)?;
+    Some(summary(snapshot, i, snapshot.service(i), now))
+}
+
+fn summary(snapshot: &Snapshot, i: usize, svc: &Service, now: Instant) -> ServiceSummary {
+    let route = svc.config.route.as_ref();
+    ServiceSummary {
+        service: svc.name.clone(),
+        addresses: svc.config.addresses.iter().map(ToString::to_string).collect(),
+        origin: format!("{:?}", svc.config.origin).to_lowercase(),
+        balance: serde_json::to_value(svc.balancer.kind())
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default(),
+        kind: route_kind(&svc.config).into(),
+        route: route.map(|r| r.targets().into_iter().map(str::to_owned).collect()).unwrap_or_default(),
+        healthy: snapshot.has_healthy(i, now),
+        endpoints: svc.balancer.endpoints().iter().map(|e| endpoint(e, now)).collect(),
+    }
 }
 
 /// The tree for `target`: a service name or one of its addresses (`ip:port`).

@@ -50,6 +50,15 @@ pub struct Endpoint {
     pub state: Arc<EndpointState>,
 }
 
+/// Counts changes of any endpoint's availability, so that whoever follows availability
+/// (the kernel's tables) looks at every endpoint only after something changed.
+static AVAIL_EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// See [`AVAIL_EPOCH`].
+pub fn availability_epoch() -> u64 {
+    AVAIL_EPOCH.load(Ordering::Relaxed)
+}
+
 /// Default connect-latency estimate for an endpoint never measured: a LAN round trip,
 /// so a new endpoint is neither flooded nor starved before its first sample.
 const DEFAULT_RTT: Duration = Duration::from_micros(250);
@@ -248,7 +257,10 @@ impl EndpointState {
     fn with_health<T>(&self, f: impl FnOnce(&mut Health) -> T) -> T {
         let mut h = self.health.lock().unwrap();
         let out = f(&mut h);
-        self.avail.store(Summary::pack(&h), Ordering::Release);
+        let word = Summary::pack(&h);
+        if self.avail.swap(word, Ordering::Release) != word {
+            AVAIL_EPOCH.fetch_add(1, Ordering::Relaxed);
+        }
         out
     }
 

@@ -22,7 +22,7 @@ use std::{
     time::Instant,
 };
 
-pub use endpoint::{ActiveGuard, Endpoint, EndpointState, Tier};
+pub use endpoint::{ActiveGuard, Endpoint, EndpointState, Tier, availability_epoch};
 pub use health::{Avail, Change};
 use ring::Ring;
 pub use ring::hash;
@@ -240,6 +240,19 @@ impl Balancer {
             spread(&mut live().filter(|(i, e)| e.tier == tier && avail[*i] != Avail::Out).map(|(i, _)| i), mass);
         }
         shares
+    }
+
+    /// A digest of every endpoint's availability now: besides the config, all that
+    /// [`Balancer::shares`] depends on, so equal digests mean equal shares. The flag says
+    /// whether some endpoint is not plainly healthy, so the digest can change with the
+    /// clock alone (an ejection running out).
+    pub fn availability_digest(&self, now: Instant) -> (u64, bool) {
+        let clock = std::cell::OnceCell::new();
+        let now_ns = || *clock.get_or_init(|| endpoint::nanos(now));
+        self.endpoints.iter().fold((0xcbf2_9ce4_8422_2325, false), |(h, timed), e| {
+            let a = e.state.availability_with(now_ns);
+            ((h ^ (a as u64 + 1)).wrapping_mul(0x100_0000_01b3), timed || a != Avail::Healthy)
+        })
     }
 
     /// A number in [0, 1) for the locality draw: random, except under ring hash, where it

@@ -5,7 +5,7 @@
 //! agent never starts half-configured.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -193,6 +193,17 @@ impl Default for AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// Where the agent's own listener answers: a service address there would loop.
+    pub fn listeners(&self) -> Vec<SocketAddr> {
+        [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)]
+            .into_iter()
+            .chain(self.node_address.iter().copied())
+            .map(|ip| SocketAddr::new(ip, self.listen_port))
+            .collect()
+    }
+}
+
 impl Config {
     /// Read, parse and validate a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -241,10 +252,13 @@ impl Config {
         let service_ips: Vec<IpAddr> =
             self.services.iter().flat_map(|s| &s.addresses).map(|a| canonical(*a).ip()).collect();
         a.pods_problems(&service_ips, &mut problem);
-        let listeners: Vec<SocketAddr> = [IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)]
-            .into_iter()
-            .chain(a.node_address.iter().copied())
-            .map(|ip| SocketAddr::new(ip, a.listen_port))
+        let listeners = a.listeners();
+        let by_name: HashMap<&str, &ServiceConfig> = self.services.iter().map(|s| (s.name.as_str(), s)).collect();
+        // Names some route (or override allowance) leads to: they need no address.
+        let routed: HashSet<&str> = self
+            .services
+            .iter()
+            .flat_map(|o| o.route.iter().flat_map(|r| r.targets()).chain(o.http.allow_override.iter().map(String::as_str)))
             .collect();
 
         let mut names: HashMap<&str, String> = HashMap::new();
@@ -255,67 +269,20 @@ impl Config {
             let label = svc.origin.label(*index, &svc.name);
             *index += 1;
             let at = |field: &str| format!("{label}.{field}");
-            if svc.name.trim().is_empty() {
-                problem(at("name"), "must not be empty".into());
-            } else if let Some(first) = names.insert(&svc.name, label.clone()) {
+            if let Some(first) = names.insert(&svc.name, label.clone())
+                && !svc.name.trim().is_empty()
+            {
                 problem(at("name"), format!("`{}` is already the name of {first}", svc.name));
             }
-            let routed_to = self.services.iter().any(|o| {
-                o.route.as_ref().is_some_and(|r| r.targets().contains(&svc.name.as_str()))
-                    || o.http.allow_override.contains(&svc.name)
-            });
-            if svc.addresses.is_empty() && !routed_to {
-                problem(
-                    at("addresses"),
-                    "must list at least one service address (ip:port), unless another service routes to it \
-                     (or allows it as an override)"
-                        .into(),
-                );
-            }
-            for (j, addr) in svc.addresses.iter().enumerate() {
-                let field = at(&format!("addresses[{j}]"));
-                let addr = canonical(*addr);
-                if let Some(msg) = unusable(addr) {
-                    problem(field, msg);
-                } else if listeners.contains(&addr) {
-                    problem(field, format!("{addr} is the agent's own listener; connections would loop"));
-                } else if let Some(first) = owners.insert(addr, label.clone()) {
-                    problem(field, format!("{addr} is already an address of {first}"));
-                }
-            }
-            // A discovered service may have no endpoint for a while (none ready yet).
-            match &svc.route {
-                Some(_) if !svc.endpoints.is_empty() => {
-                    problem(at("route"), "give either endpoints or a route, not both".into())
-                }
-                Some(route) => route_problems(self, svc, route, &at, &mut problem),
-                // A discovered service may have no endpoint for a while (none ready yet).
-                None if svc.endpoints.is_empty() && svc.origin != Origin::Kubernetes => {
-                    problem(at("endpoints"), "must list at least one endpoint (ip:port), or give a route".into())
-                }
-                None => {}
-            }
-            let mut seen = HashMap::new();
-            for (j, ep) in svc.endpoints.iter().enumerate() {
-                if let Some(msg) = ep.target.addr().and_then(|a| unusable(canonical(a))) {
-                    problem(at(&format!("endpoints[{j}]")), msg);
-                } else if let Some(first) = seen.insert(&ep.target, j) {
-                    problem(at(&format!("endpoints[{j}]")), format!("{} is already endpoints[{first}]", ep.target));
-                }
-            }
-            svc.policy_problems(&label, &mut problem);
-            if svc.mode == ServiceMode::Kernel && matches!(svc.protocol, Protocol::Http1 | Protocol::Http2) {
-                problem(
-                    at("mode"),
-                    format!(
-                        "`kernel` sends connections straight to an endpoint, so nothing balances requests: it \
-                         cannot be combined with `protocol: {}` (use `mode: proxy`, or `protocol: tcp`)",
-                        if svc.protocol == Protocol::Http1 { "http1" } else { "http2" }
-                    ),
-                );
+            let mut owner = |addr| owners.insert(addr, label.clone());
+            svc.own_problems(&label, &listeners, routed.contains(svc.name.as_str()), &mut owner, &mut problem);
+            if let Some(route) = &svc.route
+                && svc.endpoints.is_empty()
+            {
+                route_problems(&by_name, svc, route, &at, &mut problem);
             }
             for target in &svc.http.allow_override {
-                if self.service(target).is_none() {
+                if !by_name.contains_key(target.as_str()) {
                     problem(at("http.allow_override"), format!("names `{target}`, which is not a service"));
                 }
             }
@@ -331,14 +298,7 @@ impl Config {
     /// The same config with v4-mapped IPv6 addresses written as IPv4, the form the kernel
     /// and the lookups use.
     pub(crate) fn canonical(mut self) -> Self {
-        for svc in &mut self.services {
-            svc.addresses.iter_mut().for_each(|a| *a = canonical(*a));
-            for e in &mut svc.endpoints {
-                if let Target::Addr(a) = &mut e.target {
-                    *a = canonical(*a);
-                }
-            }
-        }
+        self.services.iter_mut().for_each(ServiceConfig::canonicalize);
         self
     }
 }
@@ -346,7 +306,7 @@ impl Config {
 /// Route targets must exist, weights must add up to something, and following routes
 /// must end at concrete services: no cycles, at most `MAX_ROUTE_DEPTH` hops.
 fn route_problems(
-    config: &Config,
+    services: &HashMap<&str, &ServiceConfig>,
     svc: &ServiceConfig,
     route: &Route,
     at: &impl Fn(&str) -> String,
@@ -359,7 +319,7 @@ fn route_problems(
         problem(at("route.split"), "weights must not all be 0".into());
     }
     for target in route.targets() {
-        if config.service(target).is_none() {
+        if !services.contains_key(target) {
             problem(at("route"), format!("names `{target}`, which is not a service"));
         }
     }
@@ -374,7 +334,7 @@ fn route_problems(
             problem(at("route"), format!("is more than {MAX_ROUTE_DEPTH} routes deep"));
             return;
         }
-        if let Some(next) = config.service(name).and_then(|s| s.route.as_ref()) {
+        if let Some(next) = services.get(name).and_then(|s| s.route.as_ref()) {
             stack.extend(next.targets().into_iter().map(|t| (t, depth + 1)));
         }
     }

@@ -423,6 +423,83 @@ impl Default for LocalityConfig {
 
 impl ServiceConfig {
     /// Problems with the policy fields, named under `at` (e.g. `services[2]`).
+    /// v4-mapped IPv6 addresses written as IPv4, the form the kernel and the lookups use.
+    pub(crate) fn canonicalize(&mut self) {
+        self.addresses.iter_mut().for_each(|a| *a = super::canonical(*a));
+        for e in &mut self.endpoints {
+            if let Target::Addr(a) = &mut e.target {
+                *a = super::canonical(*a);
+            }
+        }
+    }
+
+    /// The checks of this service, shared by whole-config validation and by changes
+    /// checked against the running state. What they need of the others: whether some
+    /// route leads to it (`routed_to`), and which other service already has an address
+    /// (`owner`, called once per usable address, returning how problems name that
+    /// service). `label` names this one.
+    pub(crate) fn own_problems(
+        &self,
+        label: &str,
+        listeners: &[SocketAddr],
+        routed_to: bool,
+        owner: &mut impl FnMut(SocketAddr) -> Option<String>,
+        problem: &mut impl FnMut(String, String),
+    ) {
+        let at = |field: &str| format!("{label}.{field}");
+        if self.name.trim().is_empty() {
+            problem(at("name"), "must not be empty".into());
+        }
+        if self.addresses.is_empty() && !routed_to {
+            problem(
+                at("addresses"),
+                "must list at least one service address (ip:port), unless another service routes to it \
+                 (or allows it as an override)"
+                    .into(),
+            );
+        }
+        for (j, addr) in self.addresses.iter().enumerate() {
+            let field = at(&format!("addresses[{j}]"));
+            let addr = super::canonical(*addr);
+            if let Some(msg) = super::unusable(addr) {
+                problem(field, msg);
+            } else if listeners.contains(&addr) {
+                problem(field, format!("{addr} is the agent's own listener; connections would loop"));
+            } else if let Some(first) = owner(addr) {
+                problem(field, format!("{addr} is already an address of {first}"));
+            }
+        }
+        match &self.route {
+            Some(_) if !self.endpoints.is_empty() => {
+                problem(at("route"), "give either endpoints or a route, not both".into())
+            }
+            // A discovered service may have no endpoint for a while (none ready yet).
+            None if self.endpoints.is_empty() && self.origin != Origin::Kubernetes => {
+                problem(at("endpoints"), "must list at least one endpoint (ip:port), or give a route".into())
+            }
+            _ => {}
+        }
+        let mut seen = std::collections::HashMap::new();
+        for (j, ep) in self.endpoints.iter().enumerate() {
+            if let Some(msg) = ep.target.addr().and_then(|a| super::unusable(super::canonical(a))) {
+                problem(at(&format!("endpoints[{j}]")), msg);
+            } else if let Some(first) = seen.insert(&ep.target, j) {
+                problem(at(&format!("endpoints[{j}]")), format!("{} is already endpoints[{first}]", ep.target));
+            }
+        }
+        self.policy_problems(label, problem);
+        if self.mode == ServiceMode::Kernel && matches!(self.protocol, Protocol::Http1 | Protocol::Http2) {
+            problem(
+                at("mode"),
+                format!(
+                    "`kernel` sends connections straight to an endpoint, so nothing balances requests: it \
+                     cannot be combined with `protocol: {}` (use `mode: proxy`, or `protocol: tcp`)",
+                    if self.protocol == Protocol::Http1 { "http1" } else { "http2" }
+                ),
+            );
+        }
+    }
+
     pub(super) fn policy_problems(&self, at: &str, problem: &mut impl FnMut(String, String)) {
         let c = &self.connect;
         if c.timeout.is_zero() {

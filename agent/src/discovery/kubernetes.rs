@@ -4,13 +4,20 @@
 //!
 //! List+watch is kube-runtime's `watcher`: it lists, then watches from the list's
 //! resourceVersion with bookmarks, relists when the server answers 410 Gone, and backs off
-//! on errors. Reflector stores hold the current objects; after every change (coalesced
-//! briefly, since one rollout touches many slices) the whole service set is recomputed
-//! from the stores and sent as one update. The mapping is a pure function, tested below.
+//! on errors. The source keeps the objects it needs (trimmed to the fields it reads) and,
+//! like kube-proxy's partial syncs, recomputes only the Services an event touched: each
+//! batch of events becomes one [`ClusterDelta`] of the switchyard services that changed,
+//! so a rollout in a cluster of thousands of Services costs what it changes. The mapping
+//! of one Service is a pure function, tested below.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::SocketAddr,
+    path::PathBuf,
+    time::Duration,
+};
 
-use futures::{StreamExt as _, stream};
+use futures::{FutureExt as _, StreamExt as _, stream};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -18,7 +25,7 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{WatchStreamExt as _, reflector, watcher},
+    runtime::{WatchStreamExt as _, watcher},
 };
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -35,8 +42,10 @@ const REGION_LABEL: &str = "topology.kubernetes.io/region";
 /// Annotation on a Service choosing who handles its connections: `proxy` (default) or
 /// `kernel` (see `ServiceMode`), the way Cilium reads `service.cilium.io/*` annotations.
 const MODE_ANNOTATION: &str = "switchyard.io/mode";
-/// Coalesce bursts of watch events into one update.
-const COALESCE: Duration = Duration::from_millis(20);
+/// The annotations the source reads start with this; others are not kept.
+const ANNOTATION_PREFIX: &str = "switchyard.io/";
+/// Events handled in one batch at most, so a relist of a huge cluster still yields.
+const BATCH: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
@@ -52,7 +61,7 @@ pub enum KubeError {
     Client(#[source] kube::Error),
 }
 
-/// What the cluster says: services, and this node's zone and region.
+/// What the cluster says, whole: services, and this node's zone and region.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterView {
     pub services: Vec<ServiceConfig>,
@@ -60,6 +69,23 @@ pub struct ClusterView {
     pub region: Option<String>,
     /// Objects (or parts) that could not be used, and why: logged, never fatal.
     pub problems: Vec<String>,
+}
+
+/// What changed in the cluster since the last delta.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterDelta {
+    /// Services new or changed, whole.
+    pub upsert: Vec<ServiceConfig>,
+    /// Names of services gone.
+    pub remove: Vec<String>,
+    /// The node's zone and region, when they changed (or on the first delta).
+    pub locality: Option<(Option<String>, Option<String>)>,
+}
+
+impl ClusterDelta {
+    pub fn is_empty(&self) -> bool {
+        self.upsert.is_empty() && self.remove.is_empty() && self.locality.is_none()
+    }
 }
 
 async fn client(cfg: &KubernetesConfig) -> Result<Client, KubeError> {
@@ -76,106 +102,351 @@ async fn client(cfg: &KubernetesConfig) -> Result<Client, KubeError> {
     Client::try_from(config).map_err(KubeError::Client)
 }
 
+/// One watch event of any of the three kinds.
+enum Event {
+    Service(Box<watcher::Event<Service>>),
+    Slice(Box<watcher::Event<EndpointSlice>>),
+    Node(Box<watcher::Event<Node>>),
+}
+
+/// What a watch event means once listings are buffered: a listing (between `Init` and
+/// `InitDone`) replaces the whole set at its end, so objects gone meanwhile are noticed.
+enum Step<K> {
+    Apply(K),
+    Delete(K),
+    Listed(Vec<K>),
+}
+
+fn step<K>(listing: &mut Option<Vec<K>>, e: watcher::Event<K>) -> Option<Step<K>> {
+    match e {
+        watcher::Event::Init => {
+            *listing = Some(Vec::new());
+            None
+        }
+        watcher::Event::Apply(k) | watcher::Event::InitApply(k) => match listing {
+            Some(l) => {
+                l.push(k);
+                None
+            }
+            None => Some(Step::Apply(k)),
+        },
+        watcher::Event::Delete(k) => Some(Step::Delete(k)),
+        watcher::Event::InitDone => Some(Step::Listed(listing.take().unwrap_or_default())),
+    }
+}
+
 /// Start watching. Returns once the first full listing of every kind is in (or
-/// `sync_limit` passed, with a warning), with the view at that point; later views arrive as
-/// [`Update::Kubernetes`].
+/// `sync_limit` passed, with a warning), with everything known at that point as one
+/// delta; later changes arrive as [`Update::Cluster`].
 pub async fn start(
     cfg: &KubernetesConfig,
     updates: mpsc::Sender<Update>,
     sync_limit: Duration,
     background: &Background,
-) -> Result<ClusterView, KubeError> {
+) -> Result<ClusterDelta, KubeError> {
     let client = client(cfg).await?;
     let node_name = cfg.node_name.clone().or_else(|| std::env::var("NODE_NAME").ok());
-    let (services, svc_writer) = reflector::store::<Service>();
-    let (slices, slice_writer) = reflector::store::<EndpointSlice>();
-    let (nodes, node_writer) = reflector::store::<Node>();
     let node_watch = match &node_name {
         Some(n) => watcher::Config::default().fields(&format!("metadata.name={n}")),
         // No node name: a selector matching nothing, so locality stays unset.
         None => watcher::Config::default().fields("metadata.name=switchyard-unknown-node"),
     };
     let wc = || watcher::Config::default();
-    // Each stream yields () per event; errors are logged (the watcher backs off and
-    // relists by itself).
-    let events = stream::select_all([
-        watcher(Api::<Service>::all(client.clone()), wc()).default_backoff().reflect(svc_writer).map(touched).boxed(),
+    // Errors are logged; the watcher backs off and relists by itself.
+    let mut events = stream::select_all([
+        watcher(Api::<Service>::all(client.clone()), wc()).default_backoff().map(|e| e.map(|e| Event::Service(Box::new(e)))).boxed(),
         watcher(Api::<EndpointSlice>::all(client.clone()), wc())
             .default_backoff()
-            .reflect(slice_writer)
-            .map(touched)
+            .map(|e| e.map(|e| Event::Slice(Box::new(e))))
             .boxed(),
-        watcher(Api::<Node>::all(client), node_watch).default_backoff().reflect(node_writer).map(touched).boxed(),
+        watcher(Api::<Node>::all(client), node_watch).default_backoff().map(|e| e.map(|e| Event::Node(Box::new(e)))).boxed(),
     ]);
-    let view = {
-        let (services, slices, nodes) = (services.clone(), slices.clone(), nodes.clone());
-        move || {
-            let svc: Vec<Service> = services.state().iter().map(|s| (**s).clone()).collect();
-            let sl: Vec<EndpointSlice> = slices.state().iter().map(|s| (**s).clone()).collect();
-            let node = nodes.state().first().map(|n| (**n).clone());
-            view_of(&svc, &sl, node.as_ref())
-        }
-    };
-    background.spawn(run(events, view.clone(), updates));
+    let mut cluster = Cluster::default();
     let synced = async {
-        let _ = services.wait_until_ready().await;
-        let _ = slices.wait_until_ready().await;
-        let _ = nodes.wait_until_ready().await;
+        while cluster.synced.len() < 3 {
+            match events.next().await {
+                Some(Ok(e)) => cluster.handle(e),
+                Some(Err(e)) => warn!(error = %e, "Kubernetes watch error; retrying with back-off"),
+                None => break,
+            }
+        }
     };
     if tokio::time::timeout(sync_limit, synced).await.is_err() {
         warn!(after = ?sync_limit, "Kubernetes API not synced yet; starting with what is known, updates will follow");
     }
-    let first = view();
-    for p in &first.problems {
-        warn!(problem = %p, "Kubernetes object skipped");
-    }
-    info!(services = first.services.len(), zone = ?first.zone, "Kubernetes view synced");
+    let first = cluster.delta();
+    info!(
+        services = first.upsert.len(),
+        zone = ?first.locality.as_ref().and_then(|l| l.0.as_ref()),
+        "Kubernetes view synced"
+    );
+    background.spawn(run(events, cluster, updates));
     Ok(first)
 }
 
-fn touched<T>(r: Result<T, watcher::Error>) {
-    if let Err(e) = r {
-        warn!(error = %e, "Kubernetes watch error; retrying with back-off");
-    }
-}
-
 async fn run(
-    mut events: impl futures::Stream<Item = ()> + Unpin,
-    view: impl Fn() -> ClusterView,
+    mut events: impl futures::Stream<Item = Result<Event, watcher::Error>> + Unpin,
+    mut cluster: Cluster,
     updates: mpsc::Sender<Update>,
 ) {
-    let mut last = None;
-    while events.next().await.is_some() {
-        // Coalesce: keep draining while events keep coming.
-        while let Ok(Some(())) = tokio::time::timeout(COALESCE, events.next()).await {}
-        let now = view();
-        if last.as_ref() == Some(&now) {
+    while let Some(first) = events.next().await {
+        // Take every event already waiting, then act once on all of them.
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(e) = next.take() {
+            match e {
+                Ok(e) => cluster.handle(e),
+                Err(e) => warn!(error = %e, "Kubernetes watch error; retrying with back-off"),
+            }
+            n += 1;
+            if n < BATCH {
+                next = events.next().now_or_never().flatten();
+            }
+        }
+        let delta = cluster.delta();
+        if delta.is_empty() {
             continue;
         }
-        debug!(services = now.services.len(), "Kubernetes view changed");
-        for p in now.problems.iter().filter(|p| !last.as_ref().is_some_and(|l: &ClusterView| l.problems.contains(p))) {
-            warn!(problem = %p, "Kubernetes object skipped");
-        }
-        last = Some(now.clone());
-        if updates.send(Update::Kubernetes(now)).await.is_err() {
+        debug!(events = n, upsert = delta.upsert.len(), remove = delta.remove.len(), "Kubernetes view changed");
+        if updates.send(Update::Cluster(delta)).await.is_err() {
             return;
         }
     }
 }
 
-/// The service set the cluster describes. Pure.
+/// A Service's key: namespace and name.
+type Key = (String, String);
+
+/// The objects the source follows, trimmed, and what it last said about each Service.
+#[derive(Default)]
+struct Cluster {
+    services: HashMap<Key, Service>,
+    /// EndpointSlices by the Service they belong to (namespace, service-name label),
+    /// then by slice name.
+    slices: HashMap<Key, BTreeMap<String, EndpointSlice>>,
+    /// Which Service each slice (namespace, slice name) was filed under.
+    slice_owner: HashMap<Key, Key>,
+    node: Option<Node>,
+    /// Listings in progress (between `Init` and `InitDone`), per kind.
+    relist: Relist,
+    /// Kinds listed at least once.
+    synced: BTreeSet<&'static str>,
+    /// Services an event touched since the last delta.
+    dirty: BTreeSet<Key>,
+    /// Per Service: the switchyard services last reported, and the problems last logged.
+    sent: HashMap<Key, Vec<(String, ServiceConfig)>>,
+    problems: HashMap<Key, Vec<String>>,
+    locality: Option<(Option<String>, Option<String>)>,
+}
+
+#[derive(Default)]
+struct Relist {
+    services: Option<Vec<Service>>,
+    slices: Option<Vec<EndpointSlice>>,
+    nodes: Option<Vec<Node>>,
+}
+
+impl Cluster {
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Service(e) => match step(&mut self.relist.services, *e) {
+                Some(Step::Apply(s)) => self.apply_service(s),
+                Some(Step::Delete(s)) => {
+                    if let Some(key) = key_of(&s) {
+                        self.services.remove(&key);
+                        self.dirty.insert(key);
+                    }
+                }
+                Some(Step::Listed(listed)) => {
+                    let keep: BTreeSet<Key> = listed.iter().filter_map(key_of).collect();
+                    let gone: Vec<Key> = self.services.keys().filter(|k| !keep.contains(*k)).cloned().collect();
+                    for key in gone {
+                        self.services.remove(&key);
+                        self.dirty.insert(key);
+                    }
+                    listed.into_iter().for_each(|s| self.apply_service(s));
+                    self.synced.insert("services");
+                }
+                None => {}
+            },
+            Event::Slice(e) => match step(&mut self.relist.slices, *e) {
+                Some(Step::Apply(s)) => self.apply_slice(s),
+                Some(Step::Delete(s)) => {
+                    if let Some(id) = key_of(&s) {
+                        self.remove_slice(&id);
+                    }
+                }
+                Some(Step::Listed(listed)) => {
+                    let keep: BTreeSet<Key> = listed.iter().filter_map(key_of).collect();
+                    let gone: Vec<Key> = self.slice_owner.keys().filter(|k| !keep.contains(*k)).cloned().collect();
+                    for id in gone {
+                        self.remove_slice(&id);
+                    }
+                    listed.into_iter().for_each(|s| self.apply_slice(s));
+                    self.synced.insert("endpointslices");
+                }
+                None => {}
+            },
+            Event::Node(e) => match step(&mut self.relist.nodes, *e) {
+                Some(Step::Apply(n)) => self.node = Some(n),
+                Some(Step::Delete(_)) => self.node = None,
+                Some(Step::Listed(listed)) => {
+                    self.node = listed.into_iter().next();
+                    self.synced.insert("nodes");
+                }
+                None => {}
+            },
+        }
+    }
+
+    fn apply_service(&mut self, mut s: Service) {
+        let Some(key) = key_of(&s) else { return };
+        trim_meta(&mut s.metadata);
+        s.status = None;
+        if self.services.get(&key) != Some(&s) {
+            self.services.insert(key.clone(), s);
+            self.dirty.insert(key);
+        }
+    }
+
+    fn apply_slice(&mut self, mut s: EndpointSlice) {
+        let Some(id) = key_of(&s) else { return };
+        let owner = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned();
+        let Some(owner) = owner.map(|o| (id.0.clone(), o)) else {
+            // Not a Service's slice (or no longer): forget it.
+            return self.remove_slice(&id);
+        };
+        trim_meta(&mut s.metadata);
+        for ep in &mut s.endpoints {
+            // Read by nobody here; a slice of 100 endpoints carries 100 of each.
+            ep.target_ref = None;
+            ep.deprecated_topology = None;
+        }
+        if self.slice_owner.get(&id) != Some(&owner) {
+            self.remove_slice(&id);
+        }
+        let slices = self.slices.entry(owner.clone()).or_default();
+        if slices.get(&id.1) != Some(&s) {
+            slices.insert(id.1.clone(), s);
+            self.dirty.insert(owner.clone());
+        }
+        self.slice_owner.insert(id, owner);
+    }
+
+    fn remove_slice(&mut self, id: &Key) {
+        let Some(owner) = self.slice_owner.remove(id) else { return };
+        if let Some(slices) = self.slices.get_mut(&owner) {
+            slices.remove(&id.1);
+            if slices.is_empty() {
+                self.slices.remove(&owner);
+            }
+        }
+        self.dirty.insert(owner);
+    }
+
+    /// The changes since the last call: each touched Service mapped again and compared
+    /// with what was reported for it.
+    fn delta(&mut self) -> ClusterDelta {
+        let mut delta = ClusterDelta::default();
+        for key in std::mem::take(&mut self.dirty) {
+            let (now, problems) = match self.services.get(&key) {
+                Some(svc) => {
+                    let slices: Vec<&EndpointSlice> = self.slices.get(&key).into_iter().flat_map(|s| s.values()).collect();
+                    services_of(svc, &slices)
+                }
+                None => (Vec::new(), Vec::new()),
+            };
+            let last = self.problems.remove(&key).unwrap_or_default();
+            for p in problems.iter().filter(|p| !last.contains(p)) {
+                warn!(problem = %p, "Kubernetes object skipped");
+            }
+            if !problems.is_empty() {
+                self.problems.insert(key.clone(), problems);
+            }
+            let before = self.sent.remove(&key).unwrap_or_default();
+            for (name, _) in before.iter().filter(|(n, _)| !now.iter().any(|s| s.name == *n)) {
+                delta.remove.push(name.clone());
+            }
+            for svc in &now {
+                if !before.iter().any(|(n, s)| *n == svc.name && s == svc) {
+                    delta.upsert.push(svc.clone());
+                }
+            }
+            if !now.is_empty() {
+                self.sent.insert(key, now.into_iter().map(|s| (s.name.clone(), s)).collect());
+            }
+        }
+        let locality = locality_of(self.node.as_ref());
+        if self.locality.as_ref() != Some(&locality) {
+            self.locality = Some(locality.clone());
+            delta.locality = Some(locality);
+        }
+        delta
+    }
+}
+
+fn key_of<K: kube::Resource>(o: &K) -> Option<Key> {
+    let m = o.meta();
+    Some((m.namespace.clone()?, m.name.clone()?))
+}
+
+/// Keep only what the mapping reads: a cluster's worth of managed fields, owner
+/// references and foreign annotations is most of an object's size.
+fn trim_meta(m: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    let (name, namespace) = (m.name.take(), m.namespace.take());
+    let labels = m.labels.take().map(|l| l.into_iter().filter(|(k, _)| k == SERVICE_NAME_LABEL).collect());
+    let annotations = m
+        .annotations
+        .take()
+        .map(|a| a.into_iter().filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX)).collect::<BTreeMap<_, _>>())
+        .filter(|a| !a.is_empty());
+    *m = Default::default();
+    (m.name, m.namespace, m.labels, m.annotations) = (name, namespace, labels, annotations);
+}
+
+fn locality_of(node: Option<&Node>) -> (Option<String>, Option<String>) {
+    let label = |key: &str| node.and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(key)).cloned();
+    (label(ZONE_LABEL), label(REGION_LABEL))
+}
+
+/// The service set the cluster describes, whole. Pure; what [`Cluster::delta`] computes
+/// piecewise.
+pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Node>) -> ClusterView {
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for svc in services {
+        let own: Vec<&EndpointSlice> = slices
+            .iter()
+            .filter(|s| {
+                s.metadata.namespace == svc.metadata.namespace
+                    && s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) == svc.metadata.name.as_ref()
+            })
+            .collect();
+        let (mut s, mut p) = services_of(svc, &own);
+        out.append(&mut s);
+        problems.append(&mut p);
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    problems.sort();
+    problems.dedup();
+    let (zone, region) = locality_of(node);
+    ClusterView { services: out, zone, region, problems }
+}
+
+/// The switchyard services of one Service, given its EndpointSlices, and the problems
+/// met on the way. Pure.
 ///
 /// One switchyard service per (Service, TCP port), named `namespace/name:port-name` (the
 /// port number when unnamed), with every ClusterIP on that port as addresses. Endpoints
 /// come from the Service's EndpointSlices, on the slice port of the same name: serving
 /// ones are used, terminating ones drain (no new connections), others are left out.
 /// Headless and ExternalName services have no ClusterIP and are skipped.
-pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Node>) -> ClusterView {
+fn services_of(svc: &Service, own_slices: &[&EndpointSlice]) -> (Vec<ServiceConfig>, Vec<String>) {
     let mut out = Vec::new();
     let mut problems = Vec::new();
-    for svc in services {
+    {
         let (Some(ns), Some(name), Some(spec)) = (&svc.metadata.namespace, &svc.metadata.name, &svc.spec) else {
-            continue;
+            return (out, problems);
         };
         let mut ips = std::collections::BTreeSet::new();
         for ip in spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter()) {
@@ -188,7 +459,7 @@ pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Nod
             }
         }
         if ips.is_empty() {
-            continue;
+            return (out, problems);
         }
         let mode = match svc.metadata.annotations.as_ref().and_then(|a| a.get(MODE_ANNOTATION)).map(String::as_str) {
             None | Some("proxy") => ServiceMode::Proxy,
@@ -201,13 +472,6 @@ pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Nod
                 ServiceMode::Proxy
             }
         };
-        let own_slices: Vec<&EndpointSlice> = slices
-            .iter()
-            .filter(|s| {
-                s.metadata.namespace.as_ref() == Some(ns)
-                    && s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) == Some(name)
-            })
-            .collect();
         for port in spec.ports.iter().flatten() {
             if port.protocol.as_deref().unwrap_or("TCP") != "TCP" {
                 continue;
@@ -215,7 +479,7 @@ pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Nod
             let port_name = port.name.clone().unwrap_or_default();
             let Ok(service_port) = u16::try_from(port.port) else { continue };
             let mut endpoints: BTreeMap<SocketAddr, EndpointConfig> = BTreeMap::new();
-            for slice in &own_slices {
+            for slice in own_slices {
                 let Some(target_port) = slice
                     .ports
                     .iter()
@@ -265,11 +529,9 @@ pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Nod
             });
         }
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    let label = |key: &str| node.and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(key)).cloned();
     problems.sort();
     problems.dedup();
-    ClusterView { services: out, zone: label(ZONE_LABEL), region: label(REGION_LABEL), problems }
+    (out, problems)
 }
 
 #[cfg(test)]

@@ -4,6 +4,11 @@
 //! them with the main config, validates the result and, only if it is valid, publishes a
 //! new snapshot. An update that would make the whole invalid is rejected with its
 //! problems logged, and that source's last good contribution stays in force.
+//!
+//! The Kubernetes source sends changes, not its whole view: a cluster holds thousands of
+//! services and changes a few at a time. Its services are checked one by one against the
+//! running state (see `state::checked`); a bad one is held back and reported, the rest
+//! apply.
 
 pub mod catalog;
 pub mod dns;
@@ -23,8 +28,8 @@ pub enum Update {
     Catalog(Result<Vec<ServiceConfig>, String>),
     /// A fresh answer for a DNS name.
     Dns { target: Target, answer: Vec<(SocketAddr, u32)> },
-    /// The cluster's services and this node's locality.
-    Kubernetes(kubernetes::ClusterView),
+    /// Services the cluster added, changed or removed, and this node's locality.
+    Cluster(kubernetes::ClusterDelta),
 }
 
 impl Update {
@@ -33,52 +38,40 @@ impl Update {
         match self {
             Update::Catalog(_) => "catalog",
             Update::Dns { .. } => "dns",
-            Update::Kubernetes(_) => "kubernetes",
+            Update::Cluster(_) => "kubernetes",
         }
     }
 }
 
-/// Every source's latest accepted contribution.
+/// The latest accepted contributions of the sources other than the cluster (whose
+/// services live in the snapshot, where they were checked in).
 #[derive(Debug, Clone, Default)]
 pub struct Sources {
     pub catalog: Vec<ServiceConfig>,
     pub resolved: Resolved,
-    pub cluster: kubernetes::ClusterView,
+    /// The Node's zone and region labels.
+    pub zone: Option<String>,
+    pub region: Option<String>,
 }
 
 impl Sources {
-    /// Fold in an update. Errors (a broken catalog) are returned for logging and change
-    /// nothing.
-    pub fn apply(&mut self, update: Update) -> Result<(), String> {
-        match update {
-            Update::Catalog(Ok(services)) => self.catalog = services,
-            Update::Catalog(Err(e)) => return Err(e),
-            Update::Dns { target, answer } => {
-                self.resolved.insert(target, answer);
-            }
-            Update::Kubernetes(view) => self.cluster = view,
-        }
-        Ok(())
-    }
-
     /// The effective config: the main file's agent settings and services, then the
-    /// catalog's, then the cluster's. The node's zone and region come from the file when
+    /// catalog's, then `cluster`'s. The node's zone and region come from the file when
     /// set there, else from the Node's labels.
-    pub fn merge(&self, main: &Config) -> Config {
+    pub fn merge(&self, main: &Config, cluster: impl IntoIterator<Item = ServiceConfig>) -> Config {
         let mut merged = main.clone();
         merged.services.extend(self.catalog.iter().cloned());
-        merged.services.extend(self.cluster.services.iter().cloned());
-        merged.agent.zone = merged.agent.zone.or_else(|| self.cluster.zone.clone());
-        merged.agent.region = merged.agent.region.or_else(|| self.cluster.region.clone());
+        merged.services.extend(cluster);
+        merged.agent.zone = merged.agent.zone.or_else(|| self.zone.clone());
+        merged.agent.region = merged.agent.region.or_else(|| self.region.clone());
         merged
     }
 }
 
-/// Every DNS name the config's endpoints mention.
-pub fn dns_targets(config: &Config) -> BTreeSet<Target> {
-    config
-        .services
-        .iter()
+/// Every DNS name the services' endpoints mention.
+pub fn dns_targets<'a>(services: impl IntoIterator<Item = &'a ServiceConfig>) -> BTreeSet<Target> {
+    services
+        .into_iter()
         .flat_map(|s| &s.endpoints)
         .filter(|e| e.target.addr().is_none())
         .map(|e| e.target.clone())

@@ -139,6 +139,8 @@ pub struct Redirect {
     /// A hash of each table `backends` holds, so a sync writes only the entries that
     /// changed (a hash, not the 2 KiB value: thousands of services are common).
     backends_written: std::collections::HashMap<SockAddrV1, u64>,
+    /// What `services` holds, so a sync writes only what changed.
+    services_written: std::collections::HashMap<SockAddrV1, ServiceV2>,
     /// This node's name (its hostname): which subset a table of a service with more
     /// endpoints than a table holds keeps.
     node: String,
@@ -260,7 +262,7 @@ impl Redirect {
             .load(OBJECT)
             .map_err(|source| RedirectError::Load { pins: pins.path().to_owned(), source: Box::new(source) })?;
 
-        let services_map = typed_map(&mut ebpf, map::SERVICES)?;
+        let services_map: HashMap<_, SockAddrV1, ServiceV2> = typed_map(&mut ebpf, map::SERVICES)?;
         let backends_map: HashMap<_, SockAddrV1, BackendsV2> = typed_map(&mut ebpf, map::BACKENDS)?;
         let events = Some(typed_map(&mut ebpf, map::EVENTS)?);
         let mut agent_map: Array<_, AgentV2> = typed_map(&mut ebpf, map::AGENT)?;
@@ -285,10 +287,12 @@ impl Redirect {
         let sock_orig = typed_map(&mut ebpf, map::SOCK_ORIG)?;
         // A reused map may hold entries of the previous agent: start from what is there.
         let backends_written = backends_map.iter().filter_map(Result::ok).map(|(k, v)| (k, digest(&v))).collect();
+        let services_written = services_map.iter().filter_map(Result::ok).collect();
         let mut redirect = Self {
             services: services_map,
             backends: backends_map,
             backends_written,
+            services_written,
             node: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
             events,
             host_netns: agent.netns_cookie,
@@ -298,8 +302,8 @@ impl Redirect {
             pods,
             ebpf,
         };
-        redirect.sync_services(services)?;
         redirect.sync_backends(backends)?;
+        redirect.sync_services(services)?;
 
         let cgroup_dir =
             File::open(cgroup).map_err(|source| RedirectError::OpenCgroup { path: cgroup.to_owned(), source })?;
@@ -328,20 +332,14 @@ impl Redirect {
     /// Entries that stay are never deleted, so connects to them are redirected throughout
     /// (a change of mode rewrites the entry in place).
     pub fn sync_services(&mut self, services: impl IntoIterator<Item = ServiceAddr>) -> Result<(), RedirectError> {
-        let err = |source| RedirectError::Map { name: map::SERVICES, source };
-        let want: std::collections::HashMap<SockAddrV1, ServiceV2> = services
-            .into_iter()
-            .map(|s| {
-                let flags = if s.kernel { service::KERNEL } else { 0 };
-                (SockAddrV1::from(s.addr), ServiceV2 { id: s.id, flags })
-            })
-            .collect();
-        let have: Vec<SockAddrV1> = self.services.keys().collect::<Result<_, _>>().map_err(err)?;
-        for key in have.iter().filter(|k| !want.contains_key(k)) {
-            self.services.remove(key).map_err(err)?;
+        let want: std::collections::HashMap<SockAddrV1, ServiceV2> =
+            services.into_iter().map(|s| (SockAddrV1::from(s.addr), service_entry(&s))).collect();
+        let gone: Vec<SockAddrV1> = self.services_written.keys().filter(|k| !want.contains_key(k)).copied().collect();
+        for key in gone {
+            self.write_service(key, None)?;
         }
         for (key, value) in want {
-            self.services.insert(key, value, 0).map_err(err)?;
+            self.write_service(key, Some(value))?;
         }
         Ok(())
     }
@@ -350,30 +348,89 @@ impl Redirect {
     /// endpoints' shares), writing only the entries that changed. Each entry is replaced
     /// whole, so the kernel never reads a half-written table.
     pub fn sync_backends(&mut self, backends: &[(SocketAddr, Vec<Weighted>)]) -> Result<(), RedirectError> {
-        let err = |source| RedirectError::Map { name: map::BACKENDS, source };
-        let want: std::collections::HashMap<SockAddrV1, BackendsV2> =
-            backends.iter().map(|(svc, eps)| (SockAddrV1::from(*svc), table::encode(eps, &self.node))).collect();
+        let want: std::collections::HashMap<SockAddrV1, &[Weighted]> =
+            backends.iter().map(|(svc, eps)| (SockAddrV1::from(*svc), eps.as_slice())).collect();
         let gone: Vec<SockAddrV1> = self.backends_written.keys().filter(|k| !want.contains_key(k)).copied().collect();
         for key in gone {
-            match self.backends.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(err(e)),
-            }
-            self.backends_written.remove(&key);
+            self.write_table(key, None)?;
         }
         let mut changed = 0;
-        for (key, value) in want {
-            let digest = digest(&value);
-            if self.backends_written.get(&key) != Some(&digest) {
-                self.backends.insert(key, value, 0).map_err(err)?;
-                self.backends_written.insert(key, digest);
-                changed += 1;
+        for (key, eps) in want {
+            changed += usize::from(self.write_table(key, Some(eps))?);
+        }
+        if changed > 0 {
+            tracing::debug!(changed, "kernel endpoint tables updated");
+        }
+        Ok(())
+    }
+
+    /// Bring the entries of just these service addresses up to date: what a change to a
+    /// few services needs, instead of a pass over every address. A table is written before
+    /// the service entry that sends connects to it, and outlives it when both go.
+    pub fn update_addresses(&mut self, entries: &[KernelEntry]) -> Result<(), RedirectError> {
+        let mut changed = 0;
+        for e in entries {
+            let key = SockAddrV1::from(e.addr);
+            match &e.service {
+                Some(s) => {
+                    changed += usize::from(self.write_table(key, e.table.as_deref())?);
+                    self.write_service(key, Some(service_entry(s)))?;
+                }
+                None => {
+                    self.write_service(key, None)?;
+                    self.write_table(key, None)?;
+                }
             }
         }
         if changed > 0 {
             tracing::debug!(changed, "kernel endpoint tables updated");
         }
         Ok(())
+    }
+
+    /// Set or delete one services-map entry, unless it already holds that.
+    fn write_service(&mut self, key: SockAddrV1, value: Option<ServiceV2>) -> Result<(), RedirectError> {
+        let err = |source| RedirectError::Map { name: map::SERVICES, source };
+        if self.services_written.get(&key) == value.as_ref() {
+            return Ok(());
+        }
+        match value {
+            Some(v) => {
+                self.services.insert(key, v, 0).map_err(err)?;
+                self.services_written.insert(key, v);
+            }
+            None => {
+                match self.services.remove(&key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(err(e)),
+                }
+                self.services_written.remove(&key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Set (encoding `eps`) or delete one endpoint table, unless it already holds that.
+    /// Whether anything was written.
+    fn write_table(&mut self, key: SockAddrV1, eps: Option<&[Weighted]>) -> Result<bool, RedirectError> {
+        let err = |source| RedirectError::Map { name: map::BACKENDS, source };
+        let Some(eps) = eps else {
+            if self.backends_written.remove(&key).is_some() {
+                match self.backends.remove(&key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => return Err(err(e)),
+                }
+            }
+            return Ok(false);
+        };
+        let value = table::encode(eps, &self.node);
+        let digest = digest(&value);
+        if self.backends_written.get(&key) == Some(&digest) {
+            return Ok(false);
+        }
+        self.backends.insert(key, value, 0).map_err(err)?;
+        self.backends_written.insert(key, digest);
+        Ok(true)
     }
 
     /// Redirected sockets the kernel still tracks. Entries go when sockets close, so once
@@ -400,6 +457,19 @@ impl Redirect {
     pub fn pods(&mut self) -> &mut PodMaps {
         &mut self.pods
     }
+}
+
+/// What the kernel should hold for one service address: its service (none: the address
+/// is no service's any more) and its endpoint table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelEntry {
+    pub addr: SocketAddr,
+    pub service: Option<ServiceAddr>,
+    pub table: Option<Vec<Weighted>>,
+}
+
+fn service_entry(s: &ServiceAddr) -> ServiceV2 {
+    ServiceV2 { id: s.id, flags: if s.kernel { service::KERNEL } else { 0 } }
 }
 
 /// One service address as the kernel's services map holds it.

@@ -11,26 +11,28 @@
 //! change is the same `Arc` in the next snapshot, with its balancer, retry budget and
 //! metric handles.
 
+pub mod checked;
 pub mod route;
 
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
+
+use imbl::{HashMap as PMap, OrdMap, OrdSet};
 
 use self::route::Route;
 pub use self::route::{Mode, Plan};
 use crate::{
     balance::{Balancer, Endpoint, EndpointState, Tier, budget::Budget},
     config::{Config, DetectConfig, RetryConfig, ServiceConfig, ServiceMode, Target},
-    redirect::ServiceAddr,
+    redirect::{KernelEntry, ServiceAddr},
     stats::metrics::ServiceMetrics,
 };
 
 /// DNS answers by name: (address, weight) pairs; weight is the SRV weight, 1 for A/AAAA.
-pub type Resolved = HashMap<Target, Vec<(SocketAddr, u32)>>;
+pub type Resolved = std::collections::HashMap<Target, Vec<(SocketAddr, u32)>>;
 
 /// One logical service.
 #[derive(Debug)]
@@ -46,15 +48,48 @@ pub struct Service {
 }
 
 /// Every service, indexed by service address and by name.
-#[derive(Debug, Default)]
+///
+/// The indexes are persistent maps (imbl): a snapshot made from the last one by a change
+/// to a few services shares everything else with it, so building it costs what changed,
+/// not the size of the cluster, and two snapshots alive at once cost one plus the change.
+/// Each service keeps its slot (the index plans and routes use, and the kernel's service
+/// id) for as long as a service of that name exists.
+#[derive(Debug, Default, Clone)]
 pub struct Snapshot {
-    services: Vec<Arc<Service>>,
-    /// Each service's compiled route, by the same index.
-    routes: Vec<Route>,
-    by_addr: HashMap<SocketAddr, usize>,
-    by_name: HashMap<String, usize>,
+    slots: OrdMap<u32, Slot>,
+    by_addr: PMap<SocketAddr, u32>,
+    by_name: OrdMap<Arc<str>, u32>,
+    /// Services with a route or allowed overrides: the only ones that name others.
+    routing: OrdSet<u32>,
+    next_slot: u32,
     /// How connections' protocols are detected (agent-wide; reloadable like the rest).
     pub detect: DetectConfig,
+    /// The node's zone and region, which the endpoints' tiers are relative to.
+    locality: (Option<String>, Option<String>),
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    service: Arc<Service>,
+    route: Route,
+}
+
+/// A service a new snapshot added, rebuilt or removed, relative to the one it was made
+/// from.
+#[derive(Debug)]
+pub struct Change {
+    /// Its slot (a name keeps its slot while it exists).
+    pub slot: usize,
+    /// The service of that name before, if there was one.
+    pub old: Option<Arc<Service>>,
+    /// It was removed (else it was added or rebuilt, and the new snapshot has it).
+    pub gone: bool,
+}
+
+impl Change {
+    fn new_in<'a>(&self, snapshot: &'a Snapshot) -> Option<&'a Arc<Service>> {
+        (!self.gone).then(|| snapshot.service(self.slot))
+    }
 }
 
 /// An endpoint that left service (removed, or now terminating): its open connections get
@@ -72,120 +107,229 @@ impl Snapshot {
     /// resolved yet contributes no endpoint), reusing what `prev` knew: unchanged
     /// services whole, the live state of endpoints otherwise.
     pub fn build(config: &Config, resolved: &Resolved, prev: Option<&Snapshot>) -> Self {
-        let mut snap = Self { detect: config.agent.detect.clone(), ..Self::default() };
-        for (id, svc) in config.services.iter().enumerate() {
-            for addr in &svc.addresses {
-                snap.by_addr.insert(*addr, id);
-            }
-            let old = prev.and_then(|p| p.service_named(&svc.name));
-            let endpoints = endpoints(config, svc, resolved, old);
-            let service = match old {
-                Some(old) if old.config == *svc && same_endpoints(old.balancer.endpoints(), &endpoints) => {
-                    Arc::clone(old)
-                }
-                _ => Arc::new(Service::new(svc, endpoints, old, Instant::now())),
-            };
-            snap.by_name.insert(svc.name.clone(), snap.services.len());
-            snap.services.push(service);
+        prev.cloned().unwrap_or_default().rebuilt(config, resolved).0
+    }
+
+    /// The snapshot for a whole validated config, made from this one: services no longer
+    /// named are removed, the others compared and rebuilt only if they changed.
+    pub fn rebuilt(&self, config: &Config, resolved: &Resolved) -> (Self, Vec<Change>) {
+        let mut base = self.clone();
+        base.detect = config.agent.detect.clone();
+        base.locality = (config.agent.zone.clone(), config.agent.region.clone());
+        let named: std::collections::HashSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        let gone: Vec<String> =
+            self.by_name.keys().filter(|n| !named.contains(&***n)).map(|n| n.to_string()).collect();
+        base.changed(&config.services, &gone, resolved)
+    }
+
+    /// This snapshot with `upsert` added or replacing the services of the same names and
+    /// the services named in `remove` gone. The caller validated the result. Costs what
+    /// changed: an upserted service equal to the one it replaces (config, endpoints as
+    /// resolved) is kept as it is.
+    pub fn changed(&self, upsert: &[ServiceConfig], remove: &[String], resolved: &Resolved) -> (Self, Vec<Change>) {
+        let mut next = self.clone();
+        let mut changes = Vec::new();
+        let now = Instant::now();
+        for name in remove {
+            let Some(slot) = next.by_name.remove(name.as_str()) else { continue };
+            let Some(old) = next.slots.remove(&slot) else { continue };
+            next.unindex_addresses(&old.service, slot);
+            next.routing.remove(&slot);
+            changes.push(Change { slot: slot as usize, old: Some(old.service), gone: true });
         }
-        snap.routes = config.services.iter().map(|s| Route::compile(s.route.as_ref(), &snap.by_name)).collect();
-        snap
+        for svc in upsert {
+            let old_slot = next.by_name.get(svc.name.as_str()).copied();
+            let old = old_slot.and_then(|s| next.slots.get(&s)).map(|s| Arc::clone(&s.service));
+            let endpoints = endpoints(&next.locality, svc, resolved, old.as_deref());
+            if let Some(o) = &old
+                && o.config == *svc
+                && same_endpoints(o.balancer.endpoints(), &endpoints)
+            {
+                continue;
+            }
+            let slot = old_slot.unwrap_or_else(|| {
+                next.next_slot += 1;
+                next.next_slot - 1
+            });
+            if let Some(o) = &old {
+                next.unindex_addresses(o, slot);
+            }
+            for addr in &svc.addresses {
+                next.by_addr.insert(*addr, slot);
+            }
+            let service = Arc::new(Service::new(svc, endpoints, old.as_ref(), now));
+            next.slots.insert(slot, Slot { service, route: Route::Endpoints });
+            next.by_name.insert(Arc::from(svc.name.as_str()), slot);
+            if svc.route.is_some() || !svc.http.allow_override.is_empty() {
+                next.routing.insert(slot);
+            } else {
+                next.routing.remove(&slot);
+            }
+            changes.push(Change { slot: slot as usize, old, gone: false });
+        }
+        // Routes name their targets; a target's slot is stable while it exists, but a
+        // route may name one that is new. There are few routing services: compile all.
+        if !changes.is_empty() {
+            for slot in next.routing.clone() {
+                let Some(entry) = next.slots.get(&slot) else { continue };
+                let route = Route::compile(entry.service.config.route.as_ref(), |n| next.index_named(n));
+                if let Some(entry) = next.slots.get_mut(&slot) {
+                    entry.route = route;
+                }
+            }
+        }
+        (next, changes)
+    }
+
+    /// Drop the address index entries that still point at `slot` (another service may
+    /// have taken an address over in the same change).
+    fn unindex_addresses(&mut self, svc: &Service, slot: u32) {
+        for addr in &svc.config.addresses {
+            if self.by_addr.get(addr) == Some(&slot) {
+                self.by_addr.remove(addr);
+            }
+        }
     }
 
     /// The service a connection to `dst` is for. v4-mapped destinations match their IPv4
     /// service address.
     pub fn service_for(&self, dst: SocketAddr) -> Option<&Arc<Service>> {
-        self.index_for(dst).map(|i| &self.services[i])
+        self.index_for(dst).map(|i| self.service(i))
     }
 
     pub fn index_for(&self, dst: SocketAddr) -> Option<usize> {
         let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
-        self.by_addr.get(&dst).copied()
+        self.by_addr.get(&dst).map(|&s| s as usize)
     }
 
     pub fn service_named(&self, name: &str) -> Option<&Arc<Service>> {
-        self.index_named(name).map(|i| &self.services[i])
+        self.index_named(name).map(|i| self.service(i))
     }
 
     pub fn index_named(&self, name: &str) -> Option<usize> {
-        self.by_name.get(name).copied()
+        self.by_name.get(name).map(|&s| s as usize)
     }
 
     /// The service at `index` (as plans and [`Snapshot::index_for`] give them).
     pub fn service(&self, index: usize) -> &Arc<Service> {
-        &self.services[index]
+        &self.slots[&(index as u32)].service
     }
 
-    pub fn services(&self) -> &[Arc<Service>] {
-        &self.services
+    /// Every service with its index, in the order they were first added.
+    pub fn services(&self) -> impl Iterator<Item = (usize, &Arc<Service>)> + '_ {
+        self.slots.iter().map(|(&i, s)| (i as usize, &s.service))
+    }
+
+    /// Services by name, from `from` on (for paging through a large set).
+    pub fn services_from<'a>(
+        &'a self,
+        from: std::ops::Bound<&str>,
+    ) -> impl Iterator<Item = (usize, &'a Arc<Service>)> + 'a {
+        let from = from.map(Arc::<str>::from);
+        self.by_name.range((from, std::ops::Bound::Unbounded)).map(|(_, &i)| (i as usize, self.service(i as usize)))
+    }
+
+    /// The kernel's services map entry for `addr`, if a service owns it.
+    pub fn service_address(&self, addr: SocketAddr) -> Option<ServiceAddr> {
+        let id = self.index_for(addr)?;
+        Some(ServiceAddr { id: id as u32, addr, kernel: self.service(id).config.mode == ServiceMode::Kernel })
     }
 
     /// Every service address with its service's index and mode, for the kernel's
     /// services map.
     pub fn service_addresses(&self) -> impl Iterator<Item = ServiceAddr> + '_ {
-        self.services.iter().enumerate().flat_map(|(i, s)| {
+        self.services().flat_map(|(i, s)| {
             let kernel = s.config.mode == ServiceMode::Kernel;
             s.config.addresses.iter().map(move |&addr| ServiceAddr { id: i as u32, addr, kernel })
         })
     }
 
-    /// Compare with the snapshot this one replaces: endpoints back in service stop
-    /// draining; endpoints that left start, and are returned so the caller can arm their
-    /// drain deadlines.
-    pub fn departures_since(&self, prev: &Snapshot) -> Vec<Departure> {
-        let mut out = Vec::new();
-        let in_service: HashMap<(&str, SocketAddr), &Endpoint> = self
-            .services
-            .iter()
-            .flat_map(|s| s.balancer.endpoints().iter().map(move |e| ((s.name.as_str(), e.addr), e)))
-            .filter(|(_, e)| !e.terminating)
-            .collect();
-        for e in in_service.values() {
-            e.state.stop_draining();
+    /// The service addresses whose kernel entries (service, endpoint table) `changes` may
+    /// have changed: those of the services changed, before and after, and those of every
+    /// routing service, whose tables follow their targets.
+    pub fn touched_addresses(&self, changes: &[Change]) -> std::collections::BTreeSet<SocketAddr> {
+        let mut out = std::collections::BTreeSet::new();
+        for c in changes {
+            out.extend(c.old.iter().flat_map(|o| o.config.addresses.iter().copied()));
+            out.extend(c.new_in(self).iter().flat_map(|n| n.config.addresses.iter().copied()));
         }
-        for svc in &prev.services {
-            // A service that disappeared drains under its old timeout.
-            let drain_timeout = self.service_named(&svc.name).unwrap_or(svc).config.drain_timeout;
-            for e in svc.balancer.endpoints() {
-                if in_service.contains_key(&(svc.name.as_str(), e.addr)) {
-                    continue;
-                }
-                if let Some(generation) = e.state.start_draining() {
-                    out.push(Departure {
-                        service: svc.name.clone(),
-                        addr: e.addr,
-                        state: Arc::clone(&e.state),
-                        drain_timeout,
-                        generation,
-                    });
-                }
+        if !changes.is_empty() {
+            for &slot in &self.routing {
+                out.extend(self.service(slot as usize).config.addresses.iter().copied());
             }
         }
-        // Endpoints that arrive already terminating drain too (their connections may
-        // predate an agent restart only in theory, but the state must say draining).
-        for svc in &self.services {
-            for e in svc.balancer.endpoints().iter().filter(|e| e.terminating) {
-                if let Some(generation) = e.state.start_draining() {
-                    out.push(Departure {
-                        service: svc.name.clone(),
-                        addr: e.addr,
-                        state: Arc::clone(&e.state),
-                        drain_timeout: svc.config.drain_timeout,
-                        generation,
-                    });
+        out
+    }
+
+    /// The kernel's entries for `addrs` as this snapshot has them.
+    pub fn kernel_entries(&self, addrs: impl IntoIterator<Item = SocketAddr>, now: Instant) -> Vec<KernelEntry> {
+        addrs
+            .into_iter()
+            .map(|addr| KernelEntry { addr, service: self.service_address(addr), table: self.kernel_table(addr, now) })
+            .collect()
+    }
+
+    /// Services that route to others (their tables follow their targets' health).
+    pub fn routing(&self) -> impl Iterator<Item = usize> + '_ {
+        self.routing.iter().map(|&s| s as usize)
+    }
+
+    /// Endpoint departures and returns of `changes` (see [`Departure`]): endpoints back in
+    /// service stop draining; endpoints that left start, and are returned so the caller can
+    /// arm their drain deadlines.
+    pub fn departures(&self, changes: &[Change]) -> Vec<Departure> {
+        let mut out = Vec::new();
+        for c in changes {
+            let new = c.new_in(self);
+            let in_service = |addr: SocketAddr| {
+                new.is_some_and(|n| n.balancer.endpoints().iter().any(|e| e.addr == addr && !e.terminating))
+            };
+            if let Some(n) = new {
+                for e in n.balancer.endpoints() {
+                    if !e.terminating {
+                        e.state.stop_draining();
+                    }
+                }
+            }
+            // A service that disappeared drains under its old timeout.
+            if let Some(old) = &c.old {
+                let drain_timeout = new.unwrap_or(old).config.drain_timeout;
+                for e in old.balancer.endpoints().iter().filter(|e| !in_service(e.addr)) {
+                    out.extend(departure(old, e, drain_timeout));
+                }
+            }
+            // Endpoints that arrive already terminating drain too (their connections may
+            // predate an agent restart only in theory, but the state must say draining).
+            if let Some(n) = new {
+                for e in n.balancer.endpoints().iter().filter(|e| e.terminating) {
+                    out.extend(departure(n, e, n.config.drain_timeout));
                 }
             }
         }
         out
     }
 
+    /// Every service as a change from nothing (for the first snapshot).
+    pub fn all_new(&self) -> Vec<Change> {
+        self.services().map(|(slot, _)| Change { slot, old: None, gone: false }).collect()
+    }
+
     pub fn len(&self) -> usize {
-        self.services.len()
+        self.slots.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty()
+        self.slots.is_empty()
     }
+
+    pub(crate) fn route(&self, index: usize) -> &Route {
+        &self.slots[&(index as u32)].route
+    }
+}
+
+fn departure(svc: &Service, e: &Endpoint, drain_timeout: Duration) -> Option<Departure> {
+    let generation = e.state.start_draining()?;
+    Some(Departure { service: svc.name.clone(), addr: e.addr, state: Arc::clone(&e.state), drain_timeout, generation })
 }
 
 impl Service {
@@ -211,8 +355,18 @@ fn same_budget(a: &RetryConfig, b: &RetryConfig) -> bool {
 
 /// The endpoints of `svc` from its config and DNS answers, with the live state of those
 /// `old` had.
-fn endpoints(config: &Config, svc: &ServiceConfig, resolved: &Resolved, old: Option<&Arc<Service>>) -> Vec<Endpoint> {
-    let mut endpoints: Vec<Endpoint> = Vec::new();
+fn endpoints(
+    (zone, region): &(Option<String>, Option<String>),
+    svc: &ServiceConfig,
+    resolved: &Resolved,
+    old: Option<&Service>,
+) -> Vec<Endpoint> {
+    // By address, for services with thousands of endpoints: the state each one had, and
+    // which are listed already.
+    let states: std::collections::HashMap<SocketAddr, &Arc<EndpointState>> =
+        old.iter().flat_map(|o| o.balancer.endpoints()).map(|x| (x.addr, &x.state)).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut endpoints: Vec<Endpoint> = Vec::with_capacity(svc.endpoints.len());
     for e in &svc.endpoints {
         let concrete = match &e.target {
             Target::Addr(a) => vec![(*a, 1)],
@@ -220,22 +374,18 @@ fn endpoints(config: &Config, svc: &ServiceConfig, resolved: &Resolved, old: Opt
         };
         for (addr, weight) in concrete {
             // Two names may resolve to one address: the first listing wins.
-            if endpoints.iter().any(|x| x.addr == addr) {
+            if !seen.insert(addr) {
                 continue;
             }
-            let state = old
-                .and_then(|o| o.balancer.endpoints().iter().find(|x| x.addr == addr))
-                .map(|x| Arc::clone(&x.state))
-                .unwrap_or_default();
             endpoints.push(Endpoint {
                 addr,
                 weight: e.weight.saturating_mul(weight.max(1)),
-                tier: tier(&config.agent.zone, &config.agent.region, &e.zone, &e.region),
+                tier: tier(zone, region, &e.zone, &e.region),
                 terminating: e.terminating,
                 zone: e.zone.clone(),
                 region: e.region.clone(),
                 node: e.node.clone(),
-                state,
+                state: states.get(&addr).map(|s| Arc::clone(s)).unwrap_or_default(),
             });
         }
     }
@@ -318,7 +468,7 @@ mod tests {
         );
         let snap = Snapshot::build(&cfg, &resolved, None);
         let eps: Vec<(String, u32)> =
-            snap.services()[0].balancer.endpoints().iter().map(|e| (e.addr.to_string(), e.weight)).collect();
+            snap.services().next().unwrap().1.balancer.endpoints().iter().map(|e| (e.addr.to_string(), e.weight)).collect();
         assert_eq!(
             eps,
             [
@@ -330,7 +480,7 @@ mod tests {
         );
         // Not resolved yet: the name contributes nothing, the address still counts.
         let snap = Snapshot::build(&cfg, &Resolved::new(), None);
-        assert_eq!(snap.services()[0].balancer.endpoints().len(), 1);
+        assert_eq!(snap.services().next().unwrap().1.balancer.endpoints().len(), 1);
     }
 
     #[test]
@@ -457,19 +607,19 @@ services:
             "services:\n  - name: web\n    addresses: [\"10.96.0.1:80\"]\n    endpoints: [\"10.0.0.1:80\", \"10.0.0.2:80\", \"10.0.0.3:80\"]\n    drain_timeout: 7s\n",
         );
         let a = Snapshot::build(&one, &Resolved::new(), None);
-        let state_of = |s: &Snapshot, i: usize| Arc::clone(&s.services()[0].balancer.endpoints()[i].state);
+        let state_of = |s: &Snapshot, i: usize| Arc::clone(&s.services().next().unwrap().1.balancer.endpoints()[i].state);
         let two = config(
             "services:\n  - name: web\n    addresses: [\"10.96.0.1:80\"]\n    endpoints: [\"10.0.0.1:80\", { address: \"10.0.0.3:80\", terminating: true }]\n    drain_timeout: 7s\n",
         );
-        let b = Snapshot::build(&two, &Resolved::new(), Some(&a));
+        let (b, changes) = a.rebuilt(&two, &Resolved::new());
         assert!(Arc::ptr_eq(&state_of(&a, 0), &state_of(&b, 0)), "state carried over");
-        let gone: Vec<SocketAddr> = b.departures_since(&a).iter().map(|d| d.addr).collect();
+        let gone: Vec<SocketAddr> = b.departures(&changes).iter().map(|d| d.addr).collect();
         assert_eq!(gone.len(), 2);
         assert!(gone.contains(&"10.0.0.2:80".parse().unwrap()) && gone.contains(&"10.0.0.3:80".parse().unwrap()));
-        assert!(b.departures_since(&a).is_empty(), "already draining: reported once");
+        assert!(b.departures(&changes).is_empty(), "already draining: reported once");
         // Back in service: the pending deadline must not cut it.
-        let c = Snapshot::build(&one, &Resolved::new(), Some(&b));
-        assert!(c.departures_since(&b).is_empty());
+        let (c, changes) = b.rebuilt(&one, &Resolved::new());
+        assert!(c.departures(&changes).is_empty());
         let token = state_of(&a, 2).drain_token();
         state_of(&a, 2).cut_if_still_draining(1);
         assert!(!token.is_cancelled());

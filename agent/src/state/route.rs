@@ -4,11 +4,7 @@
 //! tables, health as `/services` and `switchyard resolve` show it, and the resolve tree's
 //! branches.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::SocketAddr,
-    time::Instant,
-};
+use std::{collections::BTreeMap, net::SocketAddr, time::Instant};
 
 use smallvec::SmallVec;
 
@@ -19,8 +15,8 @@ use crate::{
 };
 
 /// A service's route with branch names resolved to snapshot indices.
-#[derive(Debug)]
-pub(super) enum Route {
+#[derive(Debug, Clone)]
+pub(crate) enum Route {
     /// A concrete service: it has endpoints of its own.
     Endpoints,
     /// (weight, target) per branch; one branch is drawn per connection.
@@ -33,13 +29,13 @@ impl Route {
     /// Resolve a validated route's names. (Validation already refused unknown targets,
     /// cycles and routes deeper than `MAX_ROUTE_DEPTH`; a name missing anyway is left
     /// out rather than trusted.)
-    pub(super) fn compile(route: Option<&config::Route>, by_name: &HashMap<String, usize>) -> Self {
+    pub(super) fn compile(route: Option<&config::Route>, index: impl Fn(&str) -> Option<usize>) -> Self {
         let Some(route) = route else { return Self::Endpoints };
         if route.split.is_empty() {
-            return Self::Failover(route.failover.iter().filter_map(|n| by_name.get(n).copied()).collect());
+            return Self::Failover(route.failover.iter().filter_map(|n| index(n)).collect());
         }
         let branches: Box<[(u32, usize)]> =
-            route.split.iter().filter_map(|b| Some((b.weight, *by_name.get(&b.service)?))).collect();
+            route.split.iter().filter_map(|b| Some((b.weight, index(&b.service)?))).collect();
         let total = branches.iter().map(|(w, _)| *w).sum();
         Self::Split { branches, total }
     }
@@ -106,7 +102,7 @@ impl Snapshot {
     /// service's address.
     pub fn plan(&self, dst: SocketAddr, cgroup_id: u64, now: Instant) -> Option<Plan> {
         let service = self.index_for(dst)?;
-        let mode = match self.services[service].config.protocol {
+        let mode = match self.service(service).config.protocol {
             Protocol::Tcp => Mode::Opaque,
             Protocol::Http1 => Mode::Http1,
             Protocol::Http2 => Mode::Http2,
@@ -141,26 +137,31 @@ impl Snapshot {
     /// cannot rewrite a connect across families; sorted by address, so an unchanged
     /// table compares equal. Shares are relative: the encoder scales them.
     pub fn kernel_tables(&self, now: Instant) -> Vec<(SocketAddr, Vec<Weighted>)> {
-        let mut out = Vec::new();
-        for (i, svc) in self.services.iter().enumerate() {
-            // By address: sorted, and the same endpoint reached through two branches is
-            // one entry with both shares (a lookup, not a scan: services with thousands
-            // of endpoints are recomputed on every tick).
-            let mut all: BTreeMap<SocketAddr, Weighted> = BTreeMap::new();
-            self.walk(i, Walk::Table, now, 0, 1.0, &mut |c, scale| {
-                let b = &self.services[c].balancer;
-                for s in b.shares(now) {
-                    let addr = b.endpoints()[s.index].addr;
-                    let w = all.entry(addr).or_insert(Weighted { addr, share: 0.0, trial: true });
-                    w.share += scale * s.share;
-                    w.trial &= s.trial;
-                }
-            });
-            for addr in &svc.config.addresses {
-                out.push((*addr, all.values().filter(|w| w.addr.is_ipv4() == addr.is_ipv4()).copied().collect()));
+        self.services().flat_map(|(i, _)| self.kernel_tables_of(i, now)).collect()
+    }
+
+    /// [`Snapshot::kernel_tables`] for one service: one table per address it has.
+    pub fn kernel_tables_of(&self, service: usize, now: Instant) -> Vec<(SocketAddr, Vec<Weighted>)> {
+        // By address: sorted, and the same endpoint reached through two branches is one
+        // entry with both shares (a lookup, not a scan: services may have thousands).
+        let mut all: BTreeMap<SocketAddr, Weighted> = BTreeMap::new();
+        self.walk(service, Walk::Table, now, 0, 1.0, &mut |c, scale| {
+            let b = &self.service(c).balancer;
+            for s in b.shares(now) {
+                let addr = b.endpoints()[s.index].addr;
+                let w = all.entry(addr).or_insert(Weighted { addr, share: 0.0, trial: true });
+                w.share += scale * s.share;
+                w.trial &= s.trial;
             }
-        }
-        out
+        });
+        let family = |v4: bool| all.values().filter(|w| w.addr.is_ipv4() == v4).copied().collect::<Vec<_>>();
+        self.service(service).config.addresses.iter().map(|addr| (*addr, family(addr.is_ipv4()))).collect()
+    }
+
+    /// The kernel table of service address `addr`: `None` when no service has it.
+    pub fn kernel_table(&self, addr: SocketAddr, now: Instant) -> Option<Vec<Weighted>> {
+        let service = self.index_for(addr)?;
+        self.kernel_tables_of(service, now).into_iter().find(|(a, _)| *a == addr).map(|(_, t)| t)
     }
 
     /// Where endpoint `addr` is among the concrete services `service` leads to: (the
@@ -170,7 +171,7 @@ impl Snapshot {
         let mut found = None;
         self.walk(service, Walk::Every, Instant::now(), 0, 1.0, &mut |c, _| {
             if found.is_none() {
-                found = self.services[c].balancer.endpoints().iter().position(|e| e.addr == addr).map(|i| (c, i));
+                found = self.service(c).balancer.endpoints().iter().position(|e| e.addr == addr).map(|i| (c, i));
             }
         });
         found
@@ -178,7 +179,7 @@ impl Snapshot {
 
     /// The branches of `service`'s route (none for a concrete service).
     pub fn branches(&self, service: usize) -> Vec<Branch> {
-        match &self.routes[service] {
+        match self.route(service) {
             Route::Endpoints => Vec::new(),
             Route::Split { branches, total } => branches
                 .iter()
@@ -208,7 +209,7 @@ impl Snapshot {
             return;
         }
         let next = depth + 1;
-        match &self.routes[service] {
+        match self.route(service) {
             Route::Endpoints => visit(service, scale),
             Route::Split { branches, total } => match walk {
                 Walk::Connect => {
@@ -260,8 +261,9 @@ impl Snapshot {
         if depth > MAX_ROUTE_DEPTH {
             return false;
         }
-        match &self.routes[service] {
-            Route::Endpoints => self.services[service]
+        match self.route(service) {
+            Route::Endpoints => self
+                .service(service)
                 .balancer
                 .endpoints()
                 .iter()
