@@ -236,7 +236,10 @@ async fn answer(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
         ("GET", "/status") => json_response(StatusCode::OK, &state.status.view()),
         ("GET", "/config") => {
             let agent = (**state.config.borrow()).clone();
-            json_response(StatusCode::OK, &Config { agent, services: snapshot.services().map(|(_, s)| s.config.clone()).collect() })
+            json_response(
+                StatusCode::OK,
+                &Config { agent, services: snapshot.services().map(|(_, s)| s.config.clone()).collect() },
+            )
         }
         ("GET", "/metrics") => {
             if let Some(Ok(counters)) = state.kernel.as_ref().map(|k| k.read()) {

@@ -212,8 +212,8 @@ pub async fn build(
     let targets = discovery::dns_targets(main.services.iter().chain(&sources.catalog));
     sources.resolved = dns.resolve_all(&targets, Duration::from_secs(5)).await;
     let origin = path.as_deref().map_or_else(|| "the config".to_owned(), |p| p.display().to_string());
-    let merged = validated(sources.merge(&main, []))
-        .map_err(|p| anyhow::anyhow!("the catalog clashes with {origin}:\n{p}"))?;
+    let merged =
+        validated(sources.merge(&main, [])).map_err(|p| anyhow::anyhow!("the catalog clashes with {origin}:\n{p}"))?;
     let mut snapshot = Snapshot::build(&merged, &sources.resolved, None);
     // The cluster's services join service by service, as its later changes do: one that
     // clashes with the file is held back and reported, the rest are served from the start.

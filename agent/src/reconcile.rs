@@ -168,11 +168,8 @@ impl Reconciler {
             Update::Dns { target, answer } => {
                 // Only the services that name it change; their configs were checked.
                 self.sources.resolved.insert(target.clone(), answer);
-                let upsert: Vec<ServiceConfig> = self
-                    .named_services()
-                    .filter(|s| s.endpoints.iter().any(|e| e.target == target))
-                    .cloned()
-                    .collect();
+                let upsert: Vec<ServiceConfig> =
+                    self.named_services().filter(|s| s.endpoints.iter().any(|e| e.target == target)).cloned().collect();
                 self.change(&upsert, &[], source, Instant::now());
             }
             Update::Cluster(delta) => self.cluster(delta),
@@ -229,7 +226,8 @@ impl Reconciler {
     fn apply(&mut self, main: Config, sources: Sources, source: &str) -> Result<(), Rejected> {
         let started = Instant::now();
         let prev = Arc::clone(&self.publish.borrow());
-        let cluster = prev.services().filter(|(_, s)| s.config.origin == Origin::Kubernetes).map(|(_, s)| s.config.clone());
+        let cluster =
+            prev.services().filter(|(_, s)| s.config.origin == Origin::Kubernetes).map(|(_, s)| s.config.clone());
         let merged = validated(sources.merge(&main, cluster)).map_err(Rejected::Invalid)?;
         let (next, changes) = prev.rebuilt(&merged, &sources.resolved);
         self.main = main;

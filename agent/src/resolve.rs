@@ -11,8 +11,7 @@ use crate::{
     balance::{Avail, Endpoint},
     config::MAX_ROUTE_DEPTH,
     state::{
-        Service,
-        Snapshot,
+        Service, Snapshot,
         route::{Branch, BranchShare},
     },
 };

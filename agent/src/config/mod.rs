@@ -258,7 +258,9 @@ impl Config {
         let routed: HashSet<&str> = self
             .services
             .iter()
-            .flat_map(|o| o.route.iter().flat_map(|r| r.targets()).chain(o.http.allow_override.iter().map(String::as_str)))
+            .flat_map(|o| {
+                o.route.iter().flat_map(|r| r.targets()).chain(o.http.allow_override.iter().map(String::as_str))
+            })
             .collect();
 
         let mut names: HashMap<&str, String> = HashMap::new();

@@ -154,12 +154,18 @@ pub async fn start(
     let wc = || watcher::Config::default();
     // Errors are logged; the watcher backs off and relists by itself.
     let mut events = stream::select_all([
-        watcher(Api::<Service>::all(client.clone()), wc()).default_backoff().map(|e| e.map(|e| Event::Service(Box::new(e)))).boxed(),
+        watcher(Api::<Service>::all(client.clone()), wc())
+            .default_backoff()
+            .map(|e| e.map(|e| Event::Service(Box::new(e))))
+            .boxed(),
         watcher(Api::<EndpointSlice>::all(client.clone()), wc())
             .default_backoff()
             .map(|e| e.map(|e| Event::Slice(Box::new(e))))
             .boxed(),
-        watcher(Api::<Node>::all(client), node_watch).default_backoff().map(|e| e.map(|e| Event::Node(Box::new(e)))).boxed(),
+        watcher(Api::<Node>::all(client), node_watch)
+            .default_backoff()
+            .map(|e| e.map(|e| Event::Node(Box::new(e))))
+            .boxed(),
     ]);
     let mut cluster = Cluster::default();
     let synced = async {
@@ -351,7 +357,8 @@ impl Cluster {
         for key in std::mem::take(&mut self.dirty) {
             let (now, problems) = match self.services.get(&key) {
                 Some(svc) => {
-                    let slices: Vec<&EndpointSlice> = self.slices.get(&key).into_iter().flat_map(|s| s.values()).collect();
+                    let slices: Vec<&EndpointSlice> =
+                        self.slices.get(&key).into_iter().flat_map(|s| s.values()).collect();
                     services_of(svc, &slices)
                 }
                 None => (Vec::new(), Vec::new()),

@@ -71,21 +71,27 @@ pub fn check(snapshot: &Snapshot, agent: &AgentConfig, changes: Vec<Wanted>) -> 
                 (o.name != name && !removing.contains(&o.name)).then(|| o.name.clone())
             })?;
             (other != name).then(|| {
-                snapshot.service_named(&other).map_or_else(|| format!("`{other}`"), |s| s.config.origin.label(0, &other))
+                snapshot
+                    .service_named(&other)
+                    .map_or_else(|| format!("`{other}`"), |s| s.config.origin.label(0, &other))
             })
         };
         svc.own_problems(&label, &listeners, named_by(&name).is_some(), &mut owner, &mut problem);
         if let Some(other) = snapshot.service_named(&name)
             && other.config.origin != svc.origin
         {
-            problem(format!("{label}.name"), format!("`{name}` is already the name of {}", other.config.origin.label(0, &name)));
+            problem(
+                format!("{label}.name"),
+                format!("`{name}` is already the name of {}", other.config.origin.label(0, &name)),
+            );
         }
         for (j, addr) in svc.addresses.iter().enumerate() {
             if agent.node_address.contains(&addr.ip()) {
                 problem(format!("{label}.addresses[{j}]"), format!("{} is the agent's node address", addr.ip()));
             }
         }
-        let targets = svc.route.iter().flat_map(|r| r.targets()).chain(svc.http.allow_override.iter().map(String::as_str));
+        let targets =
+            svc.route.iter().flat_map(|r| r.targets()).chain(svc.http.allow_override.iter().map(String::as_str));
         for target in targets {
             if snapshot.index_named(target).is_none() || removing.contains(target) {
                 problem(format!("{label}.route"), format!("names `{target}`, which is not a service"));

@@ -12,6 +12,8 @@
 //! metric handles.
 
 pub mod checked;
+#[cfg(test)]
+mod incremental_tests;
 pub mod route;
 
 use std::{
@@ -117,8 +119,7 @@ impl Snapshot {
         base.detect = config.agent.detect.clone();
         base.locality = (config.agent.zone.clone(), config.agent.region.clone());
         let named: std::collections::HashSet<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
-        let gone: Vec<String> =
-            self.by_name.keys().filter(|n| !named.contains(&***n)).map(|n| n.to_string()).collect();
+        let gone: Vec<String> = self.by_name.keys().filter(|n| !named.contains(&***n)).map(|n| n.to_string()).collect();
         base.changed(&config.services, &gone, resolved)
     }
 
@@ -467,8 +468,16 @@ mod tests {
             vec![("10.0.0.2:8080".parse().unwrap(), 5), ("10.0.0.3:9090".parse().unwrap(), 3)],
         );
         let snap = Snapshot::build(&cfg, &resolved, None);
-        let eps: Vec<(String, u32)> =
-            snap.services().next().unwrap().1.balancer.endpoints().iter().map(|e| (e.addr.to_string(), e.weight)).collect();
+        let eps: Vec<(String, u32)> = snap
+            .services()
+            .next()
+            .unwrap()
+            .1
+            .balancer
+            .endpoints()
+            .iter()
+            .map(|e| (e.addr.to_string(), e.weight))
+            .collect();
         assert_eq!(
             eps,
             [
@@ -607,7 +616,8 @@ services:
             "services:\n  - name: web\n    addresses: [\"10.96.0.1:80\"]\n    endpoints: [\"10.0.0.1:80\", \"10.0.0.2:80\", \"10.0.0.3:80\"]\n    drain_timeout: 7s\n",
         );
         let a = Snapshot::build(&one, &Resolved::new(), None);
-        let state_of = |s: &Snapshot, i: usize| Arc::clone(&s.services().next().unwrap().1.balancer.endpoints()[i].state);
+        let state_of =
+            |s: &Snapshot, i: usize| Arc::clone(&s.services().next().unwrap().1.balancer.endpoints()[i].state);
         let two = config(
             "services:\n  - name: web\n    addresses: [\"10.96.0.1:80\"]\n    endpoints: [\"10.0.0.1:80\", { address: \"10.0.0.3:80\", terminating: true }]\n    drain_timeout: 7s\n",
         );
