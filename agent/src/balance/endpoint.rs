@@ -42,9 +42,10 @@ impl Tier {
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub weight: u32,
-    pub zone: Option<String>,
-    pub region: Option<String>,
-    pub node: Option<String>,
+    /// Shared with the config (a cluster has 100,000 endpoints and a few zones).
+    pub zone: Option<Arc<str>>,
+    pub region: Option<Arc<str>>,
+    pub node: Option<Arc<str>>,
     pub tier: Tier,
     pub terminating: bool,
     pub state: Arc<EndpointState>,
@@ -277,7 +278,7 @@ impl EndpointState {
 
     /// Token a connection watches: cancelled when this endpoint's drain deadline passes.
     pub fn drain_token(&self) -> CancellationToken {
-        self.drain.lock().unwrap().token.clone()
+        self.drain.lock().unwrap().token.get_or_insert_with(CancellationToken::new).clone()
     }
 
     /// Mark draining (removed or terminating). On the transition, returns the generation
@@ -297,8 +298,8 @@ impl EndpointState {
         let mut d = self.drain.lock().unwrap();
         d.draining = false;
         d.generation += 1;
-        if d.token.is_cancelled() {
-            d.token = CancellationToken::new();
+        if d.token.as_ref().is_some_and(CancellationToken::is_cancelled) {
+            d.token = None;
         }
     }
 
@@ -307,7 +308,9 @@ impl EndpointState {
     pub fn cut_if_still_draining(&self, generation: u64) {
         let d = self.drain.lock().unwrap();
         if d.draining && d.generation == generation {
-            d.token.cancel();
+            if let Some(t) = &d.token {
+                t.cancel();
+            }
         }
     }
 }
@@ -318,7 +321,9 @@ impl EndpointState {
 struct Drain {
     draining: bool,
     generation: u64,
-    token: CancellationToken,
+    /// Made when the first connection asks for it: most of a cluster's endpoints never
+    /// see one from this node, and a token is an allocation.
+    token: Option<CancellationToken>,
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! checks, locality and draining. Every field has a default, so a service needs only a
 //! name, addresses and endpoints.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -210,9 +210,10 @@ pub struct EndpointConfig {
     pub target: Target,
     /// Relative share of new connections (default 1).
     pub weight: u32,
-    pub zone: Option<String>,
-    pub region: Option<String>,
-    pub node: Option<String>,
+    /// Shared strings: a cluster's 100,000 endpoints have a few zones and nodes.
+    pub zone: Option<Arc<str>>,
+    pub region: Option<Arc<str>>,
+    pub node: Option<Arc<str>>,
     /// Terminating: no new connections; open ones drain (Kubernetes' `terminating`).
     pub terminating: bool,
 }
@@ -230,9 +231,9 @@ struct EndpointMap {
     srv: Option<String>,
     #[serde(default = "one")]
     weight: u32,
-    zone: Option<String>,
-    region: Option<String>,
-    node: Option<String>,
+    zone: Option<Arc<str>>,
+    region: Option<Arc<str>>,
+    node: Option<Arc<str>>,
     #[serde(default)]
     terminating: bool,
 }

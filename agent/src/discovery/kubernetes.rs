@@ -239,10 +239,29 @@ struct Cluster {
     synced: BTreeSet<&'static str>,
     /// Services an event touched since the last delta.
     dirty: BTreeSet<Key>,
-    /// Per Service: the switchyard services last reported, and the problems last logged.
-    sent: HashMap<Key, Vec<(String, ServiceConfig)>>,
+    /// Per Service: the names of the switchyard services last reported (an unchanged one
+    /// reported again is recognised by the snapshot, which keeps it as it is), and the
+    /// problems last logged.
+    sent: HashMap<Key, Vec<String>>,
     problems: HashMap<Key, Vec<String>>,
     locality: Option<(Option<String>, Option<String>)>,
+    strings: Interner,
+}
+
+/// One shared copy of each zone and node name: 100,000 endpoints name a few zones and a
+/// few thousand nodes. (It keeps every name it saw; there are about as many as nodes.)
+#[derive(Default)]
+struct Interner(std::collections::HashSet<std::sync::Arc<str>>);
+
+impl Interner {
+    fn get(&mut self, s: &str) -> std::sync::Arc<str> {
+        if let Some(a) = self.0.get(s) {
+            return std::sync::Arc::clone(a);
+        }
+        let a: std::sync::Arc<str> = s.into();
+        self.0.insert(std::sync::Arc::clone(&a));
+        a
+    }
 }
 
 #[derive(Default)]
@@ -359,7 +378,7 @@ impl Cluster {
                 Some(svc) => {
                     let slices: Vec<&EndpointSlice> =
                         self.slices.get(&key).into_iter().flat_map(|s| s.values()).collect();
-                    services_of(svc, &slices)
+                    services_of(svc, &slices, &mut self.strings)
                 }
                 None => (Vec::new(), Vec::new()),
             };
@@ -371,17 +390,11 @@ impl Cluster {
                 self.problems.insert(key.clone(), problems);
             }
             let before = self.sent.remove(&key).unwrap_or_default();
-            for (name, _) in before.iter().filter(|(n, _)| !now.iter().any(|s| s.name == *n)) {
-                delta.remove.push(name.clone());
-            }
-            for svc in &now {
-                if !before.iter().any(|(n, s)| *n == svc.name && s == svc) {
-                    delta.upsert.push(svc.clone());
-                }
-            }
+            delta.remove.extend(before.into_iter().filter(|n| !now.iter().any(|s| s.name == *n)));
             if !now.is_empty() {
-                self.sent.insert(key, now.into_iter().map(|s| (s.name.clone(), s)).collect());
+                self.sent.insert(key, now.iter().map(|s| s.name.clone()).collect());
             }
+            delta.upsert.extend(now);
         }
         let locality = locality_of(self.node.as_ref());
         if self.locality.as_ref() != Some(&locality) {
@@ -429,7 +442,7 @@ pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Nod
                     && s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) == svc.metadata.name.as_ref()
             })
             .collect();
-        let (mut s, mut p) = services_of(svc, &own);
+        let (mut s, mut p) = services_of(svc, &own, &mut Interner::default());
         out.append(&mut s);
         problems.append(&mut p);
     }
@@ -448,7 +461,11 @@ pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Nod
 /// come from the Service's EndpointSlices, on the slice port of the same name: serving
 /// ones are used, terminating ones drain (no new connections), others are left out.
 /// Headless and ExternalName services have no ClusterIP and are skipped.
-fn services_of(svc: &Service, own_slices: &[&EndpointSlice]) -> (Vec<ServiceConfig>, Vec<String>) {
+fn services_of(
+    svc: &Service,
+    own_slices: &[&EndpointSlice],
+    strings: &mut Interner,
+) -> (Vec<ServiceConfig>, Vec<String>) {
     let mut out = Vec::new();
     let mut problems = Vec::new();
     {
@@ -517,8 +534,8 @@ fn services_of(svc: &Service, own_slices: &[&EndpointSlice]) -> (Vec<ServiceConf
                     for ip in parsed.collect::<Vec<_>>() {
                         let addr = SocketAddr::new(ip, target_port);
                         endpoints.entry(addr).or_insert_with(|| EndpointConfig {
-                            zone: ep.zone.clone(),
-                            node: ep.node_name.clone(),
+                            zone: ep.zone.as_deref().map(|z| strings.get(z)),
+                            node: ep.node_name.as_deref().map(|n| strings.get(n)),
                             terminating,
                             ..EndpointConfig::new(Target::Addr(addr))
                         });

@@ -381,7 +381,7 @@ fn endpoints(
             endpoints.push(Endpoint {
                 addr,
                 weight: e.weight.saturating_mul(weight.max(1)),
-                tier: tier(zone, region, &e.zone, &e.region),
+                tier: tier(zone.as_deref(), region.as_deref(), e.zone.as_deref(), e.region.as_deref()),
                 terminating: e.terminating,
                 zone: e.zone.clone(),
                 region: e.region.clone(),
@@ -405,12 +405,7 @@ fn same_endpoints(a: &[Endpoint], b: &[Endpoint]) -> bool {
 
 /// Locality tier of an endpoint seen from this node. Without a node zone every endpoint
 /// is local: locality is opt-in.
-fn tier(
-    node_zone: &Option<String>,
-    node_region: &Option<String>,
-    zone: &Option<String>,
-    region: &Option<String>,
-) -> Tier {
+fn tier(node_zone: Option<&str>, node_region: Option<&str>, zone: Option<&str>, region: Option<&str>) -> Tier {
     let Some(node_zone) = node_zone else { return Tier::Local };
     let same_region = match (node_region, region) {
         (Some(a), Some(b)) => a == b,
@@ -418,7 +413,7 @@ fn tier(
         // either side means "the same region" when the zones match.
         _ => true,
     };
-    if same_region && zone.as_ref() == Some(node_zone) {
+    if same_region && zone == Some(node_zone) {
         Tier::Local
     } else if node_region.is_some() && node_region == region {
         Tier::Region
@@ -600,14 +595,14 @@ services:
 
     #[test]
     fn tiers_follow_the_node_zone_and_region() {
-        let (z, r) = (Some("a".to_owned()), Some("r1".to_owned()));
-        let s = |v: &str| Some(v.to_owned());
-        assert_eq!(tier(&None, &None, &s("b"), &s("r2")), Tier::Local, "no node zone: locality off");
-        assert_eq!(tier(&z, &r, &s("a"), &s("r1")), Tier::Local);
-        assert_eq!(tier(&z, &r, &s("a"), &None), Tier::Local);
-        assert_eq!(tier(&z, &r, &s("b"), &s("r1")), Tier::Region);
-        assert_eq!(tier(&z, &r, &s("c"), &s("r2")), Tier::Remote);
-        assert_eq!(tier(&z, &r, &None, &None), Tier::Remote);
+        let (z, r) = (Some("a"), Some("r1"));
+        let s = Some;
+        assert_eq!(tier(None, None, s("b"), s("r2")), Tier::Local, "no node zone: locality off");
+        assert_eq!(tier(z, r, s("a"), s("r1")), Tier::Local);
+        assert_eq!(tier(z, r, s("a"), None), Tier::Local);
+        assert_eq!(tier(z, r, s("b"), s("r1")), Tier::Region);
+        assert_eq!(tier(z, r, s("c"), s("r2")), Tier::Remote);
+        assert_eq!(tier(z, r, None, None), Tier::Remote);
     }
 
     #[test]

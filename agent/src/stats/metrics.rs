@@ -231,9 +231,16 @@ pub struct ServiceMetrics {
     endpoints: Box<[EndpointMetrics]>,
 }
 
+/// Small until first used (a cluster's endpoints mostly never are from one node): the
+/// handles are boxed and made on first use.
 #[derive(Debug)]
 pub struct EndpointMetrics {
     addr: SocketAddr,
+    handles: OnceLock<Box<Handles>>,
+}
+
+#[derive(Debug, Default)]
+struct Handles {
     connections: OnceLock<Counter>,
     open: OnceLock<Gauge>,
     /// Indexed by `Direction as usize`.
@@ -251,16 +258,7 @@ impl ServiceMetrics {
             retries: Default::default(),
             budget_exhausted: OnceLock::new(),
             answers: RwLock::default(),
-            endpoints: endpoints
-                .map(|addr| EndpointMetrics {
-                    addr,
-                    connections: OnceLock::new(),
-                    open: OnceLock::new(),
-                    bytes: Default::default(),
-                    failures: Default::default(),
-                    ejections: OnceLock::new(),
-                })
-                .collect(),
+            endpoints: endpoints.map(|addr| EndpointMetrics { addr, handles: OnceLock::new() }).collect(),
         }
     }
 
@@ -305,7 +303,8 @@ impl ServiceMetrics {
     /// The handles of endpoint `i` of the service (indexed like its balancer's
     /// endpoints, which they are built with), with the service's name for labels.
     pub fn endpoint(&self, i: usize) -> EndpointHandles<'_> {
-        EndpointHandles { service: &self.name, e: &self.endpoints[i] }
+        let e = &self.endpoints[i];
+        EndpointHandles { service: &self.name, addr: e.addr, e: e.handles.get_or_init(Box::default) }
     }
 }
 
@@ -313,12 +312,13 @@ impl ServiceMetrics {
 #[derive(Clone, Copy)]
 pub struct EndpointHandles<'a> {
     service: &'a str,
-    e: &'a EndpointMetrics,
+    addr: SocketAddr,
+    e: &'a Handles,
 }
 
 impl<'a> EndpointHandles<'a> {
     fn labels(&self) -> EndpointLabels {
-        Metrics::endpoint(self.service, self.e.addr)
+        Metrics::endpoint(self.service, self.addr)
     }
 
     pub fn connections(&self, m: &Metrics) -> &'a Counter {
