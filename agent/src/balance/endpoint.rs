@@ -307,10 +307,11 @@ impl EndpointState {
     /// endpoint came back (or came back and left again) in the meantime.
     pub fn cut_if_still_draining(&self, generation: u64) {
         let d = self.drain.lock().unwrap();
-        if d.draining && d.generation == generation {
-            if let Some(t) = &d.token {
-                t.cancel();
-            }
+        if d.draining
+            && d.generation == generation
+            && let Some(t) = &d.token
+        {
+            t.cancel();
         }
     }
 }

@@ -27,6 +27,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
+use smallvec::SmallVec;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -229,7 +230,7 @@ struct Cluster {
     services: HashMap<Key, Service>,
     /// EndpointSlices by the Service they belong to (namespace, service-name label),
     /// then by slice name.
-    slices: HashMap<Key, BTreeMap<String, EndpointSlice>>,
+    slices: HashMap<Key, BTreeMap<String, Slice>>,
     /// Which Service each slice (namespace, slice name) was filed under.
     slice_owner: HashMap<Key, Key>,
     node: Option<Node>,
@@ -246,6 +247,68 @@ struct Cluster {
     problems: HashMap<Key, Vec<String>>,
     locality: Option<(Option<String>, Option<String>)>,
     strings: Interner,
+}
+
+/// An EndpointSlice as the mapping reads it: a cluster holds 100,000 endpoints, and the
+/// API's objects are several times this size.
+#[derive(Debug, Clone, PartialEq)]
+struct Slice {
+    /// (port name, port number)
+    ports: Vec<(String, Option<i32>)>,
+    endpoints: Vec<SliceEndpoint>,
+    /// What could not be used, for the log.
+    problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct SliceEndpoint {
+    addresses: SmallVec<[std::net::IpAddr; 1]>,
+    /// EndpointSlice conditions: serving (ready, unless said otherwise) and terminating.
+    serving: bool,
+    terminating: bool,
+    zone: Option<std::sync::Arc<str>>,
+    node: Option<std::sync::Arc<str>>,
+}
+
+impl Slice {
+    fn of(s: &EndpointSlice, strings: &mut Interner) -> Self {
+        let name =
+            format!("{}/{}", s.metadata.namespace.as_deref().unwrap_or("?"), s.metadata.name.as_deref().unwrap_or("?"));
+        let mut problems = Vec::new();
+        let endpoints = s
+            .endpoints
+            .iter()
+            .map(|ep| {
+                let c = ep.conditions.as_ref();
+                let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                let addresses = ep
+                    .addresses
+                    .iter()
+                    .filter_map(|a| match a.parse() {
+                        Ok(ip) => Some(ip),
+                        Err(_) => {
+                            problems.push(format!("EndpointSlice {name}: address `{a}` is not an IP address"));
+                            None
+                        }
+                    })
+                    .collect();
+                SliceEndpoint {
+                    addresses,
+                    serving: c.and_then(|c| c.serving).unwrap_or(ready),
+                    terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                    zone: ep.zone.as_deref().map(|z| strings.get(z)),
+                    node: ep.node_name.as_deref().map(|n| strings.get(n)),
+                }
+            })
+            .collect();
+        let ports = s.ports.iter().flatten().map(|p| (p.name.clone().unwrap_or_default(), p.port)).collect();
+        Self { ports, endpoints, problems }
+    }
+
+    /// The target port of the Service port called `name` (`""`: unnamed).
+    fn port(&self, name: &str) -> Option<u16> {
+        self.ports.iter().find(|(n, _)| n == name).and_then(|(_, p)| u16::try_from((*p)?).ok())
+    }
 }
 
 /// One shared copy of each zone and node name: 100,000 endpoints name a few zones and a
@@ -334,19 +397,14 @@ impl Cluster {
         }
     }
 
-    fn apply_slice(&mut self, mut s: EndpointSlice) {
+    fn apply_slice(&mut self, s: EndpointSlice) {
         let Some(id) = key_of(&s) else { return };
         let owner = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned();
         let Some(owner) = owner.map(|o| (id.0.clone(), o)) else {
             // Not a Service's slice (or no longer): forget it.
             return self.remove_slice(&id);
         };
-        trim_meta(&mut s.metadata);
-        for ep in &mut s.endpoints {
-            // Read by nobody here; a slice of 100 endpoints carries 100 of each.
-            ep.target_ref = None;
-            ep.deprecated_topology = None;
-        }
+        let s = Slice::of(&s, &mut self.strings);
         if self.slice_owner.get(&id) != Some(&owner) {
             self.remove_slice(&id);
         }
@@ -376,9 +434,8 @@ impl Cluster {
         for key in std::mem::take(&mut self.dirty) {
             let (now, problems) = match self.services.get(&key) {
                 Some(svc) => {
-                    let slices: Vec<&EndpointSlice> =
-                        self.slices.get(&key).into_iter().flat_map(|s| s.values()).collect();
-                    services_of(svc, &slices, &mut self.strings)
+                    let slices: Vec<&Slice> = self.slices.get(&key).into_iter().flat_map(|s| s.values()).collect();
+                    services_of(svc, &slices)
                 }
                 None => (Vec::new(), Vec::new()),
             };
@@ -435,14 +492,16 @@ pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Nod
     let mut out = Vec::new();
     let mut problems = Vec::new();
     for svc in services {
-        let own: Vec<&EndpointSlice> = slices
+        let mut strings = Interner::default();
+        let own: Vec<Slice> = slices
             .iter()
             .filter(|s| {
                 s.metadata.namespace == svc.metadata.namespace
                     && s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) == svc.metadata.name.as_ref()
             })
+            .map(|s| Slice::of(s, &mut strings))
             .collect();
-        let (mut s, mut p) = services_of(svc, &own, &mut Interner::default());
+        let (mut s, mut p) = services_of(svc, &own.iter().collect::<Vec<_>>());
         out.append(&mut s);
         problems.append(&mut p);
     }
@@ -461,13 +520,9 @@ pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Nod
 /// come from the Service's EndpointSlices, on the slice port of the same name: serving
 /// ones are used, terminating ones drain (no new connections), others are left out.
 /// Headless and ExternalName services have no ClusterIP and are skipped.
-fn services_of(
-    svc: &Service,
-    own_slices: &[&EndpointSlice],
-    strings: &mut Interner,
-) -> (Vec<ServiceConfig>, Vec<String>) {
+fn services_of(svc: &Service, own_slices: &[&Slice]) -> (Vec<ServiceConfig>, Vec<String>) {
     let mut out = Vec::new();
-    let mut problems = Vec::new();
+    let mut problems: Vec<String> = own_slices.iter().flat_map(|s| s.problems.iter().cloned()).collect();
     {
         let (Some(ns), Some(name), Some(spec)) = (&svc.metadata.namespace, &svc.metadata.name, &svc.spec) else {
             return (out, problems);
@@ -504,39 +559,14 @@ fn services_of(
             let Ok(service_port) = u16::try_from(port.port) else { continue };
             let mut endpoints: BTreeMap<SocketAddr, EndpointConfig> = BTreeMap::new();
             for slice in own_slices {
-                let Some(target_port) = slice
-                    .ports
-                    .iter()
-                    .flatten()
-                    .find(|p| p.name.clone().unwrap_or_default() == port_name)
-                    .and_then(|p| p.port)
-                    .and_then(|p| u16::try_from(p).ok())
-                else {
-                    continue;
-                };
-                for ep in &slice.endpoints {
-                    let c = ep.conditions.as_ref();
-                    let ready = c.and_then(|c| c.ready).unwrap_or(true);
-                    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
-                    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-                    if !serving {
-                        continue;
-                    }
-                    let slice_name = slice.metadata.name.as_deref().unwrap_or("?");
-                    let parsed = ep.addresses.iter().filter_map(|a| match a.parse::<std::net::IpAddr>() {
-                        Ok(ip) => Some(ip),
-                        Err(_) => {
-                            problems
-                                .push(format!("EndpointSlice {ns}/{slice_name}: address `{a}` is not an IP address"));
-                            None
-                        }
-                    });
-                    for ip in parsed.collect::<Vec<_>>() {
-                        let addr = SocketAddr::new(ip, target_port);
+                let Some(target_port) = slice.port(&port_name) else { continue };
+                for ep in slice.endpoints.iter().filter(|e| e.serving) {
+                    for ip in &ep.addresses {
+                        let addr = SocketAddr::new(*ip, target_port);
                         endpoints.entry(addr).or_insert_with(|| EndpointConfig {
-                            zone: ep.zone.as_deref().map(|z| strings.get(z)),
-                            node: ep.node_name.as_deref().map(|n| strings.get(n)),
-                            terminating,
+                            zone: ep.zone.clone(),
+                            node: ep.node.clone(),
+                            terminating: ep.terminating,
                             ..EndpointConfig::new(Target::Addr(addr))
                         });
                     }
