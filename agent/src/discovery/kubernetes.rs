@@ -670,4 +670,93 @@ mod tests {
             "spec": {"clusterIP": "10.96.0.9", "ports": [{"port": 6379}]}}))];
         assert_eq!(view_of(&services, &[], None).services[0].mode, ServiceMode::Kernel);
     }
+
+    /// A Service `web{i}` on 10.96.0.i:80 and its slice with endpoints `hosts` on 8080.
+    fn objects(i: u8, hosts: &[u8]) -> (Service, EndpointSlice) {
+        let svc = svc(
+            json!({"metadata": {"namespace": "ns", "name": format!("web{i}"), "managedFields": [{"manager": "x"}]},
+            "spec": {"clusterIP": format!("10.96.0.{i}"), "ports": [{"name": "http", "port": 80}]}}),
+        );
+        let eps: Vec<serde_json::Value> = hosts
+            .iter()
+            .map(|h| {
+                json!({"addresses": [format!("10.1.{i}.{h}")],
+            "targetRef": {"kind": "Pod", "name": format!("web-{h}")}, "zone": "a"})
+            })
+            .collect();
+        let sl = slice(json!({"metadata": {"namespace": "ns", "name": format!("web{i}-x"),
+            "labels": {"kubernetes.io/service-name": format!("web{i}")}},
+            "ports": [{"name": "http", "port": 8080}], "endpoints": eps}));
+        (svc, sl)
+    }
+
+    /// Deltas folded into the services they describe.
+    fn fold(into: &mut BTreeMap<String, ServiceConfig>, d: ClusterDelta) {
+        for n in d.remove {
+            assert!(into.remove(&n).is_some(), "{n} removed but never added");
+        }
+        for s in d.upsert {
+            into.insert(s.name.clone(), s);
+        }
+    }
+
+    #[test]
+    fn deltas_follow_events_and_touch_only_what_changed() {
+        let mut c = Cluster::default();
+        let ev = |e| Event::Service(Box::new(e));
+        let sl = |e| Event::Slice(Box::new(e));
+        let mut have = BTreeMap::new();
+        // The first listing: three Services, two with slices.
+        c.handle(ev(watcher::Event::Init));
+        c.handle(sl(watcher::Event::Init));
+        for i in 1..=3 {
+            let (s, l) = objects(i, &[1, 2]);
+            c.handle(ev(watcher::Event::InitApply(s)));
+            if i < 3 {
+                c.handle(sl(watcher::Event::InitApply(l)));
+            }
+        }
+        assert!(c.delta().upsert.is_empty(), "nothing until the listing is complete");
+        c.handle(ev(watcher::Event::InitDone));
+        c.handle(sl(watcher::Event::InitDone));
+        let first = c.delta();
+        assert_eq!(first.upsert.len(), 3);
+        fold(&mut have, first);
+
+        // One slice changes: one service, with its new endpoint.
+        c.handle(sl(watcher::Event::Apply(objects(2, &[1, 2, 3]).1)));
+        let d = c.delta();
+        assert_eq!(d.upsert.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["ns/web2:http"]);
+        assert_eq!(d.upsert[0].endpoints.len(), 3);
+        fold(&mut have, d);
+        // The same object again (a resync): nothing.
+        c.handle(sl(watcher::Event::Apply(objects(2, &[1, 2, 3]).1)));
+        assert!(c.delta().is_empty());
+
+        // A Service deleted; then a relist that no longer has web1's slice and adds web4.
+        c.handle(ev(watcher::Event::Delete(objects(3, &[]).0)));
+        fold(&mut have, c.delta());
+        c.handle(sl(watcher::Event::Init));
+        c.handle(ev(watcher::Event::Init));
+        for i in [1, 2, 4] {
+            c.handle(ev(watcher::Event::InitApply(objects(i, &[]).0)));
+        }
+        c.handle(sl(watcher::Event::InitApply(objects(2, &[1, 2, 3]).1)));
+        c.handle(sl(watcher::Event::InitApply(objects(4, &[7]).1)));
+        c.handle(ev(watcher::Event::InitDone));
+        c.handle(sl(watcher::Event::InitDone));
+        let d = c.delta();
+        let mut touched: Vec<&str> =
+            d.upsert.iter().map(|s| s.name.as_str()).chain(d.remove.iter().map(String::as_str)).collect();
+        touched.sort();
+        assert_eq!(touched, ["ns/web1:http", "ns/web4:http"], "web2 is unchanged by the relist");
+        fold(&mut have, d);
+
+        // What the deltas added up to is the whole view computed from the objects.
+        let services: Vec<Service> = [1, 2, 4].map(|i| objects(i, &[]).0).into();
+        let slices = [objects(2, &[1, 2, 3]).1, objects(4, &[7]).1];
+        let whole = view_of(&services, &slices, None);
+        assert_eq!(have.into_values().collect::<Vec<_>>(), whole.services);
+        assert!(c.services.values().all(|s| s.metadata.managed_fields.is_none()), "objects are kept trimmed");
+    }
 }

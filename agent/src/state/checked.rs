@@ -52,7 +52,11 @@ pub fn check(snapshot: &Snapshot, agent: &AgentConfig, changes: Vec<Wanted>) -> 
         let Some(mut svc) = change else {
             match named_by(&name) {
                 Some(by) => out.held.push(Held {
-                    problems: format!("  {name}: is named by the route of `{}`; it stays until that changes", by.name),
+                    problems: format!(
+                        "  {}: is named by the route of `{}`, so it stays until that route changes",
+                        crate::config::Origin::Kubernetes.label(0, &name),
+                        by.name
+                    ),
                     name,
                     change: None,
                 }),
@@ -107,4 +111,75 @@ pub fn check(snapshot: &Snapshot, agent: &AgentConfig, changes: Vec<Wanted>) -> 
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{
+        config::{Config, Origin},
+        state::Resolved,
+    };
+
+    fn cluster(name: &str, addr: &str) -> ServiceConfig {
+        ServiceConfig {
+            name: name.into(),
+            addresses: vec![addr.parse().unwrap()],
+            origin: Origin::Kubernetes,
+            ..ServiceConfig::named("")
+        }
+    }
+
+    #[test]
+    fn a_clash_holds_back_that_service_only_and_names_what_it_clashes_with() {
+        let file = Config::parse(
+            "services:\n  - { name: static, addresses: [\"10.96.0.30:80\"], endpoints: [\"10.0.0.1:80\"] }\n  - { name: front, addresses: [\"10.96.0.31:80\"], route: { failover: [\"ns/db:tcp\"] } }\n  - { name: \"ns/taken:http\", addresses: [\"10.96.0.32:80\"], endpoints: [\"10.0.0.1:80\"] }\n  - { name: \"ns/db:tcp\", endpoints: [\"10.0.0.2:80\"] }\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap();
+        let snap = Snapshot::build(&file, &Resolved::new(), None);
+        let (snap, _) = snap.changed(&[cluster("ns/old:http", "10.96.0.40:80")], &[], &Resolved::new());
+        let checked = check(
+            &snap,
+            &file.agent,
+            vec![
+                ("ns/web:http".into(), Some(cluster("ns/web:http", "10.96.0.20:80"))),
+                ("ns/clash:http".into(), Some(cluster("ns/clash:http", "10.96.0.30:80"))),
+                ("ns/taken:http".into(), Some(cluster("ns/taken:http", "10.96.0.33:80"))),
+                ("ns/db:tcp".into(), None),
+                ("ns/old:http".into(), None),
+                // Takes over the address of a service leaving in the same change.
+                ("ns/new:http".into(), Some(cluster("ns/new:http", "[::ffff:10.96.0.40]:80"))),
+                ("ns/loop:http".into(), Some(cluster("ns/loop:http", "127.0.0.1:15001"))),
+            ],
+        );
+        let names = |v: &[ServiceConfig]| v.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&checked.upsert), ["ns/web:http", "ns/new:http"]);
+        assert_eq!(checked.upsert[1].addresses, ["10.96.0.40:80".parse().unwrap()], "canonical form");
+        assert_eq!(checked.remove, ["ns/old:http"]);
+        let held: Vec<(&str, &str)> = checked.held.iter().map(|h| (h.name.as_str(), h.problems.as_str())).collect();
+        assert_eq!(
+            held,
+            [
+                (
+                    "ns/clash:http",
+                    "  kubernetes service `ns/clash:http`.addresses[0]: 10.96.0.30:80 is already an address of services[0]"
+                ),
+                (
+                    "ns/taken:http",
+                    "  kubernetes service `ns/taken:http`.name: `ns/taken:http` is already the name of services[0]"
+                ),
+                (
+                    "ns/db:tcp",
+                    "  kubernetes service `ns/db:tcp`: is named by the route of `front`, so it stays until that route changes"
+                ),
+                (
+                    "ns/loop:http",
+                    "  kubernetes service `ns/loop:http`.addresses[0]: 127.0.0.1:15001 is the agent's own listener; connections would loop"
+                ),
+            ]
+        );
+    }
 }
