@@ -324,6 +324,11 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 
 /// `GET path` from the admin API at `addr`: (status, body). For the CLI.
 pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), AdminError> {
+    get_page(addr, path).await.map(|(status, body, _)| (status, body))
+}
+
+/// [`get`], with the `x-next-after` cursor of a paged list.
+pub async fn get_page(addr: SocketAddr, path: &str) -> Result<(u16, String, Option<String>), AdminError> {
     let stream = tokio::net::TcpStream::connect(addr).await.map_err(|source| AdminError::Connect { addr, source })?;
     let http = |source| AdminError::Http { addr, source };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(http)?;
@@ -331,6 +336,7 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String), AdminErr
     let req = Request::get(path).header("host", addr.to_string()).body(Empty::<Bytes>::new()).expect("valid request");
     let res = sender.send_request(req).await.map_err(http)?;
     let status = res.status().as_u16();
+    let next = res.headers().get("x-next-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let body = res.into_body().collect().await.map_err(http)?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, String::from_utf8_lossy(&body).into_owned(), next))
 }

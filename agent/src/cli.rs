@@ -10,13 +10,34 @@ use crate::{admin, stats::conns::age};
 
 /// GET a JSON document from the admin API, turning error answers into errors.
 async fn get_json(admin_addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
-    let (status, body) = admin::get(admin_addr, path).await?;
+    Ok(get_json_page(admin_addr, path).await?.0)
+}
+
+async fn get_json_page(admin_addr: SocketAddr, path: &str) -> anyhow::Result<(Value, Option<String>)> {
+    let (status, body, next) = admin::get_page(admin_addr, path).await?;
     let value: Value = serde_json::from_str(&body)
         .with_context(|| format!("the admin API answered {status} with non-JSON: {body}"))?;
     if status != 200 {
         bail!("{}", value["error"].as_str().unwrap_or(&body));
     }
-    Ok(value)
+    Ok((value, next))
+}
+
+/// Every page of a paged list (`/services`, `/conns`; see `admin::PAGE`), one after the
+/// other. `query` is the list's filters, `key=value&...` or empty.
+async fn get_all(admin_addr: SocketAddr, path: &str, query: &str) -> anyhow::Result<Value> {
+    let mut all = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let cursor = after.as_ref().map(|a| format!("after={a}&")).unwrap_or_default();
+        let (page, next) = get_json_page(admin_addr, &format!("{path}?{cursor}{query}")).await?;
+        all.extend(page.as_array().cloned().unwrap_or_default());
+        match next {
+            // The cursor comes percent-encoded.
+            Some(n) if Some(&n) != after.as_ref() => after = Some(n),
+            _ => return Ok(Value::Array(all)),
+        }
+    }
 }
 
 /// A query-string value, percent-encoded.
@@ -107,7 +128,7 @@ const CONN_HEADER: [&str; 11] =
 pub async fn conns(admin_addr: SocketAddr, filters: &[(&str, Option<String>)], json: bool) -> anyhow::Result<String> {
     let query: Vec<String> =
         filters.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v)))).collect();
-    let conns = get_json(admin_addr, &format!("/conns?{}", query.join("&"))).await?;
+    let conns = get_all(admin_addr, "/conns", &query.join("&")).await?;
     if json {
         return Ok(serde_json::to_string_pretty(&conns)?);
     }
@@ -115,9 +136,10 @@ pub async fn conns(admin_addr: SocketAddr, filters: &[(&str, Option<String>)], j
     Ok(table(&CONN_HEADER, &rows))
 }
 
-/// `switchyard services`.
-pub async fn services(admin_addr: SocketAddr, json: bool) -> anyhow::Result<String> {
-    let services = get_json(admin_addr, "/services").await?;
+/// `switchyard services [PREFIX]`.
+pub async fn services(admin_addr: SocketAddr, prefix: Option<&str>, json: bool) -> anyhow::Result<String> {
+    let query = prefix.map(|p| format!("prefix={}", encode(p))).unwrap_or_default();
+    let services = get_all(admin_addr, "/services", &query).await?;
     if json {
         return Ok(serde_json::to_string_pretty(&services)?);
     }

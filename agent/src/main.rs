@@ -67,6 +67,8 @@ enum Command {
     },
     /// List services with endpoint health and connection counts.
     Services {
+        /// Only services whose names start with this (`shop/`: a namespace's).
+        prefix: Option<String>,
         #[arg(long, default_value = "127.0.0.1:4191")]
         admin: std::net::SocketAddr,
         #[arg(long)]
@@ -150,8 +152,8 @@ fn main() -> ExitCode {
             let filters = [("service", service), ("endpoint", endpoint), ("client", who)];
             client(switchyard::cli::conns(admin, &filters, json)).map(|out| println!("{out}"))
         }
-        Command::Services { admin, json } => {
-            client(switchyard::cli::services(admin, json)).map(|out| println!("{out}"))
+        Command::Services { prefix, admin, json } => {
+            client(switchyard::cli::services(admin, prefix.as_deref(), json)).map(|out| println!("{out}"))
         }
         Command::Top { admin, interval_ms, iterations } => {
             client(switchyard::cli::top(admin, std::time::Duration::from_millis(interval_ms.max(100)), iterations))

@@ -226,6 +226,35 @@ mod tests {
     use crate::{config::Config, state::Resolved};
 
     #[test]
+    fn services_page_by_name_with_a_prefix() {
+        let yaml: String = ["b/x", "a/y", "a/x", "c/z", "a"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                format!("  - {{ name: \"{n}\", addresses: [\"10.96.0.{i}:80\"], endpoints: [\"10.0.0.1:80\"] }}\n")
+            })
+            .collect();
+        let snap = Snapshot::build(
+            &Config::parse(&format!("services:\n{yaml}"), Path::new("t.yaml")).unwrap(),
+            &Resolved::new(),
+            None,
+        );
+        let now = Instant::now();
+        let names = |(page, next): (Vec<ServiceSummary>, Option<String>)| {
+            (page.into_iter().map(|s| s.service).collect::<Vec<_>>(), next)
+        };
+        assert_eq!(names(services(&snap, now, None, "", 2)), (vec!["a".into(), "a/x".into()], Some("a/x".into())));
+        assert_eq!(
+            names(services(&snap, now, Some("a/x"), "", 2)),
+            (vec!["a/y".into(), "b/x".into()], Some("b/x".into()))
+        );
+        assert_eq!(names(services(&snap, now, Some("b/x"), "", 2)), (vec!["c/z".into()], None));
+        assert_eq!(names(services(&snap, now, None, "a/", 10)), (vec!["a/x".into(), "a/y".into()], None));
+        assert_eq!(names(services(&snap, now, Some("a/x"), "a/", 10)), (vec!["a/y".into()], None));
+        assert_eq!(service(&snap, "c/z", now).map(|s| s.service).as_deref(), Some("c/z"));
+    }
+
+    #[test]
     fn tree_follows_routes_down_to_endpoint_health() {
         let cfg = Config::parse(
             "services:\n  - { name: web, addresses: [\"10.96.0.1:80\"], route: { split: [{ service: v1, weight: 9 }, { service: v2, weight: 1 }] } }\n  - { name: v1, endpoints: [\"10.0.0.1:80\", \"10.0.0.2:80\"], failure_accrual: { consecutive_failures: 1 } }\n  - { name: v2, endpoints: [{ address: \"10.0.0.3:80\", terminating: true }] }\n",
