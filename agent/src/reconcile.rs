@@ -130,6 +130,7 @@ impl Reconciler {
     /// Start what follows the first snapshot: its health checks, DNS refreshes, drain
     /// deadlines, and the kernel's view of pods.
     pub fn start(&mut self) {
+        self.tables.epoch = balance::availability_epoch();
         let snapshot = Arc::clone(&self.publish.borrow());
         let changes = snapshot.all_new();
         self.follow(&snapshot, &changes);
@@ -202,6 +203,11 @@ impl Reconciler {
             self.held.insert(held.name.clone(), held);
         }
         self.change(&checked.upsert, &checked.remove, "kubernetes", started);
+        if !self.held.is_empty() {
+            // Still shown in `/status` while held, whatever else applied.
+            let all: Vec<&str> = self.held.values().map(|h| h.problems.as_str()).collect();
+            self.status.rejected("kubernetes", format!("held back, the result would be invalid:\n{}", all.join("\n")));
+        }
         if let Some((zone, region)) = locality
             && (zone.as_ref(), region.as_ref()) != (self.sources.zone.as_ref(), self.sources.region.as_ref())
         {
@@ -284,9 +290,10 @@ impl Reconciler {
         self.status.applied(source);
     }
 
-    /// Drain deadlines and health checks of the services `changes` touched.
+    /// Drain deadlines, health checks and table digests of the services `changes` touched.
     fn follow(&mut self, snapshot: &Snapshot, changes: &[Change]) {
         self.arm_drain_deadlines(snapshot.departures(changes));
+        let now = Instant::now();
         for c in changes {
             if let Some(group) = self.checks.remove(&c.slot) {
                 group.stop();
@@ -296,6 +303,10 @@ impl Reconciler {
                 continue;
             }
             let svc = snapshot.service(c.slot);
+            // Its tables were just written from the availability of now.
+            let (digest, timed) = svc.balancer.availability_digest(now);
+            self.tables.digests.insert(c.slot, digest);
+            self.tables.timed |= timed;
             if svc.config.health_check.is_some() {
                 let group = self.background.child();
                 health::spawn(svc, self.mark, &group);
