@@ -4,18 +4,24 @@
 //! use, with real-shaped JSON objects.
 //!
 //! * `GET /api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices`, `/api/v1/nodes`
-//!   (with `fieldSelector=metadata.name=...`): a list with `metadata.resourceVersion`.
+//!   (with `fieldSelector=metadata.name=...`): a list with `metadata.resourceVersion`, in
+//!   pages when asked (`limit`, `continue`, as kube-rs's watcher does with 500 a page).
 //! * The same with `watch=true&resourceVersion=N`: a chunked stream of newline-separated
 //!   `{"type": ADDED|MODIFIED|DELETED|BOOKMARK|ERROR, "object": ...}` events after N, with
 //!   bookmarks when asked for, or a 410 `Expired` ERROR event when N was compacted away.
 //!
 //! Tests change objects through [`KubeApi`], and inject faults: compaction plus dropped
 //! watches (so clients must relist), and failing requests (so clients must back off).
+//!
+//! Built to serve clusters of 50,000 Services and EndpointSlices (the scale benchmark):
+//! every object is serialised once, when it is written, and lists and watch events copy
+//! those bytes; [`KubeApi::apply_many`] loads a cluster under one lock.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     convert::Infallible,
     net::SocketAddr,
+    ops::Bound,
     sync::{Arc, Mutex},
     thread,
     time::Duration,
@@ -56,12 +62,51 @@ impl Resource {
 
 type Key = (Resource, String, String);
 
+/// One write, as watchers get it. The object's bytes are shared with the store, so the
+/// history of a large cluster costs little more than the cluster.
+#[derive(Debug)]
+struct Change {
+    rv: u64,
+    resource: Resource,
+    name: String,
+    /// ADDED, MODIFIED or DELETED.
+    kind: &'static str,
+    object: Bytes,
+}
+
+impl Change {
+    /// The watch event line: `{"type":KIND,"object":OBJECT}\n`.
+    fn line(&self) -> Bytes {
+        event_line(self.kind, &self.object)
+    }
+}
+
+fn event_line(kind: &str, object: &[u8]) -> Bytes {
+    let mut line = Vec::with_capacity(object.len() + kind.len() + 24);
+    line.extend_from_slice(b"{\"type\":\"");
+    line.extend_from_slice(kind.as_bytes());
+    line.extend_from_slice(b"\",\"object\":");
+    line.extend_from_slice(object);
+    line.extend_from_slice(b"}\n");
+    line.into()
+}
+
+/// Live watchers are sent every change through a broadcast channel of this many. One that
+/// falls further behind has its watch closed (as an API server closes a watch too slow for
+/// its cache): the client watches again from the last version it saw and gets the rest
+/// from the history, so nothing is lost. A 1,000-change rollout stays far below this; a
+/// bulk load of 100,000 objects while the agent watches does not, and takes that path.
+const LIVE_EVENTS: usize = 16_384;
+
 #[derive(Default)]
 struct State {
     rv: u64,
-    objects: BTreeMap<Key, Value>,
-    /// (resourceVersion, resource, event type, object), oldest first.
-    history: Vec<(u64, Resource, &'static str, Value)>,
+    /// Every object serialised once, when written (with its kind and resourceVersion):
+    /// a list of 50,000 slices is then a copy, not 50,000 serialisations.
+    objects: BTreeMap<Key, Bytes>,
+    /// Every change, oldest first (kept until compacted: a rollout of thousands of
+    /// changes is small next to the objects themselves).
+    history: Vec<Arc<Change>>,
     /// Watches from before this resourceVersion get 410 Gone.
     compacted_before: u64,
     fail_next: u32,
@@ -107,7 +152,7 @@ fn access(method: &hyper::Method, path: &str, watch: bool) -> Access {
 /// Handle to a running stand-in; stops with the test.
 pub struct KubeApi {
     state: Arc<Mutex<State>>,
-    events: broadcast::Sender<(u64, Resource, &'static str, Value)>,
+    events: broadcast::Sender<Arc<Change>>,
     close_watches: broadcast::Sender<()>,
     pub addr: SocketAddr,
     _runtime: tokio::runtime::Runtime,
@@ -121,7 +166,7 @@ impl KubeApi {
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
         let state = Arc::new(Mutex::new(State { rv: 100, ..Default::default() }));
-        let (events, _) = broadcast::channel(1024);
+        let (events, _) = broadcast::channel(LIVE_EVENTS);
         let (close_watches, _) = broadcast::channel(16);
         let api = Server { state: Arc::clone(&state), events: events.clone(), close_watches: close_watches.clone() };
         runtime.spawn(async move {
@@ -151,29 +196,50 @@ impl KubeApi {
     }
 
     /// Create or replace an object (ADDED or MODIFIED to watchers).
-    pub fn apply(&self, resource: Resource, mut object: Value) {
+    pub fn apply(&self, resource: Resource, object: Value) {
+        self.apply_many(resource, [object]);
+    }
+
+    /// [`KubeApi::apply`] for many objects under one lock (a cluster's worth at start),
+    /// each its own resourceVersion and event, in order.
+    pub fn apply_many(&self, resource: Resource, objects: impl IntoIterator<Item = Value>) {
         let mut s = self.state.lock().unwrap();
-        s.rv += 1;
-        let rv = s.rv;
-        let (api_version, kind) = resource.kind();
-        object["apiVersion"] = json!(api_version);
-        object["kind"] = json!(kind);
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let key = key(resource, &object);
-        let event = if s.objects.insert(key, object.clone()).is_some() { "MODIFIED" } else { "ADDED" };
-        s.history.push((rv, resource, event, object.clone()));
-        let _ = self.events.send((rv, resource, event, object));
+        for mut object in objects {
+            s.rv += 1;
+            let rv = s.rv;
+            let (api_version, kind) = resource.kind();
+            object["apiVersion"] = json!(api_version);
+            object["kind"] = json!(kind);
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            let key = key(resource, &object);
+            let bytes = Bytes::from(object.to_string());
+            let name = key.2.clone();
+            let event = if s.objects.insert(key, bytes.clone()).is_some() { "MODIFIED" } else { "ADDED" };
+            self.record(&mut s, Change { rv, resource, name, kind: event, object: bytes });
+        }
     }
 
     /// Delete an object (DELETED to watchers).
     pub fn delete(&self, resource: Resource, namespace: &str, name: &str) {
         let mut s = self.state.lock().unwrap();
-        let Some(mut object) = s.objects.remove(&(resource, namespace.to_owned(), name.to_owned())) else { return };
+        let Some(stored) = s.objects.remove(&(resource, namespace.to_owned(), name.to_owned())) else { return };
         s.rv += 1;
         let rv = s.rv;
+        let mut object: Value = serde_json::from_slice(&stored).expect("stored objects are JSON");
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        s.history.push((rv, resource, "DELETED", object.clone()));
-        let _ = self.events.send((rv, resource, "DELETED", object));
+        let object = Bytes::from(object.to_string());
+        self.record(&mut s, Change { rv, resource, name: name.to_owned(), kind: "DELETED", object });
+    }
+
+    /// Keep `change` for watches to come and send it to those open, under the caller's
+    /// lock: a watch subscribes under the same lock, so it sees each change once, either
+    /// from the history or live.
+    fn record(&self, s: &mut State, change: Change) {
+        let change = Arc::new(change);
+        s.history.push(Arc::clone(&change));
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(change);
+        }
     }
 
     /// Forget history (as etcd compaction does) and drop every open watch: clients that
@@ -213,7 +279,7 @@ type Body = BoxBody<Bytes, Infallible>;
 #[derive(Clone)]
 struct Server {
     state: Arc<Mutex<State>>,
-    events: broadcast::Sender<(u64, Resource, &'static str, Value)>,
+    events: broadcast::Sender<Arc<Change>>,
     close_watches: broadcast::Sender<()>,
 }
 
@@ -254,24 +320,75 @@ impl Server {
             return json_response(404, status(404, "NotFound", "the server could not find the requested resource"));
         };
         let name_filter = query.get("fieldSelector").and_then(|f| f.strip_prefix("metadata.name=")).map(str::to_owned);
-        let matches = move |r: Resource, o: &Value| {
-            r == resource && name_filter.as_deref().is_none_or(|n| o["metadata"]["name"].as_str() == Some(n))
-        };
+        let matches = move |r: Resource, name: &str| r == resource && name_filter.as_deref().is_none_or(|n| n == name);
         if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
             let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
             let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
             let timeout = query.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290u64).min(290);
             return self.watch(resource, from, bookmarks, Duration::from_secs(timeout), matches);
         }
-        let s = self.state.lock().unwrap();
-        let items: Vec<Value> =
-            s.objects.iter().filter(|((r, _, _), o)| matches(*r, o)).map(|(_, o)| o.clone()).collect();
+        let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
+        let after = match query.get("continue").filter(|c| !c.is_empty()).map(|c| Continue::parse(c)) {
+            None => None,
+            Some(Some(c)) => Some(c),
+            Some(None) => return json_response(400, status(400, "BadRequest", "invalid continue token")),
+        };
+        self.list(resource, limit, after, matches)
+    }
+
+    /// One page of a list: at most `limit` objects after `after`'s key, with a continue
+    /// token when more follow. Pages after the first carry the first one's
+    /// resourceVersion but show objects as they are now (there is one version of the
+    /// store here, not etcd's history); the watch from that version replays whatever
+    /// changed between pages, so a client still ends up with the current state.
+    fn list(
+        &self,
+        resource: Resource,
+        limit: Option<usize>,
+        after: Option<Continue>,
+        matches: impl Fn(Resource, &str) -> bool,
+    ) -> Response<Body> {
+        let (items, rv, more) = {
+            let s = self.state.lock().unwrap();
+            let rv = after.as_ref().map_or(s.rv, |c| c.rv);
+            if rv < s.compacted_before {
+                return json_response(410, status(410, "Expired", "the continue token is too old; list again"));
+            }
+            let start = match &after {
+                Some(c) => Bound::Excluded((resource, c.namespace.clone(), c.name.clone())),
+                None => Bound::Included((resource, String::new(), String::new())),
+            };
+            let mut objects = s
+                .objects
+                .range((start, Bound::Unbounded))
+                .take_while(|((r, _, _), _)| *r == resource)
+                .filter(|((r, _, name), _)| matches(*r, name));
+            // Cheap clones (shared bytes) under the lock; the copying happens after it.
+            let items: Vec<(Key, Bytes)> =
+                objects.by_ref().take(limit.unwrap_or(usize::MAX)).map(|(k, o)| (k.clone(), o.clone())).collect();
+            let more = objects.next().is_some();
+            (items, rv, more)
+        };
         let (api_version, kind) = resource.kind();
-        json_response(
-            200,
-            json!({"apiVersion": api_version, "kind": format!("{kind}List"),
-                   "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
-        )
+        let mut metadata = json!({"resourceVersion": rv.to_string()});
+        if more && let Some((last, _)) = items.last() {
+            metadata["continue"] = json!(Continue { rv, namespace: last.1.clone(), name: last.2.clone() }.token());
+        }
+        let head = format!(r#"{{"apiVersion":"{api_version}","kind":"{kind}List","metadata":{metadata},"items":["#);
+        let mut body = Vec::with_capacity(head.len() + items.iter().map(|(_, o)| o.len() + 1).sum::<usize>() + 2);
+        body.extend_from_slice(head.as_bytes());
+        for (i, (_, object)) in items.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            body.extend_from_slice(object);
+        }
+        body.extend_from_slice(b"]}");
+        Response::builder()
+            .status(200)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)).boxed())
+            .unwrap()
     }
 
     fn watch(
@@ -280,20 +397,18 @@ impl Server {
         from: u64,
         bookmarks: bool,
         timeout: Duration,
-        matches: impl Fn(Resource, &Value) -> bool + Send + 'static,
+        matches: impl Fn(Resource, &str) -> bool + Send + 'static,
     ) -> Response<Body> {
-        let line = |kind: &str, object: Value| Bytes::from(format!("{}\n", json!({"type": kind, "object": object})));
+        let line = |kind: &str, object: Value| event_line(kind, object.to_string().as_bytes());
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
         // Subscribe and read history under one lock, so no event falls between them.
         let (backlog, mut live, mut close, gone, rv) = {
             let s = self.state.lock().unwrap();
             let gone = from < s.compacted_before;
-            let backlog: Vec<Bytes> = s
-                .history
-                .iter()
-                .filter(|(rv, r, _, o)| *rv > from && matches(*r, o))
-                .map(|(_, _, t, o)| line(t, o.clone()))
-                .collect();
+            // History is in resourceVersion order: start at the first change after `from`.
+            let first = s.history.partition_point(|c| c.rv <= from);
+            let backlog: Vec<Arc<Change>> =
+                s.history[first..].iter().filter(|c| matches(c.resource, &c.name)).cloned().collect();
             (backlog, self.events.subscribe(), self.close_watches.subscribe(), gone, s.rv)
         };
         let (api_version, kind) = resource.kind();
@@ -304,8 +419,8 @@ impl Server {
                     .await;
                 return;
             }
-            for b in backlog {
-                if tx.send(b).await.is_err() {
+            for change in backlog {
+                if tx.send(change.line()).await.is_err() {
                     return;
                 }
             }
@@ -323,10 +438,14 @@ impl Server {
                         if tx.send(line("BOOKMARK", bookmark)).await.is_err() { return; }
                     }
                     event = live.recv() => match event {
-                        Ok((rv, r, t, o)) => {
-                            last_rv = rv;
-                            if matches(r, &o) && tx.send(line(t, o)).await.is_err() { return; }
+                        Ok(change) => {
+                            last_rv = change.rv;
+                            if matches(change.resource, &change.name) && tx.send(change.line()).await.is_err() {
+                                return;
+                            }
                         }
+                        // Lagged (see LIVE_EVENTS) or shut down: end the watch; the client
+                        // resumes from the last version it got and the history fills in.
                         Err(_) => return,
                     },
                 }
@@ -340,6 +459,26 @@ impl Server {
             .header("content-type", "application/json")
             .body(StreamBody::new(stream).boxed())
             .unwrap()
+    }
+}
+
+/// Where the next page of a list starts: after this object, of the list at `rv`.
+struct Continue {
+    rv: u64,
+    namespace: String,
+    name: String,
+}
+
+impl Continue {
+    /// `rv/namespace/name`: names and namespaces never contain `/`.
+    fn token(&self) -> String {
+        format!("{}/{}/{}", self.rv, self.namespace, self.name)
+    }
+
+    fn parse(token: &str) -> Option<Self> {
+        let mut parts = token.splitn(3, '/');
+        let rv = parts.next()?.parse().ok()?;
+        Some(Self { rv, namespace: parts.next()?.to_owned(), name: parts.next()?.to_owned() })
     }
 }
 

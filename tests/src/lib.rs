@@ -630,17 +630,36 @@ impl Load {
         let text =
             String::from_utf8_lossy(&self.stdout.take().expect("reader").join().expect("load output")).into_owned();
         assert!(status.success(), "load failed ({status}): {text}");
-        text.lines()
-            .filter_map(|l| {
-                let mut f = l.splitn(6, ' ');
-                (f.next()? == "conn").then_some(())?;
-                let (start_ms, end_ms) = (f.next()?.parse().ok()?, f.next()?.parse().ok()?);
-                let ok = f.next()? == "ok";
-                let endpoint = f.next()?.to_owned();
-                let outcome = if ok { Ok(endpoint) } else { Err(f.next().unwrap_or("").to_owned()) };
-                Some(Conn { start_ms, end_ms, outcome })
-            })
-            .collect()
+        parse_conns(&text)
+    }
+}
+
+/// The `conn <start_ms> <end_ms> ok <endpoint>` / `... fail - <error>` lines of a load.
+fn parse_conns(text: &str) -> Vec<Conn> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.splitn(6, ' ');
+            (f.next()? == "conn").then_some(())?;
+            let (start_ms, end_ms) = (f.next()?.parse().ok()?, f.next()?.parse().ok()?);
+            let ok = f.next()? == "ok";
+            let endpoint = f.next()?.to_owned();
+            let outcome = if ok { Ok(endpoint) } else { Err(f.next().unwrap_or("").to_owned()) };
+            Some(Conn { start_ms, end_ms, outcome })
+        })
+        .collect()
+}
+
+impl Load {
+    /// Stop the run now (it is ours) and parse what it printed: for a load kept up for as
+    /// long as something else takes. A connection under way when it stops is not counted.
+    pub fn stop(mut self) -> Vec<Conn> {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let text =
+            String::from_utf8_lossy(&self.stdout.take().expect("reader").join().expect("load output")).into_owned();
+        parse_conns(&text)
     }
 }
 
@@ -763,6 +782,20 @@ impl Agent {
     /// topology's pin directory and hand-over socket (see [`Topology::node_config`]), so a
     /// second agent started on the same topology takes over from the first.
     pub fn start_with(bin: &Path, topo: &Topology, config: &str, env: &[(&str, &str)]) -> Self {
+        Self::try_start_with(bin, topo, config, env, Duration::from_secs(30))
+            .unwrap_or_else(|log| panic!("switchyard did not become ready:\n{log}"))
+    }
+
+    /// [`Agent::start_with`], waiting up to `limit` for it to be ready. An agent that
+    /// exits or is not ready in time is killed, and its log returned: for the scale
+    /// benchmark, where "not ready after two minutes" is a result, not a failure.
+    pub fn try_start_with(
+        bin: &Path,
+        topo: &Topology,
+        config: &str,
+        env: &[(&str, &str)],
+        limit: Duration,
+    ) -> Result<Self, String> {
         let path = topo.dir.path().join("switchyard.yaml");
         std::fs::write(&path, topo.node_config(config)).expect("write config");
         let mut cmd = Command::new(bin);
@@ -790,17 +823,38 @@ impl Agent {
             pin_dir: topo.pin_dir(),
             node: topo.node.name.clone(),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !agent.log().contains("switchyard ready") {
+        let deadline = Instant::now() + limit;
+        // Only the new part of the log each time: a large cluster's start-up logs a lot.
+        let mut seen = 0;
+        loop {
+            let tail = agent.log_since(seen);
+            if tail.contains("switchyard ready") {
+                return Ok(agent);
+            }
+            // Keep a partial line's start for the next look.
+            seen += tail.rfind('\n').map_or(0, |i| i + 1);
             let exited = agent.child.as_mut().unwrap().try_wait().expect("wait").is_some();
-            assert!(!exited && Instant::now() < deadline, "switchyard did not become ready:\n{}", agent.log());
-            thread::sleep(Duration::from_millis(20));
+            if exited || Instant::now() >= deadline {
+                agent.kill();
+                return Err(agent.log());
+            }
+            thread::sleep(Duration::from_millis(5));
         }
-        agent
     }
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// How long the log is now: an offset for [`Agent::log_since`].
+    pub fn log_len(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// The log from `offset` (a value of [`Agent::log_len`]) on: watching for a line
+    /// without copying a long log each time.
+    pub fn log_since(&self, offset: usize) -> String {
+        self.log.lock().unwrap().get(offset..).unwrap_or_default().to_owned()
     }
 
     /// SIGKILL, as a crash or the OOM killer would, and reap it. Pins stay behind.
@@ -1001,6 +1055,22 @@ pub fn in_netns<T: Send>(netns: &Netns, f: impl FnOnce() -> T + Send) -> T {
         });
         joined.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
+}
+
+/// GET `path` of the agent's admin API (127.0.0.1:4191) from a thread already in the node's
+/// namespace (see [`in_netns`]): (status, body). Unlike [`Topology::admin_get`], no process
+/// per request and no panic on an error status: for loops that poll.
+pub fn admin_request(path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", 4191))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nhost: admin\r\n\r\n").as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((status, body.to_owned()))
 }
 
 /// Write a sysctl of `netns` (/proc/sys/net is per namespace, as seen by the writing

@@ -51,8 +51,9 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
-    /// Compare Switchyard with direct connections, HAProxy, nginx and Envoy (table + JSON
-    /// in target/bench/). About 10 minutes; --quick for a smoke run.
+    /// Compare Switchyard with direct connections, HAProxy, nginx and Envoy, then measure
+    /// it against clusters of 1k-50k Services (table + JSON in target/bench/). About 20
+    /// minutes; --quick for a smoke run.
     Bench {
         #[arg(long)]
         quick: bool,
@@ -60,6 +61,10 @@ enum Cmd {
         /// reports to target/bench/profile/.
         #[arg(long)]
         profile: bool,
+        /// Only the scale phase (Kubernetes source, 1k/10k/50k Services; 1k/10k with
+        /// --quick): a few minutes.
+        #[arg(long, conflicts_with = "profile")]
+        scale: bool,
     },
 }
 
@@ -89,9 +94,13 @@ fn main() -> anyhow::Result<()> {
             let bin = build_agent(false)?;
             demo::run(&bin)
         }
-        Cmd::Bench { quick, profile } => {
+        Cmd::Bench { quick, profile, scale } => {
             ensure!(bootstrap::is_root(), "the benchmark loads eBPF programs and creates namespaces: run it as root");
             bootstrap::all()?;
+            if scale {
+                // No proxies, backends or load generators: only the agent and the stand-in.
+                return bench::run_scale(&build_agent(true)?, quick);
+            }
             bootstrap::bench_tools()?;
             if profile {
                 bootstrap::profile_tools()?;

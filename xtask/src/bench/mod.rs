@@ -6,7 +6,8 @@
 //! iperf3, redis-server) on a "host" namespace, proxies and load generators in the "node"
 //! namespace. Every proxy is pinned to CPU 0 with one worker; load generators and
 //! backends share CPU 1. Every load is bounded by a duration or a request count.
-//! Results: a table on the terminal and JSON in target/bench/.
+//! Results: a table on the terminal and JSON in target/bench/. Last comes the scale phase
+//! (scale.rs, alone with `--scale`): the agent against clusters of up to 50,000 Services.
 
 use std::{
     collections::BTreeMap,
@@ -17,6 +18,7 @@ use std::{
 };
 
 mod profile;
+mod scale;
 
 use anyhow::{Context as _, bail, ensure};
 use serde_json::{Value, json};
@@ -685,13 +687,37 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool)
     if profiling {
         profile::run(&setup, secs, &out_dir.join("profile"))?;
     }
+    // The proxies and their backends go first: the scale phase measures the agent's CPU.
+    drop(setup);
+    let scale = scale::run(bin, quick)?;
     let doc = json!({
         "quick": quick, "rounds": rounds, "seconds_per_run": secs,
         "cpus": "proxy on CPU 0 (one worker), load generator and backends on CPU 1",
         "results": report, "idle_memory": memory, "agent_at_rest": at_rest, "admin_scraped": scraping,
+        "scale": scale,
     });
     let path = write(&out_dir, "latest.json", &serde_json::to_string_pretty(&doc)?)?;
     println!("\nJSON: {}", path.display());
+    Ok(())
+}
+
+/// `cargo xtask bench --scale`: the scale phase alone. Its result replaces the `scale`
+/// entry of target/bench/latest.json (the rest of that file stays from the last full run),
+/// and is also written on its own to target/bench/scale.json.
+pub fn run_scale(bin: &Path, quick: bool) -> anyhow::Result<()> {
+    let scale = scale::run(bin, quick)?;
+    let out_dir = crate::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    write(&out_dir, "scale.json", &serde_json::to_string_pretty(&scale)?)?;
+    let latest = out_dir.join("latest.json");
+    let mut doc: Value = std::fs::read_to_string(&latest)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({}));
+    doc["scale"] = scale;
+    let path = write(&out_dir, "latest.json", &serde_json::to_string_pretty(&doc)?)?;
+    println!("\nJSON: {} (and scale.json beside it)", path.display());
     Ok(())
 }
 
