@@ -238,7 +238,7 @@ async fn answer(req: Request<Incoming>, state: &AdminState) -> Response<Full<Byt
             let agent = (**state.config.borrow()).clone();
             json_response(
                 StatusCode::OK,
-                &Config { agent, services: snapshot.services().map(|(_, s)| s.config.clone()).collect() },
+                &Config { agent, services: snapshot.services().map(|(_, s)| s.full_config()).collect() },
             )
         }
         ("GET", "/metrics") => {

@@ -233,7 +233,7 @@ impl Reconciler {
         let started = Instant::now();
         let prev = Arc::clone(&self.publish.borrow());
         let cluster =
-            prev.services().filter(|(_, s)| s.config.origin == Origin::Kubernetes).map(|(_, s)| s.config.clone());
+            prev.services().filter(|(_, s)| s.config.origin == Origin::Kubernetes).map(|(_, s)| s.full_config());
         let merged = validated(sources.merge(&main, cluster)).map_err(Rejected::Invalid)?;
         let (next, changes) = prev.rebuilt(&merged, &sources.resolved);
         self.main = main;

@@ -4,7 +4,7 @@
 //!
 //! List+watch is kube-runtime's `watcher`: it lists, then watches from the list's
 //! resourceVersion with bookmarks, relists when the server answers 410 Gone, and backs off
-//! on errors. The source keeps the objects it needs (trimmed to the fields it reads) and,
+//! on errors. The source keeps the objects it needs (as records of the fields it reads) and,
 //! like kube-proxy's partial syncs, recomputes only the Services an event touched: each
 //! batch of events becomes one [`ClusterDelta`] of the switchyard services that changed,
 //! so a rollout in a cluster of thousands of Services costs what it changes. The mapping
@@ -227,7 +227,7 @@ type Key = (String, String);
 /// The objects the source follows, trimmed, and what it last said about each Service.
 #[derive(Default)]
 struct Cluster {
-    services: HashMap<Key, Service>,
+    services: HashMap<Key, ServiceRecord>,
     /// EndpointSlices by the Service they belong to (namespace, service-name label),
     /// then by slice name.
     slices: HashMap<Key, BTreeMap<String, Slice>>,
@@ -247,6 +247,55 @@ struct Cluster {
     problems: HashMap<Key, Vec<String>>,
     locality: Option<(Option<String>, Option<String>)>,
     strings: Interner,
+}
+
+/// A Service as the mapping reads it (the API's object is a few KiB; this, a few dozen
+/// bytes and its strings).
+#[derive(Debug, Clone, PartialEq)]
+struct ServiceRecord {
+    namespace: String,
+    name: String,
+    /// `clusterIPs`, then `clusterIP` (older servers set only that).
+    cluster_ips: Vec<String>,
+    ports: Vec<ServicePortRecord>,
+    /// Ours only (`switchyard.io/...`).
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct ServicePortRecord {
+    name: String,
+    port: i32,
+    protocol: String,
+}
+
+impl ServiceRecord {
+    fn of(s: &Service) -> Option<Self> {
+        let m = &s.metadata;
+        let spec = s.spec.as_ref()?;
+        Some(Self {
+            namespace: m.namespace.clone()?,
+            name: m.name.clone()?,
+            cluster_ips: spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter()).cloned().collect(),
+            ports: spec
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| ServicePortRecord {
+                    name: p.name.clone().unwrap_or_default(),
+                    port: p.port,
+                    protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                })
+                .collect(),
+            annotations: m
+                .annotations
+                .iter()
+                .flatten()
+                .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+    }
 }
 
 /// An EndpointSlice as the mapping reads it: a cluster holds 100,000 endpoints, and the
@@ -387,12 +436,15 @@ impl Cluster {
         }
     }
 
-    fn apply_service(&mut self, mut s: Service) {
+    fn apply_service(&mut self, s: Service) {
         let Some(key) = key_of(&s) else { return };
-        trim_meta(&mut s.metadata);
-        s.status = None;
-        if self.services.get(&key) != Some(&s) {
-            self.services.insert(key.clone(), s);
+        let Some(record) = ServiceRecord::of(&s) else {
+            self.dirty.insert(key.clone());
+            self.services.remove(&key);
+            return;
+        };
+        if self.services.get(&key) != Some(&record) {
+            self.services.insert(key.clone(), record);
             self.dirty.insert(key);
         }
     }
@@ -467,20 +519,6 @@ fn key_of<K: kube::Resource>(o: &K) -> Option<Key> {
     Some((m.namespace.clone()?, m.name.clone()?))
 }
 
-/// Keep only what the mapping reads: a cluster's worth of managed fields, owner
-/// references and foreign annotations is most of an object's size.
-fn trim_meta(m: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
-    let (name, namespace) = (m.name.take(), m.namespace.take());
-    let labels = m.labels.take().map(|l| l.into_iter().filter(|(k, _)| k == SERVICE_NAME_LABEL).collect());
-    let annotations = m
-        .annotations
-        .take()
-        .map(|a| a.into_iter().filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX)).collect::<BTreeMap<_, _>>())
-        .filter(|a| !a.is_empty());
-    *m = Default::default();
-    (m.name, m.namespace, m.labels, m.annotations) = (name, namespace, labels, annotations);
-}
-
 fn locality_of(node: Option<&Node>) -> (Option<String>, Option<String>) {
     let label = |key: &str| node.and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(key)).cloned();
     (label(ZONE_LABEL), label(REGION_LABEL))
@@ -501,7 +539,8 @@ pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Nod
             })
             .map(|s| Slice::of(s, &mut strings))
             .collect();
-        let (mut s, mut p) = services_of(svc, &own.iter().collect::<Vec<_>>());
+        let Some(record) = ServiceRecord::of(svc) else { continue };
+        let (mut s, mut p) = services_of(&record, &own.iter().collect::<Vec<_>>());
         out.append(&mut s);
         problems.append(&mut p);
     }
@@ -520,15 +559,13 @@ pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Nod
 /// come from the Service's EndpointSlices, on the slice port of the same name: serving
 /// ones are used, terminating ones drain (no new connections), others are left out.
 /// Headless and ExternalName services have no ClusterIP and are skipped.
-fn services_of(svc: &Service, own_slices: &[&Slice]) -> (Vec<ServiceConfig>, Vec<String>) {
+fn services_of(svc: &ServiceRecord, own_slices: &[&Slice]) -> (Vec<ServiceConfig>, Vec<String>) {
     let mut out = Vec::new();
     let mut problems: Vec<String> = own_slices.iter().flat_map(|s| s.problems.iter().cloned()).collect();
     {
-        let (Some(ns), Some(name), Some(spec)) = (&svc.metadata.namespace, &svc.metadata.name, &svc.spec) else {
-            return (out, problems);
-        };
+        let (ns, name) = (&svc.namespace, &svc.name);
         let mut ips = std::collections::BTreeSet::new();
-        for ip in spec.cluster_ips.iter().flatten().chain(spec.cluster_ip.iter()) {
+        for ip in &svc.cluster_ips {
             match ip.parse::<std::net::IpAddr>() {
                 Ok(ip) => {
                     ips.insert(ip);
@@ -540,7 +577,7 @@ fn services_of(svc: &Service, own_slices: &[&Slice]) -> (Vec<ServiceConfig>, Vec
         if ips.is_empty() {
             return (out, problems);
         }
-        let mode = match svc.metadata.annotations.as_ref().and_then(|a| a.get(MODE_ANNOTATION)).map(String::as_str) {
+        let mode = match svc.annotations.get(MODE_ANNOTATION).map(String::as_str) {
             None | Some("proxy") => ServiceMode::Proxy,
             Some("kernel") => ServiceMode::Kernel,
             Some(other) => {
@@ -551,11 +588,11 @@ fn services_of(svc: &Service, own_slices: &[&Slice]) -> (Vec<ServiceConfig>, Vec
                 ServiceMode::Proxy
             }
         };
-        for port in spec.ports.iter().flatten() {
-            if port.protocol.as_deref().unwrap_or("TCP") != "TCP" {
+        for port in &svc.ports {
+            if port.protocol != "TCP" {
                 continue;
             }
-            let port_name = port.name.clone().unwrap_or_default();
+            let port_name = port.name.clone();
             let Ok(service_port) = u16::try_from(port.port) else { continue };
             let mut endpoints: BTreeMap<SocketAddr, EndpointConfig> = BTreeMap::new();
             for slice in own_slices {
@@ -757,6 +794,5 @@ mod tests {
         let slices = [objects(2, &[1, 2, 3]).1, objects(4, &[7]).1];
         let whole = view_of(&services, &slices, None);
         assert_eq!(have.into_values().collect::<Vec<_>>(), whole.services);
-        assert!(c.services.values().all(|s| s.metadata.managed_fields.is_none()), "objects are kept trimmed");
     }
 }

@@ -230,7 +230,7 @@ impl<'s> Target<'s> {
     }
 
     pub fn handles(&self) -> EndpointHandles<'s> {
-        self.service.metrics.endpoint(self.index)
+        self.service.endpoint_metrics(self.index)
     }
 
     /// A connect worked after `latency`.

@@ -20,7 +20,7 @@ pub(super) async fn proxy(proxy: &Proxy, opened: Relay, conn: &ConnHandle) -> Ou
     let drain = up.endpoint().state.drain_token();
     // The guard counts the connection against its endpoint until this returns.
     let Upstream { stream: mut upstream, service, index, guard: _guard, .. } = up;
-    let handles = proxy.stats.enabled.then(|| service.metrics.endpoint(index));
+    let handles = proxy.stats.enabled.then(|| service.endpoint_metrics(index));
     let _ = upstream.set_nodelay(true);
     let metrics = &proxy.stats.metrics;
     // What detection read goes first; written here, before the long copy phase, whose

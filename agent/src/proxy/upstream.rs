@@ -56,7 +56,7 @@ impl Upstream {
     }
 
     pub fn handles(&self) -> EndpointHandles<'_> {
-        self.service.metrics.endpoint(self.index)
+        self.service.endpoint_metrics(self.index)
     }
 }
 

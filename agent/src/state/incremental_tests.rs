@@ -121,7 +121,7 @@ fn by_name(snap: &Snapshot) -> BTreeMap<String, (ServiceConfig, Vec<String>, Vec
                 .map(|e| format!("{} w{} {:?} t{}", e.addr, e.weight, e.tier, e.terminating))
                 .collect();
             let branches = snap.branches(i).iter().map(|b| snap.service(b.target).name.clone()).collect();
-            (s.name.clone(), (s.config.clone(), eps, branches))
+            (s.name.clone(), (s.full_config(), eps, branches))
         })
         .collect()
 }
@@ -183,6 +183,9 @@ proptest! {
 
         let scratch = Snapshot::build(&Config { agent: agent(), services: wanted.values().cloned().collect() }, &resolved, None);
         prop_assert_eq!(by_name(&snap), by_name(&scratch));
+        for (name, config) in &wanted {
+            prop_assert_eq!(&snap.service_named(name).unwrap().full_config(), config, "the config, whole again");
+        }
         for i in 0..NAMES as u8 {
             for addr in [SocketAddr::from(([10, 96, 0, i], 80)), format!("[fd96::{i}]:80").parse().unwrap()] {
                 prop_assert_eq!(

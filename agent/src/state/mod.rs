@@ -28,7 +28,7 @@ use self::route::Route;
 pub use self::route::{Mode, Plan};
 use crate::{
     balance::{Balancer, Endpoint, EndpointState, Tier, budget::Budget},
-    config::{Config, DetectConfig, RetryConfig, ServiceConfig, ServiceMode, Target},
+    config::{Config, DetectConfig, EndpointConfig, RetryConfig, ServiceConfig, ServiceMode, Target},
     redirect::{KernelEntry, ServiceAddr},
     stats::metrics::ServiceMetrics,
 };
@@ -40,7 +40,12 @@ pub type Resolved = std::collections::HashMap<Target, Vec<(SocketAddr, u32)>>;
 #[derive(Debug)]
 pub struct Service {
     pub name: String,
+    /// Its config, without the endpoints when they are all addresses: the balancer's
+    /// endpoints hold the same, and a cluster has 100,000 of them. [`Service::full_config`]
+    /// puts them back.
     pub config: ServiceConfig,
+    /// `config.endpoints` was emptied (see above).
+    endpoints_in_balancer: bool,
     pub balancer: Balancer,
     /// HTTP retries it may still make; shared with the previous snapshot's service of
     /// the same name while the budget policy stays the same, dropped with the service.
@@ -143,7 +148,7 @@ impl Snapshot {
             let old = old_slot.and_then(|s| next.slots.get(&s)).map(|s| Arc::clone(&s.service));
             let endpoints = endpoints(&next.locality, svc, resolved, old.as_deref());
             if let Some(o) = &old
-                && o.config == *svc
+                && o.same_config(svc)
                 && same_endpoints(o.balancer.endpoints(), &endpoints)
             {
                 continue;
@@ -342,11 +347,55 @@ impl Service {
             Some(o) if same_budget(&o.config.http.retry, retry) => Arc::clone(&o.budget),
             _ => Arc::new(Budget::new(retry.budget_ratio, retry.budget_min_per_second, retry.budget_window, now)),
         };
-        let metrics = ServiceMetrics::new(&config.name, endpoints.iter().map(|e| e.addr));
+        let metrics = ServiceMetrics::new(&config.name, endpoints.len());
         let balancer =
             Balancer::new(config.balance, endpoints, config.failure_accrual.clone(), config.locality.spill_threshold);
-        Self { name: config.name.clone(), config: config.clone(), balancer, budget, metrics }
+        let endpoints_in_balancer = config.endpoints.iter().all(|e| e.target.addr().is_some());
+        let config = if endpoints_in_balancer { without_endpoints(config) } else { config.clone() };
+        Self { name: config.name.clone(), config, endpoints_in_balancer, balancer, budget, metrics }
     }
+
+    /// The metric handles of endpoint `i` (of the balancer's endpoints).
+    pub fn endpoint_metrics(&self, i: usize) -> crate::stats::metrics::EndpointHandles<'_> {
+        self.metrics.endpoint(i, self.balancer.endpoints()[i].addr)
+    }
+
+    /// Its config, whole.
+    pub fn full_config(&self) -> ServiceConfig {
+        if !self.endpoints_in_balancer {
+            return self.config.clone();
+        }
+        let endpoints = self
+            .balancer
+            .endpoints()
+            .iter()
+            .map(|e| EndpointConfig {
+                weight: e.weight,
+                zone: e.zone.clone(),
+                region: e.region.clone(),
+                node: e.node.clone(),
+                terminating: e.terminating,
+                ..EndpointConfig::new(Target::Addr(e.addr))
+            })
+            .collect();
+        ServiceConfig { endpoints, ..self.config.clone() }
+    }
+
+    /// Whether `config` is this service's config, apart from its endpoints (which the
+    /// caller compares as the balancer holds them).
+    fn same_config(&self, config: &ServiceConfig) -> bool {
+        if self.endpoints_in_balancer {
+            config.endpoints.iter().all(|e| e.target.addr().is_some()) && self.config == without_endpoints(config)
+        } else {
+            self.config == *config
+        }
+    }
+}
+
+fn without_endpoints(config: &ServiceConfig) -> ServiceConfig {
+    let mut c = config.clone();
+    c.endpoints = Vec::new();
+    c
 }
 
 fn same_budget(a: &RetryConfig, b: &RetryConfig) -> bool {

@@ -233,14 +233,14 @@ pub struct ServiceMetrics {
 
 /// Small until first used (a cluster's endpoints mostly never are from one node): the
 /// handles are boxed and made on first use.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct EndpointMetrics {
-    addr: SocketAddr,
     handles: OnceLock<Box<Handles>>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Handles {
+    addr: SocketAddr,
     connections: OnceLock<Counter>,
     open: OnceLock<Gauge>,
     /// Indexed by `Direction as usize`.
@@ -250,7 +250,7 @@ struct Handles {
 }
 
 impl ServiceMetrics {
-    pub fn new(name: &str, endpoints: impl Iterator<Item = SocketAddr>) -> Self {
+    pub fn new(name: &str, endpoints: usize) -> Self {
         Self {
             name: name.to_owned(),
             connect_latency: OnceLock::new(),
@@ -258,7 +258,7 @@ impl ServiceMetrics {
             retries: Default::default(),
             budget_exhausted: OnceLock::new(),
             answers: RwLock::default(),
-            endpoints: endpoints.map(|addr| EndpointMetrics { addr, handles: OnceLock::new() }).collect(),
+            endpoints: (0..endpoints).map(|_| EndpointMetrics::default()).collect(),
         }
     }
 
@@ -301,10 +301,20 @@ impl ServiceMetrics {
     }
 
     /// The handles of endpoint `i` of the service (indexed like its balancer's
-    /// endpoints, which they are built with), with the service's name for labels.
-    pub fn endpoint(&self, i: usize) -> EndpointHandles<'_> {
-        let e = &self.endpoints[i];
-        EndpointHandles { service: &self.name, addr: e.addr, e: e.handles.get_or_init(Box::default) }
+    /// endpoints, which they are built with; `addr` is its address), with the service's
+    /// name for labels.
+    pub fn endpoint(&self, i: usize, addr: SocketAddr) -> EndpointHandles<'_> {
+        let e = self.endpoints[i].handles.get_or_init(|| {
+            Box::new(Handles {
+                addr,
+                connections: OnceLock::new(),
+                open: OnceLock::new(),
+                bytes: Default::default(),
+                failures: Default::default(),
+                ejections: OnceLock::new(),
+            })
+        });
+        EndpointHandles { service: &self.name, e }
     }
 }
 
@@ -312,13 +322,12 @@ impl ServiceMetrics {
 #[derive(Clone, Copy)]
 pub struct EndpointHandles<'a> {
     service: &'a str,
-    addr: SocketAddr,
     e: &'a Handles,
 }
 
 impl<'a> EndpointHandles<'a> {
     fn labels(&self) -> EndpointLabels {
-        Metrics::endpoint(self.service, self.addr)
+        Metrics::endpoint(self.service, self.e.addr)
     }
 
     pub fn connections(&self, m: &Metrics) -> &'a Counter {
