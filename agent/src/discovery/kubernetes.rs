@@ -230,7 +230,9 @@ struct Cluster {
     services: HashMap<Key, ServiceRecord>,
     /// EndpointSlices by the Service they belong to (namespace, service-name label),
     /// then by slice name.
-    slices: HashMap<Key, BTreeMap<String, Slice>>,
+    /// (A Service has one slice, or a few: a list, not a map, whose smallest node would
+    /// be ten times the size.)
+    slices: HashMap<Key, Vec<(String, Slice)>>,
     /// Which Service each slice (namespace, slice name) was filed under.
     slice_owner: HashMap<Key, Key>,
     node: Option<Node>,
@@ -461,9 +463,18 @@ impl Cluster {
             self.remove_slice(&id);
         }
         let slices = self.slices.entry(owner.clone()).or_default();
-        if slices.get(&id.1) != Some(&s) {
-            slices.insert(id.1.clone(), s);
-            self.dirty.insert(owner.clone());
+        // Kept in name order, so the first listing of an endpoint in two slices does not
+        // depend on which slice arrived first.
+        match slices.binary_search_by(|(n, _)| n.as_str().cmp(&id.1)) {
+            Ok(i) if slices[i].1 == s => {}
+            Ok(i) => {
+                slices[i].1 = s;
+                self.dirty.insert(owner.clone());
+            }
+            Err(i) => {
+                slices.insert(i, (id.1.clone(), s));
+                self.dirty.insert(owner.clone());
+            }
         }
         self.slice_owner.insert(id, owner);
     }
@@ -471,7 +482,7 @@ impl Cluster {
     fn remove_slice(&mut self, id: &Key) {
         let Some(owner) = self.slice_owner.remove(id) else { return };
         if let Some(slices) = self.slices.get_mut(&owner) {
-            slices.remove(&id.1);
+            slices.retain(|(n, _)| *n != id.1);
             if slices.is_empty() {
                 self.slices.remove(&owner);
             }
@@ -486,7 +497,7 @@ impl Cluster {
         for key in std::mem::take(&mut self.dirty) {
             let (now, problems) = match self.services.get(&key) {
                 Some(svc) => {
-                    let slices: Vec<&Slice> = self.slices.get(&key).into_iter().flat_map(|s| s.values()).collect();
+                    let slices: Vec<&Slice> = self.slices.get(&key).into_iter().flatten().map(|(_, s)| s).collect();
                     services_of(svc, &slices)
                 }
                 None => (Vec::new(), Vec::new()),
