@@ -43,7 +43,7 @@ const NAMESPACE: &str = "scale";
 const ENDPOINTS: usize = 10;
 const TARGET_PORT: u16 = 8080;
 /// Single changes measured per size (the median is reported).
-const CHANGES: usize = 5;
+const CHANGES: usize = 15;
 /// Nothing new starts after this, so a slow agent cannot hold the bench for hours.
 const BUDGET: Duration = Duration::from_secs(600);
 const READY_LIMIT: Duration = Duration::from_secs(120);
