@@ -37,7 +37,7 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     admin,
@@ -222,11 +222,7 @@ pub async fn build(
         let wanted = first.upsert.into_iter().map(|s| (s.name.clone(), Some(s))).collect();
         let checked = checked::check(&snapshot, &merged.agent, wanted);
         snapshot = snapshot.changed(&checked.upsert, &[], &sources.resolved).0;
-        for h in checked.held {
-            error!(source = "kubernetes", error = %format!("the result would be invalid:\n{}", h.problems),
-                "update rejected; still serving the last good state");
-            held.insert(h.name.clone(), h);
-        }
+        held.extend(checked.held.into_iter().map(|h| (h.name.clone(), h)));
     }
     let snapshot = Arc::new(snapshot);
 
@@ -265,6 +261,7 @@ pub async fn build(
         tables: Default::default(),
     };
     reconciler.start();
+    reconciler.report_held();
     if let Some(k) = &mut reconciler.kernel {
         let events = k.redirect.events().context("follow the kernel's connection events")?;
         if let Some(events) = events {

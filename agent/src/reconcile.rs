@@ -203,11 +203,7 @@ impl Reconciler {
             self.held.insert(held.name.clone(), held);
         }
         self.change(&checked.upsert, &checked.remove, "kubernetes", started);
-        if !self.held.is_empty() {
-            // Still shown in `/status` while held, whatever else applied.
-            let all: Vec<&str> = self.held.values().map(|h| h.problems.as_str()).collect();
-            self.status.rejected("kubernetes", format!("held back, the result would be invalid:\n{}", all.join("\n")));
-        }
+        self.held_status();
         if let Some((zone, region)) = locality
             && (zone.as_ref(), region.as_ref()) != (self.sources.zone.as_ref(), self.sources.region.as_ref())
         {
@@ -216,6 +212,23 @@ impl Reconciler {
             if let Err(e) = self.apply(self.main.clone(), candidate, "kubernetes") {
                 self.reject("kubernetes", e);
             }
+        }
+    }
+
+    /// Report the cluster's services held back when the first snapshot was made (later
+    /// ones are reported as they come).
+    pub fn report_held(&self) {
+        for h in self.held.values() {
+            self.reject("kubernetes", Rejected::Invalid(Problems(h.problems.clone())));
+        }
+        self.held_status();
+    }
+
+    /// Held changes stay in `/status` while held, whatever else applied since.
+    fn held_status(&self) {
+        if !self.held.is_empty() {
+            let all: Vec<&str> = self.held.values().map(|h| h.problems.as_str()).collect();
+            self.status.rejected("kubernetes", format!("held back, the result would be invalid:\n{}", all.join("\n")));
         }
     }
 
@@ -261,7 +274,10 @@ impl Reconciler {
         }
         let prev = Arc::clone(&self.publish.borrow());
         let (next, changes) = prev.changed(upsert, remove, &self.sources.resolved);
-        self.install(next, &changes, source, started);
+        // Services sent again unchanged (a relist, a resync) change nothing.
+        if !changes.is_empty() {
+            self.install(next, &changes, source, started);
+        }
     }
 
     /// Publish `next` and bring what follows the services in step with `changes`: the
