@@ -143,7 +143,8 @@ fn api_errors_expired_watches_and_bad_objects_keep_the_last_good_state() {
     eventually(Duration::from_secs(5), "the bad object to be reported", || {
         c.agent.log().contains("Service shop/broken: clusterIP `999.1.1.1` is not an IP address")
     });
-    // A Service clashing with the config file is rejected as a whole; last good stays.
+    // A Service clashing with the config file is held back and reported; the static
+    // service is untouched, and the rest of the cluster keeps applying meanwhile.
     c.api.apply(Resource::Services, service("clash", "10.96.0.30", 7000));
     c.api.apply(Resource::EndpointSlices, slice("clash", &[(1, true, false)]));
     eventually(Duration::from_secs(5), "the clash to be rejected", || {
@@ -151,6 +152,12 @@ fn api_errors_expired_watches_and_bad_objects_keep_the_last_good_state() {
     });
     assert_eq!(c.reached("10.96.0.30:7000").as_deref(), Some(h0.as_str()), "the static service is untouched");
     assert_eq!(c.reached("10.96.0.20:80").as_deref(), Some(h1.as_str()), "the last good cluster view stays");
+    let status = c.topo.admin_get("/status");
+    assert!(status.contains("held back") && status.contains("shop/clash:main"), "{status}");
+    c.api.apply(Resource::EndpointSlices, slice("web", &[(0, true, false)]));
+    eventually(Duration::from_secs(5), "another Service's change to apply beside the held one", || {
+        c.reached("10.96.0.20:80").as_deref() == Some(h0.as_str())
+    });
     c.agent.stop();
 }
 
