@@ -73,6 +73,9 @@ pub struct Snapshot {
     pub detect: DetectConfig,
     /// The node's zone and region, which the endpoints' tiers are relative to.
     locality: (Option<String>, Option<String>),
+    /// The shortest `http.pool_idle_timeout` of any service, worked out on first use
+    /// (a pass over every service; reset by every change).
+    pool_idle: std::sync::OnceLock<Option<Duration>>,
 }
 
 #[derive(Debug, Clone)]
@@ -134,6 +137,7 @@ impl Snapshot {
     /// resolved) is kept as it is.
     pub fn changed(&self, upsert: &[ServiceConfig], remove: &[String], resolved: &Resolved) -> (Self, Vec<Change>) {
         let mut next = self.clone();
+        next.pool_idle = Default::default();
         let mut changes = Vec::new();
         let now = Instant::now();
         for name in remove {
@@ -318,6 +322,11 @@ impl Snapshot {
     /// Every service as a change from nothing (for the first snapshot).
     pub fn all_new(&self) -> Vec<Change> {
         self.services().map(|(slot, _)| Change { slot, old: None, gone: false }).collect()
+    }
+
+    /// The shortest idle time of pooled upstream connections any service allows.
+    pub fn pool_idle_timeout(&self) -> Option<Duration> {
+        *self.pool_idle.get_or_init(|| self.services().map(|(_, s)| s.config.http.pool_idle_timeout).min())
     }
 
     pub fn len(&self) -> usize {

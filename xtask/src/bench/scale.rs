@@ -389,6 +389,10 @@ fn one_size(bin: &Path, n: usize, quick: bool, end: Instant) -> anyhow::Result<V
         return Ok(out);
     }
     out["rollout"] = rollout(&topo, &api, &agent, &mut cluster, quick)?;
+    // The agent's log, for its own account of each change (`took_us`).
+    let dir = crate::workspace_root().join("target/bench");
+    let _ =
+        std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join(format!("scale-{n}.log")), agent.log()));
     Ok(out)
 }
 

@@ -106,7 +106,7 @@ impl Http {
     /// Close upstream connections idle longer than the shortest `pool_idle_timeout` any
     /// service asks for (the reconciler calls this now and then).
     pub fn sweep(&self, snapshot: &Snapshot) {
-        let idle = snapshot.services().map(|(_, s)| s.config.http.pool_idle_timeout).min();
+        let idle = snapshot.pool_idle_timeout();
         self.pool.sweep(idle.unwrap_or(Duration::from_secs(90)));
     }
 
