@@ -10,13 +10,19 @@
 
 use std::{io, path::Path};
 
-/// Trim the heap and page out the agent's own code; returns the bytes of code paged out.
-pub fn release_startup() -> io::Result<usize> {
+/// Give the allocator's free pages back to the kernel: after start-up, and after a
+/// whole-config change (a catalog of 10,000 services parses into far more than it keeps).
+pub fn trim_heap() {
     // SAFETY: malloc_trim only releases free memory back to the kernel.
     #[cfg(target_env = "gnu")]
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Trim the heap and page out the agent's own code; returns the bytes of code paged out.
+pub fn release_startup() -> io::Result<usize> {
+    trim_heap();
     let exe = std::fs::read_link("/proc/self/exe")?;
     let maps = std::fs::read_to_string("/proc/self/maps")?;
     let mut paged = 0;

@@ -260,6 +260,7 @@ impl Reconciler {
         });
         self.install(next, &changes, source, started);
         self.track_dns();
+        crate::memory::trim_heap();
         // What a held-back change clashed with may be gone now.
         if !self.held.is_empty() {
             self.cluster(ClusterDelta::default());
