@@ -126,6 +126,15 @@ pub enum Origin {
 }
 
 impl Origin {
+    /// How a problem names a service of this origin known by name only (a running one).
+    pub fn named(&self, name: &str) -> String {
+        match self {
+            Origin::File => format!("the config file's service `{name}`"),
+            Origin::Catalog => format!("the catalog's service `{name}`"),
+            Origin::Kubernetes => format!("kubernetes service `{name}`"),
+        }
+    }
+
     /// How a problem names the `index`th service of this origin.
     pub fn label(&self, index: usize, name: &str) -> String {
         match self {

@@ -54,7 +54,7 @@ pub fn check(snapshot: &Snapshot, agent: &AgentConfig, changes: Vec<Wanted>) -> 
                 Some(by) => out.held.push(Held {
                     problems: format!(
                         "  {}: is named by the route of `{}`, so it stays until that route changes",
-                        crate::config::Origin::Kubernetes.label(0, &name),
+                        crate::config::Origin::Kubernetes.named(&name),
                         by.name
                     ),
                     name,
@@ -65,7 +65,7 @@ pub fn check(snapshot: &Snapshot, agent: &AgentConfig, changes: Vec<Wanted>) -> 
             continue;
         };
         svc.canonicalize();
-        let label = svc.origin.label(0, &svc.name);
+        let label = svc.origin.named(&svc.name);
         let mut problems = Vec::new();
         let mut problem = |field: String, message: String| problems.push(format!("  {field}: {message}"));
         // Another service's address, unless that one is leaving in this change.
@@ -75,9 +75,7 @@ pub fn check(snapshot: &Snapshot, agent: &AgentConfig, changes: Vec<Wanted>) -> 
                 (o.name != name && !removing.contains(&o.name)).then(|| o.name.clone())
             })?;
             (other != name).then(|| {
-                snapshot
-                    .service_named(&other)
-                    .map_or_else(|| format!("`{other}`"), |s| s.config.origin.label(0, &other))
+                snapshot.service_named(&other).map_or_else(|| format!("`{other}`"), |s| s.config.origin.named(&other))
             })
         };
         svc.own_problems(&label, &listeners, named_by(&name).is_some(), &mut owner, &mut problem);
@@ -86,7 +84,7 @@ pub fn check(snapshot: &Snapshot, agent: &AgentConfig, changes: Vec<Wanted>) -> 
         {
             problem(
                 format!("{label}.name"),
-                format!("`{name}` is already the name of {}", other.config.origin.label(0, &name)),
+                format!("`{name}` is already the name of {}", other.config.origin.named(&name)),
             );
         }
         for (j, addr) in svc.addresses.iter().enumerate() {
@@ -165,11 +163,11 @@ mod tests {
             [
                 (
                     "ns/clash:http",
-                    "  kubernetes service `ns/clash:http`.addresses[0]: 10.96.0.30:80 is already an address of services[0]"
+                    "  kubernetes service `ns/clash:http`.addresses[0]: 10.96.0.30:80 is already an address of the config file's service `static`"
                 ),
                 (
                     "ns/taken:http",
-                    "  kubernetes service `ns/taken:http`.name: `ns/taken:http` is already the name of services[0]"
+                    "  kubernetes service `ns/taken:http`.name: `ns/taken:http` is already the name of the config file's service `ns/taken:http`"
                 ),
                 (
                     "ns/db:tcp",
