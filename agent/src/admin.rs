@@ -196,14 +196,16 @@ pub const PAGE: usize = 1000;
 /// A paged list: the page, with the cursor of the next one when there is more.
 fn page_response(v: &impl serde::Serialize, next: Option<String>) -> Response<Full<Bytes>> {
     let mut r = json_response(StatusCode::OK, v);
-    if let Some(next) = next.and_then(|n| hyper::header::HeaderValue::from_str(&percent_encode(&n)).ok()) {
+    if let Some(next) = next.and_then(|n| hyper::header::HeaderValue::from_str(&encode(&n).to_string()).ok()) {
         r.headers_mut().insert("x-next-after", next);
     }
     r
 }
 
-fn percent_encode(v: &str) -> String {
-    percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC).to_string()
+/// A query-string value, percent-encoded (the cursor a client sends back, the CLI's
+/// filters).
+pub fn encode(value: &str) -> percent_encoding::PercentEncode<'_> {
+    percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC)
 }
 
 fn response(status: StatusCode, body: impl Into<Bytes>, kind: &str) -> Response<Full<Bytes>> {

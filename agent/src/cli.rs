@@ -6,7 +6,10 @@ use std::{collections::HashMap, net::SocketAddr, time::Duration};
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::{admin, stats::conns::age};
+use crate::{
+    admin::{self, encode},
+    stats::conns::age,
+};
 
 /// GET a JSON document from the admin API, turning error answers into errors.
 async fn get_json(admin_addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
@@ -38,11 +41,6 @@ async fn get_all(admin_addr: SocketAddr, path: &str, query: &str) -> anyhow::Res
             _ => return Ok(Value::Array(all)),
         }
     }
-}
-
-/// A query-string value, percent-encoded.
-fn encode(value: &str) -> percent_encoding::PercentEncode<'_> {
-    percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC)
 }
 
 /// `switchyard resolve`: how `target` (a service name or address) resolves, down to
