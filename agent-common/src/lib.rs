@@ -379,6 +379,10 @@ pub mod event {
 pub mod tcp_state {
     pub const ESTABLISHED: u32 = 1;
     pub const SYN_SENT: u32 = 2;
+    pub const FIN_WAIT2: u32 = 5;
+    pub const CLOSE_WAIT: u32 = 8;
+    pub const LAST_ACK: u32 = 9;
+    pub const CLOSING: u32 = 11;
 }
 
 /// `OrigDstV3::flags`: the connect went straight to an endpoint and is reported in

@@ -42,6 +42,7 @@ use tracing::{info, warn};
 use crate::{
     admin,
     balance::Tier,
+    capacity::Capacity,
     config::{Config, PodsMode},
     discovery::{self, Sources, dns::Dns},
     handover::{self, Offer, Predecessor},
@@ -54,6 +55,7 @@ use crate::{
     state::{Snapshot, checked},
     stats::Stats,
     tasks::Background,
+    workload,
 };
 
 /// How often the reconciler ticks: the kernel's endpoint tables follow endpoint health
@@ -174,11 +176,11 @@ pub async fn build(
     kernel: Kernel,
     log: admin::LogControl,
 ) -> anyhow::Result<Bound> {
+    raise_fd_limit();
     // The host is checked before anything else happens.
     let host = match kernel {
         Kernel::Attach => {
             redirect::check_privileges()?;
-            raise_fd_limit();
             let cgroup = redirect::attach_cgroup(main.agent.cgroup.as_deref())?;
             let pins = PinDir::open(&main.agent.bpffs_dir)?;
             handover::prepare(&main.agent.handover_socket)?;
@@ -198,9 +200,13 @@ pub async fn build(
         }
         None => None,
     };
+    // Client identities: the Kubernetes source feeds it this node's pods; the proxy asks
+    // it who a connection's client is.
+    let workloads = workload::Workloads::new(redirect::cgroup2_root().ok());
     let cluster = match &main.agent.kubernetes {
         Some(k8s) => {
-            let first = discovery::kubernetes::start(k8s, updates.clone(), Duration::from_secs(30), &background)
+            let pods = Arc::clone(&workloads);
+            let first = discovery::kubernetes::start(k8s, updates.clone(), k8s.sync_timeout, &background, pods)
                 .await
                 .context("watch the Kubernetes API (agent.kubernetes)")?;
             (sources.zone, sources.region) = first.locality.clone().unwrap_or_default();
@@ -218,7 +224,9 @@ pub async fn build(
     // The cluster's services join service by service, as its later changes do: one that
     // clashes with the file is held back and reported, the rest are served from the start.
     let mut held = std::collections::BTreeMap::new();
+    let status = Arc::new(admin::Status::default());
     if let Some(first) = cluster {
+        status.kubernetes_objects(first.problems);
         let wanted = first.upsert.into_iter().map(|s| (s.name.clone(), Some(s))).collect();
         let checked = checked::check(&snapshot, &merged.agent, wanted);
         snapshot = snapshot.changed(&checked.upsert, &[], &sources.resolved).0;
@@ -238,11 +246,20 @@ pub async fn build(
     };
     let (publish, latest) = watch::channel(Arc::clone(&snapshot));
     let (publish_agent, effective) = watch::channel(Arc::new(merged.agent.clone()));
-    let status = Arc::new(admin::Status::default());
-    let stats = Stats::new(redirect::cgroup2_root().ok(), main.agent.stats);
+    let stats = Stats::new(Arc::clone(&workloads), main.agent.stats);
     // Mark 0 is no mark: without programs there is nothing to get past.
     let mark = if plane.kernel.is_some() { main.agent.mark } else { 0 };
-    let proxy = Proxy::new(latest.clone(), plane.origins, mark, Arc::clone(&stats));
+    // Everything the agent holds at rest is open now: what is left of the open-files
+    // limit is for connections.
+    let (capacity, saturation) = Capacity::new(Capacity::limit_for(main.agent.max_connections), &stats.metrics);
+    let proxy = Proxy::new(
+        latest.clone(),
+        plane.origins,
+        mark,
+        Arc::clone(&stats),
+        Arc::clone(&capacity),
+        &main.agent.http_limits,
+    );
     let mut reconciler = Reconciler {
         main,
         sources,
@@ -285,14 +302,21 @@ pub async fn build(
         Some(l) => {
             let addr = l.local_addr().context("the admin listener's address")?;
             let kernel = reconciler.kernel.as_ref().map(|k| k.redirect.counters());
-            let state = admin::AdminState { snapshot: latest, config: effective, status, stats, kernel, log };
-            admin::spawn(l, state, stop.clone()).context("start the admin API's thread")?;
+            let capacity = Arc::clone(&capacity);
+            let state = admin::AdminState { snapshot: latest, config: effective, status, stats, kernel, capacity, log };
+            let metrics = reconciler.main.agent.metrics.map(admin::bind_shared).transpose()?;
+            admin::spawn(l, metrics, state, stop.clone()).context("start the admin API's thread")?;
             Some(addr)
         }
         None => None,
     };
     let tasks = TaskTracker::new();
     let proxy_addrs = plane.listeners.addresses();
+    // To take the listeners out of the kernel's map and back while saturated.
+    let listening = match &reconciler.kernel {
+        Some(_) => plane.listeners.dup_slots().context("duplicate the listeners")?,
+        None => Vec::new(),
+    };
     let l = plane.listeners;
     let accept_loops: Vec<_> = [Some(l.v4), l.v6, l.node_v4, l.node_v6]
         .into_iter()
@@ -322,6 +346,8 @@ pub async fn build(
         cgroup = lifecycle.as_ref().map(|l| l.cgroup.display().to_string()),
         pins = lifecycle.as_ref().map(|l| l.pins.path().display().to_string()),
         services = snapshot.len(),
+        max_connections = capacity.limit(),
+        version = handover::VERSION,
         "switchyard ready"
     );
     drop(snapshot);
@@ -345,6 +371,9 @@ pub async fn build(
         stop,
         accept_loops,
         tasks,
+        saturation,
+        listening,
+        capacity,
     };
     let main = tokio::spawn(running.run());
     Ok(Bound { proxy: proxy_addrs, admin: admin_addr, requested, main })
@@ -367,6 +396,11 @@ struct Running {
     accept_loops: Vec<JoinHandle<()>>,
     /// The connection tasks, drained at the end.
     tasks: TaskTracker,
+    /// Whether the agent is saturated (`capacity`), and its listeners by `SY_LISTENERS`
+    /// slot (none without the kernel side), taken out of the map while it is.
+    saturation: watch::Receiver<bool>,
+    listening: Vec<(u32, std::os::fd::OwnedFd)>,
+    capacity: Arc<Capacity>,
 }
 
 impl Running {
@@ -385,6 +419,10 @@ impl Running {
                 },
                 Some(update) = self.incoming.recv() => reconciler.update(update),
                 _ = tick.tick() => reconciler.tick(),
+                Ok(()) = self.saturation.changed() => {
+                    let saturated = *self.saturation.borrow_and_update();
+                    step_aside(reconciler, &self.capacity, saturated, &self.listening);
+                }
                 successor = handed_over_by(&mut self.handed_over) => break Stop::HandedOver(successor),
                 _ = self.requested.cancelled() => break Stop::Requested,
             }
@@ -464,7 +502,12 @@ async fn attach(main: &Config, cgroup: PathBuf, pins: PinDir, snapshot: &Snapsho
     }
     let (inherited, admin_inherited, predecessor) = match handover::take_over(&main.agent.handover_socket)? {
         Some(inherited) => {
-            info!(socket = %main.agent.handover_socket.display(), "took over the running agent's listeners");
+            info!(
+                socket = %main.agent.handover_socket.display(),
+                predecessor.version = inherited.version.as_deref().unwrap_or("unknown (protocol 1)"),
+                version = handover::VERSION,
+                "took over the running agent's listeners"
+            );
             (inherited.listeners, inherited.admin, Some(inherited.predecessor))
         }
         None => (Inherited::default(), None, None),
@@ -577,6 +620,36 @@ fn raise_fd_limit() {
         }
         Ok(_) => {}
         Err(e) => warn!(error = %e, "could not read the open-files limit"),
+    }
+}
+
+/// While saturated, the kernel sends new connections to endpoints itself: take the
+/// listeners out of its map, and put them back once there is room. Logged once done, so
+/// the log says what the kernel does from then on.
+fn step_aside(
+    reconciler: &mut Reconciler,
+    capacity: &Capacity,
+    saturated: bool,
+    listening: &[(u32, std::os::fd::OwnedFd)],
+) {
+    let (max, resume) = (capacity.limit(), capacity.resume_at());
+    let Some(k) = &mut reconciler.kernel else {
+        if saturated {
+            warn!(max_connections = max, "saturated, with no kernel side to send new connections to endpoints");
+        }
+        return;
+    };
+    let fds: Vec<_> = listening.iter().map(|(slot, fd)| (*slot, fd.as_fd())).collect();
+    match k.redirect.step_aside(saturated, &fds) {
+        Ok(()) if saturated => warn!(
+            max_connections = max,
+            "saturated: new connections go straight to endpoints in the kernel (no retries or HTTP routing) until at most {resume} are open"
+        ),
+        Ok(()) => info!(open = capacity.open(), max_connections = max, "room again: new connections come to the agent"),
+        Err(e) => {
+            let doing = if saturated { "take the listeners out of" } else { "put the listeners back into" };
+            warn!(error = %anyhow::Error::from(e), "could not {doing} the kernel's map");
+        }
     }
 }
 

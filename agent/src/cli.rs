@@ -1,5 +1,6 @@
 //! The operator commands that read the running agent's admin API: `switchyard conns`,
-//! `services`, `top` and `resolve`, as aligned tables or trees (or `--json` for scripts).
+//! `services`, `top`, `resolve`, `stat`, `edges` and `tap`, as aligned tables, trees or
+//! lines (or `--json` for scripts).
 
 use std::{collections::HashMap, net::SocketAddr, time::Duration};
 
@@ -92,6 +93,8 @@ fn s(v: &Value) -> String {
 fn conn_row(c: &Value) -> Vec<String> {
     let client = &c["client"];
     let who = if client.is_null() { s(&c["peer"]) } else { format!("{}/{}", s(&client["comm"]), s(&client["pid"])) };
+    // The pod when there is one (its workload is in `stat`), else the workload.
+    let workload = if client["pod_name"].is_string() { s(&client["pod_name"]) } else { s(&client["workload"]) };
     // Which network namespace: the agent's own (host network) or a pod's, by cookie.
     let netns = match client["pod"].as_bool() {
         Some(true) => format!("pod:{}", s(&client["netns"])),
@@ -101,6 +104,7 @@ fn conn_row(c: &Value) -> Vec<String> {
     vec![
         s(&c["id"]),
         who,
+        workload,
         netns,
         s(&client["original_dst"]),
         s(&c["service"]),
@@ -119,8 +123,8 @@ fn conn_row(c: &Value) -> Vec<String> {
     ]
 }
 
-const CONN_HEADER: [&str; 11] =
-    ["ID", "CLIENT", "NETNS", "DIALLED", "SERVICE", "PROTO", "ENDPOINT", "STATE", "AGE", "OUT", "IN"];
+const CONN_HEADER: [&str; 12] =
+    ["ID", "CLIENT", "WORKLOAD/POD", "NETNS", "DIALLED", "SERVICE", "PROTO", "ENDPOINT", "STATE", "AGE", "OUT", "IN"];
 
 /// `switchyard conns`.
 pub async fn conns(admin_addr: SocketAddr, filters: &[(&str, Option<String>)], json: bool) -> anyhow::Result<String> {
@@ -210,6 +214,182 @@ pub async fn top(admin_addr: SocketAddr, interval: Duration, iterations: u64) ->
         }
         tokio::time::sleep(interval).await;
     }
+}
+
+fn rate(v: &Value) -> String {
+    format!("{:.1}/s", v.as_f64().unwrap_or(0.0))
+}
+
+fn percent(v: &Value) -> String {
+    v.as_f64().map_or("-".into(), |r| format!("{:.2}%", r * 100.0))
+}
+
+fn millis(v: &Value) -> String {
+    v.as_f64().map_or("-".into(), |ms| format!("{ms:.1}ms"))
+}
+
+/// The golden-signal columns of a `/stat` or `/edges` row.
+fn signal_cells(r: &Value) -> Vec<String> {
+    vec![
+        s(&r["requests"]),
+        percent(&r["success_rate"]),
+        rate(&r["request_rate"]),
+        millis(&r["latency_p50_ms"]),
+        millis(&r["latency_p95_ms"]),
+        millis(&r["latency_p99_ms"]),
+        rate(&r["connection_rate"]),
+        s(&r["open"]),
+        s(&r["connect_failures"]),
+        human(r["bytes_out"].as_u64().unwrap_or(0)),
+        human(r["bytes_in"].as_u64().unwrap_or(0)),
+    ]
+}
+
+const SIGNAL_HEADER: [&str; 11] =
+    ["REQUESTS", "SUCCESS", "RPS", "P50", "P95", "P99", "CONN/S", "OPEN", "CONN FAIL", "OUT", "IN"];
+
+/// `switchyard stat [services|workloads|routes|endpoints]`: golden signals, like `linkerd
+/// viz stat`. Totals since the agent started; rates, success and latency over `window`.
+pub async fn stat(
+    admin_addr: SocketAddr,
+    by: &str,
+    filters: &[(&str, Option<String>)],
+    window: u64,
+    json: bool,
+) -> anyhow::Result<String> {
+    let mut query = vec![format!("by={}", encode(by)), format!("window={window}")];
+    query.extend(filters.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v)))));
+    let rows = get_json(admin_addr, &format!("/stat?{}", query.join("&"))).await?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&rows)?);
+    }
+    let keys: Vec<&str> = match crate::stats::stat::By::parse(by) {
+        Some(crate::stats::stat::By::Workload) => vec!["workload"],
+        Some(crate::stats::stat::By::Route) => vec!["workload", "service"],
+        Some(crate::stats::stat::By::Endpoint) => vec!["service", "endpoint"],
+        _ => vec!["service"],
+    };
+    let mut header: Vec<&str> = keys
+        .iter()
+        .map(|k| match *k {
+            "workload" => "WORKLOAD",
+            "service" => "SERVICE",
+            _ => "ENDPOINT",
+        })
+        .collect();
+    header.extend(SIGNAL_HEADER);
+    let table_rows: Vec<Vec<String>> = rows
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| keys.iter().map(|k| s(&r[*k])).chain(signal_cells(r)).collect())
+        .collect();
+    Ok(format!(
+        "{}\n(rates over the last {window}s; REQUESTS, CONN FAIL and bytes since the agent started)",
+        table(&header, &table_rows)
+    ))
+}
+
+/// `switchyard edges`: who talks to whom right now.
+pub async fn edges(admin_addr: SocketAddr, window: u64, json: bool) -> anyhow::Result<String> {
+    let graph = get_json(admin_addr, &format!("/edges?window={window}")).await?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&graph)?);
+    }
+    let row = |from: &Value, to: &Value, r: &Value| {
+        vec![
+            s(from),
+            "->".into(),
+            s(to),
+            rate(&r["request_rate"]),
+            percent(&r["success_rate"]),
+            rate(&r["connection_rate"]),
+            s(&r["open"]),
+        ]
+    };
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for r in graph["routes"].as_array().into_iter().flatten() {
+        rows.push(row(&r["workload"], &r["service"], r));
+    }
+    for r in graph["endpoints"].as_array().into_iter().flatten() {
+        rows.push(row(&r["service"], &r["endpoint"], r));
+    }
+    Ok(table(&["FROM", "", "TO", "RPS", "SUCCESS", "CONN/S", "OPEN"], &rows))
+}
+
+/// One tap event as a line: what happened, who, where, how it went.
+fn tap_line(e: &Value) -> String {
+    let client = &e["client"];
+    let who = if client["pod"].is_string() { s(&client["pod"]) } else { s(&client["workload"]) };
+    let who = format!("{who} {}/{}", s(&client["comm"]), s(&client["pid"]));
+    match e["kind"].as_str() {
+        Some("request") => {
+            let r = &e["request"];
+            let grpc = r["grpc_status"].as_u64().map(|g| format!(" grpc-status={g}")).unwrap_or_default();
+            format!(
+                "req {} {}{} -> {} :status={}{grpc} {} latency={} endpoint={} client={who}",
+                s(&r["method"]),
+                s(&r["authority"]),
+                s(&r["path"]),
+                s(&e["service"]),
+                s(&r["status"]),
+                if r["success"] == true { "ok" } else { "FAIL" },
+                millis(&e["latency_ms"]),
+                s(&e["endpoint"]),
+            )
+        }
+        Some("connect") => format!(
+            "tcp connect -> {} endpoint={} connect={} client={who}",
+            s(&e["service"]),
+            s(&e["endpoint"]),
+            millis(&e["latency_ms"])
+        ),
+        Some("close") => format!(
+            "tcp close -> {} endpoint={} {} after={} out={} in={} client={who}",
+            s(&e["service"]),
+            s(&e["endpoint"]),
+            s(&e["outcome"]),
+            millis(&e["latency_ms"]),
+            human(e["bytes_out"].as_u64().unwrap_or(0)),
+            human(e["bytes_in"].as_u64().unwrap_or(0)),
+        ),
+        Some("dropped") => {
+            format!("({} events lost: this tap fell behind)", s(&e["count"]))
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// `switchyard tap`: requests and connections as they happen, until `limit` events or
+/// `seconds` pass (or ctrl-c).
+pub async fn tap(
+    admin_addr: SocketAddr,
+    filters: &[(&str, Option<String>)],
+    limit: Option<u64>,
+    seconds: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut query = vec![format!("seconds={seconds}")];
+    query.extend(limit.map(|l| format!("limit={l}")));
+    query.extend(filters.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v)))));
+    let mut out = std::io::stdout();
+    let status = admin::get_lines(admin_addr, &format!("/tap?{}", query.join("&")), |line| {
+        let Ok(e) = serde_json::from_str::<Value>(line) else { return true };
+        let text = if json {
+            line.to_owned()
+        } else if e["kind"] == "started" {
+            "tapping (ctrl-c to stop)".into()
+        } else {
+            tap_line(&e)
+        };
+        writeln!(out, "{text}").is_ok() && out.flush().is_ok()
+    })
+    .await?;
+    if status != 200 {
+        bail!("the admin API answered {status} to /tap");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

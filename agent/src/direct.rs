@@ -22,7 +22,7 @@ use crate::{
     state::{Service, Snapshot},
     stats::{
         ConnHandle, Stats,
-        conns::{Client, Route, Via},
+        conns::{Route, Via},
         metrics::{Direction, FailReason},
     },
 };
@@ -52,6 +52,8 @@ struct Open {
     service: Arc<Service>,
     index: usize,
     gauge: Gauge,
+    /// The endpoint's golden signals: open until the close.
+    signals: Arc<crate::stats::signals::Signals>,
     _active: ActiveGuard,
 }
 
@@ -95,15 +97,15 @@ impl Direct {
         let dst = canonical(o.dst.to_socket_addr());
         let conns = &self.stats.conns;
         let conn = conns.open(conns.next_id(), ev.client.to_socket_addr(), Via::Kernel);
-        conn.client(Client {
+        let origin = crate::origin::Origin {
+            dst,
             pid: o.pid,
-            comm: o.comm_str().to_owned(),
             cgroup_id: o.cgroup_id,
-            cgroup: None,
-            original_dst: dst,
+            comm: o.comm_str().to_owned(),
             netns: o.netns_cookie,
             pod: o.netns_cookie != self.events.host_netns,
-        });
+        };
+        conn.client(&origin);
         if let Some(service) = self.snapshot.borrow().service_for(dst) {
             conn.service(&service.name);
         }
@@ -127,6 +129,8 @@ impl Direct {
         handles.connections(metrics).inc();
         let gauge = handles.open(metrics).clone();
         gauge.inc();
+        let signals = Arc::clone(handles.signals(metrics));
+        signals.opened();
         let endpoint = target.endpoint();
         live.conn.connected(Route {
             service: snapshot.service(dialled).name.clone(),
@@ -137,7 +141,7 @@ impl Direct {
             connect_us: latency.as_micros() as u64,
         });
         let active = endpoint.state.begin();
-        live.open = Some(Open { service: Arc::clone(&service), index, gauge, _active: active });
+        live.open = Some(Open { service: Arc::clone(&service), index, gauge, signals, _active: active });
     }
 
     fn closed(&mut self, ev: &ConnEventV1) {
@@ -146,12 +150,18 @@ impl Direct {
         match &live.open {
             Some(open) => {
                 let handles = Target { service: &open.service, index: open.index }.handles();
-                handles.bytes(metrics, Direction::Out).inc_by(ev.bytes_acked);
-                handles.bytes(metrics, Direction::In).inc_by(ev.bytes_received);
+                let (out, received) = payload(ev);
+                handles.bytes(metrics, Direction::Out).inc_by(out);
+                handles.bytes(metrics, Direction::In).inc_by(received);
                 let c = live.conn.conn();
-                c.bytes_out.store(ev.bytes_acked, std::sync::atomic::Ordering::Relaxed);
-                c.bytes_in.store(ev.bytes_received, std::sync::atomic::Ordering::Relaxed);
+                c.bytes_out.store(out, std::sync::atomic::Ordering::Relaxed);
+                c.bytes_in.store(received, std::sync::atomic::Ordering::Relaxed);
+                for edge in [live.conn.route_edge(), Some(&open.signals)].into_iter().flatten() {
+                    edge.bytes_out.fetch_add(out, std::sync::atomic::Ordering::Relaxed);
+                    edge.bytes_in.fetch_add(received, std::sync::atomic::Ordering::Relaxed);
+                }
                 open.gauge.dec();
+                open.signals.closed();
             }
             None if ev.old_state == tcp_state::SYN_SENT => {
                 let snapshot = Arc::clone(&self.snapshot.borrow());
@@ -159,6 +169,9 @@ impl Direct {
                     // A reset answers a SYN at once; only unanswered SYNs are retransmitted.
                     let reason = if ev.retrans == 0 { FailReason::Refused } else { FailReason::Timeout };
                     Target { service: snapshot.service(concrete), index }.connect_failed(metrics, reason);
+                }
+                if let Some(edge) = live.conn.route_edge() {
+                    edge.connect_failed();
                 }
                 live.conn.outcome("connect_failed");
             }
@@ -185,6 +198,7 @@ impl Direct {
                 live.conn.outcome("lost");
                 if let Some(open) = &live.open {
                     open.gauge.dec();
+                    open.signals.closed();
                 }
             }
         }
@@ -201,4 +215,45 @@ fn locate(snapshot: &Snapshot, dst: SocketAddr, endpoint: SocketAddr) -> Option<
 /// v4-mapped addresses as plain IPv4, as the snapshot keeps them.
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// The payload bytes (out, in) of a closed connection the kernel sent straight to an
+/// endpoint. The kernel's `bytes_acked` and `bytes_received` count sequence space, not
+/// data: our SYN (acked on every established connection), our FIN once acked and the
+/// peer's FIN once received take one each (an exact test of the byte metrics showed two
+/// too many out and one in per connection). Which FINs there were follows from the
+/// state the socket closed from. (One that times out in FIN_WAIT2 without the peer's FIN
+/// is counted one byte short in; orphans past tcp_fin_timeout are rare.)
+fn payload(ev: &ConnEventV1) -> (u64, u64) {
+    let (our_fin_acked, peer_fin) = match ev.old_state {
+        // Closed after our FIN was acked: through TIME_WAIT (FIN_WAIT2 on the peer's FIN,
+        // CLOSING on the last ACK) or from LAST_ACK (the peer closed first).
+        tcp_state::FIN_WAIT2 | tcp_state::CLOSING | tcp_state::LAST_ACK => (1, 1),
+        // Reset after the peer closed: its FIN came, ours never went.
+        tcp_state::CLOSE_WAIT => (0, 1),
+        _ => (0, 0),
+    };
+    (ev.bytes_acked.saturating_sub(1 + our_fin_acked), ev.bytes_received.saturating_sub(peer_fin))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_leaves_out_the_syn_and_fins() {
+        let ev = |old_state, bytes_acked, bytes_received| ConnEventV1 {
+            kind: event::CLOSED,
+            old_state,
+            bytes_acked,
+            bytes_received,
+            ..Default::default()
+        };
+        // 64 bytes each way, both FINs, through TIME_WAIT or LAST_ACK.
+        assert_eq!(payload(&ev(tcp_state::FIN_WAIT2, 66, 65)), (64, 64));
+        assert_eq!(payload(&ev(tcp_state::LAST_ACK, 66, 65)), (64, 64));
+        // Reset while established: the SYN only.
+        assert_eq!(payload(&ev(tcp_state::ESTABLISHED, 65, 64)), (64, 64));
+        assert_eq!(payload(&ev(tcp_state::CLOSE_WAIT, 65, 65)), (64, 64));
+    }
 }

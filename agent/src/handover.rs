@@ -6,13 +6,23 @@
 //! must also be root or our own user):
 //!
 //! ```text
-//! new -> old   "TAKEOVER 1\n"
-//! old -> new   "LISTENERS v4 v6 node4 node6 admin\n" + the listening fds (SCM_RIGHTS), in
-//!              that order; the names say which are there (an agent from before pods were
-//!              covered sends no node4/node6, and its successor binds those itself)
+//! new -> old   "TAKEOVER 2 switchyard/0.1.0\n"          (protocol, the new agent's version)
+//! old -> new   "LISTENERS2 switchyard/0.1.0 v4 v6 node4 node6 admin\n" + the listening fds
+//!              (SCM_RIGHTS), in that order; the names say which are there (an agent from
+//!              before pods were covered sends no node4/node6, and its successor binds
+//!              those itself)
+//!          or  "REFUSED <why>\n" (a protocol it does not speak): it keeps serving
 //!              (the new agent loads and attaches its programs, starts accepting)
 //! new -> old   "READY\n"
 //! ```
+//!
+//! Versions: protocol 1 is the same exchange without versions (`TAKEOVER 1`, answered by
+//! `LISTENERS <names>`); an agent speaks both, so builds on either side of the change hand
+//! over to each other. A request for a protocol an agent does not know is refused with a
+//! reason, and the successor stops with that message while the running agent serves on.
+//! The pinned maps carry their layout version in their names (`SY_SOCK_ORIG3`): a build
+//! with another layout pins its own and removes the old one's, so the two never read each
+//! other's bytes.
 //!
 //! Both processes then hold the same sockets: the accept queue is shared, so whichever
 //! accepts first serves a connection. On READY the old agent stops accepting, drains
@@ -35,7 +45,38 @@ use tracing::{info, warn};
 
 use crate::proxy::Inherited as Listening;
 
-const REQUEST: &str = "TAKEOVER 1";
+/// The hand-over protocol this build speaks, and the oldest it still answers.
+///
+/// `SWITCHYARD_HANDOVER_PROTOCOLS=OLDEST-NEWEST` and `SWITCHYARD_BUILD_VERSION` at build
+/// time make another build: what the upgrade tests hand over to and from
+/// (`cargo xtask test` builds two, see tests/tests/reliability.rs), so "a different version"
+/// there is a different binary rather than a test pretending to be one.
+const PROTOCOLS: (u32, u32) = match option_env!("SWITCHYARD_HANDOVER_PROTOCOLS") {
+    Some(range) => parse_range(range.as_bytes()),
+    None => (1, 2),
+};
+const OLDEST: u32 = PROTOCOLS.0;
+const PROTOCOL: u32 = PROTOCOLS.1;
+/// This build, as the other side of a hand-over is told.
+pub const VERSION: &str = match option_env!("SWITCHYARD_BUILD_VERSION") {
+    Some(version) => version,
+    None => concat!("switchyard/", env!("CARGO_PKG_VERSION")),
+};
+
+/// `"1-2"` as (1, 2), at compile time; anything else fails the build.
+const fn parse_range(text: &[u8]) -> (u32, u32) {
+    let (mut range, mut at, mut i) = ([0u32; 2], 0, 0);
+    while i < text.len() {
+        match text[i] {
+            b'-' if at == 0 && i > 0 => at = 1,
+            d @ b'0'..=b'9' => range[at] = range[at] * 10 + (d - b'0') as u32,
+            _ => panic!("SWITCHYARD_HANDOVER_PROTOCOLS is OLDEST-NEWEST, for example 1-2"),
+        }
+        i += 1;
+    }
+    assert!(at == 1 && range[0] >= 1 && range[0] <= range[1], "SWITCHYARD_HANDOVER_PROTOCOLS: 1 <= OLDEST <= NEWEST");
+    (range[0], range[1])
+}
 const READY: &str = "READY";
 /// How long the old agent waits for READY: the new one loads its programs and, with
 /// Kubernetes discovery, waits for the first sync (up to 30 s) before it is ready.
@@ -55,6 +96,12 @@ pub enum HandoverError {
         path.display()
     )]
     Protocol { path: PathBuf, answer: String },
+    #[error(
+        "the running agent at {} refused to hand over: {why}. It keeps serving; stop it \
+         (SIGTERM) to replace it with this build ({VERSION})",
+        path.display()
+    )]
+    Refused { path: PathBuf, why: String },
     #[error("tell the previous agent that this one is ready")]
     Ready(#[source] io::Error),
     #[error("serve hand-over requests at {} (agent.handover_socket)", path.display())]
@@ -70,6 +117,8 @@ pub struct Inherited {
     pub listeners: Listening,
     pub admin: Option<OwnedFd>,
     pub predecessor: Predecessor,
+    /// The previous agent's version (`None`: a build from before versions were sent).
+    pub version: Option<String>,
 }
 
 /// The names of the hand-over message, in order.
@@ -95,26 +144,19 @@ pub fn take_over(path: &Path) -> Result<Option<Inherited>, HandoverError> {
         Err(e) => return Err(err(e)),
     };
     conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(err)?;
-    conn.write_all(format!("{REQUEST}\n").as_bytes()).map_err(err)?;
-    let mut buf = [0u8; 256];
-    let mut space = nix::cmsg_space!([RawFd; NAMES.len()]);
-    let (text, fds) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(conn.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-            .map_err(|e| err(e.into()))?;
-        let mut fds = Vec::new();
-        for cmsg in msg.cmsgs().map_err(|e| err(e.into()))? {
-            if let ControlMessageOwned::ScmRights(received) = cmsg {
-                // SAFETY: SCM_RIGHTS just installed these fds in this process; we own them.
-                fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
-            }
-        }
-        (msg.bytes, fds)
-    };
-    let line = String::from_utf8_lossy(&buf[..text]).trim().to_owned();
-    let names: Vec<&str> = match line.strip_prefix("LISTENERS ") {
-        Some(names) => names.split_whitespace().collect(),
-        None => return Err(HandoverError::Protocol { path: path.to_owned(), answer: line }),
+    conn.write_all(format!("TAKEOVER {PROTOCOL} {VERSION}\n").as_bytes()).map_err(err)?;
+    let (line, fds) = receive(&conn).map_err(err)?;
+    let line = line.trim().to_owned();
+    if let Some(why) = line.strip_prefix("REFUSED ") {
+        return Err(HandoverError::Refused { path: path.to_owned(), why: why.to_owned() });
+    }
+    let (version, names): (Option<String>, Vec<&str>) = if let Some(rest) = line.strip_prefix("LISTENERS2 ") {
+        let mut words = rest.split_whitespace();
+        (words.next().map(str::to_owned), words.collect())
+    } else if let Some(names) = line.strip_prefix("LISTENERS ") {
+        (None, names.split_whitespace().collect())
+    } else {
+        return Err(HandoverError::Protocol { path: path.to_owned(), answer: line });
     };
     if names.len() != fds.len() || names.first() != Some(&"v4") {
         return Err(HandoverError::Protocol {
@@ -125,7 +167,24 @@ pub fn take_over(path: &Path) -> Result<Option<Inherited>, HandoverError> {
     let mut named: Vec<(&str, OwnedFd)> = names.into_iter().zip(fds).collect();
     let mut take = |name: &str| named.iter().position(|(n, _)| *n == name).map(|i| named.remove(i).1);
     let listeners = Listening { v4: take("v4"), v6: take("v6"), node_v4: take("node4"), node_v6: take("node6") };
-    Ok(Some(Inherited { listeners, admin: take("admin"), predecessor: Predecessor(conn) }))
+    Ok(Some(Inherited { listeners, admin: take("admin"), predecessor: Predecessor(conn), version }))
+}
+
+/// One message from the other side: its text and the fds that came with it.
+fn receive(conn: &UnixStream) -> io::Result<(String, Vec<OwnedFd>)> {
+    let mut buf = [0u8; 256];
+    let mut space = nix::cmsg_space!([RawFd; NAMES.len()]);
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = recvmsg::<()>(conn.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            // SAFETY: SCM_RIGHTS just installed these fds in this process; we own them.
+            fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+    }
+    let bytes = msg.bytes;
+    Ok((String::from_utf8_lossy(&buf[..bytes]).into_owned(), fds))
 }
 
 /// What a running agent can hand over: duplicates of its listening sockets.
@@ -135,14 +194,18 @@ pub struct Offer {
 }
 
 impl Offer {
-    fn named(&self) -> (String, Vec<BorrowedFd<'_>>) {
+    /// The answer line for a successor speaking `protocol`, and the fds it names.
+    fn named(&self, protocol: u32) -> (String, Vec<BorrowedFd<'_>>) {
         let l = &self.listeners;
         let (names, fds): (Vec<&str>, Vec<BorrowedFd<'_>>) = NAMES
             .into_iter()
             .zip([&l.v4, &l.v6, &l.node_v4, &l.node_v6, &self.admin])
             .filter_map(|(name, fd)| Some((name, fd.as_ref()?.as_fd())))
             .unzip();
-        (format!("LISTENERS {}\n", names.join(" ")), fds)
+        let names = names.join(" ");
+        let line =
+            if protocol >= 2 { format!("LISTENERS2 {VERSION} {names}\n") } else { format!("LISTENERS {names}\n") };
+        (line, fds)
     }
 }
 
@@ -210,10 +273,15 @@ fn hand_over(conn: UnixStream, offer: &Offer) -> io::Result<Option<i32>> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
-    if line.trim() != REQUEST {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("unexpected request {:?}", line.trim())));
-    }
-    let (header, fds) = offer.named();
+    let (protocol, version) = match request(&line) {
+        Ok(request) => request,
+        Err(why) => {
+            // Said to the successor, which stops with it; we serve on.
+            let _ = (&conn).write_all(format!("REFUSED {why}\n").as_bytes());
+            return Err(io::Error::new(io::ErrorKind::InvalidData, why));
+        }
+    };
+    let (header, fds) = offer.named(protocol);
     let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     sendmsg::<()>(
         conn.as_raw_fd(),
@@ -222,7 +290,11 @@ fn hand_over(conn: UnixStream, offer: &Offer) -> io::Result<Option<i32>> {
         MsgFlags::empty(),
         None,
     )?;
-    info!(successor.pid = peer.pid(), "listeners handed to a new agent; waiting for it to be ready");
+    info!(
+        successor.pid = peer.pid(),
+        successor.version = version.as_deref().unwrap_or("unknown (protocol 1)"),
+        "listeners handed to a new agent; waiting for it to be ready"
+    );
     conn.set_read_timeout(Some(READY_WAIT))?;
     line.clear();
     reader.read_line(&mut line)?;
@@ -230,6 +302,22 @@ fn hand_over(conn: UnixStream, offer: &Offer) -> io::Result<Option<i32>> {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the new agent went away before it was ready"));
     }
     Ok(Some(peer.pid()))
+}
+
+/// A successor's request line: its protocol and version, or why it is refused.
+fn request(line: &str) -> Result<(u32, Option<String>), String> {
+    let mut words = line.split_whitespace();
+    let (Some("TAKEOVER"), Some(protocol)) = (words.next(), words.next()) else {
+        return Err(format!("`{}` is not a hand-over request", line.trim()));
+    };
+    let version = words.next().map(str::to_owned);
+    let from = version.as_deref().unwrap_or("a successor");
+    match protocol.parse::<u32>() {
+        Ok(p) if (OLDEST..=PROTOCOL).contains(&p) => Ok((p, version)),
+        _ => Err(format!(
+            "{from} asks for hand-over protocol {protocol}; this agent ({VERSION}) speaks {OLDEST} to {PROTOCOL}"
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -287,6 +375,73 @@ mod tests {
         let second = tokio::task::spawn_blocking(move || take_over(&p).unwrap().unwrap()).await.unwrap();
         second.predecessor.ready().unwrap();
         assert!(tokio::time::timeout(Duration::from_secs(5), server).await.is_ok());
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    /// The old side's answer to a request `line` sent as a successor of another build
+    /// would send it, and whether it then still serves.
+    async fn answer_to(line: &'static str, tag: &str) -> (String, Vec<OwnedFd>, bool) {
+        let path = std::env::temp_dir().join(format!("sy-handover-{tag}-{}/h.sock", std::process::id()));
+        let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listeners = Listening { v4: Some(v4.as_fd().try_clone_to_owned().unwrap()), ..Default::default() };
+        let server = tokio::spawn(serve(bind(&path).unwrap(), Offer { listeners, admin: None }));
+        let p = path.clone();
+        let (answer, fds) = tokio::task::spawn_blocking(move || {
+            let mut conn = UnixStream::connect(&p).unwrap();
+            conn.write_all(format!("{line}\n").as_bytes()).unwrap();
+            receive(&conn).unwrap()
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let serving = !server.is_finished();
+        server.abort();
+        let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        (answer, fds, serving)
+    }
+
+    #[tokio::test]
+    async fn a_build_speaking_an_unknown_protocol_is_refused_with_a_reason_and_the_old_side_serves_on() {
+        let (answer, fds, serving) = answer_to("TAKEOVER 9 switchyard/9.0.0", "refuse").await;
+        assert_eq!(
+            answer.trim(),
+            format!("REFUSED switchyard/9.0.0 asks for hand-over protocol 9; this agent ({VERSION}) speaks 1 to 2")
+        );
+        assert!(fds.is_empty() && serving, "no sockets given, still serving");
+        let (answer, _, serving) = answer_to("HELLO", "garbage").await;
+        assert_eq!(answer.trim(), "REFUSED `HELLO` is not a hand-over request");
+        assert!(serving);
+    }
+
+    #[tokio::test]
+    async fn an_older_build_asking_with_protocol_1_gets_the_answer_it_understands() {
+        let (answer, fds, _) = answer_to("TAKEOVER 1", "older").await;
+        assert_eq!(answer, "LISTENERS v4\n", "no version word an older parser would take for a name");
+        assert_eq!(fds.len(), 1);
+        let (answer, fds, _) = answer_to("TAKEOVER 2 switchyard/0.0.9", "newer").await;
+        assert_eq!(answer, format!("LISTENERS2 {VERSION} v4\n"));
+        assert_eq!(fds.len(), 1);
+    }
+
+    #[test]
+    fn a_refusal_reaches_the_successor_as_a_clear_error() {
+        let path = std::env::temp_dir().join(format!("sy-handover-refused-{}/h.sock", std::process::id()));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let old = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(conn.try_clone().unwrap()).read_line(&mut line).unwrap();
+            conn.write_all(b"REFUSED switchyard/0.1.0 asks for hand-over protocol 2; this agent speaks 1 to 1\n")
+                .unwrap();
+            line
+        });
+        let err = take_over(&path).err().expect("refused");
+        let sent = old.join().unwrap();
+        assert_eq!(sent, format!("TAKEOVER 2 {VERSION}\n"), "the request carries protocol and version");
+        let text = err.to_string();
+        assert!(text.contains("refused to hand over: switchyard/0.1.0 asks for hand-over protocol 2"), "{text}");
+        assert!(text.contains("It keeps serving; stop it (SIGTERM)"), "{text}");
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
 }

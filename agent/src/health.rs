@@ -16,13 +16,18 @@ use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn};
 
 use crate::{
-    balance::EndpointState, config::HealthCheckConfig, proxy::upstream::connect_marked, state::Service,
+    balance::EndpointState,
+    capacity::{self, Shortage},
+    config::HealthCheckConfig,
+    proxy::upstream::connect_marked,
+    state::Service,
+    stats::Stats,
     tasks::Background,
 };
 
 /// Start checks for every endpoint of `svc` if it has a `health_check`, as tasks of
 /// `group`; all of them stop when the group is stopped.
-pub fn spawn(svc: &Service, mark: u32, group: &Background) {
+pub fn spawn(svc: &Service, mark: u32, stats: &Arc<Stats>, group: &Background) {
     if let Some(check) = &svc.config.health_check {
         for ep in svc.balancer.endpoints().iter().filter(|e| !e.terminating) {
             let task = Probe {
@@ -31,6 +36,7 @@ pub fn spawn(svc: &Service, mark: u32, group: &Background) {
                 state: Arc::clone(&ep.state),
                 check: check.clone(),
                 mark,
+                stats: Arc::clone(stats),
             };
             group.spawn(task.run());
         }
@@ -43,6 +49,16 @@ struct Probe {
     state: Arc<EndpointState>,
     check: HealthCheckConfig,
     mark: u32,
+    stats: Arc<Stats>,
+}
+
+/// Why a check did not pass.
+enum Missed {
+    /// The endpoint failed it.
+    Failed(String),
+    /// The agent could not even open the connection (see `capacity`): no verdict either
+    /// way, or a node short of descriptors would take every healthy endpoint out.
+    Local(Shortage),
 }
 
 impl Probe {
@@ -53,10 +69,18 @@ impl Probe {
             tokio::time::sleep(wait).await;
             wait = self.check.interval;
             let result = tokio::time::timeout(self.check.timeout, self.once()).await;
-            let ok = matches!(result, Ok(Ok(())));
-            if let Ok(Err(e)) = &result {
-                debug!(service = %self.service, endpoint = %self.addr, error = %e, "health check failed");
-            }
+            let ok = match result {
+                Ok(Ok(())) => true,
+                Ok(Err(Missed::Local(what))) => {
+                    capacity::shortage(&self.stats.metrics, "health_check", what);
+                    continue;
+                }
+                Ok(Err(Missed::Failed(e))) => {
+                    debug!(service = %self.service, endpoint = %self.addr, error = %e, "health check failed");
+                    false
+                }
+                Err(_) => false,
+            };
             match self.state.on_check(ok, self.check.rise, self.check.fall) {
                 Some(true) => info!(service = %self.service, endpoint = %self.addr, "health checks pass again"),
                 Some(false) => {
@@ -67,8 +91,17 @@ impl Probe {
         }
     }
 
-    async fn once(&self) -> Result<(), String> {
-        let conn = connect_marked(self.addr, self.mark, self.check.timeout).await.map_err(|e| e.to_string())?;
+    async fn once(&self) -> Result<(), Missed> {
+        let conn =
+            connect_marked(self.addr, self.mark, self.check.timeout).await.map_err(|e| match Shortage::of(&e) {
+                Some(what) => Missed::Local(what),
+                None => Missed::Failed(e.to_string()),
+            })?;
+        self.http(conn).await.map_err(Missed::Failed)
+    }
+
+    /// The HTTP part of a check, if it has one, on `conn`.
+    async fn http(&self, conn: tokio::net::TcpStream) -> Result<(), String> {
         let Some((path, status)) = self.check.http() else { return Ok(()) };
         let (mut sender, driver) = hyper::client::conn::http1::handshake(TokioIo::new(conn))
             .await

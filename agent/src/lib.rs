@@ -17,7 +17,7 @@
 //!   kernel fallback's sets); unchanged services shared between snapshots, live endpoint
 //!   state carried across reloads.
 //! * [`balance`]: endpoint choice: health and ejection, locality tiers, the balancing
-//!   policies. Pure, clocked by the caller.
+//!   policies, session affinity. Pure, clocked by the caller.
 //! * [`proxy`]: listeners, the accept loop, protocol detection, opaque TCP (per-connection
 //!   counted byte copying) and HTTP (hyper, per-request balancing over pooled upstream
 //!   connections, retries under a budget, upgrades as tunnels on the same copy);
@@ -38,7 +38,11 @@
 //!   state kept), kernel maps in step with endpoint health and pods, the HTTP pool swept;
 //!   owns the background tasks.
 //! * [`tasks`]: one tracker and stop signal for every background task.
-//! * [`stats`]: the live connection table, Prometheus metrics, cgroup paths.
+//! * [`stats`]: the live connection table, Prometheus metrics, golden signals per route
+//!   and endpoint (`/stat`, `/edges`), the live tap.
+//! * [`workload`]: who a client is, as the operator knows it: cgroup id -> path (by
+//!   handle, else a bounded walk), the kubelet's and systemd's path layouts, and the
+//!   node's pods (fed by the Kubernetes source) naming the owning workload.
 //! * [`resolve`]: a service's resolution tree (routes down to endpoint health).
 //! * [`admin`]: the localhost admin HTTP API (connections, services, metrics, config,
 //!   status, resolve, log level, the dashboard), on a thread of its own, and the CLI's
@@ -47,6 +51,8 @@
 //! * [`app`]: the composition root: `build` binds and wires the above in start-up order and
 //!   returns what it bound; `Bound::wait` runs to shutdown. `Kernel::None` builds it
 //!   without the kernel side (no root), for the in-process tests.
+//! * `fuzzing` (hidden): the pure functions the fuzz targets in `fuzz/` drive that their
+//!   modules keep to the crate (docs/fuzzing.md).
 //!
 //! The path of one connection: an application in the attached cgroup calls `connect()` to
 //! a service address; `cgroup/connect4|6` rewrites it to the agent's loopback listener (or,
@@ -62,6 +68,7 @@
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod capacity;
 pub mod cli;
 pub mod config;
 pub mod direct;
@@ -79,3 +86,18 @@ pub mod resolve;
 pub mod state;
 pub mod stats;
 pub mod tasks;
+pub mod workload;
+
+/// What the fuzz targets (`fuzz/`, docs/fuzzing.md) call that the modules keep to the
+/// crate: pure functions over bytes a client or a file controls. Re-exports only, so the
+/// modules keep their narrow visibility; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::{
+        proxy::{
+            detect::{Detected, MAX_PREFIX, classify, decide},
+            http::headers::{DTAB, dtab_target, is_upgrade, retryable, strip_hop_by_hop},
+        },
+        redirect::table::encode as backends_table,
+    };
+}

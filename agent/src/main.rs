@@ -57,7 +57,8 @@ enum Command {
         /// Only connections to this endpoint (ip:port).
         #[arg(long)]
         endpoint: Option<String>,
-        /// Only connections from this client: pid, command, or part of its cgroup path.
+        /// Only connections from this client: pid, command, part of its cgroup path, or
+        /// the start of its workload or pod name (`shop/`).
         #[arg(long)]
         client: Option<String>,
         #[arg(long, default_value = "127.0.0.1:4191")]
@@ -84,6 +85,57 @@ enum Command {
         /// Stop after this many refreshes (0: until interrupted).
         #[arg(long, default_value_t = 0)]
         iterations: u64,
+    },
+    /// Golden signals (requests, success rate, latency percentiles, connections, bytes)
+    /// by service, client workload, route (workload -> service) or endpoint.
+    Stat {
+        /// services, workloads, routes or endpoints.
+        #[arg(default_value = "services")]
+        by: String,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only this client workload (`namespace/kind/name` or `kind/name`).
+        #[arg(long)]
+        workload: Option<String>,
+        /// Rates over this many seconds (at most 60).
+        #[arg(long, default_value_t = 60)]
+        window: u64,
+        #[arg(long, default_value = "127.0.0.1:4191")]
+        admin: std::net::SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Who talks to whom right now: client workload -> service -> endpoint, with rates.
+    Edges {
+        #[arg(long, default_value_t = 60)]
+        window: u64,
+        #[arg(long, default_value = "127.0.0.1:4191")]
+        admin: std::net::SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Watch requests (and opaque connections) as they happen.
+    Tap {
+        #[arg(long)]
+        service: Option<String>,
+        /// Client workload, or a prefix of it (`shop/` for a namespace).
+        #[arg(long)]
+        workload: Option<String>,
+        /// Request path prefix.
+        #[arg(long)]
+        path: Option<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Stop after this many seconds (at most 600).
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        #[arg(long, default_value = "127.0.0.1:4191")]
+        admin: std::net::SocketAddr,
+        /// Print each event as its JSON line.
+        #[arg(long)]
+        json: bool,
     },
     /// Show how a service (by name or address) resolves, down to endpoint health, from
     /// the running agent.
@@ -154,6 +206,17 @@ fn main() -> ExitCode {
         }
         Command::Services { prefix, admin, json } => {
             client(switchyard::cli::services(admin, prefix.as_deref(), json)).map(|out| println!("{out}"))
+        }
+        Command::Stat { by, service, workload, window, admin, json } => {
+            let filters = [("service", service), ("workload", workload)];
+            client(switchyard::cli::stat(admin, &by, &filters, window, json)).map(|out| println!("{out}"))
+        }
+        Command::Edges { window, admin, json } => {
+            client(switchyard::cli::edges(admin, window, json)).map(|out| println!("{out}"))
+        }
+        Command::Tap { service, workload, path, limit, seconds, admin, json } => {
+            let filters = [("service", service), ("workload", workload), ("path", path)];
+            client(switchyard::cli::tap(admin, &filters, limit, seconds, json))
         }
         Command::Top { admin, interval_ms, iterations } => {
             client(switchyard::cli::top(admin, std::time::Duration::from_millis(interval_ms.max(100)), iterations))

@@ -185,7 +185,8 @@ impl Reconciler {
     /// Changes from the cluster, checked service by service against the running state.
     fn cluster(&mut self, delta: ClusterDelta) {
         let started = Instant::now();
-        let ClusterDelta { upsert, remove, locality } = delta;
+        let ClusterDelta { upsert, remove, locality, problems } = delta;
+        self.status.kubernetes_objects(problems);
         // Held-back changes first: the new ones supersede them.
         let held = std::mem::take(&mut self.held);
         // Reported already: a change held for the same reasons is not reported again.
@@ -326,7 +327,7 @@ impl Reconciler {
             self.tables.timed |= timed;
             if svc.config.health_check.is_some() {
                 let group = self.background.child();
-                health::spawn(svc, self.mark, &group);
+                health::spawn(svc, self.mark, &self.stats, &group);
                 self.checks.insert(c.slot, group);
             }
         }

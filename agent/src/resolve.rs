@@ -62,6 +62,16 @@ pub struct ServiceSummary {
     pub route: Vec<String>,
     pub healthy: bool,
     pub endpoints: Vec<EndpointNode>,
+    /// Session affinity, when the service has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<AffinitySummary>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AffinitySummary {
+    /// Clients remembered and not expired.
+    pub clients: usize,
+    pub timeout_secs: u64,
 }
 
 /// Up to `limit` services by name, after the name `after`, whose names start with
@@ -105,6 +115,10 @@ fn summary(snapshot: &Snapshot, i: usize, svc: &Service, now: Instant) -> Servic
         route: route.map(|r| r.targets().into_iter().map(str::to_owned).collect()).unwrap_or_default(),
         healthy: snapshot.has_healthy(i, now),
         endpoints: svc.balancer.endpoints().iter().map(|e| endpoint(e, now)).collect(),
+        affinity: svc
+            .balancer
+            .affinity()
+            .map(|a| AffinitySummary { clients: a.clients(now), timeout_secs: a.timeout().as_secs() }),
     }
 }
 
@@ -252,6 +266,27 @@ mod tests {
         assert_eq!(names(services(&snap, now, None, "a/", 10)), (vec!["a/x".into(), "a/y".into()], None));
         assert_eq!(names(services(&snap, now, Some("a/x"), "a/", 10)), (vec!["a/y".into()], None));
         assert_eq!(service(&snap, "c/z", now).map(|s| s.service).as_deref(), Some("c/z"));
+    }
+
+    #[test]
+    fn a_summary_counts_the_clients_affinity_remembers() {
+        let snap = Snapshot::build(
+            &Config::parse(
+                "services:\n  - { name: a, addresses: [\"10.96.0.1:80\"], endpoints: [\"10.0.0.1:80\"], session_affinity: { timeout: 90s } }\n  - { name: b, addresses: [\"10.96.0.2:80\"], endpoints: [\"10.0.0.1:80\"] }\n",
+                Path::new("t.yaml"),
+            )
+            .unwrap(),
+            &Resolved::new(),
+            None,
+        );
+        let now = Instant::now();
+        for key in [1, 2, 1] {
+            snap.service_named("a").unwrap().balancer.pick(key, &[], now);
+        }
+        let a = service(&snap, "a", now).unwrap();
+        assert_eq!(a.affinity, Some(AffinitySummary { clients: 2, timeout_secs: 90 }));
+        let json = serde_json::to_value(service(&snap, "b", now).unwrap()).unwrap();
+        assert!(json.get("affinity").is_none(), "left out without affinity: {json}");
     }
 
     #[test]

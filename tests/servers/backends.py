@@ -80,17 +80,23 @@ def ws_echo(args):
 def ws_client(args):
     from websockets.sync.client import connect
 
-    ok = 0
+    ok, largest = 0, 0
+    n = max(args.messages, 2)
     with connect(args.uri, max_size=None, open_timeout=10) as ws:
-        for i in range(args.messages):
-            # Sizes from 1 byte to ~1 MiB, binary and text.
-            size = 1 + (i * 7919) % args.max_size
-            payload = bytes((i + j) % 251 for j in range(size))
-            ws.send(payload if i % 2 else payload.hex())
+        for i in range(n):
+            # Sizes from 1 byte to exactly --max-size, growing geometrically, the last
+            # ones at the top; text (hex) and binary in turn, each exactly `size` long.
+            size = 1 if i == 0 else round(args.max_size ** (i / (n - 1)))
+            base = bytes((i + j) % 251 for j in range(min(size, 251 * 16)))
+            payload = (base * (size // len(base) + 1))[:size]
+            message = payload.hex()[:size] if i % 2 == 0 else payload
+            ws.send(message)
             back = ws.recv(timeout=10)
-            if back == (payload if i % 2 else payload.hex()):
+            if back == message:
                 ok += 1
+                largest = max(largest, len(message))
     print(f"echoed={ok}")
+    print(f"largest={largest}")
 
 
 class UploadHandler(http.server.BaseHTTPRequestHandler):
@@ -124,6 +130,32 @@ class Threaded(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
 def upload(args):
     server = Threaded(host_port(args.listen), UploadHandler)
+    print("ready", flush=True)
+    server.serve_forever()
+
+
+class GoldenHandler(http.server.BaseHTTPRequestHandler):
+    """GET /ok: 200; /fail: 500; /slow: 200 after 200 ms. Known answers and latency, for
+    the golden-signal tests. HTTP/1.1 keep-alive."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        status = {"/ok": 200, "/fail": 500, "/slow": 200}.get(self.path, 404)
+        if self.path == "/slow":
+            time.sleep(0.2)
+        body = b"%d %s\n" % (status, self.path.encode())
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def golden(args):
+    server = Threaded(host_port(args.listen), GoldenHandler)
     print("ready", flush=True)
     server.serve_forever()
 
@@ -182,7 +214,7 @@ def main():
     s.add_argument("--uri", required=True)
     s.add_argument("--messages", type=int, default=40)
     s.add_argument("--max-size", type=int, default=1 << 20)
-    for name in ("upload", "hang"):
+    for name in ("upload", "hang", "golden"):
         sub.add_parser(name).add_argument("--listen", required=True)
     s = sub.add_parser("greeter")
     s.add_argument("--listen", required=True)
@@ -196,6 +228,7 @@ def main():
         "ws-client": ws_client,
         "upload": upload,
         "hang": hang,
+        "golden": golden,
         "greeter": greeter,
         "greeter-client": greeter_client,
     }[args.cmd](args)

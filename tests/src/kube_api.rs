@@ -3,15 +3,23 @@
 //! agent's code: it speaks the real HTTP list/watch protocol that kube-rs (and kubectl)
 //! use, with real-shaped JSON objects.
 //!
-//! * `GET /api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices`, `/api/v1/nodes`
-//!   (with `fieldSelector=metadata.name=...`): a list with `metadata.resourceVersion`, in
-//!   pages when asked (`limit`, `continue`, as kube-rs's watcher does with 500 a page).
+//! * `GET /api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices`, `/api/v1/nodes`,
+//!   `/api/v1/pods`: a list with `metadata.resourceVersion`, in pages when asked (`limit`,
+//!   `continue`, as kube-rs's watcher does with 500 a page), filtered by a
+//!   `fieldSelector` of `metadata.name`, `metadata.namespace` and, for Pods,
+//!   `spec.nodeName` (as the kubelet and the agent ask for one node's pods).
 //! * The same with `watch=true&resourceVersion=N`: a chunked stream of newline-separated
 //!   `{"type": ADDED|MODIFIED|DELETED|BOOKMARK|ERROR, "object": ...}` events after N, with
 //!   bookmarks when asked for, or a 410 `Expired` ERROR event when N was compacted away.
+//!   Under a field selector, an object that comes to match is ADDED and one that stops
+//!   matching is DELETED, as the API server's watch cache does.
 //!
 //! Tests change objects through [`KubeApi`], and inject faults: compaction plus dropped
 //! watches (so clients must relist), and failing requests (so clients must back off).
+//!
+//! [`KubeApi::serve_tls`] serves as a real cluster's API server does: TLS with a
+//! certificate from a cluster CA, and bearer tokens checked on every request (401
+//! `Unauthorized` otherwise), which a test rotates and revokes.
 //!
 //! Built to serve clusters of 50,000 Services and EndpointSlices (the scale benchmark):
 //! every object is serialised once, when it is written, and lists and watch events copy
@@ -33,12 +41,13 @@ use hyper::{Request, Response, body::Frame, service::service_fn};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-/// The three resources the agent watches.
+/// The resources the agent watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Resource {
     Services,
     EndpointSlices,
     Nodes,
+    Pods,
 }
 
 impl Resource {
@@ -47,6 +56,7 @@ impl Resource {
             "/api/v1/services" => Some(Self::Services),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Self::EndpointSlices),
             "/api/v1/nodes" => Some(Self::Nodes),
+            "/api/v1/pods" => Some(Self::Pods),
             _ => None,
         }
     }
@@ -56,11 +66,124 @@ impl Resource {
             Self::Services => ("v1", "Service"),
             Self::EndpointSlices => ("discovery.k8s.io/v1", "EndpointSlice"),
             Self::Nodes => ("v1", "Node"),
+            Self::Pods => ("v1", "Pod"),
         }
+    }
+
+    /// The fields a `fieldSelector` may name beyond `metadata.*`: those the API server
+    /// indexes for this kind (of them, what the agent uses).
+    fn selectable(self, field: &str) -> bool {
+        matches!(field, "metadata.name" | "metadata.namespace") || (self == Self::Pods && field == "spec.nodeName")
     }
 }
 
 type Key = (Resource, String, String);
+
+/// An object's fields that selectors read, taken when it is written.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Fields {
+    name: String,
+    namespace: String,
+    node_name: Option<String>,
+}
+
+impl Fields {
+    fn of(object: &Value) -> Self {
+        let text = |v: &Value| v.as_str().unwrap_or("").to_owned();
+        Self {
+            name: text(&object["metadata"]["name"]),
+            namespace: text(&object["metadata"]["namespace"]),
+            node_name: object["spec"]["nodeName"].as_str().map(str::to_owned),
+        }
+    }
+
+    fn get(&self, field: &str) -> &str {
+        match field {
+            "metadata.name" => &self.name,
+            "metadata.namespace" => &self.namespace,
+            // An unscheduled pod matches `spec.nodeName=` (the scheduler's own query).
+            "spec.nodeName" => self.node_name.as_deref().unwrap_or(""),
+            _ => "",
+        }
+    }
+}
+
+/// A `fieldSelector`: `field=value` terms, all of which must hold (`==` is `=`).
+#[derive(Debug, Clone)]
+struct Selector {
+    resource: Resource,
+    terms: Vec<(String, String)>,
+}
+
+impl Selector {
+    /// Parse `selector` for `resource`; what the API server refuses is refused.
+    fn parse(resource: Resource, selector: Option<&str>) -> Result<Self, BadSelector> {
+        let mut terms = Vec::new();
+        for term in selector.unwrap_or("").split(',').filter(|t| !t.is_empty()) {
+            if term.contains("!=") {
+                return Err(BadSelector::Operator(term.to_owned()));
+            }
+            let (field, value) = term
+                .split_once("==")
+                .or_else(|| term.split_once('='))
+                .ok_or_else(|| BadSelector::Term(term.to_owned()))?;
+            if !resource.selectable(field) {
+                return Err(BadSelector::Field(field.to_owned()));
+            }
+            terms.push((field.to_owned(), value.to_owned()));
+        }
+        Ok(Self { resource, terms })
+    }
+
+    fn accepts(&self, resource: Resource, fields: &Fields) -> bool {
+        self.resource == resource && self.terms.iter().all(|(f, v)| fields.get(f) == v)
+    }
+
+    /// Whether a watch under this selector gets anything of `change` (cheap: no copy).
+    fn sees(&self, change: &Change) -> bool {
+        self.accepts(change.resource, &change.fields)
+            || change.before.as_ref().is_some_and(|b| self.accepts(change.resource, b))
+    }
+
+    /// What a watch under this selector gets of `change`: the event as it is, ADDED for
+    /// an object that comes to match, DELETED for one that stops matching, or nothing.
+    fn event(&self, change: &Change) -> Option<Bytes> {
+        let now = self.accepts(change.resource, &change.fields);
+        let before = change.before.as_ref().map(|b| self.accepts(change.resource, b));
+        match (before, now) {
+            (None | Some(true), true) => Some(change.line()),
+            (Some(false), true) => Some(event_line("ADDED", &change.object)),
+            (Some(true), false) => Some(event_line("DELETED", &change.object)),
+            (_, false) => None,
+        }
+    }
+}
+
+/// A `fieldSelector` refused: Display is the 400 answer's message (the API server's words).
+#[derive(Debug)]
+enum BadSelector {
+    /// `!=`: valid, but not needed by the agent, so not served.
+    Operator(String),
+    Term(String),
+    Field(String),
+}
+
+impl std::fmt::Display for BadSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Operator(t) => write!(f, "the stand-in supports `=` only: {t}"),
+            Self::Term(t) => write!(f, "invalid selector: '{t}'; can't understand '{t}'"),
+            Self::Field(field) => write!(f, "field label not supported: {field}"),
+        }
+    }
+}
+
+/// An object as stored: serialised once, and its selectable fields.
+#[derive(Debug, Clone)]
+struct Stored {
+    bytes: Bytes,
+    fields: Fields,
+}
 
 /// One write, as watchers get it. The object's bytes are shared with the store, so the
 /// history of a large cluster costs little more than the cluster.
@@ -68,7 +191,10 @@ type Key = (Resource, String, String);
 struct Change {
     rv: u64,
     resource: Resource,
-    name: String,
+    /// The object's, after the write (of the deleted object for DELETED).
+    fields: Fields,
+    /// The object's before a MODIFIED write, so a selector it stops matching sends DELETED.
+    before: Option<Fields>,
     /// ADDED, MODIFIED or DELETED.
     kind: &'static str,
     object: Bytes,
@@ -103,7 +229,7 @@ struct State {
     rv: u64,
     /// Every object serialised once, when written (with its kind and resourceVersion):
     /// a list of 50,000 slices is then a copy, not 50,000 serialisations.
-    objects: BTreeMap<Key, Bytes>,
+    objects: BTreeMap<Key, Stored>,
     /// Every change, oldest first (kept until compacted: a rollout of thousands of
     /// changes is small next to the objects themselves).
     history: Vec<Arc<Change>>,
@@ -111,6 +237,11 @@ struct State {
     compacted_before: u64,
     fail_next: u32,
     requests: u64,
+    /// Bearer tokens accepted (`None`: any request, the plain-HTTP stand-in).
+    tokens: Option<BTreeSet<String>>,
+    unauthorized: u64,
+    /// Lists (not watches) served, per resource: a client that relisted shows here.
+    lists: HashMap<Resource, u64>,
     /// Every kind of request seen, as RBAC names it.
     access: BTreeSet<Access>,
 }
@@ -149,19 +280,108 @@ fn access(method: &hyper::Method, path: &str, watch: bool) -> Access {
     (verb.to_owned(), group.to_owned(), (*resource).to_owned())
 }
 
+/// How the stand-in ends the live watches.
+#[derive(Debug, Clone, Copy)]
+enum Close {
+    /// Close the stream: clients resume from the last version they saw.
+    Drop,
+    /// Send a 410 Gone `Expired` ERROR event, then close, as an API server does when the
+    /// watch's version was compacted away: clients must list again. The current version.
+    Expire(u64),
+}
+
 /// Handle to a running stand-in; stops with the test.
 pub struct KubeApi {
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<Arc<Change>>,
-    close_watches: broadcast::Sender<()>,
+    close_watches: broadcast::Sender<Close>,
     pub addr: SocketAddr,
+    /// With TLS: the cluster CA and the service-account token files.
+    pub credentials: Option<Credentials>,
     _runtime: tokio::runtime::Runtime,
+}
+
+/// A cluster's credentials as a pod sees them: the CA that signed the API server's
+/// certificate, and the token file the kubelet keeps rotated.
+pub struct Credentials {
+    pub ca: std::path::PathBuf,
+    pub token_file: std::path::PathBuf,
+}
+
+/// A new CA: its self-signed certificate and what signs with it.
+fn new_ca() -> (rcgen::Certificate, rcgen::Issuer<'static, rcgen::KeyPair>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(DnType::CommonName, "switchyard-test cluster CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    (ca_cert, Issuer::new(ca, ca_key))
+}
+
+/// The PEM of a CA that signed nothing the stand-in serves: a wrong `certificate-authority`.
+pub fn unrelated_ca_pem() -> String {
+    new_ca().0.pem()
+}
+
+/// A CA and a certificate it signed for `127.0.0.1`: (CA PEM, server config).
+fn cluster_tls() -> (String, Arc<rustls::ServerConfig>) {
+    use rcgen::{CertificateParams, DnType, KeyPair};
+    let (ca_cert, issuer) = new_ca();
+    let key = KeyPair::generate().unwrap();
+    let mut server = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    server.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+    let cert = server.signed_by(&key, &issuer).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap();
+    (ca_cert.pem(), Arc::new(config))
 }
 
 impl KubeApi {
     /// Serve on `listener` (created by the caller in whatever network namespace the
     /// agent will reach it from).
     pub fn serve(listener: std::net::TcpListener) -> Self {
+        Self::serve_with(listener, None)
+    }
+
+    /// Serve over TLS with bearer tokens, as a cluster does: the CA goes to `dir/ca.crt`,
+    /// the one accepted token (`token-1`) to `dir/token`, as a pod's service account has
+    /// them. [`KubeApi::kubeconfig`] then names both files.
+    pub fn serve_tls(listener: std::net::TcpListener, dir: &std::path::Path) -> Self {
+        let (ca_pem, config) = cluster_tls();
+        let credentials = Credentials { ca: dir.join("ca.crt"), token_file: dir.join("token") };
+        std::fs::write(&credentials.ca, ca_pem).unwrap();
+        std::fs::write(&credentials.token_file, "token-1").unwrap();
+        let mut api = Self::serve_with(listener, Some(tokio_rustls::TlsAcceptor::from(config)));
+        api.state.lock().unwrap().tokens = Some(["token-1".to_owned()].into());
+        api.credentials = Some(credentials);
+        api
+    }
+
+    /// The kubelet's rotation: `token` is written to the token file and accepted from
+    /// now on, beside the ones accepted already.
+    pub fn rotate_token(&self, token: &str) {
+        let creds = self.credentials.as_ref().expect("a TLS stand-in");
+        std::fs::write(&creds.token_file, token).unwrap();
+        self.state.lock().unwrap().tokens.get_or_insert_default().insert(token.to_owned());
+    }
+
+    /// Accept only `tokens` from now on (a revoked one gets 401).
+    pub fn accept_only(&self, tokens: &[&str]) {
+        self.state.lock().unwrap().tokens = Some(tokens.iter().map(|t| (*t).to_owned()).collect());
+    }
+
+    /// Requests refused for want of a valid token.
+    pub fn unauthorized(&self) -> u64 {
+        self.state.lock().unwrap().unauthorized
+    }
+
+    fn serve_with(listener: std::net::TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -174,24 +394,41 @@ impl KubeApi {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
                 let api = api.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let api = api.clone();
                         async move { Ok::<_, Infallible>(api.handle(req)) }
                     });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(tls) => {
+                            // A client that does not trust the CA ends its handshake here.
+                            let Ok(stream) = tls.accept(stream).await else { return };
+                            let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                        }
+                        None => {
+                            let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
             }
         });
-        Self { state, events, close_watches, addr, _runtime: runtime }
+        Self { state, events, close_watches, addr, credentials: None, _runtime: runtime }
     }
 
-    /// A kubeconfig pointing at this server (plain HTTP, a dummy token).
+    /// A kubeconfig pointing at this server: plain HTTP with a dummy token, or with TLS
+    /// the cluster CA and the token file (re-read by the client as the kubelet rotates it).
     pub fn kubeconfig(&self) -> String {
+        let (server, user) = match &self.credentials {
+            None => (format!("http://{}", self.addr), "token: standin-token".to_owned()),
+            Some(c) => (
+                format!("https://{}\n    certificate-authority: {}", self.addr, c.ca.display()),
+                format!("tokenFile: {}", c.token_file.display()),
+            ),
+        };
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: http://{}\nusers:\n- name: agent\n  user:\n    token: standin-token\ncontexts:\n- name: standin\n  context:\n    cluster: standin\n    user: agent\ncurrent-context: standin\n",
-            self.addr
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: {server}\nusers:\n- name: agent\n  user:\n    {user}\ncontexts:\n- name: standin\n  context:\n    cluster: standin\n    user: agent\ncurrent-context: standin\n"
         )
     }
 
@@ -204,19 +441,26 @@ impl KubeApi {
     /// each its own resourceVersion and event, in order.
     pub fn apply_many(&self, resource: Resource, objects: impl IntoIterator<Item = Value>) {
         let mut s = self.state.lock().unwrap();
-        for mut object in objects {
-            s.rv += 1;
-            let rv = s.rv;
-            let (api_version, kind) = resource.kind();
-            object["apiVersion"] = json!(api_version);
-            object["kind"] = json!(kind);
-            object["metadata"]["resourceVersion"] = json!(rv.to_string());
-            let key = key(resource, &object);
-            let bytes = Bytes::from(object.to_string());
-            let name = key.2.clone();
-            let event = if s.objects.insert(key, bytes.clone()).is_some() { "MODIFIED" } else { "ADDED" };
-            self.record(&mut s, Change { rv, resource, name, kind: event, object: bytes });
+        for object in objects {
+            let (key, rv, stored) = self.store(&mut s, resource, object);
+            let (fields, object) = (stored.fields.clone(), stored.bytes.clone());
+            let before = s.objects.insert(key, stored).map(|old| old.fields);
+            let kind = if before.is_some() { "MODIFIED" } else { "ADDED" };
+            self.record(&mut s, Change { rv, resource, fields, before, kind, object });
         }
+    }
+
+    /// `object` with its kind and the next resourceVersion, serialised: (key, version,
+    /// what to store), for the caller to store.
+    fn store(&self, s: &mut State, resource: Resource, mut object: Value) -> (Key, u64, Stored) {
+        s.rv += 1;
+        let rv = s.rv;
+        let (api_version, kind) = resource.kind();
+        object["apiVersion"] = json!(api_version);
+        object["kind"] = json!(kind);
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let stored = Stored { bytes: Bytes::from(object.to_string()), fields: Fields::of(&object) };
+        (key(resource, &object), rv, stored)
     }
 
     /// Delete an object (DELETED to watchers).
@@ -225,10 +469,10 @@ impl KubeApi {
         let Some(stored) = s.objects.remove(&(resource, namespace.to_owned(), name.to_owned())) else { return };
         s.rv += 1;
         let rv = s.rv;
-        let mut object: Value = serde_json::from_slice(&stored).expect("stored objects are JSON");
+        let mut object: Value = serde_json::from_slice(&stored.bytes).expect("stored objects are JSON");
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         let object = Bytes::from(object.to_string());
-        self.record(&mut s, Change { rv, resource, name: name.to_owned(), kind: "DELETED", object });
+        self.record(&mut s, Change { rv, resource, fields: stored.fields, before: None, kind: "DELETED", object });
     }
 
     /// Keep `change` for watches to come and send it to those open, under the caller's
@@ -243,14 +487,37 @@ impl KubeApi {
     }
 
     /// Forget history (as etcd compaction does) and drop every open watch: clients that
-    /// resume from an old resourceVersion get 410 Gone and must list again.
+    /// resume from an old resourceVersion get 410 Gone and must list again. (One that
+    /// saw the current version, from a bookmark, resumes without a 410: nothing was
+    /// missed. [`KubeApi::compact_expiring_watches`] is the case that needs a relist.)
     pub fn compact_and_drop_watches(&self) {
         let mut s = self.state.lock().unwrap();
         // Resuming from the current version is fine (nothing was missed); from any older
         // one, the events in between are gone.
         s.compacted_before = s.rv;
         s.history.clear();
-        let _ = self.close_watches.send(());
+        let _ = self.close_watches.send(Close::Drop);
+    }
+
+    /// Write `objects` of `resource` where no watch sees them, compact the history past
+    /// them, and end every live watch with a 410 Gone `Expired` ERROR event: what a
+    /// client sees when its watch fell behind a compaction. Every version it has seen
+    /// (bookmarks included) is now too old, so a watch from any of them gets 410 too; the
+    /// only way to learn of `objects` is to list again.
+    pub fn compact_expiring_watches(&self, resource: Resource, objects: impl IntoIterator<Item = Value>) {
+        let mut s = self.state.lock().unwrap();
+        for object in objects {
+            let (key, _, stored) = self.store(&mut s, resource, object);
+            s.objects.insert(key, stored);
+        }
+        s.compacted_before = s.rv;
+        s.history.clear();
+        let _ = self.close_watches.send(Close::Expire(s.rv));
+    }
+
+    /// Lists (not watches) of `resource` served so far.
+    pub fn lists(&self, resource: Resource) -> u64 {
+        self.state.lock().unwrap().lists.get(&resource).copied().unwrap_or(0)
     }
 
     /// Answer the next `n` requests with 500 Internal Server Error.
@@ -280,7 +547,7 @@ type Body = BoxBody<Bytes, Infallible>;
 struct Server {
     state: Arc<Mutex<State>>,
     events: broadcast::Sender<Arc<Change>>,
-    close_watches: broadcast::Sender<()>,
+    close_watches: broadcast::Sender<Close>,
 }
 
 fn json_response(status: u16, body: Value) -> Response<Body> {
@@ -311,6 +578,13 @@ impl Server {
             s.requests += 1;
             let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
             s.access.insert(access(req.method(), req.uri().path(), watch));
+            if let Some(tokens) = &s.tokens {
+                let bearer = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+                if !bearer.and_then(|b| b.strip_prefix("Bearer ")).is_some_and(|t| tokens.contains(t)) {
+                    s.unauthorized += 1;
+                    return json_response(401, status(401, "Unauthorized", "Unauthorized"));
+                }
+            }
             if s.fail_next > 0 {
                 s.fail_next -= 1;
                 return json_response(500, status(500, "InternalError", "injected failure"));
@@ -319,21 +593,24 @@ impl Server {
         let Some(resource) = Resource::from_path(req.uri().path()) else {
             return json_response(404, status(404, "NotFound", "the server could not find the requested resource"));
         };
-        let name_filter = query.get("fieldSelector").and_then(|f| f.strip_prefix("metadata.name=")).map(str::to_owned);
-        let matches = move |r: Resource, name: &str| r == resource && name_filter.as_deref().is_none_or(|n| n == name);
+        let selector = match Selector::parse(resource, query.get("fieldSelector").map(String::as_str)) {
+            Ok(s) => s,
+            Err(bad) => return json_response(400, status(400, "BadRequest", &bad.to_string())),
+        };
         if matches!(query.get("watch").map(String::as_str), Some("true" | "1")) {
             let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
             let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true");
             let timeout = query.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(290u64).min(290);
-            return self.watch(resource, from, bookmarks, Duration::from_secs(timeout), matches);
+            return self.watch(resource, from, bookmarks, Duration::from_secs(timeout), selector);
         }
+        *self.state.lock().unwrap().lists.entry(resource).or_default() += 1;
         let limit = query.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
         let after = match query.get("continue").filter(|c| !c.is_empty()).map(|c| Continue::parse(c)) {
             None => None,
             Some(Some(c)) => Some(c),
             Some(None) => return json_response(400, status(400, "BadRequest", "invalid continue token")),
         };
-        self.list(resource, limit, after, matches)
+        self.list(resource, limit, after, &selector)
     }
 
     /// One page of a list: at most `limit` objects after `after`'s key, with a continue
@@ -346,7 +623,7 @@ impl Server {
         resource: Resource,
         limit: Option<usize>,
         after: Option<Continue>,
-        matches: impl Fn(Resource, &str) -> bool,
+        selector: &Selector,
     ) -> Response<Body> {
         let (items, rv, more) = {
             let s = self.state.lock().unwrap();
@@ -362,10 +639,10 @@ impl Server {
                 .objects
                 .range((start, Bound::Unbounded))
                 .take_while(|((r, _, _), _)| *r == resource)
-                .filter(|((r, _, name), _)| matches(*r, name));
+                .filter(|((r, _, _), o)| selector.accepts(*r, &o.fields));
             // Cheap clones (shared bytes) under the lock; the copying happens after it.
             let items: Vec<(Key, Bytes)> =
-                objects.by_ref().take(limit.unwrap_or(usize::MAX)).map(|(k, o)| (k.clone(), o.clone())).collect();
+                objects.by_ref().take(limit.unwrap_or(usize::MAX)).map(|(k, o)| (k.clone(), o.bytes.clone())).collect();
             let more = objects.next().is_some();
             (items, rv, more)
         };
@@ -397,7 +674,7 @@ impl Server {
         from: u64,
         bookmarks: bool,
         timeout: Duration,
-        matches: impl Fn(Resource, &str) -> bool + Send + 'static,
+        selector: Selector,
     ) -> Response<Body> {
         let line = |kind: &str, object: Value| event_line(kind, object.to_string().as_bytes());
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(256);
@@ -407,8 +684,7 @@ impl Server {
             let gone = from < s.compacted_before;
             // History is in resourceVersion order: start at the first change after `from`.
             let first = s.history.partition_point(|c| c.rv <= from);
-            let backlog: Vec<Arc<Change>> =
-                s.history[first..].iter().filter(|c| matches(c.resource, &c.name)).cloned().collect();
+            let backlog: Vec<Arc<Change>> = s.history[first..].iter().filter(|c| selector.sees(c)).cloned().collect();
             (backlog, self.events.subscribe(), self.close_watches.subscribe(), gone, s.rv)
         };
         let (api_version, kind) = resource.kind();
@@ -419,8 +695,8 @@ impl Server {
                     .await;
                 return;
             }
-            for change in backlog {
-                if tx.send(change.line()).await.is_err() {
+            for line in backlog.iter().filter_map(|c| selector.event(c)) {
+                if tx.send(line).await.is_err() {
                     return;
                 }
             }
@@ -431,7 +707,13 @@ impl Server {
             loop {
                 tokio::select! {
                     _ = &mut deadline => return,
-                    _ = close.recv() => return,
+                    closed = close.recv() => {
+                        if let Ok(Close::Expire(now)) = closed {
+                            let gone = status(410, "Expired", &format!("too old resource version: {last_rv} ({now})"));
+                            let _ = tx.send(line("ERROR", gone)).await;
+                        }
+                        return;
+                    }
                     _ = tick.tick(), if bookmarks => {
                         let bookmark = json!({"apiVersion": api_version, "kind": kind,
                                               "metadata": {"resourceVersion": last_rv.to_string()}});
@@ -440,7 +722,7 @@ impl Server {
                     event = live.recv() => match event {
                         Ok(change) => {
                             last_rv = change.rv;
-                            if matches(change.resource, &change.name) && tx.send(change.line()).await.is_err() {
+                            if let Some(line) = selector.event(&change) && tx.send(line).await.is_err() {
                                 return;
                             }
                         }
@@ -499,4 +781,48 @@ pub fn listen_in_netns(netns: &std::path::Path) -> std::net::TcpListener {
     })
     .join()
     .expect("listener thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(object: Value, before: Option<Value>, kind: &'static str) -> Change {
+        Change {
+            rv: 1,
+            resource: Resource::Pods,
+            fields: Fields::of(&object),
+            before: before.as_ref().map(Fields::of),
+            kind,
+            object: Bytes::from(object.to_string()),
+        }
+    }
+
+    fn event_type(line: Option<Bytes>) -> Option<String> {
+        line.map(|l| serde_json::from_slice::<Value>(&l).unwrap()["type"].as_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn a_pod_field_selector_follows_the_node_name_as_the_watch_cache_does() {
+        let on = |node: Option<&str>| json!({"metadata": {"namespace": "x", "name": "p"}, "spec": {"nodeName": node}});
+        let node0 = Selector::parse(Resource::Pods, Some("spec.nodeName=node0")).unwrap();
+        let kind = |c: &Change| event_type(node0.event(c));
+        assert_eq!(kind(&change(on(Some("node0")), None, "ADDED")).as_deref(), Some("ADDED"));
+        assert_eq!(kind(&change(on(Some("node1")), None, "ADDED")), None, "another node's pod");
+        // Scheduled onto this node: it comes to match, ADDED; moved away: DELETED.
+        assert_eq!(kind(&change(on(Some("node0")), Some(on(None)), "MODIFIED")).as_deref(), Some("ADDED"));
+        assert_eq!(kind(&change(on(Some("node1")), Some(on(Some("node0"))), "MODIFIED")).as_deref(), Some("DELETED"));
+        assert_eq!(kind(&change(on(Some("node0")), Some(on(Some("node0"))), "MODIFIED")).as_deref(), Some("MODIFIED"));
+        assert!(
+            Selector::parse(Resource::Pods, Some("spec.nodeName="))
+                .unwrap()
+                .accepts(Resource::Pods, &Fields::of(&on(None)))
+        );
+        assert!(!node0.accepts(Resource::Nodes, &Fields::of(&on(Some("node0")))), "another resource");
+        // What the API server refuses, the stand-in refuses.
+        assert!(Selector::parse(Resource::Nodes, Some("spec.nodeName=node0")).is_err());
+        assert!(Selector::parse(Resource::Pods, Some("status.phase=Running")).is_err());
+        let named = Selector::parse(Resource::Nodes, Some("metadata.name=node0")).unwrap();
+        assert!(named.accepts(Resource::Nodes, &Fields { name: "node0".into(), ..Fields::default() }));
+    }
 }

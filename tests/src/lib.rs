@@ -101,6 +101,14 @@ pub fn switchyard_bin() -> PathBuf {
     bin
 }
 
+/// Another build of the agent, with another version or hand-over protocol (`cargo xtask
+/// test` builds them first: `VARIANTS` in xtask): target/variants/switchyard-<name>.
+pub fn variant_bin(name: &str) -> PathBuf {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../target/variants/switchyard-{name}"));
+    assert!(bin.is_file(), "{} does not exist: `cargo xtask test` builds it", bin.display());
+    bin
+}
+
 /// `redis-server` arguments for a throwaway server on `bind:port`: no snapshots, no
 /// append-only file, not in protected mode (clients come from another namespace).
 pub fn redis_args(bind: &str, port: u16) -> Vec<String> {
@@ -111,8 +119,13 @@ pub fn redis_args(bind: &str, port: u16) -> Vec<String> {
 
 /// The Python servers and clients of the HTTP tests (tests/servers/backends.py).
 pub fn backends_py() -> Command {
+    server_py("backends.py")
+}
+
+/// `python3 tests/servers/<script>`: the Python servers and clients of the tests.
+pub fn server_py(script: &str) -> Command {
     let mut cmd = Command::new("python3");
-    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("servers/backends.py"));
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("servers").join(script));
     cmd
 }
 
@@ -226,6 +239,28 @@ impl Drop for Cgroup {
     }
 }
 
+/// Nested cgroups below a test's cgroup, laid out as kubelet lays out a pod's
+/// (`kubepods.slice/.../cri-containerd-<id>.scope`): every level is made, and on drop
+/// removed innermost first.
+pub struct NestedCgroup {
+    levels: Vec<Cgroup>,
+}
+
+impl NestedCgroup {
+    /// The innermost cgroup, where a client runs.
+    pub fn leaf(&self) -> &Cgroup {
+        self.levels.last().expect("at least one level")
+    }
+}
+
+impl Drop for NestedCgroup {
+    fn drop(&mut self) {
+        while let Some(level) = self.levels.pop() {
+            drop(level);
+        }
+    }
+}
+
 /// A child process killed (and reaped) on drop.
 pub struct Proc(pub Child);
 
@@ -238,7 +273,15 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so a server with children (nginx's master and its workers) takes
+    /// them along: a SIGKILLed master leaves its workers running. SIGKILL after 3 s.
     fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_ok()
+            && wait_bounded(&mut self.0, Duration::from_secs(3)).is_some()
+        {
+            return;
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -320,6 +363,13 @@ impl Topology {
         (out.status.success(), text)
     }
 
+    /// Rewrite the config file the agent was started with ([`Agent::start`] writes it) with
+    /// `config`, completed as [`Topology::node_config`] does, so that its agent block is
+    /// the running one's and a SIGHUP reloads services only (the plain reload path).
+    pub fn rewrite_config(&self, config: &str) {
+        std::fs::write(self.dir.path().join("switchyard.yaml"), self.node_config(config)).expect("write config");
+    }
+
     /// The agent's hand-over socket (`agent.handover_socket`) for this topology's node.
     pub fn handover_socket(&self) -> PathBuf {
         self.dir.path().join("run/handover.sock")
@@ -381,7 +431,14 @@ impl Topology {
         let cmd = enter(&mut cmd, &self.node, Some(cgroup.unwrap_or(&self.cgroup)));
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn load");
         let stdout = read_all(child.stdout.take());
-        Load { child: Some(child), stdout: Some(stdout) }
+        Load { child: Some(child), stdout: Some(stdout), expect: Load::expected(args) }
+    }
+
+    /// Connections open now through the agent (`/conns`, state `open`) to `service`: to
+    /// wait until held connections are really open before changing anything.
+    pub fn open_conns(&self, service: &str) -> usize {
+        let all: serde_json::Value = serde_json::from_str(&self.admin_get("/conns")).expect("/conns is JSON");
+        all.as_array().into_iter().flatten().filter(|c| c["state"] == "open" && c["service"] == service).count()
     }
 
     /// Make `cmd` start inside the node namespace, and inside the test cgroup (where the
@@ -417,6 +474,26 @@ impl Topology {
             self.node_can_connect(target)
         });
         proc
+    }
+
+    /// nginx on backend host `i`, listening on :8080 (HTTP/1.1) and :8081 (h2c) of its
+    /// address, its pid, logs and temp files in `dir`: `main` adds top-level directives,
+    /// `http` the rest of the `http` block (logs, limits) and `locations` the server's.
+    /// Returns once :8080 accepts connections.
+    pub fn nginx(&self, i: usize, dir: &Path, main: &str, http: &str, locations: &str) -> Proc {
+        std::fs::create_dir_all(dir).expect("nginx dir");
+        let (d, ip) = (dir.display(), host_v4(i));
+        let conf = format!(
+            "user root;\n{main}\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 1024; }}\n\
+             http {{\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n\
+             \x20 uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n{http}\n\
+             \x20 server {{\n    listen {ip}:8080;\n    listen {ip}:8081 http2;\n{locations}\n  }}\n}}\n"
+        );
+        let path = dir.join("nginx.conf");
+        std::fs::write(&path, conf).expect("write nginx.conf");
+        let mut cmd = Command::new("nginx");
+        cmd.arg("-c").arg(&path).args(["-g", "daemon off;"]);
+        self.host_server(i, &mut cmd, &format!("{ip}:8080"))
     }
 
     /// The probe echo server on `port` of every backend address, v4 and v6. Returns once
@@ -500,6 +577,28 @@ impl Topology {
     /// Run any client command in the node namespace and the test cgroup.
     pub fn client(&self, cmd: &mut Command) -> Output {
         run(self.in_node(cmd, true), Duration::from_secs(60))
+    }
+
+    /// `relative` (`a/b/c`) made below the test cgroup, level by level.
+    pub fn nested_cgroup(&self, relative: &str) -> NestedCgroup {
+        let mut levels: Vec<Cgroup> = Vec::new();
+        for part in relative.split('/').filter(|p| !p.is_empty()) {
+            let parent = levels.last().map_or(self.cgroup.path.clone(), |c| c.path.clone());
+            levels.push(Cgroup::new_in(&parent, part));
+        }
+        NestedCgroup { levels }
+    }
+
+    /// Run a client command in the node namespace and in `cgroup` (one below the test
+    /// cgroup, so still redirected).
+    pub fn client_in(&self, cgroup: &Cgroup, cmd: &mut Command) -> Output {
+        run(enter(cmd, &self.node, Some(cgroup)), Duration::from_secs(60))
+    }
+
+    /// Spawn a client command in the node namespace and in `cgroup`.
+    pub fn spawn_client_in(&self, cgroup: &Cgroup, cmd: &mut Command) -> Proc {
+        let child = enter(cmd, &self.node, Some(cgroup)).stdout(Stdio::piped()).stderr(Stdio::null()).spawn();
+        Proc(child.unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")))
     }
 
     /// Names of the programs attached to the test cgroup, as bpftool reports them.
@@ -611,6 +710,9 @@ pub fn eventually_some<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Op
 pub struct Load {
     child: Option<Child>,
     stdout: Option<thread::JoinHandle<Vec<u8>>>,
+    /// `--conns N` without `--duration-ms`: exactly N connections must be reported, so
+    /// a check over them cannot pass on an empty (or cut short) run.
+    expect: Option<usize>,
 }
 
 /// One connection of a load run.
@@ -630,7 +732,26 @@ impl Load {
         let text =
             String::from_utf8_lossy(&self.stdout.take().expect("reader").join().expect("load output")).into_owned();
         assert!(status.success(), "load failed ({status}): {text}");
-        parse_conns(&text)
+        let conns = parse_conns(&text);
+        let summary = format!(
+            "ok={} failed={}",
+            conns.iter().filter(|c| c.outcome.is_ok()).count(),
+            conns.iter().filter(|c| c.outcome.is_err()).count()
+        );
+        assert!(text.lines().any(|l| l == summary), "every connection of the load parsed ({summary}): {text}");
+        if let Some(n) = self.expect {
+            assert_eq!(conns.len(), n, "a load of --conns {n} reported {} connections: {text}", conns.len());
+        }
+        conns
+    }
+
+    /// The count a run of `args` must report, when it is fixed (see `expect`).
+    fn expected(args: &[&str]) -> Option<usize> {
+        if args.contains(&"--duration-ms") {
+            return None;
+        }
+        let n = args.windows(2).find(|w| w[0] == "--conns").map_or(Some(100), |w| w[1].parse().ok())?;
+        Some(n)
     }
 }
 
@@ -756,6 +877,8 @@ impl From<Output> for Probe {
 pub struct Agent {
     child: Option<Child>,
     log: Arc<Mutex<String>>,
+    /// Copies the agent's stderr into `log`; done at the pipe's EOF, once it exited.
+    reader: Option<thread::JoinHandle<()>>,
     cgroup: PathBuf,
     pin_dir: PathBuf,
     /// The node namespace's name, for the node addresses on its `lo`.
@@ -809,7 +932,7 @@ impl Agent {
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().expect("stderr");
         let sink = Arc::clone(&log);
-        thread::spawn(move || {
+        let reader = thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let mut log = sink.lock().unwrap();
                 log.push_str(&line);
@@ -819,6 +942,7 @@ impl Agent {
         let mut agent = Self {
             child: Some(child),
             log,
+            reader: Some(reader),
             cgroup: topo.cgroup.path.clone(),
             pin_dir: topo.pin_dir(),
             node: topo.node.name.clone(),
@@ -836,6 +960,10 @@ impl Agent {
             let exited = agent.child.as_mut().unwrap().try_wait().expect("wait").is_some();
             if exited || Instant::now() >= deadline {
                 agent.kill();
+                // Its last lines may still be in the pipe: read to the end first.
+                if let Some(reader) = agent.reader.take() {
+                    let _ = reader.join();
+                }
                 return Err(agent.log());
             }
             thread::sleep(Duration::from_millis(5));
@@ -875,8 +1003,7 @@ impl Agent {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).expect("signal agent");
         let status = wait_bounded(&mut child, Duration::from_secs(20))
             .unwrap_or_else(|| panic!("switchyard did not exit after {signal}:\n{}", self.log()));
-        // Let the reader thread drain the pipe.
-        thread::sleep(Duration::from_millis(100));
+        self.drain_log();
         (status, self.log())
     }
 
@@ -900,8 +1027,20 @@ impl Agent {
         let mut child = self.child.take().expect("running");
         let status = wait_bounded(&mut child, limit)
             .unwrap_or_else(|| panic!("switchyard did not exit within {limit:?}:\n{}", self.log()));
-        thread::sleep(Duration::from_millis(100));
+        self.drain_log();
         (status, self.log())
+    }
+
+    /// After the process exited: wait (bounded) until its whole stderr is in the log,
+    /// that is until the reader thread met the pipe's end.
+    fn drain_log(&mut self) {
+        let Some(reader) = self.reader.take() else { return };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !reader.is_finished() {
+            assert!(Instant::now() < deadline, "the agent's stderr stayed open 5 s after it exited");
+            thread::sleep(Duration::from_millis(5));
+        }
+        reader.join().expect("log reader");
     }
 }
 
@@ -1221,7 +1360,7 @@ impl Pod<'_> {
         let mut child =
             self.in_pod(&mut cmd).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn load");
         let stdout = read_all(child.stdout.take());
-        Load { child: Some(child), stdout: Some(stdout) }
+        Load { child: Some(child), stdout: Some(stdout), expect: Load::expected(args) }
     }
 
     /// Start a long-running client in the pod.

@@ -289,7 +289,11 @@ fn daemon_set_capabilities_are_enough_and_each_is_needed() {
         let out = run(topo.in_node(&mut cmd, true), Duration::from_secs(20));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "the agent started without CAP_{missing}: {stderr}");
-        assert!(stderr.contains("switchyard: error:"), "without CAP_{missing} it says why: {stderr}");
+        // Not any error: one that names the capability to add.
+        assert!(
+            stderr.contains("switchyard: error:") && stderr.contains(&format!("is missing CAP_{missing}")),
+            "without CAP_{missing} it says that CAP_{missing} is missing: {stderr}"
+        );
         let left = attached_programs(&topo.cgroup.path);
         assert!(left.is_empty(), "a refused start left programs attached: {left:?}");
         let addresses = topo.node_addresses_on_lo();

@@ -61,7 +61,7 @@ fn catalog_edits_apply_live_and_broken_edits_keep_the_last_good_catalog() {
 
     // A connection held open across the edits must not be cut.
     let held = topo.load("10.96.0.10:7000", &["--conns", "1", "--hold-ms", "3000"], None);
-    thread::sleep(Duration::from_millis(200));
+    eventually(Duration::from_secs(5), "the held connection open through the agent", || topo.open_conns("a") == 1);
 
     // Rename-over save adding a service: how long until a connection uses it?
     let two = format!("services:\n{}{}", svc("a", "10.96.0.10:7000", &h0), svc("b", "10.96.0.11:7000", &h1));
@@ -130,8 +130,27 @@ fn dnsmasq(topo: &Topology, hosts_dir: &Path, srv: &[&str]) -> Proc {
     }
     let child = topo.in_node(&mut cmd, false).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("dnsmasq");
     let proc = Proc(child);
-    thread::sleep(Duration::from_millis(300));
+    eventually(Duration::from_secs(10), "dnsmasq to answer on 127.0.0.1:5353", || dns_answers(topo));
     proc
+}
+
+/// Whether a DNS server answers (anything, NXDOMAIN included) a query for an A record
+/// sent to 127.0.0.1:5353 in the node namespace.
+fn dns_answers(topo: &Topology) -> bool {
+    switchyard_tests::in_netns(&topo.node, || {
+        let Ok(sock) = std::net::UdpSocket::bind("127.0.0.1:0") else { return false };
+        let _ = sock.set_read_timeout(Some(Duration::from_millis(200)));
+        // Header: id 0x5359, recursion desired, one question; then `probe.test` A IN.
+        let mut query = vec![0x53, 0x59, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in ["probe", "test"] {
+            query.push(label.len() as u8);
+            query.extend_from_slice(label.as_bytes());
+        }
+        query.extend_from_slice(&[0, 0, 1, 0, 1]);
+        let mut answer = [0u8; 512];
+        sock.send_to(&query, "127.0.0.1:5353").is_ok()
+            && sock.recv(&mut answer).is_ok_and(|n| n >= 12 && answer[..2] == [0x53, 0x59])
+    })
 }
 
 #[test]
@@ -181,11 +200,21 @@ fn dns_names_follow_record_changes_and_survive_an_outage() {
     });
     assert_eq!(reached(&topo, "10.96.0.10:7000").as_deref(), Some(h1.as_str()));
 
-    // The DNS server dies: everything keeps working on the last answers.
+    // The DNS server dies: everything keeps working on the last answers. First see the
+    // agent's re-query of the SRV name (good until now) fail: without that, this would
+    // only show that nothing was asked yet.
+    let since = agent.log_len();
     dns.kill();
-    thread::sleep(Duration::from_secs(3));
+    assert!(!dns_answers(&topo), "dnsmasq is gone");
+    eventually(Duration::from_secs(10), "a re-query after the outage to fail", || {
+        agent
+            .log_since(since)
+            .lines()
+            .any(|l| l.contains("DNS lookup failed; keeping the last answer") && l.contains("_echo._tcp.svc.test"))
+    });
     assert_eq!(reached(&topo, "10.96.0.10:7000").as_deref(), Some(h1.as_str()));
     let srv = topo.load("10.96.0.11:7000", &["--conns", "10"], None).wait();
     assert!(srv.iter().all(|c| c.outcome.is_ok()), "{srv:?}");
+    assert_eq!(shares(&srv).len(), 2, "both SRV targets kept: {srv:?}");
     agent.stop();
 }

@@ -4,7 +4,7 @@
 //! the metrics from the kernel's events, and an endpoint that refuses is ejected and
 //! leaves the table.
 
-use std::{process::Command, thread, time::Duration};
+use std::{process::Command, time::Duration};
 
 use serde_json::Value;
 use switchyard_tests::{Agent, Topology, echo_hosts, eventually, host_v4, probe_bin, shares};
@@ -53,12 +53,18 @@ fn kernel_mode_goes_straight_to_endpoints_by_weight_and_the_agent_still_sees_it(
             .sum();
         total == 601.0
     });
-    let out: f64 = (0..2)
-        .filter_map(|i| {
-            topo.metric("switchyard_bytes_total", &format!("endpoint=\"{}:7000\",direction=\"Out\"", host_v4(i)))
-        })
-        .sum();
-    assert!(out >= 200_000.0, "bytes out counted at close: {out}");
+    // Exactly: the probe's 200,000 bytes each way and its greeting (`HELLO 10.10.i.2:7000\n`,
+    // 21 bytes), and each load connection's 64 bytes each way and its greeting.
+    let bytes = |direction: &str| -> f64 {
+        (0..2)
+            .filter_map(|i| {
+                let labels = format!("endpoint=\"{}:7000\",direction=\"{direction}\"", host_v4(i));
+                topo.metric("switchyard_bytes_total", &labels)
+            })
+            .sum()
+    };
+    assert_eq!(bytes("out"), 200_000.0 + 600.0 * 64.0, "bytes out counted at close");
+    assert_eq!(bytes("in"), 200_021.0 + 600.0 * (64.0 + 21.0), "bytes in counted at close");
 
     // Open connections show in /conns as the kernel's, with who, where and the endpoint.
     let mut hold = Command::new(probe_bin());
@@ -72,7 +78,9 @@ fn kernel_mode_goes_straight_to_endpoints_by_weight_and_the_agent_still_sees_it(
     eventually(Duration::from_secs(5), "the held connections in /conns", || {
         held(&topo.admin_get("/conns")).iter().filter(|c| c["state"] == "open").count() == 3
     });
-    for c in held(&topo.admin_get("/conns")) {
+    let conns = held(&topo.admin_get("/conns"));
+    assert_eq!(conns.len(), 3, "{conns:?}");
+    for c in conns {
         assert_eq!(c["via"], "kernel", "{c}");
         assert_eq!(c["service"], "fast", "{c}");
         assert_eq!(c["client"]["comm"], "sy-probe", "{c}");
@@ -103,7 +111,13 @@ fn an_endpoint_that_refuses_is_ejected_from_the_kernel_table() {
         let _ = topo.load(SERVICE, &["--conns", "5", "--concurrency", "1"], None).wait();
         agent.log().contains("ejecting endpoint after connect failures")
     });
-    thread::sleep(Duration::from_millis(1200));
+    // Then the kernel's table is rewritten without it (next tick): wait for that, not a
+    // guess at how long it takes.
+    eventually(Duration::from_secs(5), "the kernel table rewritten after the ejection", || {
+        let log = agent.log();
+        let ejected = log.find("ejecting endpoint after connect failures").expect("ejected above");
+        log[ejected..].contains("kernel endpoint tables updated")
+    });
     let conns = topo.load(SERVICE, &["--conns", "200", "--concurrency", "2"], None).wait();
     let failed: Vec<_> = conns.iter().filter(|c| c.outcome.is_err()).collect();
     assert!(failed.is_empty(), "connections after the ejection failed: {failed:?}");

@@ -286,6 +286,7 @@ fn killing_restarting_and_upgrading_the_agent_under_pod_load() {
     assert!(through(&first_log) >= pods.len() + settled, "{} closed vs {settled} settled", through(&first_log));
     // kill -9 cuts what the dead agent proxied (reported); no new pod connection fails.
     assert!(killed.new > 0, "the load ran while no agent did: {killed:?}");
+    assert!(killed.failed_during.is_empty(), "pod connects begun during kill -9 failed: {:?}", killed.failed_during);
     assert!(killed.failed_new.is_empty(), "pod connects failed after kill -9: {:?}", killed.failed_new);
     for (name, f) in [("restart", &restarted), ("upgrade", &upgraded)] {
         assert!(f.new > 0, "{name}: no connection after it: {f:?}");

@@ -348,7 +348,7 @@ fn missing_privileges_or_cgroup2_are_reported_plainly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("needs root, or the capabilities CAP_BPF"), "{stderr}");
-    assert!(stderr.contains("missing CAP_BPF, CAP_NET_ADMIN"), "{stderr}");
+    assert!(stderr.contains("missing CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"), "{stderr}");
 
     // In a private mount namespace with the cgroup2 mount taken away (the host's mounts
     // are untouched): the agent must say there is no cgroup v2.

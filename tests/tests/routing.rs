@@ -2,7 +2,7 @@
 //! sets by weight (canary) or fails over between them in order; the rules change at run
 //! time; `switchyard resolve` shows the tree with live health.
 
-use std::{process::Command, thread, time::Duration};
+use std::{process::Command, time::Duration};
 
 use switchyard_tests::{Agent, Proc, Topology, epoch_ms, host_v4, require_root, shares};
 
@@ -65,11 +65,17 @@ fn split_and_failover_routes_apply_per_connection_and_change_at_run_time() {
     assert!(first.iter().all(|c| c.outcome.as_deref() == Ok(db_local_addr.as_str())), "{first:?}");
     // ...and when it dies, no connection fails: each moves on to the next set.
     let load = topo.load("10.96.0.21:80", &["--conns", "100000", "--concurrency", "2", "--duration-ms", "2000"], None);
-    thread::sleep(Duration::from_millis(500));
+    // Under way before the kill: a few connections reach the first set.
+    switchyard_tests::eventually(Duration::from_secs(5), "the load to reach db-local", || topo.open_conns("db") > 0);
     db_local.kill();
+    // Reaped, so its listener is closed; confirmed from the node. No connection begun
+    // after this may fail.
+    switchyard_tests::eventually(Duration::from_secs(5), "db-local to refuse connects", || {
+        !topo.node_can_connect(&db_local_addr)
+    });
     let t_kill = epoch_ms();
     let conns = load.wait();
-    let after: Vec<_> = conns.iter().filter(|c| c.start_ms > t_kill + 20).collect();
+    let after: Vec<_> = conns.iter().filter(|c| c.start_ms > t_kill).collect();
     assert!(
         after.len() > 50 && after.iter().all(|c| c.outcome.as_deref() == Ok((host_v4(1) + ":7001").as_str())),
         "{after:?}"
@@ -82,11 +88,16 @@ fn split_and_failover_routes_apply_per_connection_and_change_at_run_time() {
     assert_eq!(json["healthy"], true);
 
     // The operator shifts the canary to 50/50 at run time.
-    std::fs::write(topo.dir.path().join("switchyard.yaml"), config(&topo, 50, 50)).unwrap();
+    topo.rewrite_config(&config(&topo, 50, 50));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
     switchyard_tests::eventually(Duration::from_secs(5), "the new split", || {
         resolve(&topo, &["web"]).contains("50% web-v2")
     });
+    assert!(
+        !agent.log().contains("only change on restart"),
+        "the reload took the agent-settings-changed branch, not the plain services one:\n{}",
+        agent.log()
+    );
     let s = shares(&topo.load("10.96.0.20:80", &["--conns", "400", "--concurrency", "2"], None).wait());
     let canary = s.get(&v2).copied().unwrap_or(0.0);
     assert!((0.40..0.60).contains(&canary), "50/50 split sent {canary}: {s:?}");

@@ -14,6 +14,9 @@ use anyhow::{Context as _, bail, ensure};
 /// bpf-linker version that builds against the LLVM nightly rustc ships (see README).
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// cargo-fuzz, which builds and runs the fuzz targets in fuzz/ (on nightly).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
 /// Debian packages, by a command each provides.
 const DEBIAN: &[(&str, &str)] = &[
     ("ip", "iproute2"),
@@ -33,6 +36,9 @@ const DEBIAN: &[(&str, &str)] = &[
     ("openssl", "openssl"),
     // Pod tests: a pod whose packets to the node address are dropped (an output-hook rule).
     ("nft", "nftables"),
+    // tests/metrics_contract.rs: a real Prometheus scrapes the agent through
+    // deploy/prometheus/ and runs the Grafana dashboard's queries.
+    ("prometheus", "prometheus"),
 ];
 
 /// What `cargo xtask image` needs besides the toolchain: a C compiler for musl (ring's C
@@ -42,6 +48,7 @@ const DEBIAN_IMAGE: &[(&str, &str)] = &[("musl-gcc", "musl-tools"), ("umoci", "u
 pub fn all() -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     debian_packages()?;
     image_tools()?;
     python_packages()?;
@@ -53,8 +60,12 @@ pub fn all() -> anyhow::Result<()> {
 /// WebSocket client and server.
 const PYPI: &[(&str, &str)] = &[
     ("prometheus_client", "prometheus-client==0.26.0"),
+    // The Grafana dashboard's PromQL as syntax trees (tests/metrics_contract.rs).
+    ("promql_parser", "promql-parser==0.11.0"),
     ("grpc", "grpcio==1.85.3"),
     ("websockets", "websockets==15.0.1"),
+    // The hostile HTTP/2 clients of tests/reliability.rs (rapid reset, CONTINUATION flood).
+    ("h2", "h2==4.4.1"),
 ];
 
 /// The musl target and the Debian tools that build the container image.
@@ -129,6 +140,24 @@ fn rust_src() -> anyhow::Result<()> {
     }
     eprintln!("xtask: adding rust-src to the nightly toolchain");
     status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// `cargo fuzz` for the fuzz targets; any installed version will do.
+pub fn cargo_fuzz() -> anyhow::Result<()> {
+    let works =
+        || Command::new("cargo").args(["+nightly", "fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
+    if works() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (the fuzz targets' runner); about two minutes");
+    status(
+        Command::new("cargo")
+            .args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION, "--locked"])
+            // Not inside our workspace, whose config must not leak into the install.
+            .current_dir(std::env::temp_dir()),
+    )?;
+    ensure!(works(), "cargo-fuzz was installed but `cargo +nightly fuzz --version` fails");
+    Ok(())
 }
 
 fn bpf_linker_works() -> bool {

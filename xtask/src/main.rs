@@ -3,13 +3,17 @@
 //! * `bootstrap`: install what the build, tests and demo need (idempotent, fast when done).
 //! * `build [--release]`: bootstrap the toolchain, then build the agent.
 //! * `test [-- ARGS]`: bootstrap, build the agent and (as root) the debug image, then run
-//!   unit and root end-to-end tests.
+//!   unit and root end-to-end tests, then every fuzz target for a short while.
+//! * `fuzz [--seconds N] [TARGET...]`: the fuzz targets (all by default), longer.
 //! * `image [--debug]`: the container image (static musl binary, OCI layout, see image.rs).
+//! * `soak [--minutes N]`: bootstrap, build, then only the soak test (tests/tests/soak.rs)
+//!   for N minutes (default 10), its report passed through.
 //! * `demo`: bootstrap, build, then show a real client's traffic through the agent.
 
 mod bench;
 mod bootstrap;
 mod demo;
+mod fuzz;
 mod image;
 
 use std::{
@@ -37,10 +41,25 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Unit tests and the root-only end-to-end tests. Extra args go to `cargo test`.
+    /// Unit tests, the root-only end-to-end tests, then each fuzz target for a short
+    /// while. Extra args go to `cargo test` (and skip the fuzz targets).
     Test {
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Run the fuzz targets in fuzz/ (all, or those named) for a while each; crashing
+    /// inputs are saved under fuzz/artifacts/<target>/ (docs/fuzzing.md).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+        targets: Vec<String>,
+    },
+    /// Mixed real load while endpoints, the catalog and the agent itself are disrupted at
+    /// random moments (tests/tests/soak.rs; `test` runs a 2-minute one). As root.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
     },
     /// Run the agent against local backends in a throwaway namespace and cgroup.
     Demo,
@@ -77,13 +96,46 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test { args } => {
             bootstrap::all()?;
+            // Other builds first: each rebuilds the agent crate in place, and the build
+            // under test comes last.
+            build_variants()?;
             let bin = build_agent(false)?;
             // The image test (tests/tests/image.rs) checks the image built here. A debug
             // build: a release musl build takes about 8 minutes on 2 cores, this about 3, and
             // both go through the same packaging. Unpacking needs root, like the other
             // end-to-end tests; without root the image test skips loudly (fails under CI).
             let image = if bootstrap::is_root() { Some(image::build(false)?) } else { None };
-            test(&bin, image.as_ref(), &args)
+            let tests = test(&bin, image.as_ref(), &args)?;
+            // A filter means "these tests": the fuzz phase would only add minutes.
+            let fuzzed = if args.is_empty() {
+                fuzz::run_all(&fuzz::targets()?, fuzz::TEST_SECONDS)?
+            } else {
+                eprintln!("xtask: tests filtered: fuzz targets not run (`cargo xtask fuzz` runs them)");
+                Vec::new()
+            };
+            println!("\ntotal: {}", totals(&tests, &fuzzed));
+            ensure!(tests.status.success(), "cargo test failed ({})", tests.status);
+            ensure!(tests.passed > 0, "no test ran");
+            fuzz_verdict(&fuzzed)
+        }
+        Cmd::Fuzz { seconds, targets } => {
+            bootstrap::cargo_fuzz()?;
+            bootstrap::toolchain()?;
+            let all = fuzz::targets()?;
+            if let Some(unknown) = targets.iter().find(|t| !all.contains(t)) {
+                anyhow::bail!("no fuzz target `{unknown}`; fuzz/ has {}", all.join(", "));
+            }
+            let fuzzed = fuzz::run_all(if targets.is_empty() { &all } else { &targets }, seconds)?;
+            println!("\ntotal: {}", fuzz_totals(&fuzzed));
+            fuzz_verdict(&fuzzed)
+        }
+        Cmd::Soak { minutes } => {
+            ensure!(bootstrap::is_root(), "the soak loads eBPF programs and creates namespaces: run it as root");
+            ensure!(minutes > 0, "--minutes must be at least 1");
+            bootstrap::all()?;
+            build_variants()?;
+            let bin = build_agent(false)?;
+            soak(&bin, minutes)
         }
         Cmd::Image { debug } => {
             bootstrap::toolchain()?;
@@ -142,13 +194,74 @@ fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
     Ok(target_dir().join(if release { "release" } else { "debug" }).join("switchyard"))
 }
 
+/// Other builds of the agent, for the upgrade test in tests/tests/reliability.rs: one with
+/// another version and the same hand-over protocols, one that speaks only a later
+/// protocol. Set at build time (agent/src/handover.rs reads them).
+const VARIANTS: [(&str, &[(&str, &str)]); 2] = [
+    ("next", &[("SWITCHYARD_BUILD_VERSION", "switchyard/0.2.0-next")]),
+    (
+        "protocol3",
+        &[("SWITCHYARD_BUILD_VERSION", "switchyard/0.3.0-protocol3"), ("SWITCHYARD_HANDOVER_PROTOCOLS", "3-3")],
+    ),
+];
+
+/// Build each of [`VARIANTS`] (debug) into target/variants/switchyard-<name>.
+fn build_variants() -> anyhow::Result<()> {
+    let dir = target_dir().join("variants");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    for (name, env) in VARIANTS {
+        let mut cmd = cargo();
+        cmd.args(["build", "--package", "switchyard"]).envs(env.iter().copied());
+        bootstrap::status(&mut cmd).with_context(|| format!("build the agent variant `{name}`"))?;
+        let to = dir.join(format!("switchyard-{name}"));
+        std::fs::copy(target_dir().join("debug/switchyard"), &to)
+            .with_context(|| format!("copy to {}", to.display()))?;
+    }
+    Ok(())
+}
+
 fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
+/// What `cargo test --workspace` reported, added up over its suites.
+struct Tests {
+    passed: u64,
+    failed: u64,
+    status: std::process::ExitStatus,
+}
+
+/// The closing line of `cargo xtask test`: tests, then fuzz targets (each counts once:
+/// clean or crashed).
+fn totals(tests: &Tests, fuzzed: &[fuzz::Run]) -> String {
+    let mut line = format!("{} passed, {} failed", tests.passed, tests.failed);
+    if !fuzzed.is_empty() {
+        line += &format!("; {}", fuzz_totals(fuzzed));
+    }
+    line
+}
+
+fn fuzz_totals(fuzzed: &[fuzz::Run]) -> String {
+    let crashed = fuzzed.iter().filter(|r| r.crash.is_some()).count();
+    let inputs: u64 = fuzzed.iter().filter_map(|r| r.inputs).sum();
+    format!("fuzz targets: {} clean, {crashed} crashed ({inputs} inputs)", fuzzed.len() - crashed)
+}
+
+/// Fails naming every target that crashed and where its input is.
+fn fuzz_verdict(fuzzed: &[fuzz::Run]) -> anyhow::Result<()> {
+    let crashes: Vec<String> = fuzzed
+        .iter()
+        .filter_map(|r| {
+            r.crash.as_ref().map(|c| format!("fuzz target `{}` crashed: {}", r.target, c.describe(&r.target)))
+        })
+        .collect();
+    ensure!(crashes.is_empty(), "{}", crashes.join("\n"));
+    Ok(())
+}
+
 /// `cargo test --workspace` with the agent binary handed to the end-to-end tests, output
-/// passed through, and one closing line that adds up every suite.
-fn test(bin: &std::path::Path, image: Option<&image::Image>, args: &[String]) -> anyhow::Result<()> {
+/// passed through and every suite's counts added up.
+fn test(bin: &std::path::Path, image: Option<&image::Image>, args: &[String]) -> anyhow::Result<Tests> {
     if !bootstrap::is_root() {
         eprintln!("xtask: not root: the end-to-end tests will be SKIPPED (and fail under CI=true)");
     }
@@ -168,9 +281,20 @@ fn test(bin: &std::path::Path, image: Option<&image::Image>, args: &[String]) ->
         }
     }
     let status = child.wait().context("wait for cargo test")?;
-    println!("\ntotal: {passed} passed, {failed} failed");
-    ensure!(status.success(), "cargo test failed ({status})");
-    ensure!(passed > 0, "no test ran");
+    Ok(Tests { passed, failed, status })
+}
+
+/// Only the soak test, `minutes` long, with its report (`--nocapture`) passed through.
+/// The same debug build `test` runs: the soak's figures are of the binary the suite
+/// checks. Its own seed is printed; `SWITCHYARD_SOAK_SEED` in the environment repeats it.
+fn soak(bin: &std::path::Path, minutes: u64) -> anyhow::Result<()> {
+    let status = cargo()
+        .args(["test", "--package", "switchyard-tests", "--test", "soak", "--", "--nocapture"])
+        .env("SWITCHYARD_BIN", bin)
+        .env("SWITCHYARD_SOAK_SECS", (minutes * 60).to_string())
+        .status()
+        .context("run the soak")?;
+    ensure!(status.success(), "the soak failed ({status})");
     Ok(())
 }
 

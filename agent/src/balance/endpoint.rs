@@ -46,6 +46,8 @@ pub struct Endpoint {
     pub zone: Option<Arc<str>>,
     pub region: Option<Arc<str>>,
     pub node: Option<Arc<str>>,
+    /// See `EndpointConfig::hints`.
+    pub hints: Option<Arc<str>>,
     pub tier: Tier,
     pub terminating: bool,
     pub state: Arc<EndpointState>,
@@ -60,9 +62,16 @@ pub fn availability_epoch() -> u64 {
     AVAIL_EPOCH.load(Ordering::Relaxed)
 }
 
-/// Default connect-latency estimate for an endpoint never measured: a LAN round trip,
+/// The finest latency p2c tells apart: a faster sample counts as this. Below a
+/// millisecond the differences between endpoints on one network are the node's
+/// scheduling noise (a busy 2-core CI machine showed 100 µs and 800 µs connects to the
+/// same veth peer), and a peak-sensitive estimate takes such an outlier at once: one
+/// unlucky connect made an endpoint lose every pairing. Between equals, load (open
+/// connections) decides, which is what matters there.
+const RTT_FLOOR: Duration = Duration::from_millis(1);
+/// Estimate for an endpoint never measured: the floor, what a nearby endpoint measures,
 /// so a new endpoint is neither flooded nor starved before its first sample.
-const DEFAULT_RTT: Duration = Duration::from_micros(250);
+const DEFAULT_RTT: Duration = RTT_FLOOR;
 /// How fast old latency samples lose weight (linkerd2-proxy uses 10 s too).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 
@@ -77,16 +86,26 @@ struct PeakEwma {
 
 impl PeakEwma {
     fn observe(&mut self, rtt: Duration, now: Instant) {
-        let rtt = rtt.as_nanos() as f64;
-        if rtt > self.estimate_ns {
+        let rtt = rtt.max(RTT_FLOOR).as_nanos() as f64;
+        let current = self.decayed(now);
+        if rtt > current {
             self.estimate_ns = rtt;
         } else {
-            let elapsed = now.saturating_duration_since(self.stamp).as_nanos() as f64;
-            let w = (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
-            self.estimate_ns = self.estimate_ns * w + rtt * (1.0 - w);
+            let w = decay(now.saturating_duration_since(self.stamp));
+            self.estimate_ns = current * w + rtt * (1.0 - w);
         }
         self.stamp = now;
     }
+
+    /// The estimate at `now` as p2c reads it: decayed toward zero since the last sample.
+    fn decayed(&self, now: Instant) -> f64 {
+        self.estimate_ns * decay(now.saturating_duration_since(self.stamp))
+    }
+}
+
+/// How much of an estimate is left after `idle` without a sample.
+fn decay(idle: Duration) -> f64 {
+    (-(idle.as_nanos() as f64) / EWMA_DECAY.as_nanos() as f64).exp()
 }
 
 /// Live state shared by every snapshot that lists the endpoint.
@@ -103,8 +122,10 @@ pub struct EndpointState {
     /// inputs, so a slow response never reads as a slow connect or the reverse.
     connect_ewma: Mutex<PeakEwma>,
     response_ewma: Mutex<PeakEwma>,
-    /// The larger of the two estimates, as f64 bits: what p2c weighs.
+    /// The larger of the two estimates, as f64 bits, and when it was last updated
+    /// ([`nanos`]): what p2c weighs, decayed by the time since.
     estimate: AtomicU64,
+    estimate_stamp: AtomicU64,
     health: Mutex<Health>,
     /// `Health` as picks see it, see [`Summary`].
     avail: AtomicU64,
@@ -125,6 +146,7 @@ impl Default for EndpointState {
             // No response seen yet: zero, so the connect estimate decides.
             response_ewma: ewma(0.0),
             estimate: AtomicU64::new(rtt.to_bits()),
+            estimate_stamp: AtomicU64::new(nanos(Instant::now())),
             health: Mutex::new(Health::default()),
             avail: AtomicU64::new(0),
             drain: Mutex::new(Drain::default()),
@@ -203,9 +225,14 @@ impl EndpointState {
         ActiveGuard(Arc::clone(self))
     }
 
-    /// Load estimate for p2c: latency estimate times (open connections + 1).
-    pub fn cost(&self) -> f64 {
-        f64::from_bits(self.estimate.load(Ordering::Relaxed)) * (self.active() as f64 + 1.0)
+    /// Load estimate for p2c at `now_ns` ([`nanos`]): latency estimate times (open
+    /// connections + 1). The estimate decays toward zero while no sample comes (as
+    /// tower's PeakEwma does on every read): p2c stops picking an endpoint whose one
+    /// sample was slow, so without the decay nothing would ever correct that sample and
+    /// one scheduling hiccup could starve an endpoint for good.
+    pub fn cost(&self, now_ns: u64) -> f64 {
+        let idle = Duration::from_nanos(now_ns.saturating_sub(self.estimate_stamp.load(Ordering::Relaxed)));
+        f64::from_bits(self.estimate.load(Ordering::Relaxed)) * decay(idle) * (self.active() as f64 + 1.0)
     }
 
     pub fn availability(&self, now: Instant) -> Avail {
@@ -267,9 +294,12 @@ impl EndpointState {
 
     fn observe(&self, ewma: &Mutex<PeakEwma>, latency: Duration, now: Instant) {
         ewma.lock().unwrap().observe(latency, now);
-        let connect = self.connect_ewma.lock().unwrap().estimate_ns;
-        let response = self.response_ewma.lock().unwrap().estimate_ns;
+        // Each input decayed to now, so the published value decays on from here exactly
+        // as the larger of the two would.
+        let connect = self.connect_ewma.lock().unwrap().decayed(now);
+        let response = self.response_ewma.lock().unwrap().decayed(now);
         self.estimate.store(connect.max(response).to_bits(), Ordering::Relaxed);
+        self.estimate_stamp.store(nanos(now), Ordering::Relaxed);
     }
 
     pub fn checked_healthy(&self) -> bool {
@@ -333,24 +363,49 @@ mod tests {
 
     #[test]
     fn peak_ewma_jumps_up_and_decays_down() {
+        let ms = |n: f64| n * 1e6;
         let t0 = Instant::now();
-        let mut e = PeakEwma { estimate_ns: 1000.0, stamp: t0 };
-        e.observe(Duration::from_nanos(5000), t0);
-        assert_eq!(e.estimate_ns, 5000.0, "a slower sample is taken at once");
-        e.observe(Duration::from_nanos(1000), t0 + EWMA_DECAY);
-        // One decay period later the old estimate keeps weight 1/e.
-        let expected = 5000.0 / std::f64::consts::E + 1000.0 * (1.0 - 1.0 / std::f64::consts::E);
+        let mut e = PeakEwma { estimate_ns: ms(2.0), stamp: t0 };
+        e.observe(Duration::from_millis(10), t0);
+        assert_eq!(e.estimate_ns, ms(10.0), "a slower sample is taken at once");
+        e.observe(Duration::from_millis(2), t0 + EWMA_DECAY);
+        // One decay period later the old estimate has decayed to 1/e and keeps weight 1/e.
+        let e1 = 1.0 / std::f64::consts::E;
+        let expected = ms(10.0) * e1 * e1 + ms(2.0) * (1.0 - e1);
         assert!((e.estimate_ns - expected).abs() < 1.0, "{} vs {expected}", e.estimate_ns);
+    }
+
+    #[test]
+    fn latency_below_the_floor_is_not_told_apart() {
+        let (fast, jittery) = (EndpointState::default(), EndpointState::default());
+        let now = Instant::now();
+        fast.on_connect_ok(Duration::from_micros(90), now);
+        jittery.on_connect_ok(Duration::from_micros(800), now);
+        assert_eq!(fast.cost(nanos(now)), jittery.cost(nanos(now)));
+        assert_eq!(fast.cost(nanos(now)), RTT_FLOOR.as_nanos() as f64);
+    }
+
+    #[test]
+    fn a_slow_sample_nothing_corrects_fades_with_time() {
+        let s = EndpointState::default();
+        let t0 = Instant::now();
+        s.on_connect_ok(Duration::from_millis(1), t0);
+        let at = |d: Duration| s.cost(nanos(t0 + d));
+        assert_eq!(at(Duration::ZERO), 1e6);
+        let later = at(EWMA_DECAY);
+        assert!((later - 1e6 / std::f64::consts::E).abs() < 1.0, "{later}");
+        assert!(at(EWMA_DECAY * 5) < DEFAULT_RTT.as_nanos() as f64, "after a while it is worth a try again");
     }
 
     #[test]
     fn cost_grows_with_open_connections_and_guards_release_them() {
         let s = Arc::new(EndpointState::default());
-        let base = s.cost();
+        let now = nanos(Instant::now());
+        let base = s.cost(now);
         let g1 = s.begin();
         let g2 = s.begin();
         assert_eq!(s.active(), 2);
-        assert!((s.cost() - 3.0 * base).abs() < 1e-6);
+        assert!((s.cost(now) - 3.0 * base).abs() < 1e-6);
         drop((g1, g2));
         assert_eq!(s.active(), 0);
     }
@@ -361,7 +416,11 @@ mod tests {
         let now = Instant::now();
         s.on_response_ok(Duration::from_millis(50), now);
         assert_eq!(s.connect_ewma.lock().unwrap().estimate_ns, DEFAULT_RTT.as_nanos() as f64, "connect EWMA untouched");
-        assert_eq!(s.cost(), Duration::from_millis(50).as_nanos() as f64, "a slow response makes the endpoint costly");
+        assert_eq!(
+            s.cost(nanos(now)),
+            Duration::from_millis(50).as_nanos() as f64,
+            "a slow response makes the endpoint costly"
+        );
         s.on_response_failed(now, &FailureAccrualConfig::default());
         s.on_connect_ok(Duration::from_micros(100), now);
         let counts = [&s.connects_ok, &s.connects_failed, &s.responses_ok, &s.responses_failed]

@@ -10,7 +10,10 @@
 //!    random, or ring hash on the client; all weighted.
 //!
 //! Endpoints already tried by this client connection are skipped while others remain.
+//! With session affinity ([`affinity`]), a client's remembered endpoint comes before all
+//! of this.
 
+pub mod affinity;
 pub mod budget;
 mod endpoint;
 mod health;
@@ -22,6 +25,7 @@ use std::{
     time::Instant,
 };
 
+pub use affinity::Affinity;
 pub use endpoint::{ActiveGuard, Endpoint, EndpointState, Tier, availability_epoch};
 pub use health::{Avail, Change};
 use ring::Ring;
@@ -49,6 +53,8 @@ pub struct Balancer {
     /// Whether the last pick was made in panic mode, to report transitions once.
     in_panic: AtomicBool,
     pub stats: PickStats,
+    /// Session affinity, if the service has it.
+    affinity: Option<Affinity>,
 }
 
 /// One pick: the endpoint, the tier it came from, and whether health was ignored.
@@ -83,7 +89,17 @@ impl Balancer {
             spill_threshold,
             in_panic: AtomicBool::new(false),
             stats: PickStats::default(),
+            affinity: None,
         }
+    }
+
+    /// This balancer with session affinity (see [`affinity`]).
+    pub fn with_affinity(self, affinity: Option<Affinity>) -> Self {
+        Self { affinity, ..self }
+    }
+
+    pub fn affinity(&self) -> Option<&Affinity> {
+        self.affinity.as_ref()
     }
 
     pub fn endpoints(&self) -> &[Endpoint] {
@@ -98,13 +114,22 @@ impl Balancer {
         &self.accrual
     }
 
-    /// Choose an endpoint for a new connection. `key` identifies the client (ring hash),
-    /// `exclude` lists endpoints this connection already tried.
+    /// Choose an endpoint for a new connection. `key` identifies the client (ring hash,
+    /// affinity), `exclude` lists endpoints this connection already tried.
     ///
     /// Allocation-free and lock-free: a few passes over the endpoints, reading each one's
-    /// published availability, instead of building candidate lists.
+    /// published availability, instead of building candidate lists. With session
+    /// affinity, one lock (the client's shard of the table).
     pub fn pick(&self, key: u64, exclude: &[SocketAddr], now: Instant) -> Option<Pick<'_>> {
-        // Only an ejected endpoint needs the time: read the clock for it once, if at all.
+        match &self.affinity {
+            None => self.pick_by_policy(key, exclude, now),
+            Some(a) => self.pick_with_affinity(a, key, exclude, now),
+        }
+    }
+
+    /// A pick by health, locality and the policy alone.
+    fn pick_by_policy(&self, key: u64, exclude: &[SocketAddr], now: Instant) -> Option<Pick<'_>> {
+        // Only an ejected endpoint and p2c's decay need the time: convert it once, if at all.
         let clock = std::cell::OnceCell::new();
         // A trial claimed by another pick meanwhile shows as out on the next pass.
         for _ in 0..4 {
@@ -310,7 +335,8 @@ impl Balancer {
                         ib = i;
                     }
                 }
-                let cost = |i: usize| eps[i].state.cost() / weight(i) as f64;
+                let now = view.now_ns();
+                let cost = |i: usize| eps[i].state.cost(now) / weight(i) as f64;
                 if cost(ib) < cost(ia) { ib } else { ia }
             }
             BalanceKind::RingHash => match self.ring.pick(key, member) {
@@ -353,7 +379,11 @@ struct View<'a> {
 
 impl View<'_> {
     fn avail(&self, i: usize) -> Avail {
-        self.eps[i].state.availability_with(|| *self.clock.get_or_init(|| endpoint::nanos(self.now)))
+        self.eps[i].state.availability_with(|| self.now_ns())
+    }
+
+    fn now_ns(&self) -> u64 {
+        *self.clock.get_or_init(|| endpoint::nanos(self.now))
     }
 
     /// Not tried yet by this connection.

@@ -11,6 +11,7 @@ fn ep(i: u8, weight: u32, tier: Tier) -> Endpoint {
         zone: None,
         region: None,
         node: None,
+        hints: None,
         tier,
         terminating: false,
         state: Arc::new(EndpointState::default()),
@@ -92,6 +93,27 @@ fn p2c_prefers_the_endpoint_with_the_lower_latency_estimate() {
     b.endpoints()[0].state.on_connect_ok(Duration::from_millis(50), now);
     b.endpoints()[1].state.on_connect_ok(Duration::from_micros(100), now);
     assert_eq!(shares(&b, 200, |_| 0)[&2], 1.0);
+}
+
+#[test]
+fn p2c_comes_back_to_an_endpoint_after_one_slow_sample() {
+    // Endpoint 2's one slow connect makes it lose every pairing, so no new sample comes
+    // to correct it: only the estimate's decay with time brings it back.
+    let b = balancer(BalanceKind::P2cEwma, vec![ep(1, 1, Tier::Local), ep(2, 1, Tier::Local), ep(3, 1, Tier::Local)]);
+    let t0 = Instant::now();
+    b.endpoints()[1].state.on_connect_ok(Duration::from_millis(5), t0);
+    let mut late = HashMap::new();
+    for k in 0..6000u32 {
+        let now = t0 + Duration::from_millis(10) * k;
+        let p = b.pick(0, &[], now).expect("a pick");
+        p.endpoint.state.on_connect_ok(Duration::from_micros(100), now);
+        if now >= t0 + Duration::from_secs(50) {
+            let SocketAddr::V4(a) = p.endpoint.addr else { unreachable!() };
+            *late.entry(a.ip().octets()[3]).or_insert(0u32) += 1;
+        }
+    }
+    let share = late.get(&2).copied().unwrap_or(0) as f64 / late.values().sum::<u32>() as f64;
+    assert!(share > 0.25, "endpoint 2 in the last 10 s: {late:?}");
 }
 
 #[test]
@@ -285,4 +307,141 @@ proptest! {
             }
         }
     }
+}
+
+/// A balancer with session affinity over endpoints 10.0.0.1..=n.
+fn sticky(kind: BalanceKind, n: u8, affinity: Affinity) -> Balancer {
+    balancer(kind, (1..=n).map(|i| ep(i, 1, Tier::Local)).collect()).with_affinity(Some(affinity))
+}
+
+/// The last address byte of the endpoint `b` picks for `key`.
+fn pick_at(b: &Balancer, key: u64, exclude: &[SocketAddr], now: Instant) -> u8 {
+    let SocketAddr::V4(a) = b.pick(key, exclude, now).expect("a pick").endpoint.addr else { unreachable!() };
+    a.ip().octets()[3]
+}
+
+fn addr(i: u8) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, i], 80))
+}
+
+const MS: Duration = Duration::from_millis(1);
+
+#[test]
+fn affinity_keeps_each_client_on_one_endpoint_where_round_robin_would_rotate() {
+    let now = Instant::now();
+    let plain = balancer(BalanceKind::RoundRobin, (1..=3).map(|i| ep(i, 1, Tier::Local)).collect());
+    assert!(plain.affinity().is_none());
+    assert_eq!((0..3).map(|_| pick_at(&plain, 7, &[], now)).collect::<Vec<_>>(), [1, 2, 3], "without: rotates");
+
+    let b = sticky(BalanceKind::RoundRobin, 3, Affinity::new(Duration::from_secs(10), None));
+    let picks: Vec<u8> = (0..200).map(|_| pick_at(&b, 7, &[], now)).collect();
+    assert!(picks.iter().all(|&p| p == 1), "one client, one endpoint: {picks:?}");
+    // New clients are balanced by the policy (round robin goes on where it was: one pick
+    // so far), each then keeps its endpoint.
+    let first: Vec<u8> = (1000..1300).map(|k| pick_at(&b, k, &[], now)).collect();
+    let count = |e: u8| first.iter().filter(|&&p| p == e).count();
+    assert_eq!((count(1), count(2), count(3)), (100, 100, 100), "different clients spread");
+    let again: Vec<u8> = (1000..1300).rev().map(|k| pick_at(&b, k, &[], now)).collect();
+    assert_eq!(again.into_iter().rev().collect::<Vec<_>>(), first, "and stick");
+    assert_eq!(b.affinity().unwrap().clients(now), 301);
+    assert_eq!(b.stats.by_tier[Tier::Local as usize].load(Ordering::Relaxed), 800, "hits count as picks");
+}
+
+#[test]
+fn affinity_expires_after_the_timeout_and_each_connection_restarts_it() {
+    let t = Duration::from_secs(10);
+    let t0 = Instant::now();
+    let b = sticky(BalanceKind::RoundRobin, 3, Affinity::new(t, None));
+    assert_eq!(pick_at(&b, 1, &[], t0), 1);
+    assert_eq!(pick_at(&b, 1, &[], t0 + t + MS), 2, "expired: round robin's next");
+
+    let b = sticky(BalanceKind::RoundRobin, 3, Affinity::new(t, None));
+    assert_eq!(pick_at(&b, 1, &[], t0), 1);
+    assert_eq!(pick_at(&b, 1, &[], t0 + t - MS), 1, "just in time; the timer restarts");
+    assert_eq!(pick_at(&b, 1, &[], t0 + 2 * t - 2 * MS), 1, "within the timeout of the last pick");
+    let a = b.affinity().unwrap();
+    assert_eq!(a.clients(t0 + 3 * t - 3 * MS), 1);
+    assert_eq!(a.clients(t0 + 3 * t - 2 * MS), 0, "expired exactly a timeout after the last pick");
+    assert_eq!(pick_at(&b, 1, &[], t0 + 3 * t), 2, "expired: moved, and remembered anew");
+    assert_eq!(pick_at(&b, 1, &[], t0 + 3 * t + MS), 2);
+}
+
+#[test]
+fn affinity_replaces_an_excluded_ejected_terminating_or_removed_endpoint_and_remembers_the_new_one() {
+    let t = Duration::from_secs(60);
+    let now = Instant::now();
+    let b = sticky(BalanceKind::RoundRobin, 3, Affinity::new(t, None));
+    assert_eq!(pick_at(&b, 1, &[], now), 1);
+    // Tried by this connection already (a failed connect): the policy picks among the
+    // rest, and the client moves there.
+    let moved = pick_at(&b, 1, &[addr(1)], now);
+    assert_ne!(moved, 1);
+    assert_eq!(pick_at(&b, 1, &[], now), moved, "the retry's endpoint is remembered");
+    // Ejected: moved again, for good.
+    eject(&b.endpoints()[moved as usize - 1]);
+    let again = pick_at(&b, 1, &[], now);
+    assert_ne!(again, moved);
+    assert!((0..20).all(|_| pick_at(&b, 1, &[], now) == again));
+
+    // A rebuild (an edit, new endpoints) hands the table on: endpoints found by address.
+    let rebuilt =
+        |eps: Vec<Endpoint>| balancer(BalanceKind::RoundRobin, eps).with_affinity(Some(Affinity::new(t, b.affinity())));
+    let mut reordered: Vec<Endpoint> = b.endpoints().iter().rev().cloned().collect();
+    reordered.insert(0, ep(9, 1, Tier::Local));
+    let b2 = rebuilt(reordered.clone());
+    assert!(b2.affinity().unwrap().shares_table_with(b.affinity().unwrap()));
+    assert_eq!(pick_at(&b2, 1, &[], now), again, "kept across a rebuild");
+    for e in reordered.iter_mut().filter(|e| e.addr == addr(again)) {
+        e.terminating = true;
+    }
+    let b3 = rebuilt(reordered);
+    let on_terminating = pick_at(&b3, 1, &[], now);
+    assert_ne!(on_terminating, again, "terminating: moved");
+    let b4 = rebuilt(b3.endpoints().iter().filter(|e| e.addr != addr(on_terminating)).cloned().collect());
+    assert_ne!(pick_at(&b4, 1, &[], now), on_terminating, "removed: moved");
+}
+
+#[test]
+fn the_affinity_table_is_capped_and_makes_room_from_expired_clients_only() {
+    let t = Duration::from_secs(10);
+    let t0 = Instant::now();
+    let b = sticky(BalanceKind::RoundRobin, 3, Affinity::with_cap(t, 16));
+    let a = b.affinity().unwrap();
+    for k in 0..200 {
+        b.pick(k, &[], t0);
+    }
+    assert_eq!((a.clients(t0), a.held()), (16, 16), "at the cap");
+    // Remembered clients stick; the others are balanced per connection (round robin
+    // rotates them), since no entry has expired to make room.
+    let sticks = |k: u64, now: Instant| pick_at(&b, k, &[], now) == pick_at(&b, k, &[], now);
+    assert_eq!((0..200).filter(|&k| sticks(k, t0 + MS)).count(), 16);
+    assert_eq!(a.held(), 16);
+    // Once they have expired, new clients take their places.
+    let t1 = t0 + t + 2 * MS;
+    for k in 1000..1200 {
+        b.pick(k, &[], t1);
+    }
+    assert_eq!((a.clients(t1), a.held()), (16, 16), "expired entries were swept, not kept");
+    assert_eq!((1000..1200).filter(|&k| sticks(k, t1)).count(), 16);
+    assert_eq!((0..200).filter(|&k| sticks(k, t1)).count(), 0, "the old ones are gone");
+}
+
+#[test]
+fn an_affinity_table_below_the_cap_is_swept_as_it_grows() {
+    let t = Duration::from_secs(10);
+    let t0 = Instant::now();
+    let b = sticky(BalanceKind::Random, 2, Affinity::new(t, None));
+    let a = b.affinity().unwrap();
+    for k in 0..1000 {
+        b.pick(k, &[], t0);
+    }
+    assert_eq!(a.held(), 1000);
+    // A new generation of clients after the first expired: held entries stay within
+    // twice the live ones (plus each shard's minimum), not the sum of both.
+    let t1 = t0 + t;
+    for k in 10_000..11_000 {
+        b.pick(k, &[], t1);
+    }
+    assert_eq!(a.clients(t1), 1000);
+    assert!(a.held() < 2000, "expired clients swept lazily: {} held", a.held());
 }

@@ -42,6 +42,48 @@ impl Default for DetectConfig {
     }
 }
 
+/// What the agent accepts from HTTP clients, against hostile or broken ones (slowloris,
+/// huge headers, stream floods). Defaults follow hyper's and Envoy's.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpLimits {
+    /// HTTP/1: a request's head must arrive within this, counted from when the connection
+    /// is ready for it (so a keep-alive connection idle this long is closed too, as
+    /// nginx's keepalive_timeout does). `null`: no limit. hyper's default.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Option<Duration>,
+    /// A client connection with no request in flight this long is closed (HTTP/2 with
+    /// GOAWAY): what bounds an HTTP/2 connection held open without streams. `null`: no
+    /// limit. Envoy's default, 1 hour.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// A request's headers (HTTP/1: with the request line; HTTP/2: the decoded header
+    /// list) may be this large; larger gets 431 (HTTP/1) or a stream reset (HTTP/2) and
+    /// never reaches an endpoint. Envoy's default, 60 KiB.
+    pub max_header_bytes: u32,
+    /// HTTP/2 streams a client may have open at once on one connection
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS); more are refused. hyper's default.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 streams a client may reset before the agent has served them (rapid reset,
+    /// CVE-2023-44487): past this the connection ends with GOAWAY. h2's default.
+    pub max_pending_reset_streams: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Some(Duration::from_secs(30)),
+            idle_timeout: Some(Duration::from_secs(3600)),
+            max_header_bytes: 60 * 1024,
+            max_concurrent_streams: 200,
+            max_pending_reset_streams: 20,
+        }
+    }
+}
+
+/// hyper's smallest HTTP/1 read buffer: a header limit below it could not be enforced.
+pub const MIN_HEADER_BYTES: u32 = 8 * 1024;
+
 /// Per-request policy of an HTTP service.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -155,6 +197,30 @@ impl DetectConfig {
         }
         if self.opaque_ports.contains(&0) {
             problem("agent.detect.opaque_ports".into(), "0 is not a port".into());
+        }
+    }
+}
+
+impl HttpLimits {
+    pub(super) fn problems(&self, problem: &mut impl FnMut(String, String)) {
+        let at = "agent.http_limits";
+        if self.header_read_timeout.is_some_and(|t| t.is_zero()) {
+            problem(format!("{at}.header_read_timeout"), "must be more than 0 (or null for no limit)".into());
+        }
+        if self.idle_timeout.is_some_and(|t| t.is_zero()) {
+            problem(format!("{at}.idle_timeout"), "must be more than 0 (or null for no limit)".into());
+        }
+        if self.max_header_bytes < MIN_HEADER_BYTES {
+            problem(
+                format!("{at}.max_header_bytes"),
+                format!("{} is below {MIN_HEADER_BYTES}, the least an HTTP/1 read buffer holds", self.max_header_bytes),
+            );
+        }
+        if self.max_concurrent_streams == 0 {
+            problem(format!("{at}.max_concurrent_streams"), "must be at least 1".into());
+        }
+        if self.max_pending_reset_streams == 0 {
+            problem(format!("{at}.max_pending_reset_streams"), "must be at least 1".into());
         }
     }
 }

@@ -12,11 +12,11 @@ use std::{
     time::Duration,
 };
 
-pub use http::{DetectConfig, HttpConfig, Protocol, RetryConfig};
+pub use http::{DetectConfig, HttpConfig, HttpLimits, Protocol, RetryConfig};
 use serde::{Deserialize, Serialize};
 pub use service::{
     BalanceKind, ConnectConfig, EndpointConfig, FailureAccrualConfig, HealthCheckConfig, HealthCheckKind,
-    LocalityConfig, Origin, Route, ServiceConfig, ServiceMode, SplitBranch, Target,
+    LocalityConfig, Origin, Route, ServiceConfig, ServiceMode, SessionAffinity, SplitBranch, Target,
 };
 
 mod http;
@@ -111,6 +111,10 @@ pub struct AgentConfig {
     pub kubernetes: Option<KubernetesConfig>,
     /// Where the admin API listens (keep it on loopback); `null` turns it off.
     pub admin: Option<SocketAddr>,
+    /// A second listener serving only `GET /metrics` (and `/live`, `/ready`), for a
+    /// Prometheus off the node to scrape without the rest of the admin API (connections,
+    /// tap, log level) being reachable: `0.0.0.0:4192` in the DaemonSet. Off by default.
+    pub metrics: Option<SocketAddr>,
     /// How connections' protocols are detected.
     pub detect: DetectConfig,
     /// Per-connection bookkeeping (the /conns table, live byte counts, per-connection
@@ -136,6 +140,12 @@ pub struct AgentConfig {
     /// the in-kernel fallback before it is probed again (doubling while it stays blocked).
     #[serde(with = "humantime_serde")]
     pub blocked_retry: Duration,
+    /// Connections the agent holds before it is saturated and new ones go straight to
+    /// endpoints in the kernel (see `capacity`). Default: what the open-files limit allows,
+    /// two descriptors per connection after a headroom.
+    pub max_connections: Option<usize>,
+    /// What HTTP clients may send.
+    pub http_limits: HttpLimits,
 }
 
 /// Default admin API address (linkerd2-proxy's admin port).
@@ -159,13 +169,24 @@ impl Default for DnsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct KubernetesConfig {
     /// A kubeconfig file; default: in-cluster service account, else $KUBECONFIG/~/.kube/config.
     pub kubeconfig: Option<PathBuf>,
     /// This node's name (for its zone and region labels); default $NODE_NAME.
     pub node_name: Option<String>,
+    /// How long start-up waits for the first complete view of the cluster; past it the
+    /// agent starts with what it has (its config file's services) and the cluster's
+    /// follow as they come.
+    #[serde(with = "humantime_serde")]
+    pub sync_timeout: Duration,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self { kubeconfig: None, node_name: None, sync_timeout: Duration::from_secs(30) }
+    }
 }
 
 impl Default for AgentConfig {
@@ -181,6 +202,7 @@ impl Default for AgentConfig {
             dns: DnsConfig::default(),
             kubernetes: None,
             admin: Some(DEFAULT_ADMIN),
+            metrics: None,
             detect: DetectConfig::default(),
             stats: true,
             bpffs_dir: PathBuf::from(DEFAULT_BPFFS_DIR),
@@ -189,6 +211,8 @@ impl Default for AgentConfig {
             pods: PodsMode::default(),
             exclude_cgroups: Vec::new(),
             blocked_retry: Duration::from_secs(60),
+            max_connections: None,
+            http_limits: HttpLimits::default(),
         }
     }
 }
@@ -238,7 +262,28 @@ impl Config {
                 "must not be 0: every ordinary socket has mark 0, so nothing would be redirected".into(),
             );
         }
+        if a.metrics.is_some() && a.admin.is_none() {
+            problem("agent.metrics".into(), "is served beside the admin API: turn agent.admin on too".into());
+        }
+        if let Some(m) = a.metrics {
+            if a.admin.is_some_and(|admin| admin.port() == m.port()) {
+                problem(
+                    "agent.metrics".into(),
+                    format!("{m} shares its port with agent.admin: give it a port of its own"),
+                );
+            }
+            if m.port() == a.listen_port || m.port() == 0 {
+                problem("agent.metrics".into(), format!("{m} needs a port of its own (not 0, not agent.listen_port)"));
+            }
+        }
         a.detect.problems(&mut problem);
+        a.http_limits.problems(&mut problem);
+        if a.max_connections == Some(0) {
+            problem(
+                "agent.max_connections".into(),
+                "must be at least 1 (or left out: derived from the open-files limit)".into(),
+            );
+        }
         if let Some(cg) = &a.cgroup
             && !cg.is_absolute()
         {
@@ -382,8 +427,81 @@ mod tests {
             "services:\n  - name: redis\n    addresses: [\"10.96.0.10:6379\", \"[fd96::10]:6379\", \"[::ffff:10.96.0.11]:6379\"]\n    endpoints: [\"10.0.0.2:6379\"]\n",
         )
         .unwrap();
-        assert_eq!(c.agent, AgentConfig::default());
         assert_eq!(c.services[0].addresses[2], "10.96.0.11:6379".parse().unwrap(), "v4-mapped is canonicalised");
+    }
+
+    /// Every default the README's config block (and docs/http.md) documents, pinned to
+    /// the documented literal: comparing the parsed config with `Default::default()`
+    /// would pass whatever the defaults were.
+    #[test]
+    fn documented_defaults_are_the_parsed_defaults() {
+        let c = parse(
+            "services:\n  - name: redis\n    addresses: [\"10.96.0.10:6379\"]\n    endpoints: [\"10.0.1.5:6379\"]\n",
+        )
+        .unwrap();
+        let a = &c.agent;
+        let secs = Duration::from_secs;
+        // agent:
+        assert_eq!(a.listen_port, 15001);
+        assert_eq!(a.cgroup, None, "the cgroup2 root, found at start");
+        assert_eq!(a.mark, 0x5359);
+        assert_eq!(a.drain_timeout_secs, 5);
+        assert_eq!((a.zone.as_deref(), a.region.as_deref()), (None, None));
+        assert_eq!(a.admin, Some("127.0.0.1:4191".parse().unwrap()));
+        assert_eq!(a.metrics, None, "metrics beyond the admin API only when asked for");
+        assert!(a.stats);
+        assert_eq!(a.bpffs_dir, Path::new("/sys/fs/bpf/switchyard"));
+        assert_eq!(a.handover_socket, Path::new("/run/switchyard/handover.sock"));
+        assert_eq!(a.catalog, None);
+        assert_eq!(a.dns.servers, Vec::<SocketAddr>::new(), "empty: /etc/resolv.conf");
+        assert_eq!((a.dns.min_ttl, a.dns.max_ttl), (secs(1), secs(300)));
+        assert_eq!(a.kubernetes, None);
+        assert_eq!(a.detect.timeout, Duration::from_millis(100));
+        assert_eq!(a.detect.opaque_ports, [25, 587, 3306, 4444, 5432, 6379, 9300, 11211]);
+        let node: Vec<IpAddr> = vec!["169.254.83.89".parse().unwrap(), "fd00:5359::1".parse().unwrap()];
+        assert_eq!(a.node_address, node);
+        assert_eq!(a.pods, PodsMode::Redirect);
+        assert_eq!(a.exclude_cgroups, Vec::<PathBuf>::new());
+        assert_eq!(a.blocked_retry, secs(60));
+        assert_eq!(a.max_connections, None, "derived from the open-files limit");
+        let l = &a.http_limits;
+        assert_eq!((l.header_read_timeout, l.idle_timeout), (Some(secs(30)), Some(secs(3600))));
+        assert_eq!((l.max_header_bytes, l.max_concurrent_streams, l.max_pending_reset_streams), (61440, 200, 20));
+        // services[]: "Everything below is optional; these are the defaults."
+        let s = &c.services[0];
+        let ep = &s.endpoints[0];
+        assert_eq!((ep.weight, ep.terminating), (1, false), "plain ip:port: weight 1");
+        assert_eq!((ep.zone.as_deref(), ep.region.as_deref(), ep.node.as_deref()), (None, None, None), "no locality");
+        assert_eq!(s.balance, BalanceKind::P2cEwma);
+        assert_eq!(s.session_affinity, None, "default: none");
+        assert_eq!((s.connect.timeout, s.connect.attempts, s.connect.deadline), (secs(1), 3, secs(3)));
+        let fa = &s.failure_accrual;
+        assert_eq!(
+            (fa.consecutive_failures, fa.base_ejection, fa.max_ejection, fa.max_ejected_percent),
+            (3, secs(2), secs(60), 50)
+        );
+        assert_eq!(s.health_check, None, "default: none");
+        assert_eq!(s.locality.spill_threshold, 0.7);
+        assert_eq!(s.drain_timeout, secs(30));
+        assert_eq!(s.protocol, Protocol::Auto);
+        assert_eq!(s.mode, ServiceMode::Proxy);
+        let h = &s.http;
+        assert_eq!(h.request_timeout, Some(secs(15)));
+        assert_eq!(h.attempt_timeout, None, "optional; the request timeout");
+        let r = &h.retry;
+        assert_eq!(
+            (r.attempts, r.on_status.as_slice(), r.on_grpc.as_slice(), r.max_body),
+            (3, &[503][..], &[14][..], 65536)
+        );
+        assert_eq!((r.budget_ratio, r.budget_min_per_second, r.budget_window), (0.2, 10, secs(10)));
+        assert_eq!(h.allow_override, Vec::<String>::new());
+        assert_eq!(h.pool_idle_timeout, secs(90));
+        // Health checks: the documented defaults of the fields a check leaves out.
+        let c = parse("services:\n  - name: web\n    addresses: [\"10.96.0.10:80\"]\n    endpoints: [\"10.0.1.5:80\"]\n    health_check: { kind: http }\n")
+            .unwrap();
+        let hc = c.services[0].health_check.as_ref().unwrap();
+        assert_eq!(hc.http(), Some(("/", 200)), "GET / expecting 200");
+        assert_eq!((hc.interval, hc.timeout, hc.rise, hc.fall), (secs(5), secs(1), 2, 3));
     }
 
     #[test]
@@ -533,12 +651,55 @@ services:
     }
 
     #[test]
+    fn session_affinity_defaults_to_kubernetes_timeout_and_keeps_within_its_limit() {
+        let svc = |affinity: &str| {
+            format!(
+                "services: [{{ name: a, addresses: [\"10.96.0.1:80\"], endpoints: [\"10.0.0.1:80\"], session_affinity: {affinity} }}]\n"
+            )
+        };
+        let timeout = |affinity: &str| parse(&svc(affinity)).unwrap().services[0].session_affinity.clone();
+        assert_eq!(timeout("{}").unwrap().timeout, Duration::from_secs(10_800), "kube-proxy's default, 3 h");
+        assert_eq!(timeout("{}"), Some(SessionAffinity::default()));
+        assert_eq!(timeout("{ timeout: 2s }").unwrap().timeout, Duration::from_secs(2));
+        assert_eq!(timeout("{ timeout: 24h }").unwrap().timeout, Duration::from_secs(86_400), "the limit itself");
+        assert_eq!(timeout("null"), None);
+        let ConfigError::Parse { source, .. } = parse(&svc("{ timeot: 2s }")).unwrap_err() else { panic!() };
+        assert!(source.to_string().contains("unknown field `timeot`"), "{source}");
+
+        for bad in ["{ timeout: 0s }", "{ timeout: 86401s }"] {
+            assert_eq!(problems(&svc(bad)), ["services[0].session_affinity.timeout"], "{bad}");
+        }
+        let err = parse(&svc("{ timeout: 25h }")).unwrap_err().to_string();
+        assert!(err.contains("services[0].session_affinity.timeout: 90000s is more than 86400s (24h)"), "{err}");
+        let err = parse(&svc("{ timeout: 0s }")).unwrap_err().to_string();
+        assert!(err.contains("services[0].session_affinity.timeout: must be more than 0"), "{err}");
+        // Accepted with `mode: kernel` (the kernel's connections do not follow it).
+        let kernel = svc("{}").replace("session_affinity", "mode: kernel, session_affinity");
+        assert!(parse(&kernel).unwrap().services[0].session_affinity.is_some());
+        // A route has no endpoints of its own to keep clients on.
+        assert_eq!(
+            problems(
+                "services:\n  - { name: web, addresses: [\"10.96.0.1:80\"], route: { failover: [v1] }, session_affinity: {} }\n  - { name: v1, endpoints: [\"10.0.0.1:80\"] }\n"
+            ),
+            ["services[0].session_affinity"]
+        );
+    }
+
+    #[test]
     fn pin_directory_and_handover_socket_default_and_must_be_absolute() {
         let c = parse("agent: {}\n").unwrap();
         assert_eq!(c.agent.bpffs_dir, Path::new("/sys/fs/bpf/switchyard"));
         assert_eq!(c.agent.handover_socket, Path::new("/run/switchyard/handover.sock"));
         let fields = problems("agent: { bpffs_dir: pins, handover_socket: ho.sock }\n");
         assert_eq!(fields, ["agent.bpffs_dir", "agent.handover_socket"]);
+    }
+
+    #[test]
+    fn the_metrics_listener_needs_a_port_of_its_own() {
+        let c = parse("agent: { metrics: \"0.0.0.0:4192\" }\n").unwrap();
+        assert_eq!(c.agent.metrics, Some("0.0.0.0:4192".parse().unwrap()));
+        assert_eq!(problems("agent: { metrics: \"0.0.0.0:4191\" }\n"), ["agent.metrics"]);
+        assert_eq!(problems("agent: { metrics: \"0.0.0.0:15001\" }\n"), ["agent.metrics"]);
     }
 
     #[test]

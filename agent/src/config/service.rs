@@ -24,6 +24,10 @@ pub struct ServiceConfig {
     pub route: Option<Route>,
     #[serde(default)]
     pub balance: BalanceKind,
+    /// Keep each client on its endpoint (kube-proxy's `sessionAffinity: ClientIP`);
+    /// none by default.
+    #[serde(default)]
+    pub session_affinity: Option<SessionAffinity>,
     #[serde(default)]
     pub connect: ConnectConfig,
     #[serde(default)]
@@ -86,6 +90,7 @@ impl ServiceConfig {
             endpoints: Vec::new(),
             route: None,
             balance: BalanceKind::default(),
+            session_affinity: None,
             connect: ConnectConfig::default(),
             failure_accrual: FailureAccrualConfig::default(),
             health_check: None,
@@ -225,11 +230,15 @@ pub struct EndpointConfig {
     pub node: Option<Arc<str>>,
     /// Terminating: no new connections; open ones drain (Kubernetes' `terminating`).
     pub terminating: bool,
+    /// The zones this endpoint serves, comma-separated (EndpointSlice `hints.forZones`,
+    /// set by the Kubernetes source only): when given, the endpoint is local to nodes in
+    /// those zones and remote to the others, whatever zone it is in.
+    pub hints: Option<Arc<str>>,
 }
 
 impl EndpointConfig {
     pub fn new(target: Target) -> Self {
-        Self { target, weight: 1, zone: None, region: None, node: None, terminating: false }
+        Self { target, weight: 1, zone: None, region: None, node: None, terminating: false, hints: None }
     }
 }
 
@@ -302,6 +311,7 @@ impl<'de> Deserialize<'de> for EndpointConfig {
                     region: m.region,
                     node: m.node,
                     terminating: m.terminating,
+                    hints: None,
                 })
             }
         }
@@ -320,6 +330,32 @@ pub enum BalanceKind {
     Random,
     /// Consistent hashing on the client (its cgroup: the pod or unit) for affinity.
     RingHash,
+}
+
+/// Session affinity: a client (its cgroup: the pod or unit) keeps its endpoint for new
+/// connections until `timeout` passes without one; each restarts the timer. On top of
+/// any `balance` policy; connections the kernel sends (`mode: kernel`) do not follow it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SessionAffinity {
+    #[serde(default = "default_affinity_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl SessionAffinity {
+    /// Kubernetes' limit on `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
+}
+
+impl Default for SessionAffinity {
+    fn default() -> Self {
+        Self { timeout: default_affinity_timeout() }
+    }
+}
+
+/// Kubernetes' default `timeoutSeconds`: 3 h.
+fn default_affinity_timeout() -> Duration {
+    Duration::from_secs(10_800)
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -423,11 +459,14 @@ pub struct LocalityConfig {
     /// endpoints is healthy; below it, the deficit spills to the next tier in proportion
     /// (Envoy's overprovisioning factor 1.4 is a threshold of about 0.71).
     pub spill_threshold: f64,
+    /// Prefer endpoints by locality at all. Off, every endpoint is in one tier, as
+    /// kube-proxy spreads a Service without `trafficDistribution` or topology hints.
+    pub enabled: bool,
 }
 
 impl Default for LocalityConfig {
     fn default() -> Self {
-        Self { spill_threshold: 0.7 }
+        Self { spill_threshold: 0.7, enabled: true }
     }
 }
 
@@ -489,6 +528,14 @@ impl ServiceConfig {
             }
             _ => {}
         }
+        if self.route.is_some() && self.session_affinity.is_some() {
+            problem(
+                at("session_affinity"),
+                "applies to a service's own endpoints, and this one has a route: set it on the services the \
+                 route leads to"
+                    .into(),
+            );
+        }
         let mut seen = std::collections::HashMap::new();
         for (j, ep) in self.endpoints.iter().enumerate() {
             if let Some(msg) = ep.target.addr().and_then(|a| super::unusable(super::canonical(a))) {
@@ -498,9 +545,13 @@ impl ServiceConfig {
             }
         }
         self.policy_problems(label, problem);
+    }
+
+    /// The checks of the policy fields alone (what a Service annotation may set).
+    pub(crate) fn policy_problems(&self, at: &str, problem: &mut impl FnMut(String, String)) {
         if self.mode == ServiceMode::Kernel && matches!(self.protocol, Protocol::Http1 | Protocol::Http2) {
             problem(
-                at("mode"),
+                format!("{at}.mode"),
                 format!(
                     "`kernel` sends connections straight to an endpoint, so nothing balances requests: it \
                      cannot be combined with `protocol: {}` (use `mode: proxy`, or `protocol: tcp`)",
@@ -508,9 +559,6 @@ impl ServiceConfig {
                 ),
             );
         }
-    }
-
-    pub(super) fn policy_problems(&self, at: &str, problem: &mut impl FnMut(String, String)) {
         let c = &self.connect;
         if c.timeout.is_zero() {
             problem(format!("{at}.connect.timeout"), "must be more than 0".into());
@@ -563,6 +611,17 @@ impl ServiceConfig {
                 problem(
                     format!("{at}.endpoints[{j}].weight"),
                     "must be at least 1 (mark the endpoint terminating to stop new connections)".into(),
+                );
+            }
+        }
+        if let Some(a) = &self.session_affinity {
+            let field = format!("{at}.session_affinity.timeout");
+            if a.timeout.is_zero() {
+                problem(field, "must be more than 0".into());
+            } else if a.timeout > SessionAffinity::MAX_TIMEOUT {
+                problem(
+                    field,
+                    format!("{:?} is more than 86400s (24h), Kubernetes' limit for session affinity", a.timeout),
                 );
             }
         }

@@ -45,8 +45,14 @@ pub enum CatalogError {
 /// Read and validate the catalog: its services, marked as coming from it.
 pub fn load(path: &Path) -> Result<Vec<ServiceConfig>, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    parse(&text, path)
+}
+
+/// [`load`] on text already read; `path` is only used in error messages. Apart from the
+/// file system so that the parser can be fuzzed (fuzz/fuzz_targets/catalog.rs).
+pub fn parse(text: &str, path: &Path) -> Result<Vec<ServiceConfig>, ConfigError> {
     let file: CatalogFile =
-        serde_yaml_ng::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
+        serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })?;
     let mut services = file.services;
     for s in &mut services {
         s.origin = Origin::Catalog;

@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     balance::{ActiveGuard, Change, Endpoint, Tier},
+    capacity::{self, Shortage},
     state::{Service, Snapshot},
     stats::{
         Metrics,
@@ -196,9 +197,16 @@ impl<'s> Attempt<'s> {
         self.target().connected(metrics, latency);
     }
 
-    /// A connect failed with `error`.
-    pub fn connect_failed(&self, metrics: &Metrics, error: &io::Error) {
+    /// A connect failed with `error`: the endpoint's failure, or the agent's own
+    /// shortage (returned, counted as the agent's and not against the endpoint: another
+    /// endpoint would fail the same way).
+    pub fn connect_failed(&self, metrics: &Metrics, error: &io::Error) -> Option<Shortage> {
+        if let Some(what) = Shortage::of(error) {
+            capacity::shortage(metrics, "connect", what);
+            return Some(what);
+        }
         self.target().connect_failed(metrics, FailReason::of(error));
+        None
     }
 
     /// An HTTP exchange ended: acceptable (`latency` to the response headers), or failed
@@ -310,6 +318,34 @@ services:
         assert_eq!(attempts.next(now).err(), Some(Spent::Attempts), "3 in all, not 3 per branch");
         let mut late = Attempts::new(&snap, &concrete, 0, limit);
         assert_eq!(late.next(now + Duration::from_secs(2)).err(), Some(Spent::Deadline));
+    }
+
+    #[test]
+    fn affinity_holds_across_connections_and_requests_and_a_retry_moves_the_client() {
+        let snap = snapshot(
+            r#"
+services:
+  - name: s
+    addresses: ["10.96.0.1:80"]
+    endpoints: ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+    balance: round-robin
+    session_affinity: { timeout: 1m }
+"#,
+        );
+        let now = Instant::now();
+        let concrete = [snap.index_named("s").unwrap()];
+        // Opaque connections and HTTP requests pick through the same engine, with the
+        // client's key: each one's first attempt goes to the client's endpoint.
+        let first = |limit| Attempts::new(&snap, &concrete, 7, limit).next(now).unwrap().endpoint.addr;
+        let request = Limit::Total { attempts: 3, deadline: None };
+        let stuck = first(Limit::PerService);
+        assert!((0..10).all(|i| first(if i % 2 == 0 { Limit::PerService } else { request }) == stuck));
+        // A failed attempt is retried elsewhere, and the client stays where that went.
+        let mut retried = Attempts::new(&snap, &concrete, 7, request);
+        assert_eq!(retried.next(now).unwrap().endpoint.addr, stuck);
+        let moved = retried.next(now).unwrap().endpoint.addr;
+        assert_ne!(moved, stuck);
+        assert!((0..10).all(|_| first(request) == moved));
     }
 
     #[test]

@@ -45,14 +45,22 @@ fn give(buf: Box<[u8]>) {
 
 /// Where the bytes read from one side are counted, besides the returned total.
 pub struct Count<'a> {
+    /// The connection's entry.
     pub live: &'a AtomicU64,
+    /// The endpoint's metric.
     pub metric: &'a Counter,
+    /// The golden signals' edges: the connection's route (client workload -> service)
+    /// and the endpoint's.
+    pub edges: [Option<&'a AtomicU64>; 2],
 }
 
 impl Count<'_> {
     pub fn add(&self, n: usize) {
         self.live.fetch_add(n as u64, Ordering::Relaxed);
         self.metric.inc_by(n as u64);
+        for e in self.edges.iter().flatten() {
+            e.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -159,8 +167,8 @@ mod tests {
         let metric = Counter::default();
         let proxy = async {
             let other = Counter::default();
-            let count_a = Some(Count { live: &out, metric: &metric });
-            let count_b = Some(Count { live: &inbound, metric: &other });
+            let count_a = Some(Count { live: &out, metric: &metric, edges: [None, None] });
+            let count_b = Some(Count { live: &inbound, metric: &other, edges: [None, None] });
             bidirectional(&a, &b, count_a, count_b).await
         };
         let peers = async {

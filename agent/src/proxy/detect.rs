@@ -36,17 +36,15 @@ impl Detected {
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Longest prefix read while deciding: a request line or a ClientHello longer than this
 /// is treated as opaque rather than buffered without bound.
-const MAX_PREFIX: usize = 16 * 1024;
+pub const MAX_PREFIX: usize = 16 * 1024;
 
 /// Read from `client` into `buf` until its bytes say what it speaks, the client stops,
 /// or `deadline` passes. Whatever was read stays in `buf` for the upstream. Cancel-safe:
 /// dropped mid-read, it loses nothing, and a later call goes on from `buf`.
 pub async fn detect(client: &mut TcpStream, buf: &mut BytesMut, deadline: Instant) -> Detected {
     loop {
-        match classify(buf) {
-            Some(d) => return d,
-            None if buf.len() >= MAX_PREFIX => return Detected::Opaque,
-            None => {}
+        if let Some(d) = decide(buf) {
+            return d;
         }
         buf.reserve(4096);
         match tokio::time::timeout_at(deadline, client.read_buf(buf)).await {
@@ -59,6 +57,27 @@ pub async fn detect(client: &mut TcpStream, buf: &mut BytesMut, deadline: Instan
             Ok(Ok(_)) => {}
         }
     }
+}
+
+/// What [`detect`] concludes from the bytes read so far, or None to read more: the
+/// protocol they show, and once `MAX_PREFIX` bytes have not settled it, HTTP/1 if they
+/// are a request line still going (so hyper's limits apply to it: 414/431, never bytes
+/// passed on unchecked), else opaque. Only the first `MAX_PREFIX` bytes count, so a
+/// longer prefix never changes a verdict. Pure, so that it can be fuzzed on byte strings
+/// (fuzz/fuzz_targets/detect.rs).
+pub fn decide(prefix: &[u8]) -> Option<Detected> {
+    let prefix = &prefix[..prefix.len().min(MAX_PREFIX)];
+    classify(prefix).or_else(|| {
+        (prefix.len() == MAX_PREFIX).then(|| if long_request_line(prefix) { Detected::Http1 } else { Detected::Opaque })
+    })
+}
+
+/// Whether `prefix`, too long to decide on, is an HTTP/1 request line still going (a
+/// method and the start of a long target).
+fn long_request_line(prefix: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 0];
+    let mut req = httparse::Request::new(&mut headers);
+    matches!(req.parse(prefix), Ok(httparse::Status::Partial)) && req.method.is_some()
 }
 
 /// The protocol `prefix` shows, or None while more bytes are needed to tell.
@@ -75,16 +94,18 @@ pub fn classify(prefix: &[u8]) -> Option<Detected> {
     http1(prefix)
 }
 
-/// HTTP/1.x once the request line is complete: httparse fills in the version only after
-/// it has parsed `METHOD SP target SP HTTP/1.x CRLF`.
+/// HTTP/1.x once the request line is in up to its version: httparse fills in the version
+/// once it has parsed `METHOD SP target SP HTTP/1.x`. What follows, well-formed or not,
+/// does not change that (hyper answers a malformed head with 400): a verdict that looked
+/// further would depend on where the client's reads split, since `detect` stops at the
+/// first prefix that decides (found by fuzz/fuzz_targets/detect.rs).
 fn http1(prefix: &[u8]) -> Option<Detected> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);
-    match req.parse(prefix) {
-        Ok(_) if req.version.is_some() => Some(Detected::Http1),
+    let parsed = req.parse(prefix);
+    match parsed {
+        _ if req.version.is_some() => Some(Detected::Http1),
         Ok(_) => None,
-        // Too many headers still means the request line parsed: HTTP.
-        Err(httparse::Error::TooManyHeaders) => Some(Detected::Http1),
         Err(_) => Some(Detected::Opaque),
     }
 }
@@ -120,6 +141,38 @@ mod tests {
         assert_eq!(classify(b"GET /index.html HTT"), None);
         assert_eq!(classify(b"GET /index.html HTTP/1.1\r\n"), Some(Detected::Http1));
         assert_eq!(classify(b"POST / HTTP/1.0\r\nHost: a\r\n\r\n"), Some(Detected::Http1));
+    }
+
+    #[test]
+    fn a_bad_head_after_a_request_line_is_still_http() {
+        // hyper answers these 400; passed on as bytes they would reach the endpoint.
+        assert_eq!(classify(b"POST / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n"), Some(Detected::Http1));
+        let many: Vec<u8> = [&b"GET / HTTP/1.1\r\n"[..], &b"a: b\r\n".repeat(100), b"\r\n"].concat();
+        assert_eq!(classify(&many), Some(Detected::Http1));
+        // A broken request line is not HTTP.
+        assert_eq!(classify(b"GET /\x01 HTTP/1.1\r\n"), Some(Detected::Opaque));
+    }
+
+    #[test]
+    fn a_request_line_too_long_to_wait_for_is_http_for_hyper_to_refuse() {
+        let long = [&b"GET /"[..], &vec![b'a'; MAX_PREFIX]].concat();
+        assert_eq!(classify(&long[..MAX_PREFIX - 1]), None);
+        assert_eq!(decide(&long[..MAX_PREFIX - 1]), None);
+        assert_eq!(decide(&long), Some(Detected::Http1));
+        // Bytes past the limit do not change it, whatever they are.
+        assert_eq!(decide(&[&long[..], b"\x01 HTTP/1.1\r\n"].concat()), Some(Detected::Http1));
+        assert_eq!(decide(&vec![b'a'; MAX_PREFIX]), Some(Detected::Opaque));
+    }
+
+    #[test]
+    fn what_follows_the_request_line_does_not_change_the_verdict() {
+        // Decided as HTTP/1 on the request line, so the whole must be too, however the
+        // rest looks (once these were opaque: a bad byte in a header, or after the version).
+        for head in [&b"GET / HTTP/1.1\r\nX-Bad\x01: v\r\n\r\n"[..], b"PRI * HTTP/1.0\0\0\0\r\n"] {
+            let line = head.iter().position(|&b| b == b'\r' || b == 0).unwrap();
+            assert_eq!(classify(&head[..line]), Some(Detected::Http1));
+            assert_eq!(classify(head), Some(Detected::Http1), "{:?}", String::from_utf8_lossy(head));
+        }
     }
 
     #[test]

@@ -31,17 +31,20 @@ use self::{
     upstream::{ConnectError, Upstream},
 };
 use crate::{
+    capacity::{self, Capacity, Permit, Shortage},
+    config::HttpLimits,
     origin::Origins,
     state::{Mode, Plan, Snapshot},
     stats::{
         ConnHandle, Stats,
-        conns::{Client, Route, Via},
+        conns::{Route, Via},
     },
 };
 
 pub mod attempt;
 mod copy;
-mod detect;
+mod counted;
+pub(crate) mod detect;
 pub mod http;
 pub mod outcome;
 mod tcp;
@@ -141,6 +144,11 @@ impl Listeners {
             .collect()
     }
 
+    /// Duplicates of the listening sockets with their `SY_LISTENERS` slots.
+    pub fn dup_slots(&self) -> io::Result<Vec<(u32, OwnedFd)>> {
+        self.slots().into_iter().map(|(slot, l)| Ok((slot, l.as_fd().try_clone_to_owned()?))).collect()
+    }
+
     /// Duplicates of the listening sockets, to hand to a successor while these accept.
     pub fn dup(&self) -> io::Result<Inherited> {
         let dup = |l: Option<&TcpListener>| l.map(|l| l.as_fd().try_clone_to_owned()).transpose();
@@ -209,19 +217,23 @@ pub struct Proxy {
     mark: u32,
     stats: Arc<Stats>,
     http: Arc<http::Http>,
+    capacity: Arc<Capacity>,
 }
 
 impl Proxy {
     /// `origins`: where accepted connections were going (the kernel's map, or a fixed
-    /// table in tests); `mark`: the SO_MARK of upstream sockets (0: none).
+    /// table in tests); `mark`: the SO_MARK of upstream sockets (0: none); every accepted
+    /// connection is counted against `capacity`; HTTP clients are held to `limits`.
     pub fn new(
         state: watch::Receiver<Arc<Snapshot>>,
         origins: Arc<dyn Origins>,
         mark: u32,
         stats: Arc<Stats>,
+        capacity: Arc<Capacity>,
+        limits: &HttpLimits,
     ) -> Arc<Self> {
-        let http = http::Http::new(mark, Arc::clone(&stats));
-        Arc::new(Self { state, origins, mark, stats, http })
+        let http = http::Http::new(mark, Arc::clone(&stats), limits);
+        Arc::new(Self { state, origins, mark, stats, http, capacity })
     }
 
     /// The HTTP side's shared state (its pool is swept by the reconciler).
@@ -241,6 +253,7 @@ impl Proxy {
             match accepted {
                 Ok((client, peer)) => {
                     backoff = Duration::from_millis(10);
+                    let permit = self.capacity.admit();
                     let id = self.stats.conns.next_id();
                     let span = debug_span!(
                         "outbound",
@@ -253,11 +266,14 @@ impl Proxy {
                         protocol = field::Empty,
                         endpoint = field::Empty,
                     );
-                    tasks.spawn(Arc::clone(&self).handle(client, peer, id, stop.clone()).instrument(span));
+                    tasks.spawn(Arc::clone(&self).handle(client, peer, id, stop.clone(), permit).instrument(span));
                 }
                 Err(e) => {
                     // Out of fds or memory: wait and retry rather than spin or exit.
-                    warn!(error = %e, retry_in = ?backoff, "accept failed");
+                    match Shortage::of(&e) {
+                        Some(what) => capacity::shortage(&self.stats.metrics, "accept", what),
+                        None => warn!(error = %e, retry_in = ?backoff, "accept failed"),
+                    }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
@@ -265,7 +281,14 @@ impl Proxy {
         }
     }
 
-    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, id: u64, stop: CancellationToken) {
+    async fn handle(
+        self: Arc<Self>,
+        client: TcpStream,
+        peer: SocketAddr,
+        id: u64,
+        stop: CancellationToken,
+        _permit: Permit,
+    ) {
         let conn = self.stats.conns.open(id, peer, Via::Agent);
         // Decide and connect, then relay: only what the relay needs lives on in the
         // task of an opaque connection (most of an idle connection's memory is this
@@ -298,15 +321,7 @@ impl Proxy {
         // again, an opaque connection keeps its service for its life.
         let snapshot = Arc::clone(&self.state.borrow());
         let plan = snapshot.plan(origin.dst, origin.cgroup_id, std::time::Instant::now());
-        conn.client(Client {
-            pid: origin.pid,
-            comm: origin.comm,
-            cgroup_id: origin.cgroup_id,
-            cgroup: None,
-            original_dst: origin.dst,
-            netns: origin.netns,
-            pod: origin.pod,
-        });
+        conn.client(&origin);
         let Some(plan) = plan else {
             debug!("original destination is not a known service; closing");
             return Next::Done(Outcome::UnknownService);
@@ -396,7 +411,10 @@ impl Proxy {
     fn unreachable(&self, client: &TcpStream, e: &ConnectError) -> Outcome {
         debug!(error = %e, "no endpoint could be reached; resetting client");
         reset(client);
-        Outcome::NoEndpoint
+        match e {
+            ConnectError::Local { .. } => Outcome::LocalError,
+            _ => Outcome::NoEndpoint,
+        }
     }
 
     /// Detect the client's protocol without stalling a server that speaks first: most

@@ -20,6 +20,9 @@ pub enum Outcome {
     UnknownService,
     /// No endpoint could be reached; the client was reset.
     NoEndpoint,
+    /// The agent was short of descriptors, buffers, memory or ports (see `capacity`);
+    /// the client was reset.
+    LocalError,
 }
 
 impl Outcome {
@@ -33,19 +36,24 @@ impl Outcome {
             Outcome::NotRedirected => "not_redirected",
             Outcome::UnknownService => "unknown_service",
             Outcome::NoEndpoint => "no_endpoint",
+            Outcome::LocalError => "local_error",
         }
     }
 
     /// The connection never reached an endpoint for a reason on our side of it.
     fn unserved(self) -> bool {
-        matches!(self, Outcome::NotRedirected | Outcome::UnknownService | Outcome::NoEndpoint)
+        matches!(self, Outcome::NotRedirected | Outcome::UnknownService | Outcome::NoEndpoint | Outcome::LocalError)
     }
 }
 
 /// Record how the connection ended (its close line is logged when `conn` drops).
 pub fn finish(conn: &ConnHandle, metrics: &Metrics, outcome: Outcome) {
     conn.outcome(outcome.name());
+    if let (Some(edge), Outcome::NoEndpoint | Outcome::LocalError) = (conn.route_edge(), outcome) {
+        edge.connect_failed();
+    }
     if outcome.unserved() {
-        metrics.unserved.get_or_create(&UnservedLabels { reason: outcome.name() }).inc();
+        let service = conn.service_name().unwrap_or_default().to_owned();
+        metrics.unserved.get_or_create(&UnservedLabels { reason: outcome.name(), service }).inc();
     }
 }

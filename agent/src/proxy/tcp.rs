@@ -10,7 +10,7 @@ use tracing::debug;
 use super::{Proxy, Relay, copy, copy::Count, outcome::Outcome, upstream::Upstream};
 use prometheus_client::metrics::counter::Counter;
 
-use crate::stats::{ConnHandle, conns::Conn, metrics::Direction};
+use crate::stats::{ConnHandle, conns::Conn, metrics::Direction, signals::Signals};
 
 /// Proxy an opaque connection to the upstream that was opened for it (and recorded in
 /// the connection table by the caller).
@@ -31,8 +31,12 @@ pub(super) async fn proxy(proxy: &Proxy, opened: Relay, conn: &ConnHandle) -> Ou
             return Outcome::Error;
         }
         conn.conn().bytes_out.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+        if let Some(r) = conn.route_edge() {
+            r.bytes_out.fetch_add(prefix.len() as u64, Ordering::Relaxed);
+        }
         if let Some(h) = handles {
             h.bytes(metrics, Direction::Out).inc_by(prefix.len() as u64);
+            h.signals(metrics).bytes_out.fetch_add(prefix.len() as u64, Ordering::Relaxed);
         }
     }
     drop(prefix);
@@ -41,13 +45,17 @@ pub(super) async fn proxy(proxy: &Proxy, opened: Relay, conn: &ConnHandle) -> Ou
         h.connections(metrics).inc();
         let open = h.open(metrics);
         open.inc();
+        let endpoint = h.signals(metrics);
+        endpoint.opened();
         let meters = Meters {
             conn: conn.conn(),
             out: h.bytes(metrics, Direction::Out),
             inbound: h.bytes(metrics, Direction::In),
+            endpoint: Some(endpoint),
         };
         let outcome = relay(&client, &upstream, Some(meters)).await;
         open.dec();
+        endpoint.closed();
         outcome
     };
     tokio::select! {
@@ -59,11 +67,13 @@ pub(super) async fn proxy(proxy: &Proxy, opened: Relay, conn: &ConnHandle) -> Ou
     }
 }
 
-/// Where relayed bytes are counted: the connection's entry and the endpoint's metrics.
+/// Where relayed bytes are counted: the connection's entry and route, the endpoint's
+/// metrics and signals.
 pub(super) struct Meters<'a> {
     pub conn: &'a Conn,
     pub out: &'a Counter,
     pub inbound: &'a Counter,
+    pub endpoint: Option<&'a Signals>,
 }
 
 /// Copy both ways until both sides close, counting bytes as they move (reads from the
@@ -72,8 +82,17 @@ pub(super) async fn relay(client: &TcpStream, upstream: &TcpStream, meters: Opti
     let copied = match meters {
         None => copy::bidirectional(client, upstream, None, None).await,
         Some(m) => {
-            let out = Count { live: &m.conn.bytes_out, metric: m.out };
-            let inbound = Count { live: &m.conn.bytes_in, metric: m.inbound };
+            let (route, endpoint) = (m.conn.route_edge(), m.endpoint);
+            let out = Count {
+                live: &m.conn.bytes_out,
+                metric: m.out,
+                edges: [route.map(|r| &r.bytes_out), endpoint.map(|e| &e.bytes_out)],
+            };
+            let inbound = Count {
+                live: &m.conn.bytes_in,
+                metric: m.inbound,
+                edges: [route.map(|r| &r.bytes_in), endpoint.map(|e| &e.bytes_in)],
+            };
             copy::bidirectional(client, upstream, Some(out), Some(inbound)).await
         }
     };

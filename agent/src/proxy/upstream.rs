@@ -62,6 +62,12 @@ impl Upstream {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    #[error("the agent is short of resources ({what}); no endpoint was charged")]
+    Local {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("service has no endpoint to try (all terminating)")]
     NoEndpoint,
     #[error("{attempts} connect attempt(s) failed within {elapsed:?}; last to {endpoint}")]
@@ -96,7 +102,9 @@ pub async fn connect(
             }
             Err(e) => {
                 debug!(attempt = attempt.number, service = %attempt.service.name, endpoint = %attempt.endpoint.addr, error = %e, "upstream connect failed");
-                attempt.connect_failed(metrics, &e);
+                if let Some(what) = attempt.connect_failed(metrics, &e) {
+                    return Err(ConnectError::Local { what: what.name(), source: e });
+                }
                 last = Some((attempt.endpoint.addr, e));
             }
         }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 /// Capability numbers from linux/capability.h.
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,9 +32,9 @@ pub enum HostError {
     )]
     NotCgroup2 { path: PathBuf, root: PathBuf },
     #[error(
-        "switchyard needs root, or the capabilities CAP_BPF (or CAP_SYS_ADMIN) and \
-         CAP_NET_ADMIN, to load and attach its eBPF programs and mark its sockets; \
-         this process is missing {missing}"
+        "switchyard needs root, or the capabilities CAP_BPF and CAP_PERFMON (or \
+         CAP_SYS_ADMIN) and CAP_NET_ADMIN, to load and attach its eBPF programs and mark \
+         its sockets; this process is missing {missing}"
     )]
     Privileges { missing: String },
 }
@@ -85,6 +86,11 @@ fn missing_caps(status: &str) -> Vec<&'static str> {
     if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
         missing.push("CAP_BPF");
     }
+    // Without CAP_PERFMON (or CAP_SYS_ADMIN) the verifier applies its Spectre v1 checks
+    // and rejects sy_connect4 with a log that names no capability: say so up front.
+    if !has(CAP_PERFMON) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_PERFMON");
+    }
     if !has(CAP_NET_ADMIN) {
         missing.push("CAP_NET_ADMIN");
     }
@@ -108,7 +114,9 @@ mod tests {
         let root = "Name:\tx\nCapEff:\t000001ffffffffff\n";
         assert!(missing_caps(root).is_empty());
         let nobody = "CapEff:\t0000000000000000\n";
-        assert_eq!(missing_caps(nobody), ["CAP_BPF", "CAP_NET_ADMIN"]);
+        assert_eq!(missing_caps(nobody), ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]);
+        let bpf_and_net = format!("CapEff:\t{:016x}\n", (1u64 << 39) | (1u64 << 12));
+        assert_eq!(missing_caps(&bpf_and_net), ["CAP_PERFMON"]);
         let sys_admin_and_net = format!("CapEff:\t{:016x}\n", (1u64 << 21) | (1u64 << 12));
         assert!(missing_caps(&sys_admin_and_net).is_empty());
     }

@@ -14,7 +14,7 @@ mod host;
 mod link;
 mod pins;
 mod pods;
-mod table;
+pub(crate) mod table;
 
 use std::{
     collections::HashSet,
@@ -148,9 +148,10 @@ pub struct Redirect {
     host_netns: u64,
     counters: Arc<KernelCounters>,
     sock_orig: HashMap<MapData, u64, OrigDstV3>,
-    /// Written once at start; the kernel drops an entry by itself when its socket's last
-    /// fd closes, which is what the programs' liveness check relies on.
-    _listeners: SockMap<MapData>,
+    /// Written at start; the kernel drops an entry by itself when its socket's last fd
+    /// closes, which is what the programs' liveness check relies on. A saturated agent
+    /// takes its entries out for a while (`step_aside`).
+    listeners: SockMap<MapData>,
     pods: PodMaps,
     // Last: dropping it detaches the programs, after everything above is done with.
     ebpf: Ebpf,
@@ -298,7 +299,7 @@ impl Redirect {
             host_netns: agent.netns_cookie,
             counters,
             sock_orig,
-            _listeners: listeners_map,
+            listeners: listeners_map,
             pods,
             ebpf,
         };
@@ -360,6 +361,22 @@ impl Redirect {
         }
         if changed > 0 {
             tracing::debug!(changed, "kernel endpoint tables updated");
+        }
+        Ok(())
+    }
+
+    /// Take the agent's `listeners` out of `SY_LISTENERS` (`aside`), so that the connect
+    /// programs send new connections straight to endpoints in the kernel, as while no
+    /// agent runs; or put them back. What a saturated agent does (see `capacity`).
+    pub fn step_aside(&mut self, aside: bool, listeners: &[(u32, BorrowedFd<'_>)]) -> Result<(), RedirectError> {
+        let name = map::LISTENERS;
+        for (slot, fd) in listeners {
+            let done = if aside { self.listeners.clear_index(slot) } else { self.listeners.set(*slot, fd, 0) };
+            match done {
+                // Already out: the slot was never filled (no such listener) or is gone.
+                Err(MapError::SyscallError(e)) if aside && e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                r => r.map_err(|source| RedirectError::Map { name, source })?,
+            }
         }
         Ok(())
     }

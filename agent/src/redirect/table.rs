@@ -52,8 +52,14 @@ fn slot_counts(kept: &[Weighted]) -> Vec<usize> {
     let trial = |w: &Weighted| w.trial && !all_trial;
     let mut slots: Vec<usize> = vec![1; kept.len()];
     let spare = TABLE_SLOTS - kept.len();
-    let total: f64 = kept.iter().filter(|w| !trial(w)).map(|w| w.share).sum();
-    let quota: Vec<f64> = kept.iter().map(|w| if trial(w) { 0.0 } else { spare as f64 * w.share / total }).collect();
+    // Shares relative to the largest: a sum or product of large finite shares would
+    // overflow to infinity and give one endpoint usize::MAX slots (found by
+    // fuzz/fuzz_targets/map_encoding.rs).
+    let max = kept.iter().filter(|w| !trial(w)).map(|w| w.share).fold(0.0, f64::max);
+    let relative = |w: &Weighted| w.share / max;
+    let total: f64 = kept.iter().filter(|w| !trial(w)).map(relative).sum();
+    let quota: Vec<f64> =
+        kept.iter().map(|w| if trial(w) { 0.0 } else { spare as f64 * relative(w) / total }).collect();
     for (s, q) in slots.iter_mut().zip(&quota) {
         *s += q.floor() as usize;
     }
@@ -108,6 +114,16 @@ mod tests {
         assert_eq!((slots_of(&v, 0), slots_of(&v, 1)), (1023, 1));
         let v = encode(&[t(1, 1.0), t(2, 1.0)], "n");
         assert_eq!((slots_of(&v, 0), slots_of(&v, 1)), (512, 512));
+    }
+
+    #[test]
+    fn huge_shares_are_shares_like_any_other() {
+        // Once spare * share overflowed to infinity and the slot count with it.
+        let v = encode(&[ep(1, f64::MAX), ep(2, f64::MAX / 4.0)], "n");
+        assert_eq!(v, encode(&[ep(1, 4.0), ep(2, 1.0)], "n"));
+        assert_eq!((slots_of(&v, 0), slots_of(&v, 1)), (819, 205));
+        let v = encode(&[ep(1, 1e308)], "n");
+        assert_eq!(slots_of(&v, 0), TABLE_SLOTS);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use imbl::{HashMap as PMap, OrdMap, OrdSet};
 use self::route::Route;
 pub use self::route::{Mode, Plan};
 use crate::{
-    balance::{Balancer, Endpoint, EndpointState, Tier, budget::Budget},
+    balance::{Affinity, Balancer, Endpoint, EndpointState, Tier, budget::Budget},
     config::{Config, DetectConfig, EndpointConfig, RetryConfig, ServiceConfig, ServiceMode, Target},
     redirect::{KernelEntry, ServiceAddr},
     stats::metrics::ServiceMetrics,
@@ -349,7 +349,7 @@ fn departure(svc: &Service, e: &Endpoint, drain_timeout: Duration) -> Option<Dep
 
 impl Service {
     /// A service built anew; `old` (the same name in the previous snapshot) lends its
-    /// retry budget when the retry policy is unchanged.
+    /// retry budget when the retry policy is unchanged, and its affinity table.
     fn new(config: &ServiceConfig, endpoints: Vec<Endpoint>, old: Option<&Arc<Service>>, now: Instant) -> Self {
         let retry = &config.http.retry;
         let budget = match old {
@@ -357,8 +357,13 @@ impl Service {
             _ => Arc::new(Budget::new(retry.budget_ratio, retry.budget_min_per_second, retry.budget_window, now)),
         };
         let metrics = ServiceMetrics::new(&config.name, endpoints.len());
+        // The affinity table carries over as endpoint state does: a rebuild for an edit
+        // does not reshuffle clients.
+        let affinity =
+            config.session_affinity.as_ref().map(|a| Affinity::new(a.timeout, old.and_then(|o| o.balancer.affinity())));
         let balancer =
-            Balancer::new(config.balance, endpoints, config.failure_accrual.clone(), config.locality.spill_threshold);
+            Balancer::new(config.balance, endpoints, config.failure_accrual.clone(), config.locality.spill_threshold)
+                .with_affinity(affinity);
         let endpoints_in_balancer = config.endpoints.iter().all(|e| e.target.addr().is_some());
         let config = if endpoints_in_balancer { without_endpoints(config) } else { config.clone() };
         Self { name: config.name.clone(), config, endpoints_in_balancer, balancer, budget, metrics }
@@ -384,6 +389,7 @@ impl Service {
                 region: e.region.clone(),
                 node: e.node.clone(),
                 terminating: e.terminating,
+                hints: e.hints.clone(),
                 ..EndpointConfig::new(Target::Addr(e.addr))
             })
             .collect();
@@ -439,11 +445,12 @@ fn endpoints(
             endpoints.push(Endpoint {
                 addr,
                 weight: e.weight.saturating_mul(weight.max(1)),
-                tier: tier(zone.as_deref(), region.as_deref(), e.zone.as_deref(), e.region.as_deref()),
+                tier: if svc.locality.enabled { tier(zone.as_deref(), region.as_deref(), e) } else { Tier::Local },
                 terminating: e.terminating,
                 zone: e.zone.clone(),
                 region: e.region.clone(),
                 node: e.node.clone(),
+                hints: e.hints.clone(),
                 state: states.get(&addr).map(|s| Arc::clone(s)).unwrap_or_default(),
             });
         }
@@ -456,15 +463,19 @@ fn same_endpoints(a: &[Endpoint], b: &[Endpoint]) -> bool {
     a.len() == b.len()
         && a.iter().zip(b).all(|(x, y)| {
             (x.addr, x.weight, x.tier, x.terminating) == (y.addr, y.weight, y.tier, y.terminating)
-                && (&x.zone, &x.region, &x.node) == (&y.zone, &y.region, &y.node)
+                && (&x.zone, &x.region, &x.node, &x.hints) == (&y.zone, &y.region, &y.node, &y.hints)
                 && Arc::ptr_eq(&x.state, &y.state)
         })
 }
 
 /// Locality tier of an endpoint seen from this node. Without a node zone every endpoint
-/// is local: locality is opt-in.
-fn tier(node_zone: Option<&str>, node_region: Option<&str>, zone: Option<&str>, region: Option<&str>) -> Tier {
+/// is local: locality is opt-in. Topology hints, where given, decide the zone question.
+fn tier(node_zone: Option<&str>, node_region: Option<&str>, e: &EndpointConfig) -> Tier {
     let Some(node_zone) = node_zone else { return Tier::Local };
+    if let Some(hints) = &e.hints {
+        return if hints.split(',').any(|z| z == node_zone) { Tier::Local } else { Tier::Remote };
+    }
+    let (zone, region) = (e.zone.as_deref(), e.region.as_deref());
     let same_region = match (node_region, region) {
         (Some(a), Some(b)) => a == b,
         // Zones are unique across regions in every cloud's naming; no region given on
@@ -616,6 +627,33 @@ services:
     }
 
     #[test]
+    fn the_affinity_table_carries_over_while_the_service_has_affinity() {
+        let with = |affinity: &str, eps: &str| {
+            config(&format!(
+                "services:\n  - {{ name: db, addresses: [\"10.96.0.2:80\"], endpoints: [{eps}]{affinity} }}\n"
+            ))
+        };
+        let a =
+            Snapshot::build(&with(", session_affinity: { timeout: 1m }", "\"10.0.1.1:80\""), &Resolved::new(), None);
+        let table = |s: &Snapshot| s.service_named("db").unwrap().balancer.affinity().cloned();
+        assert_eq!(table(&a).unwrap().timeout(), Duration::from_secs(60));
+        // An endpoint added and the timeout changed: rebuilt, the same table.
+        let b = Snapshot::build(
+            &with(", session_affinity: { timeout: 2m }", "\"10.0.1.1:80\", \"10.0.1.2:80\""),
+            &Resolved::new(),
+            Some(&a),
+        );
+        assert!(!Arc::ptr_eq(a.service_named("db").unwrap(), b.service_named("db").unwrap()));
+        assert!(table(&b).unwrap().shares_table_with(&table(&a).unwrap()));
+        assert_eq!(table(&b).unwrap().timeout(), Duration::from_secs(120));
+        // Removed, then given again: a new table.
+        let c = Snapshot::build(&with("", "\"10.0.1.1:80\""), &Resolved::new(), Some(&b));
+        assert!(table(&c).is_none());
+        let d = Snapshot::build(&with(", session_affinity: {}", "\"10.0.1.1:80\""), &Resolved::new(), Some(&c));
+        assert!(!table(&d).unwrap().shares_table_with(&table(&a).unwrap()));
+    }
+
+    #[test]
     fn kernel_tables_keep_healthy_endpoints_of_the_address_family_with_their_shares() {
         let cfg = config(
             "services:\n  - { name: web, addresses: [\"10.96.0.1:80\", \"[fd96::1]:80\"], endpoints: [\"10.0.0.2:80\", { address: \"10.0.0.1:80\", weight: 3 }, \"[fd10::1]:80\", { address: \"10.0.0.3:80\", terminating: true }], failure_accrual: { consecutive_failures: 1 } }\n  - { name: db, addresses: [\"10.96.0.2:80\"], route: { failover: [v1, v2] } }\n  - { name: v1, endpoints: [\"10.0.1.1:80\"], failure_accrual: { consecutive_failures: 1 } }\n  - { name: v2, endpoints: [\"10.0.2.1:80\"] }\n  - { name: canary, addresses: [\"10.96.0.3:80\"], route: { split: [{ service: v1, weight: 9 }, { service: v2, weight: 1 }] } }\n",
@@ -654,13 +692,24 @@ services:
     #[test]
     fn tiers_follow_the_node_zone_and_region() {
         let (z, r) = (Some("a"), Some("r1"));
+        let ep = |zone: Option<&str>, region: Option<&str>| EndpointConfig {
+            zone: zone.map(Into::into),
+            region: region.map(Into::into),
+            ..EndpointConfig::new(Target::Addr("10.0.0.1:80".parse().unwrap()))
+        };
         let s = Some;
-        assert_eq!(tier(None, None, s("b"), s("r2")), Tier::Local, "no node zone: locality off");
-        assert_eq!(tier(z, r, s("a"), s("r1")), Tier::Local);
-        assert_eq!(tier(z, r, s("a"), None), Tier::Local);
-        assert_eq!(tier(z, r, s("b"), s("r1")), Tier::Region);
-        assert_eq!(tier(z, r, s("c"), s("r2")), Tier::Remote);
-        assert_eq!(tier(z, r, None, None), Tier::Remote);
+        assert_eq!(tier(None, None, &ep(s("b"), s("r2"))), Tier::Local, "no node zone: locality off");
+        assert_eq!(tier(z, r, &ep(s("a"), s("r1"))), Tier::Local);
+        assert_eq!(tier(z, r, &ep(s("a"), None)), Tier::Local);
+        assert_eq!(tier(z, r, &ep(s("b"), s("r1"))), Tier::Region);
+        assert_eq!(tier(z, r, &ep(s("c"), s("r2"))), Tier::Remote);
+        assert_eq!(tier(z, r, &ep(None, None)), Tier::Remote);
+        // Hints decide: an endpoint in zone b hinted for a is local to a node in a, and
+        // one in zone a hinted only for b is not.
+        let hinted = |zone: &str, hints: &str| EndpointConfig { hints: Some(hints.into()), ..ep(Some(zone), r) };
+        assert_eq!(tier(z, r, &hinted("b", "a")), Tier::Local);
+        assert_eq!(tier(z, r, &hinted("b", "c,a")), Tier::Local);
+        assert_eq!(tier(z, r, &hinted("a", "b")), Tier::Remote);
     }
 
     #[test]

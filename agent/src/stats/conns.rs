@@ -16,7 +16,11 @@ use std::{
 use serde::Serialize;
 use tracing::info;
 
-use super::cgroup::CgroupPaths;
+use super::{
+    signals::{Edges, Signals},
+    tap::{Tap, TapClient, TapEvent},
+};
+use crate::workload::{Identity, Workloads};
 
 /// Lifecycle of a proxied connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -43,17 +47,76 @@ pub enum Via {
     Kernel,
 }
 
-/// Who opened the connection, from the kernel's record at connect time.
-#[derive(Debug, Clone, Serialize)]
+/// Who opened the connection, from the kernel's record at connect time, and who that
+/// is (one shared [`Identity`] per cgroup: an idle connection carries a pointer, not
+/// copies of names).
+#[derive(Debug, Clone)]
 pub struct Client {
     pub pid: u32,
     pub comm: String,
     pub cgroup_id: u64,
-    pub cgroup: Option<String>,
     pub original_dst: SocketAddr,
     /// Cookie of the client's network namespace (the kernel's `SO_NETNS_COOKIE`).
     pub netns: u64,
     /// True when that is not the agent's namespace: a pod.
+    pub pod: bool,
+    pub identity: Arc<Identity>,
+}
+
+impl Client {
+    /// The client the kernel recorded (`origin`), who is `identity`.
+    pub fn new(origin: &crate::origin::Origin, identity: Arc<Identity>) -> Self {
+        Self {
+            pid: origin.pid,
+            comm: origin.comm.clone(),
+            cgroup_id: origin.cgroup_id,
+            original_dst: origin.dst,
+            netns: origin.netns,
+            pod: origin.pod,
+            identity,
+        }
+    }
+
+    /// As the operator names it: `shop/deployment/web`, `systemd/nginx.service`.
+    pub fn workload(&self) -> String {
+        self.identity.workload.display()
+    }
+
+    /// The pod, `namespace/name`, on a Kubernetes node.
+    pub fn pod_name(&self) -> Option<String> {
+        self.identity.pod.as_ref().map(|p| format!("{}/{}", p.namespace, p.name))
+    }
+
+    fn view(&self) -> ClientView {
+        ClientView {
+            pid: self.pid,
+            comm: self.comm.clone(),
+            cgroup_id: self.cgroup_id,
+            cgroup: self.identity.cgroup.clone(),
+            workload: self.workload(),
+            pod_name: self.pod_name(),
+            container: self.identity.pod.as_ref().and_then(|p| p.container.clone()),
+            original_dst: self.original_dst,
+            netns: self.netns,
+            pod: self.pod,
+        }
+    }
+}
+
+/// What `/conns` shows of a client.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientView {
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    /// The cgroup path below the cgroup2 mount.
+    pub cgroup: Option<String>,
+    pub workload: String,
+    /// The pod (`namespace/name`) and container, on a Kubernetes node.
+    pub pod_name: Option<String>,
+    pub container: Option<String>,
+    pub original_dst: SocketAddr,
+    pub netns: u64,
     pub pod: bool,
 }
 
@@ -80,6 +143,8 @@ pub struct Conn {
     client: OnceLock<Client>,
     service: OnceLock<String>,
     route: OnceLock<Route>,
+    /// Its route edge (client workload -> service), once the service is known.
+    edge: OnceLock<Arc<Signals>>,
     outcome: OnceLock<&'static str>,
     /// What detection found: `http/1`, `h2`, `tls`, `tcp`.
     protocol: OnceLock<&'static str>,
@@ -98,7 +163,7 @@ pub struct ConnView {
     pub state: ConnState,
     pub via: Via,
     pub peer: SocketAddr,
-    pub client: Option<Client>,
+    pub client: Option<ClientView>,
     pub service: Option<String>,
     pub route: Option<Route>,
     pub protocol: Option<&'static str>,
@@ -111,6 +176,16 @@ pub struct ConnView {
 }
 
 impl Conn {
+    /// Its route edge (client workload -> service), once the service is known.
+    pub fn route_edge(&self) -> Option<&Arc<Signals>> {
+        self.edge.get()
+    }
+
+    /// Who opened it, once known.
+    pub fn client(&self) -> Option<&Client> {
+        self.client.get()
+    }
+
     pub fn view(&self) -> ConnView {
         let state = match self.state.load(Ordering::Relaxed) {
             0 => ConnState::Resolving,
@@ -122,7 +197,7 @@ impl Conn {
             state,
             via: self.via,
             peer: self.peer,
-            client: self.client.get().cloned(),
+            client: self.client.get().map(Client::view),
             service: self.service.get().cloned(),
             route: self.route.get().cloned(),
             protocol: self.protocol.get().copied(),
@@ -141,20 +216,20 @@ impl Conn {
 pub struct ConnTable {
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
     next_id: AtomicU64,
-    cgroups: CgroupPaths,
+    workloads: Arc<Workloads>,
+    /// Where connections are counted by route (client workload -> service).
+    edges: Arc<Edges>,
+    /// Opaque connections are tapped as they connect and close.
+    pub tap: Arc<Tap>,
     /// Off: handles are not registered and log nothing at close.
     enabled: bool,
 }
 
 impl ConnTable {
-    /// `cgroup_root`: where cgroup ids are looked up as paths (None: ids only).
-    pub fn new(cgroup_root: Option<std::path::PathBuf>, enabled: bool) -> Self {
-        Self {
-            conns: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            cgroups: CgroupPaths::new(cgroup_root),
-            enabled,
-        }
+    /// `workloads`: who clients are, by cgroup; `edges`: where routes are counted.
+    pub fn new(workloads: Arc<Workloads>, edges: Arc<Edges>, enabled: bool) -> Self {
+        let conns = Mutex::new(HashMap::new());
+        Self { conns, next_id: AtomicU64::new(1), workloads, edges, tap: Arc::default(), enabled }
     }
 
     /// An id for a new connection, unique for the agent's life.
@@ -174,6 +249,7 @@ impl ConnTable {
             client: OnceLock::new(),
             service: OnceLock::new(),
             route: OnceLock::new(),
+            edge: OnceLock::new(),
             outcome: OnceLock::new(),
             protocol: OnceLock::new(),
             sni: OnceLock::new(),
@@ -192,12 +268,6 @@ impl ConnTable {
         let conns: Vec<Arc<Conn>> = self.conns.lock().unwrap().values().cloned().collect();
         let mut views: Vec<ConnView> = conns.iter().map(|c| c.view()).collect();
         views.sort_by_key(|v| v.id);
-        // Paths are looked up here, off the data path (and cached).
-        for v in &mut views {
-            if let Some(c) = &mut v.client {
-                c.cgroup = self.cgroups.path(c.cgroup_id);
-            }
-        }
         views
     }
 
@@ -239,18 +309,64 @@ impl ConnHandle {
         }
     }
 
-    pub fn client(&self, client: Client) {
-        let _ = self.conn.client.set(client);
+    /// Who opened it, as the kernel recorded (`origin`), identified by its cgroup (not
+    /// at all with the table off: nothing would read it).
+    pub fn client(&self, origin: &crate::origin::Origin) {
+        if self.table.enabled {
+            let identity = self.table.workloads.identify(origin.cgroup_id);
+            let _ = self.conn.client.set(Client::new(origin, identity));
+        }
     }
 
+    /// Its route edge, once the service is known.
+    pub fn route_edge(&self) -> Option<&Arc<Signals>> {
+        self.conn.route_edge()
+    }
+
+    /// The service the connection is for, once known.
+    pub fn service_name(&self) -> Option<&str> {
+        self.conn.service.get().map(String::as_str)
+    }
+
+    /// The service it is for: from here on it counts on its route edge (client workload
+    /// -> service), as open until it is dropped.
     pub fn service(&self, name: &str) {
         let _ = self.conn.service.set(name.to_owned());
         self.conn.state.store(ConnState::Connecting as u8, Ordering::Relaxed);
+        if let Some(client) = self.conn.client.get() {
+            let edge = self.table.edges.route(&client.identity.workload, name);
+            edge.opened();
+            let _ = self.conn.edge.set(edge);
+        }
     }
 
     pub fn connected(&self, route: Route) {
+        if self.table.tap.active() {
+            self.tap("connect", Some(&route));
+        }
         let _ = self.conn.route.set(route);
         self.conn.state.store(ConnState::Open as u8, Ordering::Relaxed);
+    }
+
+    /// Tell taps about this (opaque) connection: `connect` or `close`.
+    fn tap(&self, kind: &'static str, route: Option<&Route>) {
+        let c = &self.conn;
+        let closing = kind == "close";
+        self.table.tap.send(TapEvent {
+            kind,
+            at_unix_ms: super::tap::unix_ms(),
+            client: TapClient::of(c.client.get(), c.peer),
+            service: c.service.get().cloned().unwrap_or_default(),
+            endpoint: route.map(|r| r.endpoint),
+            request: None,
+            latency_ms: match route {
+                Some(r) if !closing => r.connect_us as f64 / 1000.0,
+                _ => c.started_at.elapsed().as_secs_f64() * 1000.0,
+            },
+            bytes_out: closing.then(|| c.bytes_out.load(Ordering::Relaxed)),
+            bytes_in: closing.then(|| c.bytes_in.load(Ordering::Relaxed)),
+            outcome: closing.then(|| c.outcome.get().copied().unwrap_or("closed")),
+        });
     }
 
     /// How the connection ended (first call wins): `closed`, `error`, `drained`,
@@ -262,14 +378,21 @@ impl ConnHandle {
 
 impl Drop for ConnHandle {
     fn drop(&mut self) {
+        if let Some(edge) = self.conn.edge.get() {
+            edge.closed();
+        }
         if !self.table.enabled {
             return;
         }
         self.table.conns.lock().unwrap().remove(&self.conn.id);
         let c = &self.conn;
+        // Connections that reached an endpoint as one stream (HTTP ones are tapped per
+        // request).
+        if self.table.tap.active() && c.route.get().is_some() {
+            self.tap("close", c.route.get());
+        }
         let client = c.client.get();
         let route = c.route.get();
-        let cgroup = client.and_then(|x| self.table.cgroups.path(x.cgroup_id));
         info!(
             target: "switchyard::conn",
             outcome = c.outcome.get().copied().unwrap_or("closed"),
@@ -278,7 +401,9 @@ impl Drop for ConnHandle {
             client.addr = %c.peer,
             client.pid = client.map(|x| x.pid),
             client.comm = client.map(|x| x.comm.as_str()),
-            client.cgroup = cgroup.as_deref(),
+            client.cgroup = client.and_then(|x| x.identity.cgroup.as_deref()),
+            client.workload = client.map(|x| x.workload()),
+            client.pod_name = client.and_then(|x| x.pod_name()),
             client.netns = client.map(|x| x.netns),
             client.pod = client.map(|x| x.pod),
             orig.dst = client.map(|x| x.original_dst.to_string()),
@@ -315,7 +440,7 @@ mod tests {
 
     #[test]
     fn table_tracks_open_connections_and_shows_live_bytes() {
-        let table = Arc::new(ConnTable::new(None, true));
+        let table = Arc::new(ConnTable::new(Workloads::new(None), Arc::default(), true));
         let h = table.open(7, "127.0.0.1:5000".parse().unwrap(), Via::Agent);
         h.service("web");
         assert_eq!(table.list()[0].state, ConnState::Connecting);
@@ -327,7 +452,7 @@ mod tests {
 
     #[test]
     fn a_disabled_table_registers_nothing() {
-        let table = Arc::new(ConnTable::new(None, false));
+        let table = Arc::new(ConnTable::new(Workloads::new(None), Arc::default(), false));
         let h = table.open(1, "127.0.0.1:5000".parse().unwrap(), Via::Agent);
         h.service("web");
         assert!(table.list().is_empty());

@@ -26,12 +26,23 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+/// Encoded lower case (`direction="out"`), as Prometheus label values are.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
     /// client -> endpoint
     Out = 0,
     /// endpoint -> client
     In = 1,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut prometheus_client::encoding::LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        encoder.write_str(match self {
+            Direction::Out => "out",
+            Direction::In => "in",
+        })
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,8 +83,20 @@ pub struct RetryLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UnservedLabels {
-    /// not_redirected, unknown_service, no_endpoint
+    /// not_redirected, unknown_service, no_endpoint, local_error
     pub reason: &'static str,
+    /// The service, once known (empty for not_redirected and unknown_service): a service
+    /// with no endpoint to offer, as one with `internalTrafficPolicy: Local` on a node
+    /// without its pods, shows by name.
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LocalErrorLabels {
+    /// What the agent was doing: accept, connect, health_check
+    pub op: &'static str,
+    /// emfile, enfile, enobufs, enomem, eaddrnotavail
+    pub error: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -107,6 +130,15 @@ pub struct Metrics {
     pub retries: Family<RetryLabels, Counter>,
     pub budget_exhausted: Family<ServiceLabels, Counter>,
     pub request_latency: Family<ServiceLabels, Histogram, fn() -> Histogram>,
+    pub local_errors: Family<LocalErrorLabels, Counter>,
+    /// The agent's connection limit, connections counted against it, and whether it is
+    /// saturated: set from `capacity::Capacity` when scraped.
+    pub max_connections: Gauge,
+    pub agent_connections: Gauge,
+    pub saturated: Gauge,
+    pub saturations: Counter,
+    /// Golden signals per route and endpoint (`switchyard_route_*`, `switchyard_endpoint_*`).
+    pub edges: std::sync::Arc<super::signals::Edges>,
 }
 
 impl Default for Metrics {
@@ -126,6 +158,12 @@ impl Default for Metrics {
             retries: Family::default(),
             budget_exhausted: Family::default(),
             request_latency: Family::new_with_constructor(latency_histogram),
+            local_errors: Family::default(),
+            max_connections: Gauge::default(),
+            agent_connections: Gauge::default(),
+            saturated: Gauge::default(),
+            saturations: Counter::default(),
+            edges: Default::default(),
         };
         let r = &mut m.registry;
         r.register("connections", "Connections proxied, by service and endpoint", m.connections.clone());
@@ -148,6 +186,20 @@ impl Default for Metrics {
             m.request_latency.clone(),
         );
         r.register(
+            "local_errors",
+            "The agent's own resource shortages (descriptors, buffers, memory, ephemeral ports), by operation; never counted against an endpoint",
+            m.local_errors.clone(),
+        );
+        r.register("max_connections", "Connections the agent holds before it is saturated", m.max_connections.clone());
+        r.register("agent_connections", "Connections the agent holds now", m.agent_connections.clone());
+        r.register(
+            "saturated",
+            "1 while the agent is at max_connections and new connections go straight to endpoints in the kernel",
+            m.saturated.clone(),
+        );
+        r.register("saturations", "Times the agent reached max_connections", m.saturations.clone());
+        r.register_collector(Box::new(super::signals::EdgeCollector(std::sync::Arc::clone(&m.edges))));
+        r.register(
             "kernel_decisions",
             "Decisions of the kernel programs since they were installed on this node (cumulative; the counters are pinned, so they survive agent restarts)",
             m.kernel.clone(),
@@ -167,6 +219,11 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The counter of shortages of kind `error` met while doing `op`.
+    pub fn local_error(&self, op: &'static str, error: &'static str) -> Counter {
+        self.local_errors.get_or_create(&LocalErrorLabels { op, error }).clone()
     }
 
     pub fn endpoint(service: &str, endpoint: std::net::SocketAddr) -> EndpointLabels {
@@ -247,6 +304,8 @@ struct Handles {
     bytes: [OnceLock<Counter>; 2],
     failures: [OnceLock<Counter>; 4],
     ejections: OnceLock<Counter>,
+    /// Its golden signals (`/stat`, `/edges`), shared with HTTP requests' counts.
+    signals: OnceLock<std::sync::Arc<super::signals::Signals>>,
 }
 
 impl ServiceMetrics {
@@ -312,6 +371,7 @@ impl ServiceMetrics {
                 bytes: Default::default(),
                 failures: Default::default(),
                 ejections: OnceLock::new(),
+                signals: OnceLock::new(),
             })
         });
         EndpointHandles { service: &self.name, e }
@@ -345,7 +405,13 @@ impl<'a> EndpointHandles<'a> {
         })
     }
 
+    /// The endpoint's golden signals (`/stat` by endpoint).
+    pub fn signals(&self, m: &Metrics) -> &'a std::sync::Arc<super::signals::Signals> {
+        self.e.signals.get_or_init(|| m.edges.endpoint(self.service, self.e.addr))
+    }
+
     pub fn connect_failed(&self, m: &Metrics, reason: FailReason) {
+        self.signals(m).connect_failed();
         let make = || {
             let l = self.labels();
             m.connect_failures
@@ -380,7 +446,7 @@ mod tests {
         let text = m.render();
         assert!(text.contains("switchyard_connections_total{service=\"web\",endpoint=\"10.0.0.1:80\"} 1"), "{text}");
         assert!(
-            text.contains("switchyard_bytes_total{service=\"web\",endpoint=\"10.0.0.1:80\",direction=\"Out\"} 42"),
+            text.contains("switchyard_bytes_total{service=\"web\",endpoint=\"10.0.0.1:80\",direction=\"out\"} 42"),
             "{text}"
         );
         assert!(text.contains("# TYPE switchyard_connect_latency_seconds histogram"), "{text}");

@@ -12,7 +12,9 @@
 //!   reading the echo (pausing D ms between 64 KiB chunks, for a connection that stays
 //!   open and moves bytes for a while), half-close after the last byte, and check that exactly the same N
 //!   bytes come back before EOF: `echo_bytes=N`. A failed connect prints
-//!   `connect_errno=<errno>` and exits 2; any other failure exits 1.
+//!   `connect_errno=<errno>` and exits 2; no greeting prints `greeting=reset` (RST),
+//!   `greeting=closed` (EOF), `greeting=timeout` or `greeting=garbled`, and exits 1, as
+//!   does any other failure.
 //!
 //! `sy-probe hold --connect ADDR --conns N --hold-ms T`
 //!   Open N connections and keep them idle for T ms (for memory-per-connection
@@ -143,8 +145,19 @@ fn client(target: SocketAddr, bytes: u64, chunk_delay: Duration) -> ExitCode {
     println!("peer={}", conn.peer_addr().map(|a| a.to_string()).unwrap_or_else(|e| format!("error:{e}")));
     let mut reader = BufReader::new(conn.try_clone().expect("clone socket"));
     let mut hello = String::new();
-    if reader.read_line(&mut hello).is_err() || !hello.starts_with("HELLO ") {
-        println!("error=no greeting from the server (got {hello:?})");
+    // `greeting=` tells a reset (RST: the proxy gave up on the connection) from a clean
+    // close (FIN) and from a timeout: tests assert which one they expect.
+    let greeting = match reader.read_line(&mut hello) {
+        Ok(_) if hello.starts_with("HELLO ") => None,
+        Ok(0) => Some("closed"),
+        Ok(_) => Some("garbled"),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Some("reset"),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => Some("timeout"),
+        Err(_) => Some("error"),
+    };
+    if let Some(greeting) = greeting {
+        println!("greeting={greeting}");
+        println!("error=no greeting from the server ({greeting}; got {hello:?})");
         return ExitCode::FAILURE;
     }
     println!("hello={}", hello.trim_start_matches("HELLO ").trim());
@@ -202,7 +215,12 @@ fn one_conn(target: SocketAddr, hold: Duration) -> Result<String, String> {
     conn.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
     let mut reader = BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
     let mut hello = String::new();
-    reader.read_line(&mut hello).map_err(|e| format!("greeting: {e}"))?;
+    match reader.read_line(&mut hello) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(format!("greeting: reset: {e}")),
+        Err(e) => return Err(format!("greeting: {e}")),
+        Ok(0) => return Err("greeting: closed before the greeting".into()),
+        Ok(_) => {}
+    }
     let endpoint =
         hello.strip_prefix("HELLO ").ok_or_else(|| format!("no greeting (got {hello:?})"))?.trim().to_owned();
     let mut writer = conn;

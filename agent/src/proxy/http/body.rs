@@ -1,7 +1,8 @@
 //! Bodies on their way through: requests keep a copy of their frames (up to a limit) so
-//! a failed attempt can be replayed on another endpoint; responses count their bytes
-//! and hold the endpoint's in-flight guard until they end, so a long stream counts as
-//! load on the endpoint serving it. Frames, trailers included, pass through unchanged.
+//! a failed attempt can be replayed on another endpoint; responses hold the endpoint's
+//! in-flight guard until they end, so a long stream counts as load on the endpoint
+//! serving it. Frames, trailers included, pass through unchanged. (Bytes are counted at
+//! the sockets, `proxy::counted`.)
 
 use std::{
     collections::VecDeque,
@@ -13,25 +14,8 @@ use std::{
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::http::HeaderMap;
-use prometheus_client::metrics::counter::Counter;
 
-use crate::{balance::ActiveGuard, stats::conns::Conn};
-
-/// Where a body's bytes are counted: the connection's live total and a metric.
-pub struct Meter {
-    pub conn: Arc<Conn>,
-    /// true: client -> upstream (`bytes_out`).
-    pub outbound: bool,
-    pub metric: Counter,
-}
-
-impl Meter {
-    fn add(&self, n: usize) {
-        let live = if self.outbound { &self.conn.bytes_out } else { &self.conn.bytes_in };
-        live.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        self.metric.inc_by(n as u64);
-    }
-}
+use crate::balance::ActiveGuard;
 
 /// What a request body left behind for a replay.
 #[derive(Debug, Default)]
@@ -71,18 +55,18 @@ impl Replay {
 
 pub enum ReqBody {
     /// The client's body, streamed on while `replay` keeps a copy.
-    First { inner: Incoming, replay: Replay, meter: Option<Meter> },
+    First { inner: Incoming, replay: Replay },
     /// A kept copy.
     Replay { frames: VecDeque<Bytes>, trailers: Option<HeaderMap> },
 }
 
 impl ReqBody {
-    pub fn first(inner: Incoming, replay: Replay, meter: Option<Meter>) -> Self {
+    pub fn first(inner: Incoming, replay: Replay) -> Self {
         if inner.is_end_stream() {
             // Nothing will ever be polled: the (empty) body is complete already.
             replay.kept.lock().unwrap().ended = true;
         }
-        ReqBody::First { inner, replay, meter }
+        ReqBody::First { inner, replay }
     }
 }
 
@@ -92,15 +76,12 @@ impl Body for ReqBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ReqBody::First { inner, replay, meter } => {
+            ReqBody::First { inner, replay } => {
                 let frame = ready!(Pin::new(&mut *inner).poll_frame(cx));
                 let mut kept = replay.kept.lock().unwrap();
                 match &frame {
                     Some(Ok(f)) => {
                         if let Some(data) = f.data_ref() {
-                            if let Some(m) = meter {
-                                m.add(data.len());
-                            }
                             kept.len += data.len();
                             if kept.len > replay.max {
                                 kept.overflow = true;
@@ -151,7 +132,6 @@ pub enum RespBody {
         /// A frame read ahead (a gRPC response's first frame, looked at for its status).
         first: Option<Frame<Bytes>>,
         inner: Incoming,
-        meter: Option<Meter>,
         _guard: Option<ActiveGuard>,
     },
     /// A response the agent makes itself (502, 504, ...).
@@ -159,8 +139,8 @@ pub enum RespBody {
 }
 
 impl RespBody {
-    pub fn upstream(inner: Incoming, meter: Option<Meter>, guard: Option<ActiveGuard>) -> Self {
-        RespBody::Upstream { first: None, inner, meter, _guard: guard }
+    pub fn upstream(inner: Incoming, guard: Option<ActiveGuard>) -> Self {
+        RespBody::Upstream { first: None, inner, _guard: guard }
     }
 
     /// Count the response as load on its endpoint (`guard`) until the body ends.
@@ -191,19 +171,14 @@ impl Body for RespBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            RespBody::Upstream { first, inner, meter, _guard } => {
+            RespBody::Upstream { first, inner, _guard } => {
                 let frame = match first.take() {
                     Some(f) => Some(Ok(f)),
                     None => ready!(Pin::new(inner).poll_frame(cx)),
                 };
-                match &frame {
-                    Some(Ok(f)) => {
-                        if let (Some(m), Some(d)) = (meter, f.data_ref()) {
-                            m.add(d.len());
-                        }
-                    }
+                if !matches!(frame, Some(Ok(_))) {
                     // Ended: the endpoint is no longer busy with this request.
-                    _ => *_guard = None,
+                    *_guard = None;
                 }
                 Poll::Ready(frame)
             }
@@ -279,7 +254,7 @@ mod tests {
         let req = Request::builder().uri("http://grpc/test.Echo/Who").body(http_body_util::Empty::<Bytes>::new());
         let resp = sender.send_request(req.unwrap()).await.unwrap();
         assert!(resp.headers().get("grpc-status").is_none(), "not a trailers-only response");
-        let mut body = RespBody::upstream(resp.into_body(), None, None);
+        let mut body = RespBody::upstream(resp.into_body(), None);
         let trailers = body.peek_trailers(std::time::Duration::from_secs(5)).await.expect("trailers seen");
         assert_eq!(trailers["grpc-status"], "14");
         // The peeked frame is still delivered to the client.

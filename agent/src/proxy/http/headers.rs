@@ -17,6 +17,15 @@ pub const DTAB: &str = "l5d-dtab";
 /// Drop the connection-specific fields: those `Connection` lists and the fixed set. An
 /// upgrade request keeps `Connection: upgrade` and `Upgrade`, which the upstream needs.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // TE: only `trailers` means anything end to end (gRPC sends it). Read before the
+    // listed fields go, since RFC 9110 §10.1.4 has a sender of TE list it in
+    // `Connection`, and from every TE line, not only the first.
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -35,13 +44,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
     }
-    // TE: only `trailers` means anything end to end (gRPC sends it).
-    if let Some(te) = headers.get(header::TE)
-        && !te.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
-    {
-        headers.remove(header::TE);
-    }
-    if headers.contains_key(header::TE) {
+    headers.remove(header::TE);
+    if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
@@ -66,6 +70,8 @@ pub fn is_idempotent(method: &Method) -> bool {
 
 /// Where `l5d-dtab` sends requests for `service`: the last matching `/svc/<service> =>
 /// /svc/<target>` entry (dentries are `;`-separated; later ones win, as in linkerd 1).
+/// A target is one name: an entry whose right side is empty or more than one word (a
+/// missing `;`) names nothing (found by fuzz/fuzz_targets/headers.rs).
 pub fn dtab_target<'h>(headers: &'h HeaderMap, service: &str) -> Option<&'h str> {
     let prefix = format!("/svc/{service}");
     headers
@@ -75,7 +81,9 @@ pub fn dtab_target<'h>(headers: &'h HeaderMap, service: &str) -> Option<&'h str>
         .flat_map(|v| v.split(';'))
         .filter_map(|dentry| {
             let (from, to) = dentry.split_once("=>")?;
-            (from.trim() == prefix).then(|| to.trim().strip_prefix("/svc/")).flatten()
+            let target = to.trim().strip_prefix("/svc/")?;
+            let one_name = !target.is_empty() && !target.contains(char::is_whitespace);
+            (from.trim() == prefix && one_name).then_some(target)
         })
         .next_back()
 }
@@ -117,6 +125,24 @@ mod tests {
     }
 
     #[test]
+    fn te_trailers_is_kept_from_any_line_and_when_connection_lists_it() {
+        // Found by fuzz/fuzz_targets/headers.rs: only the first TE line was read, and a
+        // TE that Connection lists (as RFC 9110 asks) was dropped with the listed fields.
+        for pairs in [
+            &[("te", "gzip"), ("te", "trailers")][..],
+            &[("connection", "te"), ("te", "trailers")],
+            &[("connection", "TE, keep-alive"), ("te", "deflate, trailers")],
+        ] {
+            let mut h = headers(pairs);
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(h.get_all("te").iter().collect::<Vec<_>>(), ["trailers"], "{pairs:?}");
+        }
+        let mut h = headers(&[("te", "gzip"), ("te", "deflate")]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("te"));
+    }
+
+    #[test]
     fn an_upgrade_keeps_what_the_upstream_needs() {
         let mut h = headers(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("sec-websocket-key", "k")]);
         let req = {
@@ -147,5 +173,13 @@ mod tests {
         assert!(!retryable(StatusCode::INTERNAL_SERVER_ERROR, &HeaderMap::new(), &policy));
         assert!(retryable(StatusCode::OK, &headers(&[("grpc-status", "14")]), &policy));
         assert!(!retryable(StatusCode::OK, &headers(&[("grpc-status", "0")]), &policy));
+    }
+
+    #[test]
+    fn a_dtab_target_is_one_name() {
+        let h = headers(&[(DTAB, "/svc/web => /svc/canary; /svc/web=>/svc/ /svc/web => /svc/x")]);
+        assert_eq!(dtab_target(&h, "web"), Some("canary"), "a run-on entry names nothing; the last good one wins");
+        let h = headers(&[(DTAB, "/svc/web => /svc/")]);
+        assert_eq!(dtab_target(&h, "web"), None);
     }
 }

@@ -22,42 +22,58 @@ use hyper::{
     service::service_fn,
     upgrade::OnUpgrade,
 };
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use self::{
-    body::{Meter, Replay, ReqBody, RespBody},
+    body::{Replay, ReqBody, RespBody},
     headers::{dtab_target, is_upgrade, retryable, strip_hop_by_hop},
+    idle::{InFlight, Tracked},
+    observe::{Observed, Record},
     pool::{Lent, Pool, PoolError},
     retry::{Failure, Retry},
 };
 pub use self::{pool::Version, rewind::Rewind as Prefixed};
 use super::{
     attempt::{Attempt, Attempts, Limit, Spent},
+    counted::{Counted, Tally},
     outcome::Outcome,
     tcp::{Meters, relay},
     upstream,
 };
 use crate::{
     balance::ActiveGuard,
+    config::HttpLimits,
     state::{Service, Snapshot},
-    stats::{Stats, conns::Conn, metrics::Direction},
+    stats::{
+        Stats,
+        conns::Conn,
+        metrics::Direction,
+        signals::Signals,
+        tap::{self, TapClient, TapEvent, TapRequest},
+    },
 };
 
 mod body;
-mod headers;
+pub(crate) mod headers;
+mod idle;
+mod observe;
 mod pool;
 mod retry;
 mod rewind;
 
-/// What every HTTP connection shares: the upstream connections.
+/// What every HTTP connection shares: the upstream connections, and how clients are
+/// served (with the agent's `http_limits`).
 pub struct Http {
     pool: Pool,
     mark: u32,
     stats: Arc<Stats>,
+    h1: server1::Builder,
+    h2: server2::Builder<TokioExecutor>,
+    idle_timeout: Option<Duration>,
 }
 
 /// One client connection.
@@ -81,7 +97,22 @@ struct Tunnel {
     downstream: OnUpgrade,
     upstream: OnUpgrade,
     bytes: [Counter; 2],
+    endpoint: Arc<Signals>,
     _guard: ActiveGuard,
+}
+
+/// The endpoint that gave a response (its own or one the agent made for it), with its
+/// golden-signal edge: the one its upstream connection counts bytes on, held by the
+/// attempt, so a request is counted without looking it up again.
+struct Answerer {
+    addr: SocketAddr,
+    edge: Arc<Signals>,
+}
+
+impl Answerer {
+    fn of(attempt: &Attempt<'_>, metrics: &crate::stats::Metrics) -> Self {
+        Self { addr: attempt.endpoint.addr, edge: Arc::clone(attempt.handles().signals(metrics)) }
+    }
 }
 
 /// What one attempt at an endpoint came to.
@@ -99,8 +130,17 @@ enum Exchange {
 const GRPC_STATUS_WAIT: Duration = Duration::from_millis(100);
 
 impl Http {
-    pub fn new(mark: u32, stats: Arc<Stats>) -> Arc<Self> {
-        Arc::new(Self { pool: Pool::default(), mark, stats })
+    pub fn new(mark: u32, stats: Arc<Stats>, limits: &HttpLimits) -> Arc<Self> {
+        let mut h1 = server1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_header_size(limits.max_header_bytes as usize);
+        let mut h2 = server2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(limits.max_header_bytes)
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .max_pending_accept_reset_streams(limits.max_pending_reset_streams);
+        Arc::new(Self { pool: Pool::default(), mark, stats, h1, h2, idle_timeout: limits.idle_timeout })
     }
 
     /// Close upstream connections idle longer than the shortest `pool_idle_timeout` any
@@ -124,30 +164,40 @@ impl Http {
         stop: CancellationToken,
     ) -> Result<(), hyper::Error> {
         let down = Arc::new(Downstream { http: self, state, service, key, version, conn, tunnel: Mutex::default() });
-        let d = Arc::clone(&down);
+        let flight = InFlight::new();
+        let (d, f) = (Arc::clone(&down), flight.clone());
         let svc = service_fn(move |req| {
-            let d = Arc::clone(&d);
-            async move { Ok::<_, Infallible>(d.request(req).await) }
+            let (d, active) = (Arc::clone(&d), f.begin());
+            async move { Ok::<_, Infallible>(d.request(req).await.map(|body| Tracked::new(body, active))) }
         });
-        let io = TokioIo::new(io);
+        let tally = down.conn.as_ref().map(Tally::client);
+        let io = TokioIo::new(Counted::new(io, tally));
+        // What ends the connection gracefully: the agent stopping, or `idle_timeout` with
+        // no request in flight.
+        let close = async {
+            match down.http.idle_timeout {
+                Some(t) => tokio::select! { _ = stop.cancelled() => {}, _ = flight.idle_for(t) => {} },
+                None => stop.cancelled().await,
+            }
+        };
         match version {
             Version::Http1 => {
-                let conn = server1::Builder::new().serve_connection(io, svc).with_upgrades();
+                let conn = down.http.h1.serve_connection(io, svc).with_upgrades();
                 tokio::pin!(conn);
                 tokio::select! {
                     r = conn.as_mut() => r?,
-                    _ = stop.cancelled() => {
+                    _ = close => {
                         conn.as_mut().graceful_shutdown();
                         conn.await?
                     }
                 }
             }
             Version::Http2 => {
-                let conn = server2::Builder::new(TokioExecutor::new()).serve_connection(io, svc);
+                let conn = down.http.h2.serve_connection(io, svc);
                 tokio::pin!(conn);
                 tokio::select! {
                     r = conn.as_mut() => r?,
-                    _ = stop.cancelled() => {
+                    _ = close => {
                         conn.as_mut().graceful_shutdown();
                         conn.await?
                     }
@@ -163,15 +213,18 @@ impl Http {
 }
 
 impl Downstream {
-    async fn request(&self, mut req: Request<Incoming>) -> Response<RespBody> {
+    async fn request(&self, mut req: Request<Incoming>) -> Response<Observed<RespBody>> {
         let snapshot = Arc::clone(&self.state.borrow());
         let grpc = is_grpc(&req);
         // Per request, the newest state: endpoints that came or went since the
         // connection opened count.
         let Some(index) = snapshot.index_named(&self.service) else {
-            return local(StatusCode::SERVICE_UNAVAILABLE, "service_removed", grpc);
+            return local(StatusCode::SERVICE_UNAVAILABLE, "service_removed", grpc).map(|b| Observed::new(b, None));
         };
         let service = snapshot.service(index);
+        let started = Instant::now();
+        let tap =
+            self.conn.as_ref().filter(|_| self.http.stats.tap.active()).map(|c| tap_event(c, &req, &service.name));
         if let Some(c) = &self.conn {
             c.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -183,8 +236,22 @@ impl Downstream {
             let target = self.route_override(&req, &snapshot, index);
             self.forward(req, &snapshot, service, target, grpc).await
         };
-        service.metrics.answered(&self.http.stats.metrics, endpoint, resp.status().as_u16());
-        resp
+        let stats = &self.http.stats;
+        let (endpoint, edge) = endpoint.map(|a| (a.addr, a.edge)).unzip();
+        service.metrics.answered(&stats.metrics, endpoint, resp.status().as_u16());
+        let record = self.conn.as_ref().map(|c| Record {
+            route: c.route_edge().cloned(),
+            endpoint: edge,
+            latency: started.elapsed(),
+            status: resp.status().as_u16(),
+            grpc_status: observe::grpc_status(resp.headers()),
+            tap: tap.map(|mut t| {
+                t.endpoint = endpoint;
+                t.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+                (Arc::clone(&stats.tap), t)
+            }),
+        });
+        resp.map(|b| Observed::new(b, record))
     }
 
     /// The service named by an allowed `l5d-dtab` override, else the dialled one.
@@ -214,7 +281,7 @@ impl Downstream {
         dialled: &Service,
         target: usize,
         grpc: bool,
-    ) -> (Response<RespBody>, Option<SocketAddr>) {
+    ) -> (Response<RespBody>, Option<Answerer>) {
         let policy = &dialled.config.http;
         let metrics = &self.http.stats.metrics;
         let start = Instant::now();
@@ -226,9 +293,16 @@ impl Downstream {
         let concrete = snapshot.concrete(target, start);
         let limit = Limit::Total { attempts: retry.attempts(), deadline };
         let mut attempts = Attempts::new(snapshot, &concrete, self.key, limit);
-        let mut last: Option<(Response<RespBody>, Option<SocketAddr>)> = None;
+        let mut last: Option<(Response<RespBody>, Option<Answerer>)> = None;
+        // Why the next attempt is a retry; counted once it is really made.
+        let mut retrying = None;
         loop {
             let now = Instant::now();
+            // No attempt left: stop before the budget check, which would spend a retry
+            // (and count it as refused or made) that never happens.
+            if attempts.made() >= retry.attempts() {
+                break;
+            }
             if attempts.made() > 0 && !retry.may_send_again(dialled, body.sendable(), metrics, now) {
                 break;
             }
@@ -240,6 +314,11 @@ impl Downstream {
                 }
                 Err(Spent::Attempts | Spent::NoEndpoint) => break,
             };
+            // `http_retries` counts attempts retried on another endpoint: one the budget
+            // refused is `http_retry_budget_exhausted` instead, not both.
+            if let Some(reason) = retrying.take() {
+                dialled.metrics.retried(metrics, reason);
+            }
             let addr = attempt.endpoint.addr;
             let attempt_timeout = match (policy.attempt_timeout, deadline.map(|d| d.saturating_duration_since(now))) {
                 (Some(a), Some(r)) => Some(a.min(r)),
@@ -250,16 +329,21 @@ impl Downstream {
                 Exchange::Unsent(unsent) => {
                     // Not the endpoint's fault, and safe for any method.
                     body.unsent = Some(unsent);
-                    last = Some((local(StatusCode::BAD_GATEWAY, "upstream_error", grpc), Some(addr)));
+                    last = Some((
+                        local(StatusCode::BAD_GATEWAY, "upstream_error", grpc),
+                        Some(Answerer::of(&attempt, metrics)),
+                    ));
                     Failure::Closed
                 }
                 Exchange::Failed(failure) => {
-                    let (status, reason, endpoint) = match failure {
-                        Failure::Connect => (StatusCode::BAD_GATEWAY, "connect_failed", None),
-                        Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "response_timeout", Some(addr)),
-                        _ => (StatusCode::BAD_GATEWAY, "upstream_error", Some(addr)),
+                    let (status, reason, answered) = match failure {
+                        Failure::Connect => (StatusCode::BAD_GATEWAY, "connect_failed", false),
+                        Failure::Local => (StatusCode::SERVICE_UNAVAILABLE, "agent_overloaded", false),
+                        Failure::Timeout => (StatusCode::GATEWAY_TIMEOUT, "response_timeout", true),
+                        _ => (StatusCode::BAD_GATEWAY, "upstream_error", true),
                     };
-                    last = Some((local(status, reason, grpc), endpoint));
+                    let by = answered.then(|| Answerer::of(&attempt, metrics));
+                    last = Some((local(status, reason, grpc), by));
                     failure
                 }
                 Exchange::Answered(resp, latency) => {
@@ -267,9 +351,8 @@ impl Downstream {
                     // Each hop speaks its own version: an HTTP/1.0 answer from the endpoint
                     // must not turn the client's keep-alive HTTP/1.1 connection into 1.0.
                     rparts.version = parts.version;
-                    let meter = self.meter(&attempt, Direction::In);
                     let may_retry = attempts.made() < retry.attempts() && body.replay.can_replay();
-                    let mut resp = Response::from_parts(rparts, RespBody::upstream(rbody, meter, None));
+                    let mut resp = Response::from_parts(rparts, RespBody::upstream(rbody, None));
                     let mut retry_it = retryable(resp.status(), resp.headers(), &policy.retry);
                     if grpc && !retry_it && may_retry {
                         // gRPC errors mostly come as trailers right after the headers.
@@ -279,17 +362,18 @@ impl Downstream {
                     attempt.responded(metrics, !(resp.status().is_server_error() || retry_it), latency);
                     if !(retry_it && may_retry) {
                         dialled.metrics.request_latency(metrics).observe(start.elapsed().as_secs_f64());
+                        let by = Some(Answerer::of(&attempt, metrics));
                         // The endpoint counts the response as load until its body ends.
                         resp.body_mut().hold(attempt.guard);
-                        return (resp, Some(addr));
+                        return (resp, by);
                     }
                     debug!(attempt = attempt.number, endpoint = %addr, status = %resp.status(), "retryable response");
-                    last = Some((resp, Some(addr)));
+                    last = Some((resp, Some(Answerer::of(&attempt, metrics))));
                     Failure::Status
                 }
             };
             match retry.after(failure) {
-                Some(reason) => dialled.metrics.retried(metrics, reason),
+                Some(reason) => retrying = Some(reason),
                 None => break,
             }
         }
@@ -314,21 +398,27 @@ impl Downstream {
         // As an opaque connect would wait, and no longer than the attempt may take.
         let connect_timeout = attempt.connect_timeout(t0).min(timeout.unwrap_or(Duration::MAX));
         let pool = &self.http.pool;
-        let mut lent: Lent = match pool.lend(addr, self.version, self.http.mark, connect_timeout, idle).await {
+        let tally = || self.tally(attempt);
+        let mut lent: Lent = match pool.lend(addr, self.version, self.http.mark, connect_timeout, idle, tally).await {
             Ok(l) => l,
             Err(e) => {
                 debug!(attempt = attempt.number, endpoint = %addr, error = %e, "upstream HTTP connection failed");
-                match &e {
-                    PoolError::Connect { source, .. } => attempt.connect_failed(metrics, source),
-                    PoolError::Handshake { .. } => attempt.responded(metrics, false, Duration::ZERO),
-                }
-                return Exchange::Failed(Failure::Connect);
+                return Exchange::Failed(match &e {
+                    PoolError::Connect { source, .. } => match attempt.connect_failed(metrics, source) {
+                        Some(_) => Failure::Local,
+                        None => Failure::Connect,
+                    },
+                    PoolError::Handshake { .. } => {
+                        attempt.responded(metrics, false, Duration::ZERO);
+                        Failure::Connect
+                    }
+                });
             }
         };
         if let Some(latency) = lent.connected_in {
             attempt.connected(metrics, latency);
         }
-        let req = rebuild(parts, body.next(self.meter(attempt, Direction::Out)));
+        let req = rebuild(parts, body.next());
         let send = lent.send(req);
         let sent = match timeout {
             Some(t) => tokio::time::timeout(t.saturating_sub(t0.elapsed()), send).await.ok(),
@@ -360,12 +450,15 @@ impl Downstream {
         }
     }
 
-    fn meter(&self, attempt: &Attempt<'_>, direction: Direction) -> Option<Meter> {
-        let conn = self.conn.as_ref()?;
-        Some(Meter {
-            conn: Arc::clone(conn),
-            outbound: direction == Direction::Out,
-            metric: attempt.handles().bytes(&self.http.stats.metrics, direction).clone(),
+    /// Where an upstream connection opened for `attempt` counts its bytes.
+    fn tally(&self, attempt: &Attempt<'_>) -> Option<Tally> {
+        let metrics = &self.http.stats.metrics;
+        self.conn.as_ref()?;
+        let h = attempt.handles();
+        Some(Tally::Endpoint {
+            out: h.bytes(metrics, Direction::Out).clone(),
+            inbound: h.bytes(metrics, Direction::In).clone(),
+            signals: Arc::clone(h.signals(metrics)),
         })
     }
 
@@ -376,12 +469,16 @@ impl Downstream {
         mut req: Request<Incoming>,
         snapshot: &Snapshot,
         service: usize,
-    ) -> (Response<RespBody>, Option<SocketAddr>) {
+    ) -> (Response<RespBody>, Option<Answerer>) {
         let downstream = hyper::upgrade::on(&mut req);
         let metrics = &self.http.stats.metrics;
         let concrete = snapshot.concrete(service, Instant::now());
         let up = match upstream::connect(snapshot, &concrete, self.key, self.http.mark, metrics).await {
             Ok(up) => up,
+            Err(e @ upstream::ConnectError::Local { .. }) => {
+                debug!(error = %e, "no upstream connection for the upgrade");
+                return (local(StatusCode::SERVICE_UNAVAILABLE, "agent_overloaded", false), None);
+            }
             Err(e) => {
                 debug!(error = %e, "no endpoint for the upgrade");
                 return (local(StatusCode::BAD_GATEWAY, "connect_failed", false), None);
@@ -390,12 +487,20 @@ impl Downstream {
         let addr = up.endpoint().addr;
         let handles = up.handles();
         let bytes = [handles.bytes(metrics, Direction::Out).clone(), handles.bytes(metrics, Direction::In).clone()];
+        let endpoint = Arc::clone(handles.signals(metrics));
+        let tally = self.conn.as_ref().map(|_| Tally::Endpoint {
+            out: bytes[0].clone(),
+            inbound: bytes[1].clone(),
+            signals: Arc::clone(&endpoint),
+        });
+        let by = || Answerer { addr, edge: Arc::clone(&endpoint) };
         let upstream::Upstream { stream, guard, .. } = up;
-        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+        let io = TokioIo::new(Counted::new(stream, tally));
+        let (mut sender, conn) = match hyper::client::conn::http1::handshake(io).await {
             Ok(x) => x,
             Err(e) => {
                 debug!(error = %e, endpoint = %addr, "upstream handshake failed");
-                return (local(StatusCode::BAD_GATEWAY, "upstream_error", false), Some(addr));
+                return (local(StatusCode::BAD_GATEWAY, "upstream_error", false), Some(by()));
             }
         };
         tokio::spawn(async move {
@@ -405,27 +510,29 @@ impl Downstream {
         });
         let connect = req.method() == hyper::Method::CONNECT;
         let (parts, incoming) = req.into_parts();
-        let body = ReqBody::first(incoming, Replay::new(0), None);
+        let body = ReqBody::first(incoming, Replay::new(0));
         let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
             Ok(r) => r,
             Err(e) => {
                 debug!(error = %e, endpoint = %addr, "upgrade request failed");
-                return (local(StatusCode::BAD_GATEWAY, "upstream_error", false), Some(addr));
+                return (local(StatusCode::BAD_GATEWAY, "upstream_error", false), Some(by()));
             }
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS || (connect && resp.status().is_success()) {
             let upstream = hyper::upgrade::on(&mut resp);
-            *self.tunnel.lock().unwrap() = Some(Tunnel { downstream, upstream, bytes, _guard: guard });
+            let answerer = by();
+            *self.tunnel.lock().unwrap() = Some(Tunnel { downstream, upstream, bytes, endpoint, _guard: guard });
             let (parts, body) = resp.into_parts();
-            return (Response::from_parts(parts, RespBody::upstream(body, None, None)), Some(addr));
+            return (Response::from_parts(parts, RespBody::upstream(body, None)), Some(answerer));
         }
         let (parts, body) = resp.into_parts();
-        (Response::from_parts(parts, RespBody::upstream(body, None, Some(guard))), Some(addr))
+        (Response::from_parts(parts, RespBody::upstream(body, Some(guard))), Some(by()))
     }
 
     /// Copy bytes both ways between the two upgraded connections until both close, with
     /// the counted copy opaque TCP uses (bytes hyper had read ahead on either side go
-    /// first).
+    /// first). What hyper read and wrote went through the counting wrappers; from here on
+    /// the relay counts, on the bare sockets.
     async fn run_tunnel(&self, t: Tunnel) -> Outcome {
         let (down, up) = match tokio::try_join!(t.downstream, t.upstream) {
             Ok(x) => x,
@@ -434,21 +541,22 @@ impl Downstream {
                 return Outcome::Error;
             }
         };
-        let (Ok(down), Ok(up)) = (down.downcast::<TokioIo<Prefixed<TcpStream>>>(), up.downcast::<TokioIo<TcpStream>>())
-        else {
+        type Down = TokioIo<Counted<Prefixed<TcpStream>>>;
+        let (Ok(down), Ok(up)) = (down.downcast::<Down>(), up.downcast::<TokioIo<Counted<TcpStream>>>()) else {
             debug!("an upgraded connection is not the socket it started as; closing the tunnel");
             return Outcome::Error;
         };
-        let (unread, mut client) = down.io.into_inner().into_parts();
-        let mut upstream = up.io.into_inner();
+        // `unread`: what detection read that hyper never asked for, so never counted.
+        let (unread, mut client) = down.io.into_inner().into_inner().into_parts();
+        let mut upstream = up.io.into_inner().into_inner();
         let [out, inbound] = &t.bytes;
         let ahead = async {
             for bytes in [&unread[..], &down.read_buf[..]] {
                 upstream.write_all(bytes).await?;
                 out.inc_by(bytes.len() as u64);
+                t.endpoint.bytes_out.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
             client.write_all(&up.read_buf).await?;
-            inbound.inc_by(up.read_buf.len() as u64);
             std::io::Result::Ok(())
         };
         if let Err(e) = ahead.await {
@@ -457,10 +565,15 @@ impl Downstream {
         }
         if let Some(c) = &self.conn {
             use std::sync::atomic::Ordering::Relaxed;
-            c.bytes_out.fetch_add((unread.len() + down.read_buf.len()) as u64, Relaxed);
+            let route = c.route_edge();
+            c.bytes_out.fetch_add(unread.len() as u64, Relaxed);
             c.bytes_in.fetch_add(up.read_buf.len() as u64, Relaxed);
+            if let Some(r) = route {
+                r.bytes_out.fetch_add(unread.len() as u64, Relaxed);
+                r.bytes_in.fetch_add(up.read_buf.len() as u64, Relaxed);
+            }
         }
-        let meters = self.conn.as_deref().map(|conn| Meters { conn, out, inbound });
+        let meters = self.conn.as_deref().map(|conn| Meters { conn, out, inbound, endpoint: Some(&t.endpoint) });
         relay(&client, &upstream, meters).await
     }
 }
@@ -479,12 +592,40 @@ impl Bodies {
         self.unsent.is_some() || self.incoming.is_some() || self.replay.can_replay()
     }
 
-    fn next(&mut self, meter: Option<Meter>) -> ReqBody {
+    fn next(&mut self) -> ReqBody {
         match (self.unsent.take(), self.incoming.take()) {
             (Some(b), _) => b,
-            (None, Some(inc)) => ReqBody::first(inc, self.replay.clone(), meter),
+            (None, Some(inc)) => ReqBody::first(inc, self.replay.clone()),
             (None, None) => self.replay.replay().expect("checked sendable before the attempt"),
         }
+    }
+}
+
+/// A tap's view of a request, its answer filled in when it ends.
+fn tap_event<B>(conn: &Conn, req: &Request<B>, service: &str) -> TapEvent {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()));
+    TapEvent {
+        kind: "request",
+        at_unix_ms: tap::unix_ms(),
+        client: TapClient::of(conn.client(), conn.peer),
+        service: service.to_owned(),
+        endpoint: None,
+        request: Some(TapRequest {
+            method: req.method().to_string(),
+            authority: authority.unwrap_or_default().to_owned(),
+            path: req.uri().path().to_owned(),
+            status: 0,
+            grpc_status: None,
+            success: false,
+        }),
+        latency_ms: 0.0,
+        bytes_out: None,
+        bytes_in: None,
+        outcome: None,
     }
 }
 

@@ -20,7 +20,10 @@ use tokio::task::AbortHandle;
 use tracing::debug;
 
 use super::body::ReqBody;
-use crate::proxy::upstream::connect_marked;
+use crate::proxy::{
+    counted::{Counted, Tally},
+    upstream::connect_marked,
+};
 
 /// The HTTP version spoken to an endpoint: the client's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,6 +89,7 @@ impl Pool {
         mark: u32,
         connect_timeout: Duration,
         idle_timeout: Duration,
+        tally: impl FnOnce() -> Option<Tally>,
     ) -> Result<Lent, PoolError> {
         if let Some(lent) = self.take_idle(addr, version, idle_timeout) {
             return Ok(lent);
@@ -95,7 +99,9 @@ impl Pool {
             connect_marked(addr, mark, connect_timeout).await.map_err(|source| PoolError::Connect { addr, source })?;
         let connected_in = Some(t0.elapsed());
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(stream);
+        // Counted into the endpoint of the request that opened it (an endpoint shared by
+        // two services counts there for both).
+        let io = TokioIo::new(Counted::new(stream, tally()));
         let handshake = |source| PoolError::Handshake { addr, source };
         let (sender, task) = match version {
             Version::Http1 => {

@@ -28,6 +28,9 @@ pub enum Failure {
     Broke,
     /// A response with a status (or gRPC status) the policy retries.
     Status,
+    /// The agent could not open a connection for want of its own resources (see
+    /// `capacity`): another endpoint would fail the same way.
+    Local,
 }
 
 pub struct Retry<'a> {
@@ -53,6 +56,7 @@ impl<'a> Retry<'a> {
             Failure::Connect => Some(RetryReason::Connect),
             Failure::Closed => Some(RetryReason::Closed),
             Failure::Status => Some(RetryReason::Status),
+            Failure::Local => None,
             Failure::Timeout => self.idempotent.then_some(RetryReason::Timeout),
             Failure::Broke => self.idempotent.then_some(RetryReason::Error),
         }

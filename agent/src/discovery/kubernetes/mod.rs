@@ -1,6 +1,7 @@
 //! The Kubernetes source, for the DaemonSet deployment: Services (ClusterIP and ports
 //! become service addresses), EndpointSlices (serving / terminating endpoints with zone and
-//! node) and this Node (its zone and region labels).
+//! node) and this Node (its zone and region labels); and, for client identity only, this
+//! node's Pods (`pods`, into [`Workloads`]).
 //!
 //! List+watch is kube-runtime's `watcher`: it lists, then watches from the list's
 //! resourceVersion with bookmarks, relists when the server answers 410 Gone, and backs off
@@ -14,12 +15,13 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
     path::PathBuf,
+    sync::Arc,
     time::Duration,
 };
 
 use futures::{FutureExt as _, StreamExt as _, stream};
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -33,18 +35,17 @@ use tracing::{debug, info, warn};
 
 use super::Update;
 use crate::{
-    config::{EndpointConfig, KubernetesConfig, Origin, ServiceConfig, ServiceMode, Target},
+    config::{EndpointConfig, KubernetesConfig, Origin, Protocol, ServiceConfig, ServiceMode, SessionAffinity, Target},
     tasks::Background,
+    workload::Workloads,
 };
+
+mod annotations;
+mod pods;
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 const REGION_LABEL: &str = "topology.kubernetes.io/region";
-/// Annotation on a Service choosing who handles its connections: `proxy` (default) or
-/// `kernel` (see `ServiceMode`), the way Cilium reads `service.cilium.io/*` annotations.
-const MODE_ANNOTATION: &str = "switchyard.io/mode";
-/// The annotations the source reads start with this; others are not kept.
-const ANNOTATION_PREFIX: &str = "switchyard.io/";
 /// Events handled in one batch at most, so a relist of a huge cluster still yields.
 const BATCH: usize = 4096;
 
@@ -81,11 +82,14 @@ pub struct ClusterDelta {
     pub remove: Vec<String>,
     /// The node's zone and region, when they changed (or on the first delta).
     pub locality: Option<(Option<String>, Option<String>)>,
+    /// Services whose problems changed (`Service ns/name`), with their problems now
+    /// (none: cleared), for `/status`.
+    pub problems: Vec<(String, Vec<String>)>,
 }
 
 impl ClusterDelta {
     pub fn is_empty(&self) -> bool {
-        self.upsert.is_empty() && self.remove.is_empty() && self.locality.is_none()
+        self.upsert.is_empty() && self.remove.is_empty() && self.locality.is_none() && self.problems.is_empty()
     }
 }
 
@@ -103,11 +107,12 @@ async fn client(cfg: &KubernetesConfig) -> Result<Client, KubeError> {
     Client::try_from(config).map_err(KubeError::Client)
 }
 
-/// One watch event of any of the three kinds.
+/// One watch event of any of the four kinds.
 enum Event {
     Service(Box<watcher::Event<Service>>),
     Slice(Box<watcher::Event<EndpointSlice>>),
     Node(Box<watcher::Event<Node>>),
+    Pod(Box<watcher::Event<Pod>>),
 }
 
 /// What a watch event means once listings are buffered: a listing (between `Init` and
@@ -136,22 +141,24 @@ fn step<K>(listing: &mut Option<Vec<K>>, e: watcher::Event<K>) -> Option<Step<K>
     }
 }
 
-/// Start watching. Returns once the first full listing of every kind is in (or
-/// `sync_limit` passed, with a warning), with everything known at that point as one
-/// delta; later changes arrive as [`Update::Cluster`].
+/// Start watching. Returns once the first full listing of Services, EndpointSlices and
+/// the Node is in (or `sync_limit` passed, with a warning), with everything known at that
+/// point as one delta; later changes arrive as [`Update::Cluster`]. This node's Pods go
+/// to `workloads` as they come.
 pub async fn start(
     cfg: &KubernetesConfig,
     updates: mpsc::Sender<Update>,
     sync_limit: Duration,
     background: &Background,
+    workloads: Arc<Workloads>,
 ) -> Result<ClusterDelta, KubeError> {
     let client = client(cfg).await?;
     let node_name = cfg.node_name.clone().or_else(|| std::env::var("NODE_NAME").ok());
-    let node_watch = match &node_name {
-        Some(n) => watcher::Config::default().fields(&format!("metadata.name={n}")),
-        // No node name: a selector matching nothing, so locality stays unset.
-        None => watcher::Config::default().fields("metadata.name=switchyard-unknown-node"),
-    };
+    // No node name: selectors matching nothing, so locality stays unset and no pod is
+    // this node's.
+    let node = node_name.as_deref().unwrap_or("switchyard-unknown-node");
+    let node_watch = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let pod_watch = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let wc = || watcher::Config::default();
     // Errors are logged; the watcher backs off and relists by itself.
     let mut events = stream::select_all([
@@ -163,17 +170,24 @@ pub async fn start(
             .default_backoff()
             .map(|e| e.map(|e| Event::Slice(Box::new(e))))
             .boxed(),
-        watcher(Api::<Node>::all(client), node_watch)
+        watcher(Api::<Node>::all(client.clone()), node_watch)
             .default_backoff()
             .map(|e| e.map(|e| Event::Node(Box::new(e))))
             .boxed(),
+        watcher(Api::<Pod>::all(client), pod_watch)
+            .default_backoff()
+            .map(|e| e.map(|e| Event::Pod(Box::new(e))))
+            .boxed(),
     ]);
-    let mut cluster = Cluster::default();
+    let mut cluster = Cluster { node_name, pods: Some(pods::PodFeed::new(workloads)), ..Cluster::default() };
+    // Pods are not waited for: they only name clients, and a client first seen before
+    // its pod is named again once the pod arrives (the pods' generation), while services
+    // wait on nothing they do not need. Their events are handled here all the same.
     let synced = async {
         while cluster.synced.len() < 3 {
             match events.next().await {
                 Some(Ok(e)) => cluster.handle(e),
-                Some(Err(e)) => warn!(error = %e, "Kubernetes watch error; retrying with back-off"),
+                Some(Err(e)) => watch_error(&e),
                 None => break,
             }
         }
@@ -191,6 +205,20 @@ pub async fn start(
     Ok(first)
 }
 
+/// A watch failed (the watcher retries with back-off): logged with its whole chain of
+/// causes, since the outermost says only "client error" where the cause is an untrusted
+/// certificate or a revoked token.
+fn watch_error(e: &watcher::Error) {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    warn!(error = %text, "Kubernetes watch error; retrying with back-off");
+}
+
 async fn run(
     mut events: impl futures::Stream<Item = Result<Event, watcher::Error>> + Unpin,
     mut cluster: Cluster,
@@ -203,7 +231,7 @@ async fn run(
         while let Some(e) = next.take() {
             match e {
                 Ok(e) => cluster.handle(e),
-                Err(e) => warn!(error = %e, "Kubernetes watch error; retrying with back-off"),
+                Err(e) => watch_error(&e),
             }
             n += 1;
             if n < BATCH {
@@ -236,6 +264,10 @@ struct Cluster {
     /// Which Service each slice (namespace, slice name) was filed under.
     slice_owner: HashMap<Key, Key>,
     node: Option<Node>,
+    /// Where this node's Pods go (`None` in tests of the service view).
+    pods: Option<pods::PodFeed>,
+    /// This node's name, for `internalTrafficPolicy: Local`.
+    node_name: Option<String>,
     /// Listings in progress (between `Init` and `InitDone`), per kind.
     relist: Relist,
     /// Kinds listed at least once.
@@ -262,6 +294,14 @@ struct ServiceRecord {
     ports: Vec<ServicePortRecord>,
     /// Ours only (`switchyard.io/...`).
     annotations: BTreeMap<String, String>,
+    /// `internalTrafficPolicy: Local`: this node's endpoints only.
+    node_local: bool,
+    /// `trafficDistribution: PreferClose` (or `PreferSameZone`): same-zone endpoints first.
+    prefer_close: bool,
+    /// `publishNotReadyAddresses`: endpoints are used ready or not.
+    publish_not_ready: bool,
+    /// `sessionAffinity: ClientIP`: its `timeoutSeconds` (default 10800).
+    affinity_secs: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -269,6 +309,7 @@ struct ServicePortRecord {
     name: String,
     port: i32,
     protocol: String,
+    app_protocol: Option<String>,
 }
 
 impl ServiceRecord {
@@ -287,15 +328,23 @@ impl ServiceRecord {
                     name: p.name.clone().unwrap_or_default(),
                     port: p.port,
                     protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
+                    app_protocol: p.app_protocol.clone(),
                 })
                 .collect(),
             annotations: m
                 .annotations
                 .iter()
                 .flatten()
-                .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+                .filter(|(k, _)| k.starts_with(annotations::PREFIX))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            node_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            prefer_close: matches!(spec.traffic_distribution.as_deref(), Some("PreferClose" | "PreferSameZone")),
+            publish_not_ready: spec.publish_not_ready_addresses == Some(true),
+            affinity_secs: (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+                let config = spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref());
+                config.and_then(|c| c.timeout_seconds).and_then(|t| u32::try_from(t).ok()).unwrap_or(10800)
+            }),
         })
     }
 }
@@ -314,11 +363,15 @@ struct Slice {
 #[derive(Debug, Clone, PartialEq)]
 struct SliceEndpoint {
     addresses: SmallVec<[std::net::IpAddr; 1]>,
-    /// EndpointSlice conditions: serving (ready, unless said otherwise) and terminating.
+    /// EndpointSlice conditions: ready (unknown counts as ready), serving (ready,
+    /// unless said otherwise) and terminating.
+    ready: bool,
     serving: bool,
     terminating: bool,
     zone: Option<std::sync::Arc<str>>,
     node: Option<std::sync::Arc<str>>,
+    /// `hints.forZones`, comma-joined.
+    hints: Option<std::sync::Arc<str>>,
 }
 
 impl Slice {
@@ -343,12 +396,16 @@ impl Slice {
                         }
                     })
                     .collect();
+                let zones = ep.hints.as_ref().and_then(|h| h.for_zones.as_ref());
+                let hints: Vec<&str> = zones.into_iter().flatten().map(|z| z.name.as_str()).collect();
                 SliceEndpoint {
                     addresses,
+                    ready,
                     serving: c.and_then(|c| c.serving).unwrap_or(ready),
                     terminating: c.and_then(|c| c.terminating).unwrap_or(false),
                     zone: ep.zone.as_deref().map(|z| strings.get(z)),
                     node: ep.node_name.as_deref().map(|n| strings.get(n)),
+                    hints: (!hints.is_empty()).then(|| strings.get(&hints.join(","))),
                 }
             })
             .collect();
@@ -435,6 +492,11 @@ impl Cluster {
                 }
                 None => {}
             },
+            Event::Pod(e) => {
+                if let Some(pods) = &mut self.pods {
+                    pods.handle(*e);
+                }
+            }
         }
     }
 
@@ -498,13 +560,19 @@ impl Cluster {
             let (now, problems) = match self.services.get(&key) {
                 Some(svc) => {
                     let slices: Vec<&Slice> = self.slices.get(&key).into_iter().flatten().map(|(_, s)| s).collect();
-                    services_of(svc, &slices)
+                    services_of(svc, &slices, self.node_name.as_deref())
                 }
                 None => (Vec::new(), Vec::new()),
             };
             let last = self.problems.remove(&key).unwrap_or_default();
+            let object = format!("Service {}/{}", key.0, key.1);
             for p in problems.iter().filter(|p| !last.contains(p)) {
-                warn!(problem = %p, "Kubernetes object skipped");
+                // One line per problem as it appears, naming the object (what a
+                // Kubernetes Event would say); `/status` lists them while they last.
+                warn!(object = %object, problem = %p, "Kubernetes object not used as given");
+            }
+            if problems != last {
+                delta.problems.push((object, problems.clone()));
             }
             if !problems.is_empty() {
                 self.problems.insert(key.clone(), problems);
@@ -551,7 +619,8 @@ pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Nod
             .map(|s| Slice::of(s, &mut strings))
             .collect();
         let Some(record) = ServiceRecord::of(svc) else { continue };
-        let (mut s, mut p) = services_of(&record, &own.iter().collect::<Vec<_>>());
+        let node_name = node.and_then(|n| n.metadata.name.as_deref());
+        let (mut s, mut p) = services_of(&record, &own.iter().collect::<Vec<_>>(), node_name);
         out.append(&mut s);
         problems.append(&mut p);
     }
@@ -562,78 +631,170 @@ pub fn view_of(services: &[Service], slices: &[EndpointSlice], node: Option<&Nod
     ClusterView { services: out, zone, region, problems }
 }
 
-/// The switchyard services of one Service, given its EndpointSlices, and the problems
-/// met on the way. Pure.
+/// The switchyard services of one Service, given its EndpointSlices and this node's
+/// name, and the problems met on the way. Pure.
 ///
-/// One switchyard service per (Service, TCP port), named `namespace/name:port-name` (the
-/// port number when unnamed), with every ClusterIP on that port as addresses. Endpoints
-/// come from the Service's EndpointSlices, on the slice port of the same name: serving
-/// ones are used, terminating ones drain (no new connections), others are left out.
+/// One switchyard service per (Service, TCP port, address family), named
+/// `namespace/name:port-name` (the port number when unnamed; `@ipv6` or `@ipv4` after it
+/// for a dual-stack Service's second family), with the ClusterIPs of that family on that
+/// port as addresses, and the Service's semantics as kube-proxy gives them:
+/// - endpoints from the Service's EndpointSlices, on the slice port of the same name
+///   (so a named target port may differ per slice): ready ones take connections,
+///   terminating ones drain, and only when none is ready do the serving terminating ones
+///   take new connections (kube-proxy's terminating fallback); `publishNotReadyAddresses`
+///   uses them ready or not;
+/// - `internalTrafficPolicy: Local`: this node's endpoints only, none if it has none;
+/// - locality only with topology hints on every endpoint, or `trafficDistribution:
+///   PreferClose` (zones), else every endpoint alike;
+/// - `sessionAffinity: ClientIP`: each client keeps its endpoint until
+///   `timeoutSeconds` pass without a connection from it;
+/// - a port's `appProtocol` sets its protocol (see [`app_protocol`]);
+/// - `switchyard.io/*` annotations set the policy (see `annotations`).
+///
 /// Headless and ExternalName services have no ClusterIP and are skipped.
-fn services_of(svc: &ServiceRecord, own_slices: &[&Slice]) -> (Vec<ServiceConfig>, Vec<String>) {
+fn services_of(svc: &ServiceRecord, own_slices: &[&Slice], node: Option<&str>) -> (Vec<ServiceConfig>, Vec<String>) {
     let mut out = Vec::new();
     let mut problems: Vec<String> = own_slices.iter().flat_map(|s| s.problems.iter().cloned()).collect();
-    {
-        let (ns, name) = (&svc.namespace, &svc.name);
-        let mut ips = std::collections::BTreeSet::new();
-        for ip in &svc.cluster_ips {
-            match ip.parse::<std::net::IpAddr>() {
-                Ok(ip) => {
-                    ips.insert(ip);
-                }
-                Err(_) if ip.is_empty() || ip == "None" => {}
-                Err(_) => problems.push(format!("Service {ns}/{name}: clusterIP `{ip}` is not an IP address")),
+    let (ns, name) = (&svc.namespace, &svc.name);
+    let object = format!("Service {ns}/{name}");
+    let mut ips = std::collections::BTreeSet::new();
+    for ip in &svc.cluster_ips {
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                ips.insert(ip);
             }
+            Err(_) if ip.is_empty() || ip == "None" => {}
+            Err(_) => problems.push(format!("{object}: clusterIP `{ip}` is not an IP address")),
         }
-        if ips.is_empty() {
-            return (out, problems);
+    }
+    if ips.is_empty() {
+        return (out, problems);
+    }
+    // What every port shares: the defaults, then the Service's annotations.
+    let mut policy = ServiceConfig { origin: Origin::Kubernetes, ..ServiceConfig::named("") };
+    let applied = annotations::apply(&svc.annotations, &mut policy, &object);
+    problems.extend(applied.problems);
+    if let Some(secs) = svc.affinity_secs {
+        // The API server allows 1 to 86400 s; anything else is the default, said so.
+        let timeout = Duration::from_secs(secs.into());
+        policy.session_affinity = Some(if (1..=SessionAffinity::MAX_TIMEOUT.as_secs()).contains(&secs.into()) {
+            SessionAffinity { timeout }
+        } else {
+            problems.push(format!(
+                "{object}: sessionAffinityConfig.clientIP.timeoutSeconds {secs} is not from 1 to 86400; 10800 is used"
+            ));
+            SessionAffinity::default()
+        });
+    }
+    if svc.node_local && node.is_none() {
+        problems.push(format!(
+            "{object}: internalTrafficPolicy is Local but this node's name is unknown \
+             (agent.kubernetes.node_name or $NODE_NAME): no endpoint is used"
+        ));
+    }
+    // One switchyard service per family of a dual-stack Service, as kube-proxy runs one
+    // proxier per family: the IPv6 ClusterIP leads to IPv6 endpoints only. The first
+    // ClusterIP's family keeps the plain name; the other's gets `@ipv6` (or `@ipv4`).
+    let primary_v4 =
+        svc.cluster_ips.iter().find_map(|ip| ip.parse::<std::net::IpAddr>().ok()).is_some_and(|ip| ip.is_ipv4());
+    let families: Vec<bool> =
+        [primary_v4, !primary_v4].into_iter().filter(|&v4| ips.iter().any(|ip| ip.is_ipv4() == v4)).collect();
+    for port in &svc.ports {
+        if port.protocol != "TCP" {
+            continue;
         }
-        let mode = match svc.annotations.get(MODE_ANNOTATION).map(String::as_str) {
-            None | Some("proxy") => ServiceMode::Proxy,
-            Some("kernel") => ServiceMode::Kernel,
-            Some(other) => {
-                problems.push(format!(
-                    "Service {ns}/{name}: annotation {MODE_ANNOTATION} is `{other}`, not `proxy` or `kernel`; \
-                     proxied meanwhile"
-                ));
-                ServiceMode::Proxy
+        let Ok(service_port) = u16::try_from(port.port) else { continue };
+        let base =
+            format!("{ns}/{name}:{}", if port.name.is_empty() { service_port.to_string() } else { port.name.clone() });
+        for (i, &v4) in families.iter().enumerate() {
+            let (endpoints, hinted) = port_endpoints(svc, own_slices, &port.name, node, v4);
+            let mut config = ServiceConfig {
+                name: match (i, v4) {
+                    (0, _) => base.clone(),
+                    (_, true) => format!("{base}@ipv4"),
+                    (_, false) => format!("{base}@ipv6"),
+                },
+                addresses: ips
+                    .iter()
+                    .filter(|ip| ip.is_ipv4() == v4)
+                    .map(|ip| SocketAddr::new(*ip, service_port))
+                    .collect(),
+                endpoints,
+                ..policy.clone()
+            };
+            if !applied.set.contains(&"locality") {
+                config.locality.enabled = !svc.node_local && (hinted || svc.prefer_close);
             }
-        };
-        for port in &svc.ports {
-            if port.protocol != "TCP" {
-                continue;
+            // Per port, so more precise than the protocol annotation; the kernel does not
+            // look at requests, so kernel mode keeps its own.
+            if let Some(protocol) = port.app_protocol.as_deref().and_then(app_protocol)
+                && config.mode == ServiceMode::Proxy
+            {
+                config.protocol = protocol;
             }
-            let port_name = port.name.clone();
-            let Ok(service_port) = u16::try_from(port.port) else { continue };
-            let mut endpoints: BTreeMap<SocketAddr, EndpointConfig> = BTreeMap::new();
-            for slice in own_slices {
-                let Some(target_port) = slice.port(&port_name) else { continue };
-                for ep in slice.endpoints.iter().filter(|e| e.serving) {
-                    for ip in &ep.addresses {
-                        let addr = SocketAddr::new(*ip, target_port);
-                        endpoints.entry(addr).or_insert_with(|| EndpointConfig {
-                            zone: ep.zone.clone(),
-                            node: ep.node.clone(),
-                            terminating: ep.terminating,
-                            ..EndpointConfig::new(Target::Addr(addr))
-                        });
-                    }
-                }
-            }
-            let port_label = if port_name.is_empty() { service_port.to_string() } else { port_name };
-            out.push(ServiceConfig {
-                name: format!("{ns}/{name}:{port_label}"),
-                addresses: ips.iter().map(|ip| SocketAddr::new(*ip, service_port)).collect(),
-                endpoints: endpoints.into_values().collect(),
-                origin: Origin::Kubernetes,
-                mode,
-                ..ServiceConfig::named("")
-            });
+            out.push(config);
         }
     }
     problems.sort();
     problems.dedup();
     (out, problems)
+}
+
+/// The endpoints of one Service port in one address family (`v4`), and whether they
+/// all carry topology hints (else their hints are dropped: kube-proxy ignores partial
+/// hints). Ready endpoints take connections; serving terminating ones drain, unless none
+/// is ready, when they take new connections (kube-proxy's terminating fallback).
+fn port_endpoints(
+    svc: &ServiceRecord,
+    own_slices: &[&Slice],
+    port_name: &str,
+    node: Option<&str>,
+    v4: bool,
+) -> (Vec<EndpointConfig>, bool) {
+    let mut endpoints: BTreeMap<SocketAddr, EndpointConfig> = BTreeMap::new();
+    let mut any_ready = false;
+    for slice in own_slices {
+        let Some(target_port) = slice.port(port_name) else { continue };
+        for ep in &slice.endpoints {
+            let ready = svc.publish_not_ready || (ep.ready && !ep.terminating);
+            if !(ready || ep.serving) || (svc.node_local && (node.is_none() || ep.node.as_deref() != node)) {
+                continue;
+            }
+            for ip in ep.addresses.iter().filter(|ip| ip.is_ipv4() == v4) {
+                any_ready |= ready;
+                let addr = SocketAddr::new(*ip, target_port);
+                endpoints.entry(addr).or_insert_with(|| EndpointConfig {
+                    zone: ep.zone.clone(),
+                    node: ep.node.clone(),
+                    terminating: !ready,
+                    hints: ep.hints.clone(),
+                    ..EndpointConfig::new(Target::Addr(addr))
+                });
+            }
+        }
+    }
+    if !any_ready {
+        endpoints.values_mut().for_each(|e| e.terminating = false);
+    }
+    let hinted = !endpoints.is_empty() && endpoints.values().all(|e| e.hints.is_some());
+    if !hinted {
+        endpoints.values_mut().for_each(|e| e.hints = None);
+    }
+    (endpoints.into_values().collect(), hinted)
+}
+
+/// What a port's `appProtocol` says it speaks, where that tells the agent something:
+/// IANA service names, Kubernetes' own (`kubernetes.io/h2c`, `kubernetes.io/ws`,
+/// `kubernetes.io/wss`) and the names Istio users give (`http2`, `grpc`, `tcp`, `tls`).
+/// TLS is opaque to the agent (it never terminates it): `tcp`, with no detection wait.
+/// Anything else leaves detection on.
+fn app_protocol(value: &str) -> Option<Protocol> {
+    match value.to_ascii_lowercase().as_str() {
+        "http" | "kubernetes.io/ws" => Some(Protocol::Http1),
+        "kubernetes.io/h2c" | "h2c" | "http2" | "grpc" => Some(Protocol::Http2),
+        "tcp" | "https" | "tls" | "h2" | "kubernetes.io/wss" => Some(Protocol::Tcp),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -682,10 +843,16 @@ mod tests {
         let v = view_of(&services, &slices, Some(&node));
         assert_eq!((v.zone.as_deref(), v.region.as_deref()), (Some("a"), Some("r")));
         assert!(v.problems.is_empty(), "{:?}", v.problems);
-        assert_eq!(v.services.len(), 1, "UDP port, headless service and other namespaces are skipped");
+        let names: Vec<&str> = v.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["shop/web:http", "shop/web:http@ipv6"],
+            "UDP port, headless service and other namespaces are skipped"
+        );
         let web = &v.services[0];
-        assert_eq!(web.name, "shop/web:http");
-        assert_eq!(web.addresses, ["10.96.0.20:80".parse().unwrap(), "[fd96::20]:80".parse().unwrap()]);
+        assert_eq!(web.addresses, ["10.96.0.20:80".parse().unwrap()]);
+        assert_eq!(v.services[1].addresses, ["[fd96::20]:80".parse().unwrap()]);
+        assert!(v.services[1].endpoints.is_empty(), "no IPv6 endpoint");
         let eps: Vec<(String, bool, Option<&str>)> =
             web.endpoints.iter().map(|e| (e.target.to_string(), e.terminating, e.zone.as_deref())).collect();
         assert_eq!(eps, [("10.1.0.5:8080".into(), false, Some("a")), ("10.1.0.6:8080".into(), true, None)]);
@@ -706,9 +873,193 @@ mod tests {
             v.problems,
             [
                 "Service x/bad: clusterIP `999.1.1.1` is not an IP address",
-                "Service x/odd: annotation switchyard.io/mode is `fast`, not `proxy` or `kernel`; proxied meanwhile"
+                "Service x/odd: annotation switchyard.io/mode: unknown variant `fast`, expected `proxy` or `kernel`; \
+                 the default is used"
             ]
         );
+    }
+
+    /// The one switchyard service of `spec` (on port 80, with `slices`), as node `n1` sees it.
+    fn one(spec: serde_json::Value, slices: &[serde_json::Value]) -> ServiceConfig {
+        let mut spec = spec;
+        spec["clusterIP"] = json!("10.96.0.30");
+        if spec.get("ports").is_none() {
+            spec["ports"] = json!([{"name": "http", "port": 80}]);
+        }
+        let services = [svc(json!({"metadata": {"namespace": "x", "name": "web"}, "spec": spec}))];
+        let slices: Vec<EndpointSlice> = slices
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut s = s.clone();
+                s["metadata"] = json!({"namespace": "x", "name": format!("web-{i}"),
+                    "labels": {"kubernetes.io/service-name": "web"}});
+                s.as_object_mut().unwrap().entry("ports").or_insert(json!([{"name": "http", "port": 8080}]));
+                slice(s)
+            })
+            .collect();
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": "n1"}})).unwrap();
+        let v = view_of(&services, &slices, Some(&node));
+        assert_eq!(v.services.len(), 1, "{v:?}");
+        v.services.into_iter().next().unwrap()
+    }
+
+    fn endpoint(ip: &str, conditions: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+        let mut e = json!({"addresses": [ip], "conditions": conditions});
+        e.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        e
+    }
+
+    /// (endpoint, terminating) in address order.
+    fn eps(s: &ServiceConfig) -> Vec<(String, bool)> {
+        s.endpoints.iter().map(|e| (e.target.to_string(), e.terminating)).collect()
+    }
+
+    #[test]
+    fn endpoint_conditions_follow_kube_proxy() {
+        let ready = json!({"ready": true});
+        let draining = json!({"ready": false, "serving": true, "terminating": true});
+        let gone = json!({"ready": false, "serving": false, "terminating": true});
+        let unready = json!({"ready": false, "serving": false});
+        let list = |conds: &[&serde_json::Value]| {
+            let e: Vec<_> = conds
+                .iter()
+                .enumerate()
+                .map(|(i, c)| endpoint(&format!("10.1.0.{i}"), (*c).clone(), json!({})))
+                .collect();
+            json!({"addressType": "IPv4", "endpoints": e})
+        };
+        // Ready ones serve, serving terminating ones drain, the rest are left out.
+        let s = one(json!({}), &[list(&[&ready, &draining, &gone, &unready])]);
+        assert_eq!(eps(&s), [("10.1.0.0:8080".into(), false), ("10.1.0.1:8080".into(), true)]);
+        // None ready: the serving terminating ones take new connections (the fallback).
+        let s = one(json!({}), &[list(&[&draining, &gone, &unready])]);
+        assert_eq!(eps(&s), [("10.1.0.0:8080".into(), false)]);
+        // publishNotReadyAddresses: ready or not; terminating still drains.
+        let s = one(json!({"publishNotReadyAddresses": true}), &[list(&[&ready, &unready, &gone])]);
+        assert_eq!(
+            eps(&s),
+            [("10.1.0.0:8080".into(), false), ("10.1.0.1:8080".into(), false), ("10.1.0.2:8080".into(), false)]
+        );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
+        let slice = json!({"addressType": "IPv4", "endpoints": [
+            endpoint("10.1.0.1", json!({"ready": true}), json!({"nodeName": "n1"})),
+            endpoint("10.1.0.2", json!({"ready": true}), json!({"nodeName": "n2"})),
+        ]});
+        let s = one(json!({"internalTrafficPolicy": "Local"}), std::slice::from_ref(&slice));
+        assert_eq!(eps(&s), [("10.1.0.1:8080".into(), false)]);
+        assert!(!s.locality.enabled);
+        assert_eq!(one(json!({"internalTrafficPolicy": "Cluster"}), std::slice::from_ref(&slice)).endpoints.len(), 2);
+        // Only other nodes' endpoints: none at all (kube-proxy drops such connections).
+        let elsewhere =
+            json!({"addressType": "IPv4", "endpoints": [endpoint("10.1.0.2", json!({}), json!({"nodeName": "n2"}))]});
+        assert!(one(json!({"internalTrafficPolicy": "Local"}), &[elsewhere]).endpoints.is_empty());
+        // No node name: nothing is this node's, and that is said.
+        let services = [svc(json!({"metadata": {"namespace": "x", "name": "web"},
+            "spec": {"clusterIP": "10.96.0.30", "ports": [{"name": "http", "port": 80}], "internalTrafficPolicy": "Local"}}))];
+        let v = view_of(&services, &[], None);
+        assert!(
+            v.problems[0].contains("internalTrafficPolicy is Local but this node's name is unknown"),
+            "{:?}",
+            v.problems
+        );
+    }
+
+    #[test]
+    fn zones_count_only_with_hints_on_every_endpoint_or_prefer_close() {
+        let hinted = |ip: &str, zone: &str, hint: Option<&str>| {
+            let extra = match hint {
+                Some(h) => json!({"zone": zone, "hints": {"forZones": [{"name": h}]}}),
+                None => json!({"zone": zone}),
+            };
+            endpoint(ip, json!({"ready": true}), extra)
+        };
+        let all = json!({"addressType": "IPv4", "endpoints": [hinted("10.1.0.1", "a", Some("a")), hinted("10.1.0.2", "b", Some("a"))]});
+        let s = one(json!({}), &[all]);
+        assert!(s.locality.enabled, "every endpoint hinted: topology-aware");
+        assert_eq!(s.endpoints.iter().map(|e| e.hints.as_deref()).collect::<Vec<_>>(), [Some("a"), Some("a")]);
+        let partial = json!({"addressType": "IPv4", "endpoints": [hinted("10.1.0.1", "a", Some("a")), hinted("10.1.0.2", "b", None)]});
+        let s = one(json!({}), std::slice::from_ref(&partial));
+        assert!(!s.locality.enabled && s.endpoints.iter().all(|e| e.hints.is_none()), "partial hints are ignored");
+        let s = one(json!({"trafficDistribution": "PreferClose"}), &[partial]);
+        assert!(s.locality.enabled, "PreferClose: by zone");
+        let s = one(json!({}), &[]);
+        assert!(!s.locality.enabled, "no hints, no PreferClose: spread like kube-proxy");
+    }
+
+    #[test]
+    fn app_protocol_sets_each_ports_protocol_and_families_and_target_ports_follow_each_slice() {
+        let spec = json!({"ports": [
+            {"name": "web", "port": 80, "appProtocol": "http"},
+            {"name": "grpc", "port": 9000, "appProtocol": "kubernetes.io/h2c"},
+            {"name": "tls", "port": 443, "appProtocol": "https"},
+            {"name": "odd", "port": 7000, "appProtocol": "example.com/custom"}]});
+        let services = [svc(json!({"metadata": {"namespace": "x", "name": "web"},
+            "spec": {"clusterIPs": ["10.96.0.30", "fd96::30"], "ports": spec["ports"]}}))];
+        // The same named port is 8080 in one slice and 8081 in the other (pods of two
+        // versions), and the slices are one per address family.
+        let slices = [
+            slice(
+                json!({"metadata": {"namespace": "x", "name": "v4", "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv4", "ports": [{"name": "web", "port": 8080}, {"name": "grpc", "port": 9090}],
+                "endpoints": [{"addresses": ["10.1.0.1"]}]}),
+            ),
+            slice(
+                json!({"metadata": {"namespace": "x", "name": "v6", "labels": {"kubernetes.io/service-name": "web"}},
+                "addressType": "IPv6", "ports": [{"name": "web", "port": 8081}],
+                "endpoints": [{"addresses": ["fd10::1"]}]}),
+            ),
+        ];
+        let v = view_of(&services, &slices, None);
+        let by_name = |n: &str| v.services.iter().find(|s| s.name == n).unwrap_or_else(|| panic!("{n}: {v:?}"));
+        // Dual-stack: one service per family, each with its own endpoints, as kube-proxy
+        // keeps the families apart.
+        let (web, web6) = (by_name("x/web:web"), by_name("x/web:web@ipv6"));
+        assert_eq!((web.protocol, web6.protocol), (Protocol::Http1, Protocol::Http1));
+        assert_eq!(web.addresses, ["10.96.0.30:80".parse().unwrap()]);
+        assert_eq!(web6.addresses, ["[fd96::30]:80".parse().unwrap()]);
+        assert_eq!(eps(web), [("10.1.0.1:8080".into(), false)]);
+        assert_eq!(eps(web6), [("[fd10::1]:8081".into(), false)]);
+        assert_eq!(by_name("x/web:grpc").protocol, Protocol::Http2);
+        assert_eq!(eps(by_name("x/web:grpc")), [("10.1.0.1:9090".into(), false)]);
+        assert_eq!(by_name("x/web:tls").protocol, Protocol::Tcp, "TLS is opaque: no detection wait");
+        assert_eq!(by_name("x/web:odd").protocol, Protocol::Auto, "unknown: detected");
+    }
+
+    #[test]
+    fn annotations_set_the_policy_and_app_protocol_is_kept_out_of_kernel_mode() {
+        let s = one(
+            json!({"ports": [{"name": "http", "port": 80, "appProtocol": "http"}]}),
+            &[json!({"addressType": "IPv4", "endpoints": [{"addresses": ["10.1.0.1"]}]})],
+        );
+        assert_eq!(s.protocol, Protocol::Http1);
+        let services = [svc(json!({"metadata": {"namespace": "x", "name": "web", "annotations": {
+                "switchyard.io/mode": "kernel", "switchyard.io/balance": "least-connections",
+                "switchyard.io/locality": "{enabled: true}", "other.io/x": "y"}},
+            "spec": {"clusterIP": "10.96.0.30", "ports": [{"name": "http", "port": 80, "appProtocol": "http"}]}}))];
+        let v = view_of(&services, &[], None);
+        assert!(v.problems.is_empty(), "{:?}", v.problems);
+        let s = &v.services[0];
+        assert_eq!(
+            (s.mode, s.protocol, s.balance),
+            (ServiceMode::Kernel, Protocol::Auto, crate::config::BalanceKind::LeastConnections)
+        );
+        assert!(s.locality.enabled, "the annotation's choice, not the default for a Service without hints");
+    }
+
+    #[test]
+    fn session_affinity_client_ip_keeps_its_timeout() {
+        let s = one(
+            json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}),
+            &[],
+        );
+        assert_eq!(s.session_affinity.map(|a| a.timeout), Some(Duration::from_secs(60)));
+        let s = one(json!({"sessionAffinity": "ClientIP"}), &[]);
+        assert_eq!(s.session_affinity.map(|a| a.timeout), Some(Duration::from_secs(10800)), "Kubernetes' default");
+        assert_eq!(one(json!({"sessionAffinity": "None"}), &[]).session_affinity, None);
     }
 
     #[test]
