@@ -97,11 +97,10 @@ try {
 
   await page.click("#tap-toggle");
   await wait("the tap to stop", () => document.querySelector("#tap-status")?.dataset.state === "stopped", null, 5000);
-  await page.waitForTimeout(300);
-  const stopped = {
-    button: await page.getAttribute("#tap-toggle", "data-state"),
-    aborted: failed.some(f => f.url.startsWith("/tap?") && f.error.includes("ABORTED")),
-  };
+  // The browser reports the aborted stream a moment later: wait for it, 5 s at most.
+  const tapAborted = () => failed.some(f => f.url.startsWith("/tap?") && f.error.includes("ABORTED"));
+  for (const until = Date.now() + 5000; !tapAborted() && Date.now() < until;) await page.waitForTimeout(100);
+  const stopped = { button: await page.getAttribute("#tap-toggle", "data-state"), aborted: tapAborted() };
   console.log(JSON.stringify({ ...seen, tap, chart, stopped, failed, offsite, errors }));
 } catch (e) {
   // What the page said, to tell a broken page from a slow one.

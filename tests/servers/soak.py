@@ -12,7 +12,8 @@ back) and printed as one line:
 `first` is 1 for the connection's first exchange (its connect included), `outcome` is
 `ok`, `fail`, `corrupt` (bytes came back different: `bytes` is how many differ) or
 `retried` (a reused keep-alive connection the server had closed before answering, as
-HTTP/1.1 lets it; the request went again on a new connection, which has its own line).
+HTTP/1.1 lets it, or an HTTP/2 request that a GOAWAY turned away; the request went again
+on a new connection, which has its own line).
 `endpoint` is the backend host index (0, 1, 2) when the answer names it, else `-`.
 Timestamps are milliseconds since the Unix epoch, the clock of the test's events."""
 
@@ -358,17 +359,33 @@ class H2(Worker):
                 self.eof = True
                 return
 
-    def exchange(self, n):
-        import h2.events
+    def reconnect(self, why):
+        self.emit(False, now_ms(), "retried", detail=why)
+        self.close()
+        self.conn_start = now_ms()
+        self.open()
 
+    def exchange(self, n):
         self.pump()
         if self.goaway is not None or self.eof:
             # The server said, while the connection sat idle, that it takes no new
             # streams (or closed it): a new connection, as an always-reading client would.
-            self.emit(False, now_ms(), "retried", detail="GOAWAY or close while idle")
-            self.close()
-            self.conn_start = now_ms()
-            self.open()
+            self.reconnect("GOAWAY or close while idle")
+        try:
+            return self.request(n)
+        except (OSError, ConnectionError) as e:
+            if self.goaway is None:
+                raise
+            # A GOAWAY came while this request was on its way: the server took no stream
+            # past the GOAWAY's last stream id, and it closes once it has answered those
+            # (RFC 9113 6.8). A GET it did not answer is sent again on a new connection,
+            # as Go's, nghttp2's and grpc's clients do with a request a GOAWAY turned away.
+            self.reconnect(f"GOAWAY, then {e!r}")
+            return self.request(n)
+
+    def request(self, n):
+        import h2.events
+
         path = "/blob" if n % 4 == 3 else "/who"
         sid = self.h2.get_next_available_stream_id()
         headers = [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", self.args.target)]
@@ -407,7 +424,10 @@ class Grpc(Worker):
         import grpc
 
         self.grpc = grpc
-        self.channel = grpc.insecure_channel(self.args.target)
+        # A channel of its own subchannels: one channel is one connection, and a new one
+        # really connects (by default grpc shares subchannels, and the last one's failure
+        # and reconnect back-off, between the channels of a process).
+        self.channel = grpc.insecure_channel(self.args.target, options=[("grpc.use_local_subchannel_pool", 1)])
         self.who = self.channel.unary_unary("/test.Echo/Who")
 
     def exchange(self, n):

@@ -385,7 +385,9 @@ fn session_affinity_keeps_each_client_on_one_endpoint_until_idle_and_moves_it_of
         return;
     };
     let eps: Vec<String> = (0..3).map(|i| ep(i, 7000)).collect();
-    let policy = "balance: round-robin\nsession_affinity: { timeout: 2s }";
+    // The timeout is ample for a loaded machine to run the next few clients within it:
+    // the affinity checks below must not depend on how fast processes start.
+    let policy = "balance: round-robin\nsession_affinity: { timeout: 5s }";
     let agent = Agent::start(&topo, &config(&topo, "", &[service("sticky", "10.96.0.10:7000", &eps, policy)]));
     // Every connection of a run succeeded, all on one endpoint: that one.
     let one = |conns: Vec<Conn>| -> String {
@@ -396,8 +398,8 @@ fn session_affinity_keeps_each_client_on_one_endpoint_until_idle_and_moves_it_of
     let run = |args: &[&str], cgroup| one(topo.load("10.96.0.10:7000", args, cgroup).wait());
 
     // The test's cgroup is one client. Round robin alone would rotate; these stay, for
-    // 3 s of connections one after another: longer than the timeout, which each restarts.
-    let first = run(&["--conns", "10", "--hold-ms", "300"], None);
+    // 6 s of connections one after another: longer than the timeout, which each restarts.
+    let first = run(&["--conns", "20", "--hold-ms", "300"], None);
     assert_eq!(run(&["--conns", "50"], None), first);
     // A client in another cgroup is balanced anew (round robin's next endpoint) and
     // sticks there.
@@ -407,11 +409,11 @@ fn session_affinity_keeps_each_client_on_one_endpoint_until_idle_and_moves_it_of
     assert_eq!(run(&["--conns", "50"], None), first, "the first client did not move");
     let summary: serde_json::Value =
         serde_json::from_str(&topo.admin_get("/services/sticky")).expect("/services/sticky is JSON");
-    assert_eq!(summary["affinity"], serde_json::json!({ "clients": 2, "timeout_secs": 2 }), "{summary}");
+    assert_eq!(summary["affinity"], serde_json::json!({ "clients": 2, "timeout_secs": 5 }), "{summary}");
 
     // No connection from it for longer than the timeout (the passing time is the point,
     // so a sleep): forgotten, balanced anew, to round robin's third endpoint.
-    thread::sleep(Duration::from_millis(2500));
+    thread::sleep(Duration::from_millis(5500));
     let third = run(&["--conns", "20"], None);
     assert!(third != first && third != second, "moved after the timeout: {first} {second} {third}");
 

@@ -356,10 +356,11 @@ services:
     assert_eq!(retried, (flaky_retries as u64 + granted) as f64, "retries counted as made, refused ones not");
     assert_eq!(metric("switchyard_http_retry_budget_exhausted_total", "web"), refused as f64, "refusals counted");
 
-    // The default budget, 20% + 10/s over 10 s: 300 requests with every attempt failing
-    // may add ceil(0.2 x 300 + 10 x 10) = 160 retries (attempts: 3 would want 600). All
-    // within the 10 s window (checked), so exactly that many.
-    let requests = 300;
+    // The default budget, 20% + 10/s over 10 s: 150 requests with every attempt failing
+    // may add ceil(0.2 x 150 + 10 x 10) = 130 retries (attempts: 3 would want 300). All
+    // within the 10 s window (checked; a loaded machine still has room), so exactly that
+    // many.
+    let requests = 150;
     let before = settled_hits(&nginx, "/down");
     let t0 = Instant::now();
     let out = stdout(&curl(
@@ -376,9 +377,9 @@ services:
     assert!(took < Duration::from_secs(9), "{requests} requests took {took:?}: more than the budget's 10 s window");
     let attempts = settled_hits(&nginx, "/down") - before;
     let (granted, refused) = budget_model((0.2, 10, 10), 0, 0, requests as u64, 3);
-    assert_eq!(granted, 160);
-    assert_eq!(attempts, requests + 160, "the default budget: {attempts} attempts for {requests} requests");
-    assert_eq!(metric("switchyard_http_retries_total", "web-default"), 160.0, "default budget retries");
+    assert_eq!(granted, 130);
+    assert_eq!(attempts, requests + 130, "the default budget: {attempts} attempts for {requests} requests");
+    assert_eq!(metric("switchyard_http_retries_total", "web-default"), 130.0, "default budget retries");
     assert_eq!(metric("switchyard_http_retry_budget_exhausted_total", "web-default"), refused as f64);
     agent.stop();
 }
@@ -575,7 +576,7 @@ fn opaque_protocols_pass_as_bytes_without_a_stall() {
     let agent = Agent::start(
         &topo,
         &format!(
-            r#"agent: {{ cgroup: {cg}, detect: {{ timeout: 5s }} }}
+            r#"agent: {{ cgroup: {cg}, detect: {{ timeout: 30s }} }}
 services:
   - {{ name: redis, addresses: ["10.96.0.50:6379"], endpoints: ["{h0}:6379"] }}
   - {{ name: redis-other, addresses: ["10.96.0.51:7379"], endpoints: ["{h0}:7379"] }}
@@ -598,8 +599,9 @@ services:
     }
     drop(redis);
 
-    // The client waits for the server's banner. Detection would give up after 5 s (the
-    // timeout set above; linkerd2 waits 10 s), but the server's first bytes end it.
+    // The client waits for the server's banner. Detection would give up after 30 s (the
+    // timeout set above, far from the bound below; linkerd2 waits 10 s), but the
+    // server's first bytes end it.
     let mut cmd = backends_py();
     cmd.args(["greeter-client", "--connect", "10.96.0.52:2600"]);
     let out = topo.client(&mut cmd);
@@ -607,9 +609,10 @@ services:
     assert!(out.status.success() && text.contains("banner=220 greeter ready") && text.contains("echo=QUIT"), "{text}");
     let waited: u64 = text.lines().find_map(|l| l.strip_prefix("waited_ms=")).unwrap().parse().unwrap();
     // The agent connects upstream once the client has been silent for 10 ms (README:
-    // "in about 20 ms"; 39 ms seen on a loaded debug build); waiting out the detection
-    // timeout (5 s here) would take 25 times this bound.
-    assert!(waited < 200, "server-speaks-first banner took {waited} ms: detection stalled it");
+    // "in about 20 ms"; 39 ms seen on a loaded debug build; the bound leaves room for a
+    // Python server on a busy machine); waiting out the detection timeout would take 60
+    // times this bound.
+    assert!(waited < 500, "server-speaks-first banner took {waited} ms: detection stalled it");
     println!("server-speaks-first banner after {waited} ms");
 
     // TLS passes through untouched; its SNI is recorded.

@@ -96,21 +96,21 @@ fn cluster_changes_reach_new_connections_and_never_cut_open_ones() {
     // A new ready endpoint: how long until a connection uses it?
     let t0 = std::time::Instant::now();
     c.api.apply(Resource::EndpointSlices, slice("web", &[(0, true, false), (1, true, false)]));
-    eventually(Duration::from_secs(2), "the new endpoint to be used", || c.spread("10.96.0.20:80", 6).contains(&h1));
+    eventually(Duration::from_secs(10), "the new endpoint to be used", || c.spread("10.96.0.20:80", 6).contains(&h1));
     eprintln!("EndpointSlice change to first connection using it: {:?}", t0.elapsed());
 
     // The first endpoint terminates: no new connections, the open one drains.
     c.api.apply(Resource::EndpointSlices, slice("web", &[(0, false, true), (1, true, false)]));
-    eventually(Duration::from_secs(2), "terminating endpoint to get nothing new", || {
+    eventually(Duration::from_secs(10), "terminating endpoint to get nothing new", || {
         c.spread("10.96.0.20:80", 6).iter().all(|e| *e == h1)
     });
 
     // A new Service appears, another one goes.
     c.api.apply(Resource::Services, service("api", "10.96.0.21", 81));
     c.api.apply(Resource::EndpointSlices, slice("api", &[(2, true, false)]));
-    eventually(Duration::from_secs(2), "new service", || c.reached("10.96.0.21:81").as_deref() == Some(h2.as_str()));
+    eventually(Duration::from_secs(10), "new service", || c.reached("10.96.0.21:81").as_deref() == Some(h2.as_str()));
     c.api.delete(Resource::Services, "shop", "web");
-    eventually(Duration::from_secs(2), "deleted service to leave the kernel map", || {
+    eventually(Duration::from_secs(10), "deleted service to leave the kernel map", || {
         c.topo.probe("10.96.0.20:80", 0).get("connect_errno") == Some(ENETUNREACH)
     });
 
@@ -216,9 +216,11 @@ fn the_agent_trusts_the_cluster_ca_follows_token_rotation_and_keeps_serving_when
     api.apply(Resource::EndpointSlices, slice("web", &[(0, true, false)]));
     let (h0, h1) = (host_v4(0) + ":7000", host_v4(1) + ":7000");
     let reached = |target: &str| topo.probe(target, 0).get("hello").map(str::to_owned);
-    let config = |kubeconfig: &Path| {
+    // `sync_timeout`: how long start-up waits for the first lists. Short where they cannot
+    // succeed (the wrong CA), ample where they must (TLS in a debug build on a busy machine).
+    let config = |kubeconfig: &Path, sync_timeout: &str| {
         format!(
-            "agent:\n  cgroup: {}\n  kubernetes: {{ kubeconfig: {}, node_name: node0, sync_timeout: 2s }}\nservices:\n  - {{ name: static, addresses: [\"10.96.0.30:7000\"], endpoints: [\"{h0}\"] }}\n",
+            "agent:\n  cgroup: {}\n  kubernetes: {{ kubeconfig: {}, node_name: node0, sync_timeout: {sync_timeout} }}\nservices:\n  - {{ name: static, addresses: [\"10.96.0.30:7000\"], endpoints: [\"{h0}\"] }}\n",
             topo.cgroup.path.display(),
             kubeconfig.display()
         )
@@ -235,7 +237,7 @@ fn the_agent_trusts_the_cluster_ca_follows_token_rotation_and_keeps_serving_when
         api.kubeconfig().replace(&creds.ca.display().to_string(), &wrong.display().to_string()),
     )
     .unwrap();
-    let agent = Agent::start(&topo, &config(&wrong_kubeconfig));
+    let agent = Agent::start(&topo, &config(&wrong_kubeconfig, "2s"));
     let log = agent.log();
     assert!(
         log.lines().any(|l| l.contains("Kubernetes watch error") && l.contains("invalid peer certificate")),
@@ -248,7 +250,7 @@ fn the_agent_trusts_the_cluster_ca_follows_token_rotation_and_keeps_serving_when
 
     let kubeconfig = topo.dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let agent = Agent::start(&topo, &config(&kubeconfig));
+    let agent = Agent::start(&topo, &config(&kubeconfig, "30s"));
     assert_eq!(reached("10.96.0.20:80").as_deref(), Some(h0.as_str()), "synced over TLS with the token");
     assert_eq!(api.unauthorized(), 0);
 

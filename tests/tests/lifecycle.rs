@@ -57,6 +57,27 @@ fn run_load_for(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
 }
 
+/// Wait until each client is in the middle of a connection through the agent: exactly
+/// [`CLIENTS`] open, each begun at least a few ms ago and with most of its 300 ms hold
+/// still ahead. A kill -9 at such a moment cuts all of them, and no client ends one or
+/// begins the next while the dying agent's listener still takes connects (those would be
+/// the dying process's, not the kernel's fallback's). The clients start together and
+/// keep in step, so such a moment comes within a cycle or two.
+fn wait_for_clients_mid_connection(topo: &Topology) {
+    eventually(Duration::from_secs(10), "every client mid-connection through the agent", || {
+        let all: serde_json::Value = serde_json::from_str(&topo.admin_get("/conns")).expect("/conns is JSON");
+        let now = now();
+        let ages: Vec<u128> = all
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["state"] == "open" && c["service"] == "echo")
+            .map(|c| now.saturating_sub(c["started_unix_ms"].as_u64().unwrap_or(0) as u128))
+            .collect();
+        ages.len() == CLIENTS && ages.iter().all(|age| (5..=150).contains(age))
+    });
+}
+
 #[test]
 fn kill_restart_upgrade_and_remove_under_load() {
     let Some((topo, _servers)) = echo_hosts("kill_restart_upgrade_and_remove_under_load", 2) else { return };
@@ -66,12 +87,15 @@ fn kill_restart_upgrade_and_remove_under_load() {
     assert_eq!(objects.progs.len(), 5, "five programs attached: {objects:?}");
     assert!(objects.maps.len() >= 6 && objects.links.len() == 5, "{objects:?}");
 
-    let load = load(&topo, 14);
+    // Long enough for every step; after removal each connect fails at once and the
+    // connection cap ends the run.
+    let load = load(&topo, 40);
     let started = now();
     run_load_for(1500);
 
     // 1. kill -9: the listener goes with the process; the kernel sends new connects
     //    straight to an endpoint.
+    wait_for_clients_mid_connection(&topo);
     let kill = Event { name: "kill -9", begin: now(), done: 0 };
     first.kill();
     let kill = Event { done: now(), ..kill };

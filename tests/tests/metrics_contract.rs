@@ -501,10 +501,10 @@ impl<'t> Prometheus<'t> {
         self.api("/api/v1/query", &[("query", promql)])["result"].as_array().cloned().unwrap_or_default()
     }
 
-    /// The value of a query that gives one series.
-    fn value(&self, promql: &str) -> Option<f64> {
-        let result = self.query(promql);
-        result.first()?["value"][1].as_str()?.parse().ok()
+    /// The value at `time` (seconds since the epoch) of a query that gives one series.
+    fn value_at(&self, promql: &str, time: &str) -> Option<f64> {
+        let result = self.api("/api/v1/query", &[("query", promql), ("time", time)]);
+        result["result"][0]["value"][1].as_str()?.parse().ok()
     }
 }
 
@@ -667,6 +667,9 @@ fn every_metric_and_label_the_dashboard_reads_is_exported_and_scraped_through_bo
     let codes = curl(&topo, "http://10.96.0.70", &paths);
     assert_eq!(codes.lines().filter(|c| *c == "500").count(), 10, "{codes}");
     web_requests_scraped(&prom, 47.0);
+    // The overview's rates are read at this moment, whose 20 s window holds the samples
+    // before and after those requests however long the checks in between take.
+    let scraped_at = format!("{:.3}", switchyard_tests::epoch_ms() as f64 / 1000.0);
 
     let text = topo.admin_get("/metrics");
     let exported = exported(&text);
@@ -723,7 +726,8 @@ fn every_metric_and_label_the_dashboard_reads_is_exported_and_scraped_through_bo
     let web = BTreeMap::from([("service", "web")]);
     let overview = |title: &str| {
         let q = qs.iter().find(|q| q.at.starts_with(&format!("panel \"{title}\""))).expect(title);
-        prom.value(&substitute(&q.expr, &defined, &web)).unwrap_or_else(|| panic!("{title}: no value"))
+        prom.value_at(&substitute(&q.expr, &defined, &web), &scraped_at)
+            .unwrap_or_else(|| panic!("{title}: no value at {scraped_at}"))
     };
     let success = overview("Success rate");
     assert!((0.6..0.9).contains(&success), "success rate of web {success}, not about 35/45");

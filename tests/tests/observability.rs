@@ -254,9 +254,10 @@ fn the_dashboard_maps_services_shows_golden_signals_taps_requests_and_names_work
     let agent = Agent::start(&topo, &dashboard_config(&topo));
     let cgroup_name = topo.cgroup.path.file_name().unwrap().to_string_lossy().into_owned();
     let workload = format!("cgroup//{cgroup_name}");
-    // Opaque TCP, open for 20 s: the page must still list it after Chromium's start
-    // (seconds when other tests run alongside).
-    let _client = slow_client(&topo, 200);
+    // Opaque TCP, open for up to 2 minutes (ended with the test): the page must still
+    // list it after Chromium's start and the waits below (tens of seconds when other
+    // tests run alongside).
+    let _client = slow_client(&topo, 1200);
     // Known HTTP traffic: 25 requests, 20 of them successful.
     let answers = golden_gets(&topo, &[["/ok"; 20].as_slice(), &["/fail"; 5]].concat());
     assert_eq!(answers.lines().filter(|l| *l == "200 /ok").count(), 20, "{answers}");

@@ -132,8 +132,13 @@ services:
     let (holder, line) = hold(&topo, target, 150);
     assert_eq!(line, "greeted=150 failed=0", "every connection served");
     let fallback = kernel_decision(&topo, "fallback") - fallback_before;
-    // The agent holds `max`; a few more may have queued before it stepped aside.
-    assert!(fallback >= (150 - max - 8) as f64, "{fallback} of 150 went to the kernel with max_connections {max}");
+    // Every connection is either the agent's (open through it now) or went to the
+    // endpoint in the kernel. The agent holds at least `max`, and those that were already
+    // on their way (the holder connects in batches of 10) before the kernel learned it
+    // was saturated: a batch or so more.
+    let held = status(&topo)["capacity"]["open"].as_u64().expect("capacity.open in /status");
+    assert_eq!(fallback, (150 - held) as f64, "the agent holds {held} (max_connections {max}), the kernel the rest");
+    assert!((max..max + 20).contains(&held), "held {held} with max_connections {max}: stepped aside late");
     assert_eq!(
         topo.metric("switchyard_local_errors_total", "").unwrap_or(0.0),
         0.0,

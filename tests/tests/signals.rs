@@ -129,7 +129,12 @@ services:
         cgroup = topo.cgroup.path.display(),
         kubeconfig = kubeconfig.display(),
     );
+    // Ready does not wait for the Pod list, and a connection is named when it is
+    // accepted: the pods must be known before the first client connects.
     let agent = Agent::start(&topo, &config);
+    eventually(Duration::from_secs(10), "the node's two pods listed", || {
+        agent.log().contains("this node's pods listed pods=2")
+    });
     let c = clients(&topo);
 
     // What each workload does, exactly.

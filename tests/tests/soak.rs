@@ -388,12 +388,17 @@ fn soak() {
     // Chaos. Agent events only in the first 60%, so the last agent lives long enough to
     // judge growth; endpoint kills and catalog edits go on to the end. Never more than
     // one host down; no kill -9 within 2 s of an endpoint kill (the kernel's fallback set
-    // must have dropped the dead endpoint, since no agent will update it meanwhile).
+    // must have dropped the dead endpoint, since no agent will update it meanwhile), and
+    // no endpoint kill within 2 s of the agent's start after a kill -9 (keep-alive
+    // connections the kernel sent straight to an endpoint while no agent ran live on for
+    // up to a second; their end at that endpoint's kill is neither the agent's doing nor
+    // a cut through it).
     let end = Instant::now() + Duration::from_secs(secs);
     let agent_until = Instant::now() + Duration::from_secs(secs * 6 / 10);
     let mut next = Instant::now() + Duration::from_secs(3);
     let mut down: Option<(usize, Instant)> = None;
     let mut last_endpoint_kill = Instant::now() - Duration::from_secs(60);
+    let mut last_start_after_kill = Instant::now() - Duration::from_secs(60);
     let mut bag: Vec<u8> = Vec::new();
     while Instant::now() + Duration::from_secs(4) < end {
         if let Some((h, at)) = down
@@ -419,7 +424,7 @@ fn soak() {
             continue;
         }
         match pick {
-            0 if down.is_none() => {
+            0 if down.is_none() && last_start_after_kill.elapsed() > Duration::from_secs(2) => {
                 let h = pick_host(&mut rng, cat.removed).expect("a host to kill");
                 let begin = epoch_ms();
                 for p in &mut hosts[h] {
@@ -463,6 +468,7 @@ fn soak() {
                 drop(r);
                 running = Some(soak.start_agent(&bin, format!("agent {n} (after kill -9)")));
                 soak.event(Kind::AgentStartAfterKill, format!("agent {n} started after kill -9"), begin);
+                last_start_after_kill = Instant::now();
             }
             3 => {
                 let old = running.take().expect("an agent runs");
@@ -474,8 +480,8 @@ fn soak() {
                 let bin = if old.bin == bins[0] { bins[1].clone() } else { bins[0].clone() };
                 running = Some(soak.hand_over(old, &bin, Kind::Upgrade));
             }
-            // Not possible now (a host already down, an endpoint just killed): back in the
-            // round, and soon.
+            // Not possible now (a host already down, an endpoint just killed, an agent just
+            // started after a kill -9): back in the round, and soon.
             _ => {
                 bag.push(pick);
                 next = Instant::now() + Duration::from_millis(500);
