@@ -576,7 +576,7 @@ fn opaque_protocols_pass_as_bytes_without_a_stall() {
     let agent = Agent::start(
         &topo,
         &format!(
-            r#"agent: {{ cgroup: {cg}, detect: {{ timeout: 30s }} }}
+            r#"agent: {{ cgroup: {cg}, detect: {{ timeout: 10s }} }}
 services:
   - {{ name: redis, addresses: ["10.96.0.50:6379"], endpoints: ["{h0}:6379"] }}
   - {{ name: redis-other, addresses: ["10.96.0.51:7379"], endpoints: ["{h0}:7379"] }}
@@ -599,9 +599,9 @@ services:
     }
     drop(redis);
 
-    // The client waits for the server's banner. Detection would give up after 30 s (the
-    // timeout set above, far from the bound below; linkerd2 waits 10 s), but the
-    // server's first bytes end it.
+    // The client waits for the server's banner. Detection would give up after 10 s (the
+    // timeout set above, the most the agent allows and far from the bound below;
+    // linkerd2 waits 10 s too), but the server's first bytes end it.
     let mut cmd = backends_py();
     cmd.args(["greeter-client", "--connect", "10.96.0.52:2600"]);
     let out = topo.client(&mut cmd);
@@ -610,7 +610,7 @@ services:
     let waited: u64 = text.lines().find_map(|l| l.strip_prefix("waited_ms=")).unwrap().parse().unwrap();
     // The agent connects upstream once the client has been silent for 10 ms (README:
     // "in about 20 ms"; 39 ms seen on a loaded debug build; the bound leaves room for a
-    // Python server on a busy machine); waiting out the detection timeout would take 60
+    // Python server on a busy machine); waiting out the detection timeout would take 20
     // times this bound.
     assert!(waited < 500, "server-speaks-first banner took {waited} ms: detection stalled it");
     println!("server-speaks-first banner after {waited} ms");
