@@ -374,12 +374,13 @@ class H2(Worker):
         try:
             return self.request(n)
         except (OSError, ConnectionError) as e:
-            if self.goaway is None:
+            if self.goaway is None or self.answered:
                 raise
             # A GOAWAY came while this request was on its way: the server took no stream
             # past the GOAWAY's last stream id, and it closes once it has answered those
-            # (RFC 9113 6.8). A GET it did not answer is sent again on a new connection,
-            # as Go's, nghttp2's and grpc's clients do with a request a GOAWAY turned away.
+            # (RFC 9113 6.8). A GET it never began to answer is sent again on a new
+            # connection, as Go's, nghttp2's and grpc's clients do with a request a GOAWAY
+            # turned away. A response cut short stays a failure.
             self.reconnect(f"GOAWAY, then {e!r}")
             return self.request(n)
 
@@ -389,6 +390,7 @@ class H2(Worker):
         path = "/blob" if n % 4 == 3 else "/who"
         sid = self.h2.get_next_available_stream_id()
         headers = [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", self.args.target)]
+        self.answered = False
         self.h2.send_headers(sid, headers, end_stream=True)
         self.sock.sendall(self.h2.data_to_send())
         code, body = None, bytearray()
@@ -399,6 +401,7 @@ class H2(Worker):
             for ev in self.h2.receive_data(data):
                 if isinstance(ev, h2.events.ResponseReceived) and ev.stream_id == sid:
                     code = int(dict(ev.headers)[":status"])
+                    self.answered = True
                 elif isinstance(ev, h2.events.DataReceived):
                     body += ev.data
                     self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
