@@ -437,8 +437,19 @@ impl Topology {
     /// Connections open now through the agent (`/conns`, state `open`) to `service`: to
     /// wait until held connections are really open before changing anything.
     pub fn open_conns(&self, service: &str) -> usize {
+        self.open_conns_started(service).len()
+    }
+
+    /// When each connection open now through the agent to `service` began (ms since the
+    /// epoch, the clock of [`epoch_ms`]).
+    pub fn open_conns_started(&self, service: &str) -> Vec<u128> {
         let all: serde_json::Value = serde_json::from_str(&self.admin_get("/conns")).expect("/conns is JSON");
-        all.as_array().into_iter().flatten().filter(|c| c["state"] == "open" && c["service"] == service).count()
+        all.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["state"] == "open" && c["service"] == service)
+            .map(|c| c["started_unix_ms"].as_u64().expect("started_unix_ms in /conns") as u128)
+            .collect()
     }
 
     /// Make `cmd` start inside the node namespace, and inside the test cgroup (where the

@@ -65,16 +65,9 @@ fn run_load_for(ms: u64) {
 /// keep in step, so such a moment comes within a cycle or two.
 fn wait_for_clients_mid_connection(topo: &Topology) {
     eventually(Duration::from_secs(10), "every client mid-connection through the agent", || {
-        let all: serde_json::Value = serde_json::from_str(&topo.admin_get("/conns")).expect("/conns is JSON");
+        let started = topo.open_conns_started("echo");
         let now = now();
-        let ages: Vec<u128> = all
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| c["state"] == "open" && c["service"] == "echo")
-            .map(|c| now.saturating_sub(c["started_unix_ms"].as_u64().unwrap_or(0) as u128))
-            .collect();
-        ages.len() == CLIENTS && ages.iter().all(|age| (5..=150).contains(age))
+        started.len() == CLIENTS && started.iter().all(|s| (5..=150).contains(&now.saturating_sub(*s)))
     });
 }
 
