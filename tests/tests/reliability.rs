@@ -490,3 +490,71 @@ fn other_builds_take_over_cleanly_or_are_refused_while_the_running_one_serves() 
     let log = p3.stop();
     assert!(log.contains("a hand-over did not complete; still serving"), "{log}");
 }
+
+/// HTTP/2 clients that never pause, through hand-overs back and forth: every request is
+/// answered whole. Each hand-over ends every connection (GOAWAY, last stream answered)
+/// while requests and their flow-control acknowledgements are crossing it; the old agent
+/// lingers until the client closes (agent/src/proxy/linger.rs), where a plain close with
+/// an acknowledgement unread made the kernel reset the connection and fail the client's
+/// next write (about one client per hand-over failed that way before).
+#[test]
+fn busy_http2_clients_lose_nothing_across_hand_overs() {
+    if !require_root("busy_http2_clients_lose_nothing_across_hand_overs") {
+        return;
+    }
+    require_tools(&["nginx", "python3"]);
+    const HAND_OVERS: usize = 8;
+    let topo = Topology::new();
+    let blob = topo.dir.path().join("blob.bin");
+    std::fs::write(&blob, (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<u8>>())
+        .unwrap();
+    let locations = format!(
+        "    location = /who {{ return 200 \"host-0\\n\"; }}\n    location = /blob {{ alias {}; }}",
+        blob.display()
+    );
+    let dir = topo.dir.path().join("nginx");
+    let _nginx =
+        topo.nginx(0, &dir, "worker_processes 1;", "  access_log off;\n  keepalive_requests 100000;", &locations);
+    let config = format!(
+        "agent: {{ cgroup: {cg} }}\nservices:\n  - {{ name: web-h2, addresses: [\"10.96.0.66:80\"], endpoints: [\"{ep}:8081\"] }}\n",
+        cg = topo.cgroup.path.display(),
+        ep = host_v4(0),
+    );
+    let bins = [switchyard_bin(), variant_bin("next")];
+    let mut agent = Agent::start_bin(&bins[0], &topo, &config);
+    // tests/servers/soak.py's HTTP/2 client: one stream at a time per connection, every
+    // fourth a 64 KiB body checked byte for byte, a GOAWAY'd idle connection replaced.
+    let mut cmd = server_py("soak.py");
+    cmd.args(["h2", "--target", "10.96.0.66:80", "--duration", "60", "--max", "200000", "--blob"]).arg(&blob).args([
+        "--workers",
+        "6",
+        "--per-conn",
+        "100000",
+        "--pause-ms",
+        "1",
+    ]);
+    let mut load = topo.in_node(&mut cmd, true).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let out = load.stdout.take().expect("piped stdout");
+    let lines = std::thread::spawn(move || BufReader::new(out).lines().map_while(Result::ok).collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..HAND_OVERS {
+        let next = Agent::start_bin(&bins[(i + 1) % 2], &topo, &config);
+        let (status, log) = agent.wait_exit(Duration::from_secs(20));
+        assert!(status.success() && log.contains("handed over to a new agent"), "{status}: {log}");
+        // It had clients' connections to end: the hand-over crossed live traffic.
+        let ended = log.lines().filter(|l| l.contains("connection closed") && l.contains("protocol=\"h2\"")).count();
+        assert!(ended > 0, "hand-over {i}: the old agent closed no HTTP/2 connection:\n{log}");
+        agent = next;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // SIGTERM: soak.py ends after the exchanges under way, every line whole.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(load.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(switchyard_tests::wait_bounded(&mut load, Duration::from_secs(10)).is_some(), "the load ends at SIGTERM");
+    let lines = lines.join().unwrap();
+    let count = |outcome: &str| lines.iter().filter(|l| l.split(' ').nth(5) == Some(outcome)).count();
+    let failed: Vec<_> =
+        lines.iter().filter(|l| !matches!(l.split(' ').nth(5), Some("ok" | "retried") | None)).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed: {failed:#?}", failed.len(), lines.len());
+    assert!(count("ok") > 300, "{} requests answered", count("ok"));
+    agent.stop();
+}

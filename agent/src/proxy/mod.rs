@@ -46,6 +46,7 @@ mod copy;
 mod counted;
 pub(crate) mod detect;
 pub mod http;
+mod linger;
 pub mod outcome;
 mod tcp;
 pub mod upstream;

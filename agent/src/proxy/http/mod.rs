@@ -40,6 +40,7 @@ pub use self::{pool::Version, rewind::Rewind as Prefixed};
 use super::{
     attempt::{Attempt, Attempts, Limit, Spent},
     counted::{Counted, Tally},
+    linger::Lingering,
     outcome::Outcome,
     tcp::{Meters, relay},
     upstream,
@@ -171,7 +172,7 @@ impl Http {
             async move { Ok::<_, Infallible>(d.request(req).await.map(|body| Tracked::new(body, active))) }
         });
         let tally = down.conn.as_ref().map(Tally::client);
-        let io = TokioIo::new(Counted::new(io, tally));
+        let io = TokioIo::new(Lingering::new(Counted::new(io, tally)));
         // What ends the connection gracefully: the agent stopping, or `idle_timeout` with
         // no request in flight.
         let close = async {
@@ -541,13 +542,13 @@ impl Downstream {
                 return Outcome::Error;
             }
         };
-        type Down = TokioIo<Counted<Prefixed<TcpStream>>>;
+        type Down = TokioIo<Lingering<Counted<Prefixed<TcpStream>>>>;
         let (Ok(down), Ok(up)) = (down.downcast::<Down>(), up.downcast::<TokioIo<Counted<TcpStream>>>()) else {
             debug!("an upgraded connection is not the socket it started as; closing the tunnel");
             return Outcome::Error;
         };
         // `unread`: what detection read that hyper never asked for, so never counted.
-        let (unread, mut client) = down.io.into_inner().into_inner().into_parts();
+        let (unread, mut client) = down.io.into_inner().into_inner().into_inner().into_parts();
         let mut upstream = up.io.into_inner().into_inner();
         let [out, inbound] = &t.bytes;
         let ahead = async {
