@@ -305,6 +305,16 @@ pub struct Topology {
     next_pod: AtomicU32,
 }
 
+/// nginx `locations` ([`Topology::nginx`]) for soak.py's HTTP clients on host `i`:
+/// `/who` answers `host-<i>` (which endpoint answered), `/blob` serves `blob`
+/// ([`Topology::blob`]).
+pub fn who_and_blob(i: usize, blob: &Path) -> String {
+    format!(
+        "    location = /who {{ return 200 \"host-{i}\\n\"; }}\n    location = /blob {{ alias {}; }}",
+        blob.display()
+    )
+}
+
 /// IPv4 address of backend host `i`: 10.10.i.2 (host 0 also has 10.10.0.3).
 pub fn host_v4(i: usize) -> String {
     format!("10.10.{i}.2")
@@ -485,6 +495,16 @@ impl Topology {
             self.node_can_connect(target)
         });
         proc
+    }
+
+    /// A 64 KiB file of fixed, non-repeating bytes in the topology's directory: what nginx
+    /// serves as `/blob` ([`who_and_blob`]) and tests/servers/soak.py (`--blob`) checks
+    /// every such response against, byte for byte.
+    pub fn blob(&self) -> PathBuf {
+        let path = self.dir.path().join("blob.bin");
+        let bytes: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        std::fs::write(&path, bytes).expect("write blob.bin");
+        path
     }
 
     /// nginx on backend host `i`, listening on :8080 (HTTP/1.1) and :8081 (h2c) of its

@@ -17,7 +17,7 @@ use std::{
 
 use switchyard_tests::{
     Agent, Proc, Topology, backends_py, eventually, host_v4, require_root, require_tools, run, server_py,
-    switchyard_bin, variant_bin,
+    switchyard_bin, variant_bin, who_and_blob,
 };
 
 /// tests/servers/hostile.py with `args`, in the node namespace and the test cgroup.
@@ -505,16 +505,15 @@ fn busy_http2_clients_lose_nothing_across_hand_overs() {
     require_tools(&["nginx", "python3"]);
     const HAND_OVERS: usize = 8;
     let topo = Topology::new();
-    let blob = topo.dir.path().join("blob.bin");
-    std::fs::write(&blob, (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<u8>>())
-        .unwrap();
-    let locations = format!(
-        "    location = /who {{ return 200 \"host-0\\n\"; }}\n    location = /blob {{ alias {}; }}",
-        blob.display()
-    );
+    let blob = topo.blob();
     let dir = topo.dir.path().join("nginx");
-    let _nginx =
-        topo.nginx(0, &dir, "worker_processes 1;", "  access_log off;\n  keepalive_requests 100000;", &locations);
+    let _nginx = topo.nginx(
+        0,
+        &dir,
+        "worker_processes 1;",
+        "  access_log off;\n  keepalive_requests 100000;",
+        &who_and_blob(0, &blob),
+    );
     let config = format!(
         "agent: {{ cgroup: {cg} }}\nservices:\n  - {{ name: web-h2, addresses: [\"10.96.0.66:80\"], endpoints: [\"{ep}:8081\"] }}\n",
         cg = topo.cgroup.path.display(),

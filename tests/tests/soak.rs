@@ -41,7 +41,7 @@ use std::{
 
 use switchyard_tests::{
     Agent, Proc, Topology, backends_py, epoch_ms, host_v4, redis_args, require_root, require_tools, switchyard_bin,
-    variant_bin, wait_bounded,
+    variant_bin, wait_bounded, who_and_blob,
 };
 
 const HOSTS: usize = 3;
@@ -80,12 +80,13 @@ impl Rng {
 /// HTTP/1.1 on :8080, h2c on :8081; `/who` names the host, `/blob` is `blob`.
 fn nginx(topo: &Topology, i: usize, blob: &Path) -> Proc {
     let dir = topo.dir.path().join(format!("nginx-{i}"));
-    let locations = format!(
-        r#"    location = /who {{ return 200 "host-{i}\n"; }}
-    location = /blob {{ alias {blob}; }}"#,
-        blob = blob.display()
-    );
-    topo.nginx(i, &dir, "master_process off;", "  access_log off;\n  keepalive_requests 100000;", &locations)
+    topo.nginx(
+        i,
+        &dir,
+        "master_process off;",
+        "  access_log off;\n  keepalive_requests 100000;",
+        &who_and_blob(i, blob),
+    )
 }
 
 /// Every server of host `i`; killing the host's endpoints is dropping these.
@@ -340,9 +341,7 @@ fn soak() {
     let mut rng = Rng(seed);
 
     let topo = Topology::with_hosts(HOSTS);
-    let blob = topo.dir.path().join("blob.bin");
-    std::fs::write(&blob, (0..65536u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<u8>>())
-        .unwrap();
+    let blob = topo.blob();
     let mut hosts: Vec<Vec<Proc>> = (0..HOSTS).map(|i| start_host(&topo, i, &blob)).collect();
     let catalog = topo.dir.path().join("catalog.yaml");
     let mut cat = CatalogState { weights: [1; HOSTS], removed: None };
