@@ -84,6 +84,12 @@ enum Cmd {
         /// --quick): a few minutes.
         #[arg(long, conflicts_with = "profile")]
         scale: bool,
+        /// Measure only the case/path pairs whose "CASE via PATH" contains this (repeat
+        /// for more), e.g. `--only "keep-alive via switchyard (redirect, http)"`; no other
+        /// phase runs and the result goes to target/bench/only.json. For working on one
+        /// figure; the README's table comes from full runs.
+        #[arg(long, conflicts_with = "scale")]
+        only: Vec<String>,
     },
 }
 
@@ -146,19 +152,25 @@ fn main() -> anyhow::Result<()> {
             let bin = build_agent(false)?;
             demo::run(&bin)
         }
-        Cmd::Bench { quick, profile, scale } => {
+        Cmd::Bench { quick, profile, scale, only } => {
             ensure!(bootstrap::is_root(), "the benchmark loads eBPF programs and creates namespaces: run it as root");
             bootstrap::all()?;
+            // Another agent build in this run's place (a before/after comparison, with
+            // `--only` or `--scale`): SWITCHYARD_BENCH_AGENT=/path/to/switchyard.
+            let agent = || match std::env::var_os("SWITCHYARD_BENCH_AGENT") {
+                Some(other) => Ok(PathBuf::from(other)),
+                None => build_agent(true),
+            };
             if scale {
                 // No proxies, backends or load generators: only the agent and the stand-in.
-                return bench::run_scale(&build_agent(true)?, quick);
+                return bench::run_scale(&agent()?, quick);
             }
             bootstrap::bench_tools()?;
             if profile {
                 bootstrap::profile_tools()?;
             }
             let envoy = bootstrap::envoy(&target_dir().join("bench"))?;
-            let bin = build_agent(true)?;
+            let bin = agent()?;
             bootstrap::status(cargo().args([
                 "build",
                 "--release",
@@ -168,7 +180,7 @@ fn main() -> anyhow::Result<()> {
                 "sy-probe",
             ]))
             .context("build sy-probe")?;
-            bench::run(&bin, &target_dir().join("release/sy-probe"), &envoy, quick, profile)
+            bench::run(&bin, &target_dir().join("release/sy-probe"), &envoy, quick, profile, &bench::Only(only))
         }
     }
 }

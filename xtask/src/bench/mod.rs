@@ -535,7 +535,22 @@ fn raise_fd_limit() -> u64 {
     }
 }
 
-pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool) -> anyhow::Result<()> {
+/// What `--only` keeps: a case and path pair is measured when "CASE via PATH" contains
+/// one of the given strings; with none given, everything is.
+pub struct Only(pub Vec<String>);
+
+impl Only {
+    fn keeps(&self, case: &str, path: Via) -> bool {
+        let name = format!("{case} via {}", path.name());
+        self.0.is_empty() || self.0.iter().any(|o| name.contains(o.as_str()))
+    }
+
+    fn everything(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool, only: &Only) -> anyhow::Result<()> {
     let fd_limit = raise_fd_limit();
     let (secs, rounds, redis_n, idle) = if quick { (2, 1, 20_000, 1_000) } else { (5, 2, 100_000, 10_000) };
     // Two descriptors per proxied connection, plus headroom for listeners and logs.
@@ -564,7 +579,7 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool)
         .copied()
         .chain([Via::SwitchyardHttp, Via::HaproxyHttp, Via::NginxHttp, Via::EnvoyHttp])
         .collect();
-    let cases: [(&str, &str, &[Via]); 5] = [
+    let cases: [Case; 5] = [
         ("http keep-alive", "req/s", &http_paths),
         ("http new connection", "req/s", &http_paths),
         ("tcp bulk", "Gbit/s", &tcp_paths),
@@ -577,7 +592,7 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool)
         let pod = setup.topo.pod("bench");
         for round in 0..rounds {
             for (ci, (case, _, paths)) in cases.iter().enumerate() {
-                for &path in paths.iter() {
+                for &path in paths.iter().filter(|&&p| only.keeps(case, p)) {
                     eprintln!("bench: round {}/{rounds}: {case} via {}", round + 1, path.name());
                     let s = measure(&setup, Some(&pod), case, path, secs, redis_n)?;
                     samples.entry((ci, path)).or_default().push(s);
@@ -586,15 +601,33 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool)
         }
     }
     // What the per-connection bookkeeping costs: the same agent with it off.
-    setup.start_agent(false)?;
+    let no_stats: Vec<usize> = (0..3).filter(|&ci| only.keeps(cases[ci].0, Via::SwitchyardNoStats)).collect();
+    if !no_stats.is_empty() {
+        setup.start_agent(false)?;
+    }
     for round in 0..rounds {
-        for (ci, (case, _, _)) in cases.iter().enumerate().take(3) {
+        for (ci, (case, _, _)) in cases.iter().enumerate().filter(|(ci, _)| no_stats.contains(ci)) {
             eprintln!("bench: round {}/{rounds}: {case} via {}", round + 1, Via::SwitchyardNoStats.name());
             let s = measure(&setup, None, case, Via::SwitchyardNoStats, secs, redis_n)?;
             samples.entry((ci, Via::SwitchyardNoStats)).or_default().push(s);
         }
     }
-    setup.start_agent(true)?;
+    if !no_stats.is_empty() {
+        setup.start_agent(true)?;
+    }
+    if !only.everything() {
+        // A partial run: the table of what was measured, no other phase.
+        let (rows, report) = report(&cases, &samples);
+        println!("\n{}", table(&REPORT_HEADER, &rows));
+        let out_dir = crate::workspace_root().join("target/bench");
+        if profiling {
+            profile::run(&setup, secs, &out_dir.join("profile"), only)?;
+        }
+        let doc = json!({"quick": quick, "rounds": rounds, "seconds_per_run": secs, "only": only.0, "results": report});
+        let path = write(&out_dir, "only.json", &serde_json::to_string_pretty(&doc)?)?;
+        println!("\nJSON: {} (latest.json is left as the last full run wrote it)", path.display());
+        return Ok(());
+    }
     let held = idle.min(3_000);
     eprintln!("bench: http keep-alive via switchyard, {held} connections open, quiet then admin scraped");
     let (quiet, busy, scrapes) = scraped(&setup, held, secs)?;
@@ -616,46 +649,8 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool)
         at_rest["rss_after_load_mib"] = json!(status_kib(pid, "VmRSS") / 1024.0);
     }
 
-    // Report: mean, spread across rounds, ratios to direct and to HAProxy tcp.
-    let mean = |v: &[Sample], f: fn(&Sample) -> Option<f64>| {
-        let xs: Vec<f64> = v.iter().filter_map(f).collect();
-        (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
-    };
-    let mut rows = Vec::new();
-    let mut report = Vec::new();
-    for (ci, (case, unit, paths)) in cases.iter().enumerate() {
-        let direct = mean(&samples[&(ci, Via::Direct)], |s| Some(s.value)).unwrap_or(f64::NAN);
-        let haproxy = mean(&samples[&(ci, Via::HaproxyTcp)], |s| Some(s.value)).unwrap_or(f64::NAN);
-        let measured: Vec<Via> = samples.keys().filter(|(c, _)| *c == ci).map(|(_, v)| *v).collect();
-        for &path in paths.iter().chain(measured.iter().filter(|v| !paths.contains(v))) {
-            let v = &samples[&(ci, path)];
-            let m = mean(v, |s| Some(s.value)).unwrap_or(f64::NAN);
-            let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), s| (lo.min(s.value), hi.max(s.value)));
-            let spread = if v.len() > 1 { (hi - lo) / m * 100.0 } else { 0.0 };
-            let cpu = mean(v, |s| s.cpu);
-            let (p50, p99) = (mean(v, |s| s.p50_us), mean(v, |s| s.p99_us));
-            rows.push(vec![
-                case.to_string(),
-                path.name().into(),
-                format!("{m:.2} {unit}"),
-                format!("{:.2}x", m / direct),
-                format!("{:.2}x", m / haproxy),
-                if v.len() > 1 { format!("±{spread:.0}%") } else { "-".into() },
-                p50.map_or("-".into(), |x| format!("{x:.0}")),
-                p99.map_or("-".into(), |x| format!("{x:.0}")),
-                cpu.map_or("-".into(), |x| format!("{x:.1}")),
-            ]);
-            report.push(json!({
-                "case": case, "path": path.name(), "unit": unit, "values": v.iter().map(|s| s.value).collect::<Vec<_>>(),
-                "mean": m, "spread_pct": spread, "ratio_to_direct": m / direct, "ratio_to_haproxy_tcp": m / haproxy,
-                "p50_us": p50, "p99_us": p99,
-                "proxy_cpu_us_per_unit": cpu, "cpu_unit": if *case == "tcp bulk" { "GiB" } else { "request" },
-            }));
-        }
-    }
-    let header =
-        ["case", "path", "result", "/direct", "/haproxy", "spread", "p50 us", "p99 us", "proxy cpu us/req (/GiB)"];
-    println!("\n{}", table(&header, &rows));
+    let (rows, report) = report(&cases, &samples);
+    println!("\n{}", table(&REPORT_HEADER, &rows));
     println!("\nidle connections (memory):");
     for m in &memory {
         println!(
@@ -685,7 +680,7 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool)
     let out_dir = crate::workspace_root().join("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     if profiling {
-        profile::run(&setup, secs, &out_dir.join("profile"))?;
+        profile::run(&setup, secs, &out_dir.join("profile"), only)?;
     }
     // The proxies and their backends go first: the scale phase measures the agent's CPU.
     drop(setup);
@@ -719,6 +714,55 @@ pub fn run_scale(bin: &Path, quick: bool) -> anyhow::Result<()> {
     let path = write(&out_dir, "latest.json", &serde_json::to_string_pretty(&doc)?)?;
     println!("\nJSON: {} (and scale.json beside it)", path.display());
     Ok(())
+}
+
+type Case<'a> = (&'a str, &'a str, &'a [Via]);
+
+const REPORT_HEADER: [&str; 9] =
+    ["case", "path", "result", "/direct", "/haproxy", "spread", "p50 us", "p99 us", "proxy cpu us/req (/GiB)"];
+
+/// The table rows and JSON entries of what was measured: mean, spread across rounds,
+/// ratios to direct and to HAProxy tcp (NaN when those were not measured, as in a
+/// partial run).
+fn report(cases: &[Case], samples: &BTreeMap<(usize, Via), Vec<Sample>>) -> (Vec<Vec<String>>, Vec<Value>) {
+    let mean = |v: &[Sample], f: fn(&Sample) -> Option<f64>| {
+        let xs: Vec<f64> = v.iter().filter_map(f).collect();
+        (!xs.is_empty()).then(|| xs.iter().sum::<f64>() / xs.len() as f64)
+    };
+    let value_of =
+        |ci: usize, path: Via| samples.get(&(ci, path)).and_then(|v| mean(v, |s| Some(s.value))).unwrap_or(f64::NAN);
+    let mut rows = Vec::new();
+    let mut report = Vec::new();
+    for (ci, (case, unit, paths)) in cases.iter().enumerate() {
+        let (direct, haproxy) = (value_of(ci, Via::Direct), value_of(ci, Via::HaproxyTcp));
+        let measured: Vec<Via> = samples.keys().filter(|(c, _)| *c == ci).map(|(_, v)| *v).collect();
+        for &path in paths.iter().chain(measured.iter().filter(|v| !paths.contains(v))) {
+            let Some(v) = samples.get(&(ci, path)) else { continue };
+            let m = mean(v, |s| Some(s.value)).unwrap_or(f64::NAN);
+            let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), s| (lo.min(s.value), hi.max(s.value)));
+            let spread = if v.len() > 1 { (hi - lo) / m * 100.0 } else { 0.0 };
+            let cpu = mean(v, |s| s.cpu);
+            let (p50, p99) = (mean(v, |s| s.p50_us), mean(v, |s| s.p99_us));
+            rows.push(vec![
+                case.to_string(),
+                path.name().into(),
+                format!("{m:.2} {unit}"),
+                format!("{:.2}x", m / direct),
+                format!("{:.2}x", m / haproxy),
+                if v.len() > 1 { format!("±{spread:.0}%") } else { "-".into() },
+                p50.map_or("-".into(), |x| format!("{x:.0}")),
+                p99.map_or("-".into(), |x| format!("{x:.0}")),
+                cpu.map_or("-".into(), |x| format!("{x:.1}")),
+            ]);
+            report.push(json!({
+                "case": case, "path": path.name(), "unit": unit, "values": v.iter().map(|s| s.value).collect::<Vec<_>>(),
+                "mean": m, "spread_pct": spread, "ratio_to_direct": m / direct, "ratio_to_haproxy_tcp": m / haproxy,
+                "p50_us": p50, "p99_us": p99,
+                "proxy_cpu_us_per_unit": cpu, "cpu_unit": if *case == "tcp bulk" { "GiB" } else { "request" },
+            }));
+        }
+    }
+    (rows, report)
 }
 
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {

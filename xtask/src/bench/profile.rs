@@ -2,7 +2,8 @@
 //! every run (docs/performance.md reads these). For each case: `perf record` of the agent
 //! for the run (on-CPU samples with call chains; software clock, which works where
 //! hardware counters do not), reported by symbol; then the same run under `strace -c`,
-//! reported as system calls per request. Reports land in target/bench/profile/.
+//! reported as system calls per request. Reports (and the perf.data files, for other
+//! views with `perf report -i`) land in target/bench/profile/.
 
 use std::{
     path::Path,
@@ -12,7 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use super::{Setup, Via, measure};
+use super::{Only, Setup, Via, measure};
 
 /// (case, path, file stem) profiled.
 const PROFILED: [(&str, Via, &str); 4] = [
@@ -22,10 +23,10 @@ const PROFILED: [(&str, Via, &str); 4] = [
     ("http new connection", Via::SwitchyardHttp, "http-new-connection"),
 ];
 
-pub fn run(setup: &Setup, secs: u64, dir: &Path) -> anyhow::Result<()> {
+pub fn run(setup: &Setup, secs: u64, dir: &Path, only: &Only) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let pid = setup.proxy_pid(Via::Switchyard).context("the agent runs")?.to_string();
-    for (case, path, stem) in PROFILED {
+    for (case, path, stem) in PROFILED.into_iter().filter(|(case, path, _)| only.keeps(case, *path)) {
         eprintln!("bench: profiling {case} via {} (perf)", path.name());
         let data = dir.join(format!("{stem}.perf.data"));
         let mut perf = Command::new("perf")
@@ -64,7 +65,7 @@ pub fn run(setup: &Setup, secs: u64, dir: &Path) -> anyhow::Result<()> {
             dir.join(format!("{stem}.perf.txt")),
             format!("{case} via {}: {:.0} req/s\n\n{text}", path.name(), sample.value),
         )?;
-        let _ = std::fs::remove_file(&data);
+        // perf.data stays beside the report, for `perf report -i` with other views.
 
         eprintln!("bench: profiling {case} via {} (strace -c)", path.name());
         let out = dir.join(format!("{stem}.strace.txt"));

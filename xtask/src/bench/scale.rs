@@ -329,6 +329,8 @@ fn one_size(bin: &Path, n: usize, quick: bool, end: Instant) -> anyhow::Result<V
     // Measured a second after ready: the agent releases its start-up memory once serving.
     thread::sleep(Duration::from_secs(1));
     out["rss_ready_mib"] = json!(mib(status_kib(pid, "VmRSS")));
+    // Where that memory is, mapping by mapping (kept beside the log, for memory work).
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
     out["peak_mib"] = json!(mib(status_kib(pid, "VmHWM")));
     let settled = settle(&agent, Duration::from_millis(1500), CATCH_UP_LIMIT);
     out["settled_after_ready"] = json!(settled);
@@ -389,10 +391,12 @@ fn one_size(bin: &Path, n: usize, quick: bool, end: Instant) -> anyhow::Result<V
         return Ok(out);
     }
     out["rollout"] = rollout(&topo, &api, &agent, &mut cluster, quick)?;
-    // The agent's log, for its own account of each change (`took_us`).
+    // The agent's log, for its own account of each change (`took_us`), and its memory map
+    // when ready.
     let dir = crate::workspace_root().join("target/bench");
-    let _ =
-        std::fs::create_dir_all(&dir).and_then(|()| std::fs::write(dir.join(format!("scale-{n}.log")), agent.log()));
+    let _ = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join(format!("scale-{n}.log")), agent.log()))
+        .and_then(|()| std::fs::write(dir.join(format!("scale-{n}.smaps")), smaps));
     Ok(out)
 }
 
