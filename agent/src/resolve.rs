@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     balance::{Avail, Endpoint},
-    config::MAX_ROUTE_DEPTH,
+    config::{MAX_ROUTE_DEPTH, PlaceOf},
     state::{
         Service, Snapshot,
         route::{Branch, BranchShare},
@@ -185,8 +185,8 @@ fn endpoint(e: &Endpoint, now: Instant) -> EndpointNode {
         health: health.into(),
         weight: e.weight,
         locality: e.tier.name().into(),
-        zone: e.zone.as_deref().map(str::to_owned),
-        node: e.node.as_deref().map(str::to_owned),
+        zone: e.place.zone().map(|z| z.to_string()),
+        node: e.place.node().map(|n| n.to_string()),
         open_connections: e.state.active(),
         connects_ok: e.state.connects_ok.load(std::sync::atomic::Ordering::Relaxed),
         connects_failed: e.state.connects_failed.load(std::sync::atomic::Ordering::Relaxed),

@@ -13,7 +13,7 @@ use std::{
 use tokio_util::sync::CancellationToken;
 
 use super::health::{Avail, Change, Health};
-use crate::config::FailureAccrualConfig;
+use crate::config::{FailureAccrualConfig, Place};
 
 /// Where an endpoint runs, relative to this node: lower is nearer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -42,12 +42,8 @@ impl Tier {
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub weight: u32,
-    /// Shared with the config (a cluster has 100,000 endpoints and a few zones).
-    pub zone: Option<Arc<str>>,
-    pub region: Option<Arc<str>>,
-    pub node: Option<Arc<str>>,
-    /// See `EndpointConfig::hints`.
-    pub hints: Option<Arc<str>>,
+    /// Shared with the config (a cluster has 100,000 endpoints on a few hundred nodes).
+    pub place: Option<Arc<Place>>,
     pub tier: Tier,
     pub terminating: bool,
     pub state: Arc<EndpointState>,
@@ -81,26 +77,43 @@ const EWMA_DECAY: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 struct PeakEwma {
     estimate_ns: f64,
-    stamp: Instant,
+    /// When the last sample came, as [`nanos`] (8 bytes, an `Instant` 16: there is one
+    /// of these per input per endpoint, 100,000 endpoints in a large cluster).
+    stamp_ns: u64,
 }
 
 impl PeakEwma {
+    fn new(estimate_ns: f64, now: Instant) -> Self {
+        Self { estimate_ns, stamp_ns: nanos(now) }
+    }
+
     fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt = rtt.max(RTT_FLOOR).as_nanos() as f64;
         let current = self.decayed(now);
         if rtt > current {
             self.estimate_ns = rtt;
         } else {
-            let w = decay(now.saturating_duration_since(self.stamp));
+            let w = decay(self.since(now));
             self.estimate_ns = current * w + rtt * (1.0 - w);
         }
-        self.stamp = now;
+        self.stamp_ns = nanos(now);
     }
 
     /// The estimate at `now` as p2c reads it: decayed toward zero since the last sample.
     fn decayed(&self, now: Instant) -> f64 {
-        self.estimate_ns * decay(now.saturating_duration_since(self.stamp))
+        self.estimate_ns * decay(self.since(now))
     }
+
+    fn since(&self, now: Instant) -> Duration {
+        Duration::from_nanos(nanos(now).saturating_sub(self.stamp_ns))
+    }
+}
+
+/// The two latency inputs, under one lock (they are read together).
+#[derive(Debug)]
+struct Latency {
+    connect: PeakEwma,
+    response: PeakEwma,
 }
 
 /// How much of an estimate is left after `idle` without a sample.
@@ -120,8 +133,7 @@ pub struct EndpointState {
     active: AtomicU32,
     /// Connect latency (every endpoint has it) and response latency (HTTP only): two
     /// inputs, so a slow response never reads as a slow connect or the reverse.
-    connect_ewma: Mutex<PeakEwma>,
-    response_ewma: Mutex<PeakEwma>,
+    latency: Mutex<Latency>,
     /// The larger of the two estimates, as f64 bits, and when it was last updated
     /// ([`nanos`]): what p2c weighs, decayed by the time since.
     estimate: AtomicU64,
@@ -138,15 +150,17 @@ pub struct EndpointState {
 
 impl Default for EndpointState {
     fn default() -> Self {
-        let ewma = |ns: f64| Mutex::new(PeakEwma { estimate_ns: ns, stamp: Instant::now() });
+        let now = Instant::now();
         let rtt = DEFAULT_RTT.as_nanos() as f64;
         Self {
             active: AtomicU32::new(0),
-            connect_ewma: ewma(rtt),
-            // No response seen yet: zero, so the connect estimate decides.
-            response_ewma: ewma(0.0),
+            latency: Mutex::new(Latency {
+                connect: PeakEwma::new(rtt, now),
+                // No response seen yet: zero, so the connect estimate decides.
+                response: PeakEwma::new(0.0, now),
+            }),
             estimate: AtomicU64::new(rtt.to_bits()),
-            estimate_stamp: AtomicU64::new(nanos(Instant::now())),
+            estimate_stamp: AtomicU64::new(nanos(now)),
             health: Mutex::new(Health::default()),
             avail: AtomicU64::new(0),
             drain: Mutex::new(Drain::default()),
@@ -252,7 +266,7 @@ impl EndpointState {
     /// A connect to the endpoint worked.
     pub fn on_connect_ok(&self, latency: Duration, now: Instant) -> Change {
         self.connects_ok.fetch_add(1, Ordering::Relaxed);
-        self.observe(&self.connect_ewma, latency, now);
+        self.observe(|l| &mut l.connect, latency, now);
         self.with_health(Health::on_success)
     }
 
@@ -265,7 +279,7 @@ impl EndpointState {
     /// An HTTP response came back acceptable, `latency` after the request went out.
     pub fn on_response_ok(&self, latency: Duration, now: Instant) -> Change {
         self.responses_ok.fetch_add(1, Ordering::Relaxed);
-        self.observe(&self.response_ewma, latency, now);
+        self.observe(|l| &mut l.response, latency, now);
         self.with_health(Health::on_success)
     }
 
@@ -292,13 +306,13 @@ impl EndpointState {
         out
     }
 
-    fn observe(&self, ewma: &Mutex<PeakEwma>, latency: Duration, now: Instant) {
-        ewma.lock().unwrap().observe(latency, now);
+    fn observe(&self, input: impl FnOnce(&mut Latency) -> &mut PeakEwma, latency: Duration, now: Instant) {
+        let mut l = self.latency.lock().unwrap();
+        input(&mut l).observe(latency, now);
         // Each input decayed to now, so the published value decays on from here exactly
         // as the larger of the two would.
-        let connect = self.connect_ewma.lock().unwrap().decayed(now);
-        let response = self.response_ewma.lock().unwrap().decayed(now);
-        self.estimate.store(connect.max(response).to_bits(), Ordering::Relaxed);
+        let estimate = l.connect.decayed(now).max(l.response.decayed(now));
+        self.estimate.store(estimate.to_bits(), Ordering::Relaxed);
         self.estimate_stamp.store(nanos(now), Ordering::Relaxed);
     }
 
@@ -364,8 +378,10 @@ mod tests {
     #[test]
     fn peak_ewma_jumps_up_and_decays_down() {
         let ms = |n: f64| n * 1e6;
+        // The clock's epoch before t0, so that t0 and later times map to it exactly.
+        nanos(Instant::now());
         let t0 = Instant::now();
-        let mut e = PeakEwma { estimate_ns: ms(2.0), stamp: t0 };
+        let mut e = PeakEwma::new(ms(2.0), t0);
         e.observe(Duration::from_millis(10), t0);
         assert_eq!(e.estimate_ns, ms(10.0), "a slower sample is taken at once");
         e.observe(Duration::from_millis(2), t0 + EWMA_DECAY);
@@ -415,7 +431,11 @@ mod tests {
         let s = EndpointState::default();
         let now = Instant::now();
         s.on_response_ok(Duration::from_millis(50), now);
-        assert_eq!(s.connect_ewma.lock().unwrap().estimate_ns, DEFAULT_RTT.as_nanos() as f64, "connect EWMA untouched");
+        assert_eq!(
+            s.latency.lock().unwrap().connect.estimate_ns,
+            DEFAULT_RTT.as_nanos() as f64,
+            "connect EWMA untouched"
+        );
         assert_eq!(
             s.cost(nanos(now)),
             Duration::from_millis(50).as_nanos() as f64,

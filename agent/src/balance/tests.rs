@@ -8,10 +8,7 @@ fn ep(i: u8, weight: u32, tier: Tier) -> Endpoint {
     Endpoint {
         addr: SocketAddr::from(([10, 0, 0, i], 80)),
         weight,
-        zone: None,
-        region: None,
-        node: None,
-        hints: None,
+        place: None,
         tier,
         terminating: false,
         state: Arc::new(EndpointState::default()),

@@ -16,7 +16,7 @@ pub use http::{DetectConfig, HttpConfig, HttpLimits, Protocol, RetryConfig};
 use serde::{Deserialize, Serialize};
 pub use service::{
     BalanceKind, ConnectConfig, EndpointConfig, FailureAccrualConfig, HealthCheckConfig, HealthCheckKind,
-    LocalityConfig, Origin, Route, ServiceConfig, ServiceMode, SessionAffinity, SplitBranch, Target,
+    LocalityConfig, Origin, Place, PlaceOf, Route, ServiceConfig, ServiceMode, SessionAffinity, SplitBranch, Target,
 };
 
 mod http;
@@ -471,7 +471,7 @@ mod tests {
         let s = &c.services[0];
         let ep = &s.endpoints[0];
         assert_eq!((ep.weight, ep.terminating), (1, false), "plain ip:port: weight 1");
-        assert_eq!((ep.zone.as_deref(), ep.region.as_deref(), ep.node.as_deref()), (None, None, None), "no locality");
+        assert_eq!(ep.place, None, "no locality");
         assert_eq!(s.balance, BalanceKind::P2cEwma);
         assert_eq!(s.session_affinity, None, "default: none");
         assert_eq!((s.connect.timeout, s.connect.attempts, s.connect.deadline), (secs(1), 3, secs(3)));
@@ -531,6 +531,7 @@ mod tests {
         let ok =
             parse(&format!("{head}    endpoints: [{{ address: \"10.0.0.1:80\", weight: 2, zone: a }}]\n")).unwrap();
         assert_eq!(ok.services[0].endpoints[0].weight, 2);
+        assert_eq!(ok.services[0].endpoints[0].place.zone().map(|z| &**z), Some("a"));
     }
 
     #[test]

@@ -54,7 +54,8 @@ fn service(i: usize, addrs: u8, endpoints: &[(u8, u32, bool, bool)], kernel: boo
         .map(|&(h, weight, terminating, zone)| EndpointConfig {
             weight,
             terminating,
-            zone: Some(if zone { "a" } else { "b" }.into()),
+            place: crate::config::Place { zone: Some(if zone { "a" } else { "b" }.into()), ..Default::default() }
+                .some(),
             ..EndpointConfig::new(crate::config::Target::Addr(if h % 2 == 0 {
                 SocketAddr::from(([10, 1, i as u8, h], 8080))
             } else {

@@ -28,7 +28,7 @@ use self::route::Route;
 pub use self::route::{Mode, Plan};
 use crate::{
     balance::{Affinity, Balancer, Endpoint, EndpointState, Tier, budget::Budget},
-    config::{Config, DetectConfig, EndpointConfig, RetryConfig, ServiceConfig, ServiceMode, Target},
+    config::{Config, DetectConfig, EndpointConfig, PlaceOf, RetryConfig, ServiceConfig, ServiceMode, Target},
     redirect::{KernelEntry, ServiceAddr},
     stats::metrics::ServiceMetrics,
 };
@@ -385,11 +385,8 @@ impl Service {
             .iter()
             .map(|e| EndpointConfig {
                 weight: e.weight,
-                zone: e.zone.clone(),
-                region: e.region.clone(),
-                node: e.node.clone(),
                 terminating: e.terminating,
-                hints: e.hints.clone(),
+                place: e.place.clone(),
                 ..EndpointConfig::new(Target::Addr(e.addr))
             })
             .collect();
@@ -447,10 +444,7 @@ fn endpoints(
                 weight: e.weight.saturating_mul(weight.max(1)),
                 tier: if svc.locality.enabled { tier(zone.as_deref(), region.as_deref(), e) } else { Tier::Local },
                 terminating: e.terminating,
-                zone: e.zone.clone(),
-                region: e.region.clone(),
-                node: e.node.clone(),
-                hints: e.hints.clone(),
+                place: e.place.clone(),
                 state: states.get(&addr).map(|s| Arc::clone(s)).unwrap_or_default(),
             });
         }
@@ -463,7 +457,7 @@ fn same_endpoints(a: &[Endpoint], b: &[Endpoint]) -> bool {
     a.len() == b.len()
         && a.iter().zip(b).all(|(x, y)| {
             (x.addr, x.weight, x.tier, x.terminating) == (y.addr, y.weight, y.tier, y.terminating)
-                && (&x.zone, &x.region, &x.node, &x.hints) == (&y.zone, &y.region, &y.node, &y.hints)
+                && x.place == y.place
                 && Arc::ptr_eq(&x.state, &y.state)
         })
 }
@@ -472,10 +466,10 @@ fn same_endpoints(a: &[Endpoint], b: &[Endpoint]) -> bool {
 /// is local: locality is opt-in. Topology hints, where given, decide the zone question.
 fn tier(node_zone: Option<&str>, node_region: Option<&str>, e: &EndpointConfig) -> Tier {
     let Some(node_zone) = node_zone else { return Tier::Local };
-    if let Some(hints) = &e.hints {
+    if let Some(hints) = e.place.hints() {
         return if hints.split(',').any(|z| z == node_zone) { Tier::Local } else { Tier::Remote };
     }
-    let (zone, region) = (e.zone.as_deref(), e.region.as_deref());
+    let (zone, region) = (e.place.zone().map(|z| &**z), e.place.region().map(|r| &**r));
     let same_region = match (node_region, region) {
         (Some(a), Some(b)) => a == b,
         // Zones are unique across regions in every cloud's naming; no region given on
@@ -496,6 +490,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+    use crate::config::Place;
 
     fn config(text: &str) -> Config {
         Config::parse(text, Path::new("t.yaml")).unwrap()
@@ -692,11 +687,17 @@ services:
     #[test]
     fn tiers_follow_the_node_zone_and_region() {
         let (z, r) = (Some("a"), Some("r1"));
-        let ep = |zone: Option<&str>, region: Option<&str>| EndpointConfig {
-            zone: zone.map(Into::into),
-            region: region.map(Into::into),
+        let at = |zone: Option<&str>, region: Option<&str>, hints: Option<&str>| EndpointConfig {
+            place: Place {
+                zone: zone.map(Into::into),
+                region: region.map(Into::into),
+                node: None,
+                hints: hints.map(Into::into),
+            }
+            .some(),
             ..EndpointConfig::new(Target::Addr("10.0.0.1:80".parse().unwrap()))
         };
+        let ep = |zone, region| at(zone, region, None);
         let s = Some;
         assert_eq!(tier(None, None, &ep(s("b"), s("r2"))), Tier::Local, "no node zone: locality off");
         assert_eq!(tier(z, r, &ep(s("a"), s("r1"))), Tier::Local);
@@ -706,7 +707,7 @@ services:
         assert_eq!(tier(z, r, &ep(None, None)), Tier::Remote);
         // Hints decide: an endpoint in zone b hinted for a is local to a node in a, and
         // one in zone a hinted only for b is not.
-        let hinted = |zone: &str, hints: &str| EndpointConfig { hints: Some(hints.into()), ..ep(Some(zone), r) };
+        let hinted = |zone: &str, hints: &str| at(Some(zone), r, Some(hints));
         assert_eq!(tier(z, r, &hinted("b", "a")), Tier::Local);
         assert_eq!(tier(z, r, &hinted("b", "c,a")), Tier::Local);
         assert_eq!(tier(z, r, &hinted("a", "b")), Tier::Remote);
