@@ -85,9 +85,10 @@ enum Cmd {
         #[arg(long, conflicts_with = "profile")]
         scale: bool,
         /// Measure only the case/path pairs whose "CASE via PATH" contains this (repeat
-        /// for more), e.g. `--only "keep-alive via switchyard (redirect, http)"`; no other
-        /// phase runs and the result goes to target/bench/only.json. For working on one
-        /// figure; the README's table comes from full runs.
+        /// for more), e.g. `--only "keep-alive via switchyard (redirect, http)"` or
+        /// `--only "idle connections via switchyard"`; no other phase runs and the result
+        /// goes to target/bench/only.json. For working on one figure; the README's table
+        /// comes from full runs.
         #[arg(long, conflicts_with = "scale")]
         only: Vec<String>,
     },

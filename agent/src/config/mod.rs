@@ -531,7 +531,7 @@ mod tests {
         let ok =
             parse(&format!("{head}    endpoints: [{{ address: \"10.0.0.1:80\", weight: 2, zone: a }}]\n")).unwrap();
         assert_eq!(ok.services[0].endpoints[0].weight, 2);
-        assert_eq!(ok.services[0].endpoints[0].place.zone().map(|z| &**z), Some("a"));
+        assert_eq!(ok.services[0].endpoints[0].place.zone(), Some("a"));
     }
 
     #[test]

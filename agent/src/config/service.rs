@@ -254,17 +254,17 @@ impl Place {
 /// The parts of an optional place (what a `None` place has: nothing).
 pub trait PlaceOf {
     fn place(&self) -> Option<&Place>;
-    fn zone(&self) -> Option<&Arc<str>> {
-        self.place()?.zone.as_ref()
+    fn zone(&self) -> Option<&str> {
+        self.place()?.zone.as_deref()
     }
-    fn region(&self) -> Option<&Arc<str>> {
-        self.place()?.region.as_ref()
+    fn region(&self) -> Option<&str> {
+        self.place()?.region.as_deref()
     }
-    fn node(&self) -> Option<&Arc<str>> {
-        self.place()?.node.as_ref()
+    fn node(&self) -> Option<&str> {
+        self.place()?.node.as_deref()
     }
-    fn hints(&self) -> Option<&Arc<str>> {
-        self.place()?.hints.as_ref()
+    fn hints(&self) -> Option<&str> {
+        self.place()?.hints.as_deref()
     }
 }
 
@@ -309,9 +309,9 @@ impl Serialize for EndpointConfig {
             address,
             srv,
             weight: self.weight,
-            zone: self.place.zone().cloned(),
-            region: self.place.region().cloned(),
-            node: self.place.node().cloned(),
+            zone: self.place.as_ref().and_then(|p| p.zone.clone()),
+            region: self.place.as_ref().and_then(|p| p.region.clone()),
+            node: self.place.as_ref().and_then(|p| p.node.clone()),
             terminating: self.terminating,
         }
         .serialize(s)

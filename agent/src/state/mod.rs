@@ -469,7 +469,7 @@ fn tier(node_zone: Option<&str>, node_region: Option<&str>, e: &EndpointConfig) 
     if let Some(hints) = e.place.hints() {
         return if hints.split(',').any(|z| z == node_zone) { Tier::Local } else { Tier::Remote };
     }
-    let (zone, region) = (e.place.zone().map(|z| &**z), e.place.region().map(|r| &**r));
+    let (zone, region) = (e.place.zone(), e.place.region());
     let same_region = match (node_region, region) {
         (Some(a), Some(b)) => a == b,
         // Zones are unique across regions in every cloud's naming; no region given on

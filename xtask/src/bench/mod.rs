@@ -555,15 +555,6 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool,
     let (secs, rounds, redis_n, idle) = if quick { (2, 1, 20_000, 1_000) } else { (5, 2, 100_000, 10_000) };
     // Two descriptors per proxied connection, plus headroom for listeners and logs.
     let idle = idle.min(fd_limit.saturating_sub(2_000) / 2);
-    let mut setup = setup(bin, probe, envoy, idle + 100)?;
-    // The agent at rest (started, serving its seven file services, nothing connected
-    // yet) and the peak of its start-up.
-    let agent_pid = setup.proxy_pid(Via::Switchyard).expect("the agent runs");
-    let at_rest = json!({
-        "rss_mib": status_kib(agent_pid, "VmRSS") / 1024.0,
-        "startup_peak_mib": status_kib(agent_pid, "VmHWM") / 1024.0,
-        "binary_mib": std::fs::metadata(bin).map(|m| m.len() as f64 / (1 << 20) as f64).unwrap_or(0.0),
-    });
     let tcp_paths = [
         Via::Direct,
         Via::SwitchyardKernel,
@@ -586,6 +577,32 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool,
         ("redis get", "req/s", &tcp_paths),
         ("redis set", "req/s", &tcp_paths),
     ];
+    if !only.everything() {
+        let all: Vec<String> = cases
+            .iter()
+            .enumerate()
+            .flat_map(|(ci, (case, _, paths))| {
+                paths.iter().chain((ci < NO_STATS_CASES).then_some(&Via::SwitchyardNoStats)).map(move |p| (case, p))
+            })
+            .chain(IDLE_PATHS.iter().map(|p| (&IDLE_CASE, p)))
+            .map(|(case, p)| format!("{case} via {}", p.name()))
+            .collect();
+        ensure!(
+            all.iter().any(|name| only.0.iter().any(|o| name.contains(o.as_str()))),
+            "--only {:?} matches nothing measured; the pairs are:\n  {}",
+            only.0,
+            all.join("\n  ")
+        );
+    }
+    let mut setup = setup(bin, probe, envoy, idle + 100)?;
+    // The agent at rest (started, serving its seven file services, nothing connected
+    // yet) and the peak of its start-up.
+    let agent_pid = setup.proxy_pid(Via::Switchyard).expect("the agent runs");
+    let at_rest = json!({
+        "rss_mib": status_kib(agent_pid, "VmRSS") / 1024.0,
+        "startup_peak_mib": status_kib(agent_pid, "VmHWM") / 1024.0,
+        "binary_mib": std::fs::metadata(bin).map(|m| m.len() as f64 / (1 << 20) as f64).unwrap_or(0.0),
+    });
     let mut samples: BTreeMap<(usize, Via), Vec<Sample>> = BTreeMap::new();
     {
         // A pod whose clients reach the services through the node address.
@@ -601,7 +618,8 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool,
         }
     }
     // What the per-connection bookkeeping costs: the same agent with it off.
-    let no_stats: Vec<usize> = (0..3).filter(|&ci| only.keeps(cases[ci].0, Via::SwitchyardNoStats)).collect();
+    let no_stats: Vec<usize> =
+        (0..NO_STATS_CASES).filter(|&ci| only.keeps(cases[ci].0, Via::SwitchyardNoStats)).collect();
     if !no_stats.is_empty() {
         setup.start_agent(false)?;
     }
@@ -617,13 +635,16 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool,
     }
     if !only.everything() {
         // A partial run: the table of what was measured, no other phase.
+        let memory = idle_phase(&setup, idle, only)?;
         let (rows, report) = report(&cases, &samples);
         println!("\n{}", table(&REPORT_HEADER, &rows));
+        print_memory(&memory);
         let out_dir = crate::workspace_root().join("target/bench");
         if profiling {
             profile::run(&setup, secs, &out_dir.join("profile"), only)?;
         }
-        let doc = json!({"quick": quick, "rounds": rounds, "seconds_per_run": secs, "only": only.0, "results": report});
+        let doc = json!({"quick": quick, "rounds": rounds, "seconds_per_run": secs, "only": only.0,
+                         "results": report, "idle_memory": memory});
         let path = write(&out_dir, "only.json", &serde_json::to_string_pretty(&doc)?)?;
         println!("\nJSON: {} (latest.json is left as the last full run wrote it)", path.display());
         return Ok(());
@@ -636,12 +657,7 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool,
         "quiet": {"rps": quiet.value, "p50_us": quiet.p50_us, "p99_us": quiet.p99_us},
         "scraped": {"rps": busy.value, "p50_us": busy.p50_us, "p99_us": busy.p99_us},
     });
-    let mut memory = Vec::new();
-    for path in [Via::Switchyard, Via::HaproxyTcp, Via::NginxTcp, Via::EnvoyTcp] {
-        eprintln!("bench: {idle} idle connections via {}", path.name());
-        let (rss_mib, per_conn) = idle_memory(&setup, path, idle)?;
-        memory.push(json!({"proxy": path.name(), "idle_connections": idle, "rss_mib": rss_mib, "bytes_per_connection": per_conn}));
-    }
+    let memory = idle_phase(&setup, idle, only)?;
 
     // The agent idle again after every load above: what its working set grew to.
     let mut at_rest = at_rest;
@@ -651,16 +667,7 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool,
 
     let (rows, report) = report(&cases, &samples);
     println!("\n{}", table(&REPORT_HEADER, &rows));
-    println!("\nidle connections (memory):");
-    for m in &memory {
-        println!(
-            "  {:<28} {} conns: RSS {:.1} MiB, {:.0} bytes per connection",
-            m["proxy"].as_str().unwrap_or(""),
-            m["idle_connections"],
-            m["rss_mib"].as_f64().unwrap_or(0.0),
-            m["bytes_per_connection"].as_f64().unwrap_or(0.0)
-        );
-    }
+    print_memory(&memory);
     println!(
         "\nagent at rest: RSS {:.1} MiB after start-up, {:.1} MiB idle after the loads; start-up peak {:.1} MiB, binary {:.1} MiB",
         at_rest["rss_mib"].as_f64().unwrap_or(0.0),
@@ -716,7 +723,38 @@ pub fn run_scale(bin: &Path, quick: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Memory per idle connection through each L4 proxy (those `only` keeps, as "idle
+/// connections via PATH").
+fn idle_phase(setup: &Setup, idle: u64, only: &Only) -> anyhow::Result<Vec<Value>> {
+    let mut memory = Vec::new();
+    for path in IDLE_PATHS.into_iter().filter(|&p| only.keeps(IDLE_CASE, p)) {
+        eprintln!("bench: {idle} idle connections via {}", path.name());
+        let (rss_mib, per_conn) = idle_memory(setup, path, idle)?;
+        memory.push(json!({"proxy": path.name(), "idle_connections": idle, "rss_mib": rss_mib, "bytes_per_connection": per_conn}));
+    }
+    Ok(memory)
+}
+
+const IDLE_CASE: &str = "idle connections";
+const IDLE_PATHS: [Via; 4] = [Via::Switchyard, Via::HaproxyTcp, Via::NginxTcp, Via::EnvoyTcp];
+
+fn print_memory(memory: &[Value]) {
+    println!("\nidle connections (memory):");
+    for m in memory {
+        println!(
+            "  {:<28} {} conns: RSS {:.1} MiB, {:.0} bytes per connection",
+            m["proxy"].as_str().unwrap_or(""),
+            m["idle_connections"],
+            m["rss_mib"].as_f64().unwrap_or(0.0),
+            m["bytes_per_connection"].as_f64().unwrap_or(0.0)
+        );
+    }
+}
+
 type Case<'a> = (&'a str, &'a str, &'a [Via]);
+
+/// The agent without bookkeeping (`agent.stats: false`) runs the first this many cases.
+const NO_STATS_CASES: usize = 3;
 
 const REPORT_HEADER: [&str; 9] =
     ["case", "path", "result", "/direct", "/haproxy", "spread", "p50 us", "p99 us", "proxy cpu us/req (/GiB)"];
