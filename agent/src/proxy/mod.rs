@@ -380,10 +380,13 @@ impl Proxy {
                 }
             });
         }
-        let upstream = match opened {
+        let mut upstream = match opened {
             Some(up) => *up,
+            // Boxed too: the connect (attempts, timers, the socket's connect) would be this
+            // task's largest state, and an idle connection's task is as large as that.
             None => {
-                match upstream::connect(&snapshot, &plan.concrete, plan.key, self.mark, &self.stats.metrics).await {
+                let connect = upstream::connect(&snapshot, &plan.concrete, plan.key, self.mark, &self.stats.metrics);
+                match Box::pin(connect).await {
                     Ok(up) => up,
                     Err(e) => return Next::Done(self.unreachable(&client, &e)),
                 }
@@ -405,7 +408,11 @@ impl Proxy {
             attempts: upstream.attempts,
             connect_us: upstream.connect_latency.as_micros() as u64,
         });
-        Next::Relay(Relay { client, prefix, upstream })
+        let _ = upstream.stream.set_nodelay(true);
+        if let Err(outcome) = tcp::send_first(self, &mut upstream, &prefix, conn).await {
+            return Next::Done(outcome);
+        }
+        Next::Relay(Relay { client, upstream })
     }
 
     /// Nothing could be reached: reset the client so it sees the failure at once.
@@ -457,11 +464,10 @@ enum Next {
     Relay(Relay),
 }
 
-/// What the relay phase of an opaque connection needs, and nothing more.
+/// What the relay phase of an opaque connection needs, and nothing more (what detection
+/// read was sent upstream before).
 pub(super) struct Relay {
     pub client: TcpStream,
-    /// The client's first bytes, read by detection, to send first.
-    pub prefix: BytesMut,
     pub upstream: Upstream,
 }
 

@@ -12,36 +12,51 @@ use prometheus_client::metrics::counter::Counter;
 
 use crate::stats::{ConnHandle, conns::Conn, metrics::Direction, signals::Signals};
 
-/// Proxy an opaque connection to the upstream that was opened for it (and recorded in
-/// the connection table by the caller).
-/// (Taken whole: what the caller moves in, it does not also keep.)
-pub(super) async fn proxy(proxy: &Proxy, opened: Relay, conn: &ConnHandle) -> Outcome {
-    let Relay { client, prefix, upstream: up } = opened;
-    let drain = up.endpoint().state.drain_token();
-    // The guard counts the connection against its endpoint until this returns.
-    let Upstream { stream: mut upstream, service, index, guard: _guard, .. } = up;
-    let handles = proxy.stats.enabled.then(|| service.endpoint_metrics(index));
-    let _ = upstream.set_nodelay(true);
-    let metrics = &proxy.stats.metrics;
-    // What detection read goes first; written here, before the long copy phase, whose
-    // state every idle connection's task carries.
-    if !prefix.is_empty() {
-        if let Err(e) = upstream.write_all(&prefix).await {
-            debug!(error = %e, "could not send the client's first bytes upstream");
-            return Outcome::Error;
-        }
-        conn.conn().bytes_out.fetch_add(prefix.len() as u64, Ordering::Relaxed);
-        if let Some(r) = conn.route_edge() {
-            r.bytes_out.fetch_add(prefix.len() as u64, Ordering::Relaxed);
-        }
-        if let Some(h) = handles {
-            h.bytes(metrics, Direction::Out).inc_by(prefix.len() as u64);
-            h.signals(metrics).bytes_out.fetch_add(prefix.len() as u64, Ordering::Relaxed);
-        }
+/// Send what detection read from the client to the upstream opened for it, counted as
+/// the relay counts. Done before the relay phase (by `decide`), so that the state of this
+/// write is not part of the long copy phase every idle connection's task carries.
+pub(super) async fn send_first(
+    proxy: &Proxy,
+    up: &mut Upstream,
+    prefix: &[u8],
+    conn: &ConnHandle,
+) -> Result<(), Outcome> {
+    if prefix.is_empty() {
+        return Ok(());
     }
-    drop(prefix);
+    if let Err(e) = up.stream.write_all(prefix).await {
+        debug!(error = %e, "could not send the client's first bytes upstream");
+        return Err(Outcome::Error);
+    }
+    let n = prefix.len() as u64;
+    conn.conn().bytes_out.fetch_add(n, Ordering::Relaxed);
+    if let Some(r) = conn.route_edge() {
+        r.bytes_out.fetch_add(n, Ordering::Relaxed);
+    }
+    if proxy.stats.enabled {
+        let (metrics, h) = (&proxy.stats.metrics, up.service.endpoint_metrics(up.index));
+        h.bytes(metrics, Direction::Out).inc_by(n);
+        h.signals(metrics).bytes_out.fetch_add(n, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Proxy an opaque connection to the upstream that was opened for it (and recorded in
+/// the connection table by the caller), until both sides close or the endpoint's drain
+/// deadline passes.
+///
+/// The relay's parts are used where they lie in `opened`, never moved out: an async fn
+/// keeps its arguments for its whole life, so a part moved into a local would be held
+/// twice by every idle connection's task.
+pub(super) async fn proxy(proxy: &Proxy, opened: Relay, conn: &ConnHandle) -> Outcome {
+    let (client, up) = (&opened.client, &opened.upstream);
+    // The guard in `opened.upstream` counts the connection against its endpoint until
+    // this returns.
+    let drain = up.endpoint().state.drain_token();
+    let handles = proxy.stats.enabled.then(|| up.service.endpoint_metrics(up.index));
+    let metrics = &proxy.stats.metrics;
     let copy = async {
-        let Some(h) = handles else { return relay(&client, &upstream, None).await };
+        let Some(h) = handles else { return relay(client, &up.stream, None).await };
         h.connections(metrics).inc();
         let open = h.open(metrics);
         open.inc();
@@ -53,7 +68,7 @@ pub(super) async fn proxy(proxy: &Proxy, opened: Relay, conn: &ConnHandle) -> Ou
             inbound: h.bytes(metrics, Direction::In),
             endpoint: Some(endpoint),
         };
-        let outcome = relay(&client, &upstream, Some(meters)).await;
+        let outcome = relay(client, &up.stream, Some(meters)).await;
         open.dec();
         endpoint.closed();
         outcome
