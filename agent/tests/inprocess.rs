@@ -397,6 +397,12 @@ async fn a_bad_catalog_is_rejected_and_the_last_good_state_keeps_serving() {
     .await;
     assert_eq!(H1::connect(a.proxy).await.get("/").await.text(), "one", "the last good state serves");
 
+    // An empty file (a save caught between its truncate and its write) is not "no
+    // services": nothing changes.
+    std::fs::write(&catalog, "").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(H1::connect(a.proxy).await.get("/").await.text(), "one", "an empty catalog removes nothing");
+
     // A good one again: applied, and its endpoint serves.
     write(&two.addr.to_string());
     eventually("the new endpoint serves", Duration::from_secs(10), || async {

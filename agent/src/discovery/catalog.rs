@@ -98,6 +98,13 @@ pub fn watch(
                     Err(_) => break,
                 }
             }
+            // An empty file is a save in progress (truncated, not yet written: on a busy
+            // node the two can be further apart than the settle time), not "no services",
+            // which is written `services: []`. The write that follows brings an event.
+            if std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+                debug!(path = %path.display(), "catalog is empty: a save in progress; waiting for its next change");
+                continue;
+            }
             debug!(path = %path.display(), "catalog changed");
             let update = load(&path).map_err(|e| format!("{:#}", anyhow::Error::from(e)));
             if updates.send(Update::Catalog(update)).await.is_err() {
