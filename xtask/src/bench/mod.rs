@@ -535,14 +535,23 @@ fn raise_fd_limit() -> u64 {
     }
 }
 
+/// "CASE via PATH": what `--only` matches against.
+fn pair_name(case: &str, path: Via) -> String {
+    format!("{case} via {}", path.name())
+}
+
 /// What `--only` keeps: a case and path pair is measured when "CASE via PATH" contains
 /// one of the given strings; with none given, everything is.
 pub struct Only(pub Vec<String>);
 
 impl Only {
     fn keeps(&self, case: &str, path: Via) -> bool {
-        let name = format!("{case} via {}", path.name());
-        self.0.is_empty() || self.0.iter().any(|o| name.contains(o.as_str()))
+        self.0.is_empty() || self.matches(&pair_name(case, path))
+    }
+
+    /// Whether one of the given strings is in `name` (a [`pair_name`]).
+    fn matches(&self, name: &str) -> bool {
+        self.0.iter().any(|o| name.contains(o.as_str()))
     }
 
     fn everything(&self) -> bool {
@@ -585,10 +594,10 @@ pub fn run(bin: &Path, probe: &Path, envoy: &Path, quick: bool, profiling: bool,
                 paths.iter().chain((ci < NO_STATS_CASES).then_some(&Via::SwitchyardNoStats)).map(move |p| (case, p))
             })
             .chain(IDLE_PATHS.iter().map(|p| (&IDLE_CASE, p)))
-            .map(|(case, p)| format!("{case} via {}", p.name()))
+            .map(|(case, p)| pair_name(case, *p))
             .collect();
         ensure!(
-            all.iter().any(|name| only.0.iter().any(|o| name.contains(o.as_str()))),
+            all.iter().any(|name| only.matches(name)),
             "--only {:?} matches nothing measured; the pairs are:\n  {}",
             only.0,
             all.join("\n  ")
