@@ -61,8 +61,8 @@ enum Command {
         /// the start of its workload or pod name (`shop/`).
         #[arg(long)]
         client: Option<String>,
-        #[arg(long, default_value = "127.0.0.1:4191")]
-        admin: std::net::SocketAddr,
+        #[command(flatten)]
+        admin: AdminApi,
         #[arg(long)]
         json: bool,
     },
@@ -70,15 +70,15 @@ enum Command {
     Services {
         /// Only services whose names start with this (`shop/`: a namespace's).
         prefix: Option<String>,
-        #[arg(long, default_value = "127.0.0.1:4191")]
-        admin: std::net::SocketAddr,
+        #[command(flatten)]
+        admin: AdminApi,
         #[arg(long)]
         json: bool,
     },
     /// Live view of connections sorted by traffic, refreshed every interval.
     Top {
-        #[arg(long, default_value = "127.0.0.1:4191")]
-        admin: std::net::SocketAddr,
+        #[command(flatten)]
+        admin: AdminApi,
         /// Refresh interval in milliseconds.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
@@ -101,8 +101,8 @@ enum Command {
         /// Rates over this many seconds (at most 60).
         #[arg(long, default_value_t = 60)]
         window: u64,
-        #[arg(long, default_value = "127.0.0.1:4191")]
-        admin: std::net::SocketAddr,
+        #[command(flatten)]
+        admin: AdminApi,
         #[arg(long)]
         json: bool,
     },
@@ -110,8 +110,8 @@ enum Command {
     Edges {
         #[arg(long, default_value_t = 60)]
         window: u64,
-        #[arg(long, default_value = "127.0.0.1:4191")]
-        admin: std::net::SocketAddr,
+        #[command(flatten)]
+        admin: AdminApi,
         #[arg(long)]
         json: bool,
     },
@@ -131,8 +131,8 @@ enum Command {
         /// Stop after this many seconds (at most 600).
         #[arg(long, default_value_t = 600)]
         seconds: u64,
-        #[arg(long, default_value = "127.0.0.1:4191")]
-        admin: std::net::SocketAddr,
+        #[command(flatten)]
+        admin: AdminApi,
         /// Print each event as its JSON line.
         #[arg(long)]
         json: bool,
@@ -142,13 +142,20 @@ enum Command {
     Resolve {
         /// Service name, or an address applications dial (ip:port).
         target: String,
-        /// The agent's admin API.
-        #[arg(long, default_value = "127.0.0.1:4191")]
-        admin: std::net::SocketAddr,
+        #[command(flatten)]
+        admin: AdminApi,
         /// Print JSON instead of a tree.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where the running agent's admin API listens, for the commands that read it.
+#[derive(clap::Args)]
+struct AdminApi {
+    /// The agent's admin API (`agent.admin` of its config).
+    #[arg(long = "admin", value_name = "ADDR", default_value = "127.0.0.1:4191")]
+    addr: std::net::SocketAddr,
 }
 
 /// Install logging; returns the control the admin API uses to change the filter.
@@ -197,28 +204,28 @@ fn main() -> ExitCode {
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(switchyard::app::run(&config, log)))
         }
-        Command::Resolve { target, admin, json } => {
+        Command::Resolve { target, admin: AdminApi { addr: admin }, json } => {
             client(switchyard::cli::resolve(admin, &target, json)).map(|out| println!("{out}"))
         }
-        Command::Conns { service, endpoint, client: who, admin, json } => {
+        Command::Conns { service, endpoint, client: who, admin: AdminApi { addr: admin }, json } => {
             let filters = [("service", service), ("endpoint", endpoint), ("client", who)];
             client(switchyard::cli::conns(admin, &filters, json)).map(|out| println!("{out}"))
         }
-        Command::Services { prefix, admin, json } => {
+        Command::Services { prefix, admin: AdminApi { addr: admin }, json } => {
             client(switchyard::cli::services(admin, prefix.as_deref(), json)).map(|out| println!("{out}"))
         }
-        Command::Stat { by, service, workload, window, admin, json } => {
+        Command::Stat { by, service, workload, window, admin: AdminApi { addr: admin }, json } => {
             let filters = [("service", service), ("workload", workload)];
             client(switchyard::cli::stat(admin, &by, &filters, window, json)).map(|out| println!("{out}"))
         }
-        Command::Edges { window, admin, json } => {
+        Command::Edges { window, admin: AdminApi { addr: admin }, json } => {
             client(switchyard::cli::edges(admin, window, json)).map(|out| println!("{out}"))
         }
-        Command::Tap { service, workload, path, limit, seconds, admin, json } => {
+        Command::Tap { service, workload, path, limit, seconds, admin: AdminApi { addr: admin }, json } => {
             let filters = [("service", service), ("workload", workload), ("path", path)];
             client(switchyard::cli::tap(admin, &filters, limit, seconds, json))
         }
-        Command::Top { admin, interval_ms, iterations } => {
+        Command::Top { admin: AdminApi { addr: admin }, interval_ms, iterations } => {
             client(switchyard::cli::top(admin, std::time::Duration::from_millis(interval_ms.max(100)), iterations))
         }
     };
