@@ -448,14 +448,20 @@ fn publish(kind: u32, cookie: u64, fill: impl FnOnce(&mut ConnEventV1)) {
     entry.submit(flags as u64);
 }
 
-/// The cookie of the sock_ops socket if it is one whose life SY_EVENTS follows.
+/// The sock_ops socket's cookie, and the flags of its SY_SOCK_ORIG entry if it has one.
 #[inline(always)]
-fn followed(ctx: &SockOpsContext) -> Option<u64> {
+fn recorded(ctx: &SockOpsContext) -> (u64, Option<u16>) {
     // SAFETY: helper valid for sock_ops programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: the reference is used within this run only.
-    let orig = unsafe { SOCK_ORIG.get(cookie) }?;
-    (orig.flags & ORIG_EVENTS != 0).then_some(cookie)
+    (cookie, unsafe { SOCK_ORIG.get(cookie) }.map(|o| o.flags))
+}
+
+/// The cookie of the sock_ops socket if it is one whose life SY_EVENTS follows.
+#[inline(always)]
+fn followed(ctx: &SockOpsContext) -> Option<u64> {
+    let (cookie, flags) = recorded(ctx);
+    flags.is_some_and(|f| f & ORIG_EVENTS != 0).then_some(cookie)
 }
 
 /// A connect sent straight to an endpoint completed its handshake.
@@ -470,10 +476,7 @@ fn on_established(ctx: &SockOpsContext) {
 /// A redirected client socket closed: its entries are no longer needed, and one the
 /// kernel sent straight to an endpoint is reported with the bytes it moved.
 fn on_close(ctx: &SockOpsContext) {
-    // SAFETY: helper valid for sock_ops programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the reference is used within this run only.
-    let flags = unsafe { SOCK_ORIG.get(cookie) }.map(|o| o.flags);
+    let (cookie, flags) = recorded(ctx);
     if flags.is_some_and(|f| f & ORIG_EVENTS != 0) {
         // SAFETY: verifier-checked context fields of a full socket.
         let (received, acked, retrans) = unsafe {
