@@ -81,6 +81,11 @@ impl Agent {
 }
 
 impl Agent {
+    /// Begin shutting down: the agent stops accepting and drains (see `stop`).
+    pub fn shutdown(&self) {
+        self.bound.as_ref().expect("running").shutdown();
+    }
+
     /// Shut down and wait until the agent has stopped (at most `limit`).
     pub async fn stop(mut self, limit: Duration) {
         let bound = self.bound.take().expect("running");
@@ -248,6 +253,10 @@ impl H1 {
 
     pub async fn get(&mut self, path: &str) -> Got {
         self.send(Request::get(path).header("host", "svc").body(Full::default()).unwrap()).await
+    }
+    /// Whether the server has closed the connection (waits for hyper to see it).
+    pub async fn closed(&mut self) -> bool {
+        self.0.ready().await.is_err()
     }
 }
 

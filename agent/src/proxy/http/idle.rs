@@ -11,7 +11,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -19,7 +19,7 @@ use std::{
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::time::Instant;
+use tokio::{sync::Notify, time::Instant};
 
 /// The requests in flight on one client connection, and when the last one ended.
 ///
@@ -34,17 +34,44 @@ struct State {
     /// When the last request ended, in milliseconds since `start`.
     last_ms: AtomicU64,
     start: Instant,
+    /// Whether any request has begun, and the one wake-up that says so (a draining
+    /// connection waits for its first request: see `Http::serve`).
+    begun: AtomicBool,
+    first: Notify,
 }
 
 impl InFlight {
     pub fn new() -> Self {
-        Self(Arc::new(State { open: AtomicUsize::new(0), last_ms: AtomicU64::new(0), start: Instant::now() }))
+        Self(Arc::new(State {
+            open: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+            start: Instant::now(),
+            begun: AtomicBool::new(false),
+            first: Notify::new(),
+        }))
     }
 
     /// Count a request until the returned token is dropped.
     pub fn begin(&self) -> Active {
         self.0.open.fetch_add(1, Ordering::Relaxed);
+        if !self.0.begun.load(Ordering::Relaxed) {
+            self.0.begun.store(true, Ordering::Release);
+            // A permit is kept if no one waits yet, so the waiter cannot miss it.
+            self.0.first.notify_one();
+        }
         Active(Arc::clone(&self.0))
+    }
+
+    /// Whether a request has begun on this connection.
+    pub fn begun(&self) -> bool {
+        self.0.begun.load(Ordering::Acquire)
+    }
+
+    /// Completes once a request has begun (at once if one has).
+    pub async fn first_request(&self) {
+        if !self.begun() {
+            self.0.first.notified().await;
+        }
     }
 
     /// Completes once no request has been in flight for `timeout`.

@@ -7,7 +7,9 @@
 
 use std::{
     convert::Infallible,
+    future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -75,6 +77,8 @@ pub struct Http {
     h1: server1::Builder,
     h2: server2::Builder<TokioExecutor>,
     idle_timeout: Option<Duration>,
+    /// How long a connection the agent stops waits for its first request (`drain`).
+    first_request_grace: Option<Duration>,
 }
 
 /// One client connection.
@@ -141,7 +145,15 @@ impl Http {
             .max_header_list_size(limits.max_header_bytes)
             .max_concurrent_streams(limits.max_concurrent_streams)
             .max_pending_accept_reset_streams(limits.max_pending_reset_streams);
-        Arc::new(Self { pool: Pool::default(), mark, stats, h1, h2, idle_timeout: limits.idle_timeout })
+        Arc::new(Self {
+            pool: Pool::default(),
+            mark,
+            stats,
+            h1,
+            h2,
+            idle_timeout: limits.idle_timeout,
+            first_request_grace: limits.header_read_timeout,
+        })
     }
 
     /// Close upstream connections idle longer than the shortest `pool_idle_timeout` any
@@ -173,36 +185,26 @@ impl Http {
         });
         let tally = down.conn.as_ref().map(Tally::client);
         let io = TokioIo::new(Lingering::new(Counted::new(io, tally)));
-        // What ends the connection gracefully: the agent stopping, or `idle_timeout` with
-        // no request in flight.
+        // What ends the connection gracefully: the agent stopping (true), or `idle_timeout`
+        // with no request in flight (false).
         let close = async {
             match down.http.idle_timeout {
-                Some(t) => tokio::select! { _ = stop.cancelled() => {}, _ = flight.idle_for(t) => {} },
-                None => stop.cancelled().await,
+                Some(t) => tokio::select! { _ = stop.cancelled() => true, _ = flight.idle_for(t) => false },
+                None => {
+                    stop.cancelled().await;
+                    true
+                }
             }
         };
+        let first_request = down.http.first_request_grace;
         match version {
             Version::Http1 => {
                 let conn = down.http.h1.serve_connection(io, svc).with_upgrades();
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => r?,
-                    _ = close => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await?
-                    }
-                }
+                drain(conn, close, &flight, first_request, |c| c.graceful_shutdown()).await?;
             }
             Version::Http2 => {
                 let conn = down.http.h2.serve_connection(io, svc);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => r?,
-                    _ = close => {
-                        conn.as_mut().graceful_shutdown();
-                        conn.await?
-                    }
-                }
+                drain(conn, close, &flight, first_request, |c| c.graceful_shutdown()).await?;
             }
         }
         let tunnel = down.tunnel.lock().unwrap().take();
@@ -211,6 +213,54 @@ impl Http {
         }
         Ok(())
     }
+}
+
+/// Serve `conn` to its end, or until `close` fires (with whether the agent is stopping),
+/// then end it gracefully (`shutdown`: HTTP/1.1 after the response in flight, HTTP/2
+/// with GOAWAY).
+///
+/// A connection the agent stops before its first request waits for that request first,
+/// up to `first_request` (`header_read_timeout`; the drain timeout bounds it too): its
+/// client connected to send one, detection may already hold it, and hyper closes a
+/// connection that has begun no request (HTTP/1 idle, HTTP/2 still reading the preface)
+/// at once, losing it unanswered. That was an upgrade's race: a connection the outgoing
+/// agent accepted just before it stopped accepting. A connection that has served requests
+/// closes at once when idle: its next request may cross the close, which HTTP/1.1
+/// clients retry (RFC 9112 section 9.3.1), as they must for any server.
+async fn drain<C, F>(
+    conn: C,
+    close: impl Future<Output = bool>,
+    flight: &InFlight,
+    first_request: Option<Duration>,
+    shutdown: F,
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+    F: FnOnce(Pin<&mut C>),
+{
+    tokio::pin!(conn);
+    // Biased: the connection is polled first, so a request already waiting in the socket
+    // is read (and so in flight, answered) before a close that fired meanwhile.
+    let stopping = tokio::select! {
+        biased;
+        r = conn.as_mut() => return r,
+        stopping = close => stopping,
+    };
+    if stopping && !flight.begun() {
+        let first = async {
+            match first_request {
+                Some(t) => drop(tokio::time::timeout(t, flight.first_request()).await),
+                None => flight.first_request().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            r = conn.as_mut() => return r,
+            () = first => {}
+        }
+    }
+    shutdown(conn.as_mut());
+    conn.await
 }
 
 impl Downstream {
