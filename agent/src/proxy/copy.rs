@@ -20,6 +20,7 @@ use std::{
     task::{Context, Poll, ready},
 };
 
+use nix::sys::socket::MsgFlags;
 use prometheus_client::metrics::counter::Counter;
 use tokio::{io::Interest, net::TcpStream};
 
@@ -179,7 +180,9 @@ impl<'a> OneWay<'a> {
 fn read_burst(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     let mut drained = None;
     let read = from.try_io(Interest::READABLE, || {
-        let n = nix::unistd::read(from, buf).map_err(io::Error::from)?;
+        // recv, not read: the socket call skips the file layer's work (position lock,
+        // permission hooks, the iterator), about 2% of TCP mode's keep-alive samples.
+        let n = nix::sys::socket::recv(from.as_raw_fd(), buf, MsgFlags::empty()).map_err(io::Error::from)?;
         if n > 0 && n < buf.len() {
             drained = Some(n);
             return Err(io::ErrorKind::WouldBlock.into());

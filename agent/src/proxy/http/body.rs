@@ -30,24 +30,32 @@ struct Kept {
 /// The copy of one request body, shared by its attempts.
 #[derive(Clone, Debug)]
 pub struct Replay {
-    kept: Arc<Mutex<Kept>>,
+    /// `None` for a body that had ended before it began (no body, or an empty one):
+    /// nothing to keep, so nothing allocated for the requests most clients send.
+    kept: Option<Arc<Mutex<Kept>>>,
     max: usize,
 }
 
 impl Replay {
-    pub fn new(max: usize) -> Self {
-        Self { kept: Arc::default(), max }
+    /// The copy of `body` (at most `max` bytes of it).
+    pub fn of(body: &Incoming, max: usize) -> Self {
+        Self { kept: (!body.is_end_stream()).then(Arc::default), max }
     }
 
     /// Whether [`Replay::replay`] would give a body.
     pub fn can_replay(&self) -> bool {
-        let kept = self.kept.lock().unwrap();
-        kept.ended && !kept.overflow
+        self.kept.as_ref().is_none_or(|kept| {
+            let kept = kept.lock().unwrap();
+            kept.ended && !kept.overflow
+        })
     }
 
     /// A body that sends the same bytes again, if the whole body was seen and fitted.
     pub fn replay(&self) -> Option<ReqBody> {
-        let kept = self.kept.lock().unwrap();
+        let Some(kept) = &self.kept else {
+            return Some(ReqBody::Replay { frames: VecDeque::new(), trailers: None });
+        };
+        let kept = kept.lock().unwrap();
         (kept.ended && !kept.overflow)
             .then(|| ReqBody::Replay { frames: kept.frames.iter().cloned().collect(), trailers: kept.trailers.clone() })
     }
@@ -62,10 +70,6 @@ pub enum ReqBody {
 
 impl ReqBody {
     pub fn first(inner: Incoming, replay: Replay) -> Self {
-        if inner.is_end_stream() {
-            // Nothing will ever be polled: the (empty) body is complete already.
-            replay.kept.lock().unwrap().ended = true;
-        }
         ReqBody::First { inner, replay }
     }
 }
@@ -78,7 +82,8 @@ impl Body for ReqBody {
         match self.get_mut() {
             ReqBody::First { inner, replay } => {
                 let frame = ready!(Pin::new(&mut *inner).poll_frame(cx));
-                let mut kept = replay.kept.lock().unwrap();
+                let Some(kept) = &replay.kept else { return Poll::Ready(frame) };
+                let mut kept = kept.lock().unwrap();
                 match &frame {
                     Some(Ok(f)) => {
                         if let Some(data) = f.data_ref() {
@@ -212,8 +217,8 @@ mod tests {
     async fn replay_sends_the_same_frames_and_trailers() {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
-        let kept = Replay::new(100);
-        *kept.kept.lock().unwrap() = Kept {
+        let kept = Replay { kept: Some(Arc::default()), max: 100 };
+        *kept.kept.as_ref().unwrap().lock().unwrap() = Kept {
             frames: vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")],
             trailers: Some(trailers.clone()),
             len: 4,
@@ -264,9 +269,9 @@ mod tests {
 
     #[test]
     fn an_unfinished_or_oversized_body_is_not_replayed() {
-        let r = Replay::new(3);
+        let r = Replay { kept: Some(Arc::default()), max: 3 };
         assert!(r.replay().is_none(), "not ended yet");
-        *r.kept.lock().unwrap() = Kept { ended: true, overflow: true, ..Kept::default() };
+        *r.kept.as_ref().unwrap().lock().unwrap() = Kept { ended: true, overflow: true, ..Kept::default() };
         assert!(r.replay().is_none(), "too big to keep");
     }
 }

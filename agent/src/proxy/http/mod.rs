@@ -285,7 +285,7 @@ impl Downstream {
             self.upgrade(req, &snapshot, index).await
         } else {
             let target = self.route_override(&req, &snapshot, index);
-            self.forward(req, &snapshot, service, target, grpc).await
+            self.forward(req, &snapshot, service, target, grpc, started).await
         };
         let stats = &self.http.stats;
         let (endpoint, edge) = endpoint.map(|a| (a.addr, a.edge)).unzip();
@@ -299,7 +299,7 @@ impl Downstream {
             tap: tap.map(|mut t| {
                 t.endpoint = endpoint;
                 t.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
-                (Arc::clone(&stats.tap), t)
+                Box::new((Arc::clone(&stats.tap), t))
             }),
         });
         resp.map(|b| Observed::new(b, record))
@@ -322,9 +322,9 @@ impl Downstream {
         }
     }
 
-    /// Send a request to endpoints of `target` until one answers acceptably, the
-    /// attempts or the budget run out, or the request timeout passes. Returns the
-    /// response and the endpoint that gave it.
+    /// Send a request (arrived at `start`) to endpoints of `target` until one answers
+    /// acceptably, the attempts or the budget run out, or the request timeout passes.
+    /// Returns the response and the endpoint that gave it.
     async fn forward(
         &self,
         req: Request<Incoming>,
@@ -332,15 +332,16 @@ impl Downstream {
         dialled: &Service,
         target: usize,
         grpc: bool,
+        start: Instant,
     ) -> (Response<RespBody>, Option<Answerer>) {
         let policy = &dialled.config.http;
         let metrics = &self.http.stats.metrics;
-        let start = Instant::now();
         let deadline = policy.request_timeout.map(|t| start + t);
         dialled.budget.deposit(start);
         let (parts, incoming) = req.into_parts();
         let retry = Retry::new(&policy.retry, &parts.method);
-        let mut body = Bodies { incoming: Some(incoming), unsent: None, replay: Replay::new(policy.retry.max_body) };
+        let replay = Replay::of(&incoming, policy.retry.max_body);
+        let mut body = Bodies { incoming: Some(incoming), unsent: None, replay };
         let concrete = snapshot.concrete(target, start);
         let limit = Limit::Total { attempts: retry.attempts(), deadline };
         let mut attempts = Attempts::new(snapshot, &concrete, self.key, limit);
@@ -348,7 +349,8 @@ impl Downstream {
         // Why the next attempt is a retry; counted once it is really made.
         let mut retrying = None;
         loop {
-            let now = Instant::now();
+            // The first attempt goes at once: no second clock read.
+            let now = if attempts.made() == 0 { start } else { Instant::now() };
             // No attempt left: stop before the budget check, which would spend a retry
             // (and count it as refused or made) that never happens.
             if attempts.made() >= retry.attempts() {
@@ -375,7 +377,7 @@ impl Downstream {
                 (Some(a), Some(r)) => Some(a.min(r)),
                 (a, r) => a.or(r),
             };
-            let exchange = self.exchange(&attempt, &parts, &mut body, attempt_timeout, policy.pool_idle_timeout);
+            let exchange = self.exchange(&attempt, &parts, &mut body, now, attempt_timeout, policy.pool_idle_timeout);
             let failure = match exchange.await {
                 Exchange::Unsent(unsent) => {
                     // Not the endpoint's fault, and safe for any method.
@@ -431,21 +433,22 @@ impl Downstream {
         last.unwrap_or_else(|| (local(StatusCode::SERVICE_UNAVAILABLE, "no_endpoint", grpc), None))
     }
 
-    /// One attempt: an upstream connection from the pool (a new connect is reported to
-    /// the attempt like any other), the request sent, the response headers awaited.
-    /// `timeout` bounds it all; `idle` is the dialled service's pool idle timeout. Every
-    /// failure is fed back to the endpoint here; an answer is judged by the caller.
+    /// One attempt, begun at `t0`: an upstream connection from the pool (a new connect is
+    /// reported to the attempt like any other), the request sent, the response headers
+    /// awaited. `timeout` bounds it all; `idle` is the dialled service's pool idle
+    /// timeout. Every failure is fed back to the endpoint here; an answer is judged by
+    /// the caller.
     async fn exchange(
         &self,
         attempt: &Attempt<'_>,
         parts: &Parts,
         body: &mut Bodies,
+        t0: Instant,
         timeout: Option<Duration>,
         idle: Duration,
     ) -> Exchange {
         let metrics = &self.http.stats.metrics;
         let addr = attempt.endpoint.addr;
-        let t0 = Instant::now();
         // As an opaque connect would wait, and no longer than the attempt may take.
         let connect_timeout = attempt.connect_timeout(t0).min(timeout.unwrap_or(Duration::MAX));
         let pool = &self.http.pool;
@@ -561,7 +564,8 @@ impl Downstream {
         });
         let connect = req.method() == hyper::Method::CONNECT;
         let (parts, incoming) = req.into_parts();
-        let body = ReqBody::first(incoming, Replay::new(0));
+        let replay = Replay::of(&incoming, 0);
+        let body = ReqBody::first(incoming, replay);
         let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
             Ok(r) => r,
             Err(e) => {
