@@ -214,7 +214,11 @@ impl Balancer {
                 let tally = tiers[tier as usize];
                 (Pool { tier: Some(tier), healthy: true, fresh: true, tally }, Some(tier), false)
             }
-            // Every healthy endpoint was tried already: try one of them again.
+            // Every healthy endpoint was tried already, and failed this client: the health
+            // view is behind (an ejected endpoint may be back, as a checked-in one died).
+            // Last resort before repeating one: an untried endpoint that is out. Only
+            // then one of the healthy ones again.
+            None if fresh.count > 0 => (Pool { tier: None, healthy: false, fresh: true, tally: fresh }, None, false),
             None => (Pool { tier: None, healthy: true, fresh: false, tally: healthy_any }, None, false),
         })
     }

@@ -146,6 +146,30 @@ fn a_retry_goes_to_an_endpoint_not_yet_tried() {
     }
 }
 
+/// A client that has tried every healthy endpoint tries an untried one that is out
+/// (ejected, or failing checks) before repeating one: in the soak, the only endpoint
+/// checked in had just died while the one checked out was back, and three attempts on
+/// the dead one failed a connection the other would have taken.
+#[test]
+fn when_every_healthy_endpoint_failed_an_untried_out_one_goes_before_a_repeat() {
+    for kind in [BalanceKind::P2cEwma, BalanceKind::RoundRobin, BalanceKind::RingHash, BalanceKind::LeastConnections] {
+        let b = balancer(kind, vec![ep(1, 1, Tier::Local), ep(2, 1, Tier::Local), ep(3, 1, Tier::Local)]);
+        // One of three out: under the panic threshold, so health still counts.
+        eject(&b.endpoints()[1]);
+        let now = Instant::now();
+        let (healthy, out) = (b.endpoints()[0].addr, b.endpoints()[1].addr);
+        let other = b.endpoints()[2].addr;
+        assert_ne!(b.pick(0, &[], now).unwrap().endpoint.addr, out, "{kind:?}: an out endpoint is skipped");
+        assert_eq!(b.pick(0, &[healthy], now).unwrap().endpoint.addr, other, "{kind:?}: a healthy untried one first");
+        let last = b.pick(0, &[healthy, other], now).unwrap();
+        assert_eq!(last.endpoint.addr, out, "{kind:?}: then the out one, untried, before a repeat");
+        assert!(!last.panic, "{kind:?}: one client's last resort is not the service's panic mode");
+        // Every endpoint tried: a healthy one again (a one-endpoint service keeps its attempts).
+        let again = b.pick(0, &[healthy, other, out], now).unwrap().endpoint.addr;
+        assert!(again == healthy || again == other, "{kind:?}: {again}");
+    }
+}
+
 #[test]
 fn terminating_endpoints_get_no_new_connections() {
     let mut eps = vec![ep(1, 1, Tier::Local), ep(2, 1, Tier::Local)];
