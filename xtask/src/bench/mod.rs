@@ -49,6 +49,15 @@ enum Via {
 }
 
 impl Via {
+    /// Whether the path goes through the Switchyard agent (whose admin API can say what
+    /// went wrong).
+    fn is_agent(self) -> bool {
+        matches!(
+            self,
+            Via::Switchyard | Via::SwitchyardPod | Via::SwitchyardHttp | Via::SwitchyardKernel | Via::SwitchyardNoStats
+        )
+    }
+
     fn name(self) -> &'static str {
         match self {
             Via::Direct => "direct",
@@ -242,6 +251,9 @@ fn measure(
             let errors = out.lines().any(|l| l.contains("Socket errors") || l.contains("Non-2xx"));
             if errors {
                 eprintln!("   note: wrk reported errors for {} / {case}:\n{out}", path.name());
+                if path.is_agent() {
+                    eprintln!("   the agent's failure counters now:\n{}", failure_counters(setup));
+                }
             }
             (rps, rps * secs as f64, wrk_latency_us(&out, "50%"), wrk_latency_us(&out, "99%"))
         }
@@ -313,15 +325,39 @@ fn scraped(setup: &Setup, conns: u64, secs: u64) -> anyhow::Result<(Sample, Samp
     Ok((quiet, busy?, scrapes))
 }
 
-/// One GET of the agent's admin API (from a thread in the node's namespace).
-fn admin_get(path: &str) -> std::io::Result<usize> {
+/// One GET of the agent's admin API (from a thread in the node's namespace): the whole
+/// answer, head and body.
+fn admin_get(path: &str) -> std::io::Result<String> {
     use std::io::{Read as _, Write as _};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", 4191))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nhost: admin\r\n\r\n").as_bytes())?;
-    let mut body = Vec::new();
-    s.read_to_end(&mut body)?;
-    Ok(body.len())
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    Ok(answer)
+}
+
+/// The agent's counters of what went wrong (connections closed unserved, failed
+/// connects, ejections, saturation), non-zero ones only: why a load saw errors.
+fn failure_counters(setup: &Setup) -> String {
+    match switchyard_tests::in_netns(&setup.topo.node, || admin_get("/metrics")) {
+        Ok(text) => match nonzero_failures(&text) {
+            lines if lines.is_empty() => "     (none)".into(),
+            lines => format!("     {}", lines.join("\n     ")),
+        },
+        Err(e) => format!("     (the admin API did not answer: {e})"),
+    }
+}
+
+/// The series of the agent's failure counters in a `/metrics` text that are not zero.
+fn nonzero_failures(metrics: &str) -> Vec<&str> {
+    const FAILURES: [&str; 4] = [
+        "switchyard_unserved_connections_total",
+        "switchyard_connect_failures_total",
+        "switchyard_ejections_total",
+        "switchyard_saturations_total",
+    ];
+    metrics.lines().filter(|l| FAILURES.iter().any(|f| l.starts_with(f)) && !l.ends_with(" 0")).collect()
 }
 
 /// `conns` connections to the HTTP backend through `path`, held open for `time` by the
@@ -825,4 +861,26 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         .chain(rows.iter().map(|r| line(r.clone())))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_failure_counters_that_moved_are_shown() {
+        let text = "# HELP switchyard_unserved_connections Redirected connections closed without an endpoint\n\
+                    switchyard_unserved_connections_total{service=\"web\",reason=\"no_endpoint\"} 776\n\
+                    switchyard_unserved_connections_total{service=\"db\",reason=\"no_endpoint\"} 0\n\
+                    switchyard_connect_failures_total{service=\"web\",reason=\"refused\"} 10\n\
+                    switchyard_connections_total{service=\"web\",endpoint=\"10.0.0.1:80\"} 5\n\
+                    switchyard_saturations_total 0\n";
+        assert_eq!(
+            nonzero_failures(text),
+            [
+                "switchyard_unserved_connections_total{service=\"web\",reason=\"no_endpoint\"} 776",
+                "switchyard_connect_failures_total{service=\"web\",reason=\"refused\"} 10",
+            ]
+        );
+    }
 }
