@@ -25,7 +25,8 @@ use tokio::{sync::Notify, time::Instant};
 ///
 /// Two atomic writes per request and no wake-up: the idle check looks at these when its
 /// own timer fires (an idle timeout is coarse; a wake per request, as a watch channel
-/// gives, cost the HTTP path measurably).
+/// gives, cost the HTTP path measurably). The one wake-up is for the connection's first
+/// request, which a draining connection may wait for.
 #[derive(Clone)]
 pub struct InFlight(Arc<State>);
 
@@ -35,7 +36,7 @@ struct State {
     last_ms: AtomicU64,
     start: Instant,
     /// Whether any request has begun, and the one wake-up that says so (a draining
-    /// connection waits for its first request: see `Http::serve`).
+    /// connection waits for its first request: see `drain` in `proxy::http`).
     begun: AtomicBool,
     first: Notify,
 }
