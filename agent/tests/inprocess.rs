@@ -414,9 +414,11 @@ async fn a_bad_catalog_is_rejected_and_the_last_good_state_keeps_serving() {
 
 /// A connection the agent accepted just before it stopped (an upgrade's outgoing agent
 /// accepts until its successor is ready) still has its first request answered, sent
-/// after the stop: HTTP/1.1 with `connection: close` and then the close, HTTP/2 with a
-/// GOAWAY. Detected and forced protocols alike; hyper alone closes such a connection
-/// unread. A keep-alive connection idle at the stop is closed at once, as before.
+/// after the stop: HTTP/1.1 with `connection: close` and then the close (detected and
+/// forced), HTTP/2 with a GOAWAY (forced: a detected client as silent as this one is
+/// found out by the endpoint's SETTINGS, which an HTTP/2 server sends first, and
+/// relayed opaquely). hyper alone closes such a connection unread. A keep-alive
+/// connection idle at the stop is closed at once, as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_accepted_as_the_agent_stops_has_its_first_request_answered() {
     let one = Endpoint::fixed(200, "one").await;
@@ -425,41 +427,36 @@ async fn a_connection_accepted_as_the_agent_stops_has_its_first_request_answered
         r#"  - {{ name: detected, addresses: ["{WEB}"], endpoints: ["{}"] }}
   - {{ name: forced1, addresses: ["10.96.0.2:80"], endpoints: ["{}"], protocol: http1 }}
   - {{ name: forced2, addresses: ["10.96.0.3:80"], endpoints: ["{}"], protocol: http2 }}
-  - {{ name: detected2, addresses: ["10.96.0.4:80"], endpoints: ["{}"] }}
 "#,
-        one.addr, one.addr, two.addr, two.addr
+        one.addr, one.addr, two.addr
     );
-    let origins = web()
-        .with(client_ip(2), "10.96.0.2:80".parse().unwrap())
-        .with(client_ip(3), "10.96.0.3:80".parse().unwrap())
-        .with(client_ip(4), "10.96.0.4:80".parse().unwrap());
+    let origins =
+        web().with(client_ip(2), "10.96.0.2:80".parse().unwrap()).with(client_ip(3), "10.96.0.3:80".parse().unwrap());
     // Detection waits long enough for the requests sent after the stop.
     let a = agent("detect: { timeout: 5s }", &services, origins).await;
     let mut idle = H1::connect(a.proxy).await;
     assert_eq!(idle.get("/").await.text(), "one");
     let mut fresh = Vec::new();
-    for n in 1..=4 {
+    for n in 1..=3 {
         fresh.push(a.dial_from(client_ip(n)).await);
     }
-    eventually("the agent has accepted all five connections", Duration::from_secs(10), || async {
-        a.admin_json("/conns").await.as_array().map_or(0, Vec::len) == 5
+    eventually("the agent has accepted all four connections", Duration::from_secs(10), || async {
+        a.admin_json("/conns").await.as_array().map_or(0, Vec::len) == 4
     })
     .await;
     a.shutdown();
     // Long enough for every connection task to see the stop (hyper alone closes an idle
     // connection within a poll of it).
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let [detected, forced1, forced2, detected2] = <[_; 4]>::try_from(fresh).unwrap();
+    let [detected, forced1, forced2] = <[_; 3]>::try_from(fresh).unwrap();
     for (stream, name) in [(detected, "detected"), (forced1, "forced http1")] {
         let (status, head, body) = raw_get(stream, name).await;
         assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "one"), "{name}: {head}");
         assert!(head.to_ascii_lowercase().contains("connection: close"), "{name}: the answer says it closes: {head}");
     }
-    for (stream, name) in [(forced2, "forced http2"), (detected2, "detected http2")] {
-        let mut c = H2::over(stream).await;
-        let got = c.send(Request::get("http://svc/").body(Full::default()).unwrap()).await;
-        assert_eq!((got.status, got.text().as_str()), (StatusCode::OK, "two"), "{name}");
-    }
+    let mut c = H2::over(forced2).await;
+    let got = c.send(Request::get("http://svc/").body(Full::default()).unwrap()).await;
+    assert_eq!((got.status, got.text().as_str()), (StatusCode::OK, "two"), "forced http2");
     // The connection that had served a request and sat idle was closed at the stop.
     assert!(idle.closed().await, "an idle keep-alive connection is closed when the agent stops");
     a.stop(Duration::from_secs(10)).await;
