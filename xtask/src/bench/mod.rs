@@ -308,7 +308,7 @@ fn scraped(setup: &Setup, conns: u64, secs: u64) -> anyhow::Result<(Sample, Samp
                 let mut n = 0u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     for path in ["/metrics", "/conns"] {
-                        n += u64::from(admin_get(path).is_ok());
+                        n += u64::from(switchyard_tests::admin_request(path).is_ok());
                     }
                     thread::sleep(Duration::from_millis(100));
                 }
@@ -325,23 +325,11 @@ fn scraped(setup: &Setup, conns: u64, secs: u64) -> anyhow::Result<(Sample, Samp
     Ok((quiet, busy?, scrapes))
 }
 
-/// One GET of the agent's admin API (from a thread in the node's namespace): the whole
-/// answer, head and body.
-fn admin_get(path: &str) -> std::io::Result<String> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", 4191))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nhost: admin\r\n\r\n").as_bytes())?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)?;
-    Ok(answer)
-}
-
 /// The agent's counters of what went wrong (connections closed unserved, failed
 /// connects, ejections, saturation), non-zero ones only: why a load saw errors.
 fn failure_counters(setup: &Setup) -> String {
-    match switchyard_tests::in_netns(&setup.topo.node, || admin_get("/metrics")) {
-        Ok(text) => match nonzero_failures(&text) {
+    match switchyard_tests::in_netns(&setup.topo.node, || switchyard_tests::admin_request("/metrics")) {
+        Ok((_, text)) => match nonzero_failures(&text) {
             lines if lines.is_empty() => "     (none)".into(),
             lines => format!("     {}", lines.join("\n     ")),
         },
