@@ -134,6 +134,81 @@ async fn upstream_connections_are_pooled_across_clients_and_closed_when_idle() {
     assert_eq!(ep.connections(), 2, "the idle connection expired; a new one was opened");
 }
 
+/// An HTTP/1 upstream connection is driven by the request using it (no task of its own):
+/// it must come back to the pool whatever the response was (a body read in many reads, a
+/// HEAD answer, a 204, a body the client never reads because the request was HEAD), and
+/// one the endpoint closed while it sat idle must be found out when it is next taken,
+/// before a request is written to it. One attempt per request: a request sent on a dead
+/// connection would fail, not be hidden by a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_http1_connections_come_back_after_any_response_and_a_closed_one_is_replaced() {
+    let big = Bytes::from(vec![b'x'; 1 << 20]);
+    let ep = Endpoint::h1(support::reply(move |req| match req.uri().path() {
+        "/big" => answer(200, big.clone()),
+        "/none" => answer(204, ""),
+        _ => answer(200, "ok"),
+    }))
+    .await;
+    // An endpoint that closes each connection after one response, without saying so
+    // (no `connection: close`): the pooled connection dies while idle.
+    let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closing_addr = closing.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = closing.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+            });
+        }
+    });
+    let services = format!(
+        r#"  - {{ name: web, addresses: ["{WEB}"], endpoints: ["{}"], protocol: http1, http: {{ retry: {{ attempts: 1 }} }} }}
+  - {{ name: closing, addresses: ["10.96.0.2:80"], endpoints: ["{closing_addr}"], protocol: http1, http: {{ retry: {{ attempts: 1 }} }} }}
+"#,
+        ep.addr
+    );
+    let a = agent("", &services, web().with(client_ip(2), "10.96.0.2:80".parse().unwrap())).await;
+    let mut client = H1::connect(a.proxy).await;
+    let req = |method: &str, path: &str| {
+        Request::builder().method(method).uri(path).header("host", "svc").body(Full::default()).unwrap()
+    };
+    for (method, path, status, len) in [
+        ("GET", "/big", 200, 1 << 20),
+        ("HEAD", "/big", 200, 0),
+        ("GET", "/none", 204, 0),
+        ("GET", "/", 200, 2),
+        ("GET", "/big", 200, 1 << 20),
+    ] {
+        let got = client.send(req(method, path)).await;
+        assert_eq!((got.status.as_u16(), got.body.len()), (status, len), "{method} {path}");
+    }
+    assert_eq!((ep.requests(), ep.connections()), (5, 1), "one upstream connection, back in the pool after each");
+
+    let mut client = H1::over(a.dial_from(client_ip(2)).await).await;
+    for i in 0..3 {
+        // Time for the endpoint's close to reach the agent.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let got = client.get("/").await;
+        assert_eq!(
+            (got.status, got.header("switchyard-error"), got.text()),
+            (StatusCode::OK, None, "ok".into()),
+            "request {i}"
+        );
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3, "each closed connection was replaced");
+    server.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_and_unreachable_endpoints_get_answers_the_agent_makes_plain_or_grpc() {
     let hung = Endpoint::h1(Arc::new(|_| {
