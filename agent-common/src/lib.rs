@@ -281,14 +281,6 @@ const _: () = assert!(core::mem::size_of::<OrigDstV3>() == 72);
 /// `OrigDstV3::flags`: the connect was rewritten to an agent listener (not the fallback).
 pub const ORIG_TO_AGENT: u16 = 1;
 
-impl OrigDstV3 {
-    /// The command name as text (up to the first NUL).
-    pub fn comm_str(&self) -> &str {
-        let end = self.comm.iter().position(|&b| b == 0).unwrap_or(self.comm.len());
-        core::str::from_utf8(&self.comm[..end]).unwrap_or("?")
-    }
-}
-
 /// Most endpoints one service address keeps in its `SY_BACKENDS` table. A service with
 /// more keeps a subset chosen per node (see the agent's `redirect::table`), so that every
 /// endpoint still gets traffic from some nodes.

@@ -504,7 +504,7 @@ pub fn limit(q: &HashMap<String, String>) -> usize {
 /// `/conns` filters: exact service or endpoint; client matches pid, command, cgroup,
 /// workload or pod.
 fn conn_matches(c: &ConnView, q: &HashMap<String, String>) -> bool {
-    let service_ok = q.get("service").is_none_or(|s| c.service.as_ref() == Some(s));
+    let service_ok = q.get("service").is_none_or(|s| c.service.as_deref() == Some(s.as_str()));
     let endpoint_ok = q.get("endpoint").is_none_or(|e| c.route.as_ref().is_some_and(|r| r.endpoint.to_string() == *e));
     let client_ok = q.get("client").is_none_or(|want| {
         c.client.as_ref().is_some_and(|cl| {

@@ -101,7 +101,7 @@ impl Direct {
             dst,
             pid: o.pid,
             cgroup_id: o.cgroup_id,
-            comm: o.comm_str().to_owned(),
+            comm: crate::origin::Comm::new(&o.comm),
             netns: o.netns_cookie,
             pod: o.netns_cookie != self.events.host_netns,
         };

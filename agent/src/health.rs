@@ -31,7 +31,7 @@ pub fn spawn(svc: &Service, mark: u32, stats: &Arc<Stats>, group: &Background) {
     if let Some(check) = &svc.config.health_check {
         for ep in svc.balancer.endpoints().iter().filter(|e| !e.terminating) {
             let task = Probe {
-                service: svc.name.clone(),
+                service: svc.name.to_string(),
                 addr: ep.addr,
                 state: Arc::clone(&ep.state),
                 check: check.clone(),

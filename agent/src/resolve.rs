@@ -104,7 +104,7 @@ pub fn service(snapshot: &Snapshot, name: &str, now: Instant) -> Option<ServiceS
 fn summary(snapshot: &Snapshot, i: usize, svc: &Service, now: Instant) -> ServiceSummary {
     let route = svc.config.route.as_ref();
     ServiceSummary {
-        service: svc.name.clone(),
+        service: svc.name.to_string(),
         addresses: svc.config.addresses.iter().map(ToString::to_string).collect(),
         origin: format!("{:?}", svc.config.origin).to_lowercase(),
         balance: serde_json::to_value(svc.balancer.kind())
@@ -135,7 +135,7 @@ fn node(snapshot: &Snapshot, index: usize, branch: Option<String>, now: Instant,
     let svc = snapshot.service(index);
     let branches = snapshot.branches(index);
     let mut n = Node {
-        service: svc.name.clone(),
+        service: svc.name.to_string(),
         addresses: svc.config.addresses.iter().map(ToString::to_string).collect(),
         kind: route_kind(&svc.config).into(),
         branch,

@@ -296,7 +296,7 @@ services:
         while let Ok(a) = attempts.next(now) {
             tried.push((a.service.name.clone(), a.endpoint.addr, a.number));
         }
-        let services: Vec<&str> = tried.iter().map(|(s, _, _)| s.as_str()).collect();
+        let services: Vec<&str> = tried.iter().map(|(s, _, _)| &**s).collect();
         // Two attempts in a (its limit), then b's five (a single endpoint still gets its
         // service's attempts).
         assert_eq!(services, ["a", "a", "b", "b", "b", "b", "b"]);

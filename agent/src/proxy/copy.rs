@@ -75,15 +75,19 @@ impl Count<'_> {
 /// that ends last is left to that close, which sends the same FIN (both receive queues
 /// are empty by then, so it is a FIN and not a reset). A `shutdown` there was one system
 /// call in 21 per proxied connection, for nothing.
-pub async fn bidirectional(
-    a: &TcpStream,
-    b: &TcpStream,
-    count_a: Option<Count<'_>>,
-    count_b: Option<Count<'_>>,
-) -> io::Result<(u64, u64)> {
+///
+/// Not an `async fn`: that would keep its arguments beside the two directions made of
+/// them for the connection's whole life. This future is the directions and the two
+/// totals, nothing else.
+pub fn bidirectional<'a>(
+    a: &'a TcpStream,
+    b: &'a TcpStream,
+    count_a: Option<Count<'a>>,
+    count_b: Option<Count<'a>>,
+) -> impl Future<Output = io::Result<(u64, u64)>> + 'a {
     let (mut ab, mut ba) = (OneWay::new(a, b, count_a), OneWay::new(b, a, count_b));
     let (mut out, mut back) = (None, None);
-    std::future::poll_fn(|cx| {
+    std::future::poll_fn(move |cx| {
         if out.is_none()
             && let Poll::Ready(r) = ab.poll(cx, back.is_some())
         {
@@ -99,7 +103,6 @@ pub async fn bidirectional(
             _ => Poll::Pending,
         }
     })
-    .await
 }
 
 /// One direction, polled by hand rather than written as an `async fn`: it waits on the

@@ -293,8 +293,9 @@ impl Proxy {
         let conn = self.stats.conns.open(id, peer, Via::Agent);
         // Decide and connect, then relay: only what the relay needs lives on in the
         // task of an opaque connection (most of an idle connection's memory is this
-        // future).
-        let outcome = match self.decide(client, peer, &conn, stop).await {
+        // future). The decide phase is boxed, freed once it is over: it is the larger
+        // of the two, and the task is as large as its largest phase.
+        let outcome = match Box::pin(self.decide(client, peer, &conn, stop)).await {
             Next::Done(outcome) => outcome,
             Next::Relay(relay) => tcp::proxy(&self, relay, &conn).await,
         };
@@ -328,7 +329,7 @@ impl Proxy {
             return Next::Done(Outcome::UnknownService);
         };
         let service = snapshot.service(plan.service);
-        span.record("service", service.name.as_str());
+        span.record("service", &*service.name);
         conn.service(&service.name);
         // TCP_NODELAY came with the socket, from the listener.
         let mut prefix = BytesMut::new();
@@ -412,7 +413,7 @@ impl Proxy {
         if let Err(outcome) = tcp::send_first(self, &mut upstream, &prefix, conn).await {
             return Next::Done(outcome);
         }
-        Next::Relay(Relay { client, upstream })
+        Next::Relay(Box::new(Relay { client, upstream }))
     }
 
     /// Nothing could be reached: reset the client so it sees the failure at once.
@@ -460,8 +461,8 @@ impl Proxy {
 enum Next {
     /// Served (HTTP) or refused: how it ended.
     Done(Outcome),
-    /// Opaque: relay bytes.
-    Relay(Relay),
+    /// Opaque: relay bytes. (Boxed: see `tcp::proxy`.)
+    Relay(Box<Relay>),
 }
 
 /// What the relay phase of an opaque connection needs, and nothing more (what detection

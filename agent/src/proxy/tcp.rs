@@ -4,6 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
+use futures::FutureExt as _;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 use tracing::debug;
 
@@ -47,8 +48,10 @@ pub(super) async fn send_first(
 ///
 /// The relay's parts are used where they lie in `opened`, never moved out: an async fn
 /// keeps its arguments for its whole life, so a part moved into a local would be held
-/// twice by every idle connection's task.
-pub(super) async fn proxy(proxy: &Proxy, opened: Relay, conn: &ConnHandle) -> Outcome {
+/// twice by every idle connection's task. (Boxed for the same reason: an async fn also
+/// keeps a copy of each argument beside the argument itself, and the caller the value
+/// it matched to get it.)
+pub(super) async fn proxy(proxy: &Proxy, opened: Box<Relay>, conn: &ConnHandle) -> Outcome {
     let (client, up) = (&opened.client, &opened.upstream);
     // The guard in `opened.upstream` counts the connection against its endpoint until
     // this returns.
@@ -93,25 +96,30 @@ pub(super) struct Meters<'a> {
 
 /// Copy both ways until both sides close, counting bytes as they move (reads from the
 /// client are bytes out, reads from upstream bytes in).
-pub(super) async fn relay(client: &TcpStream, upstream: &TcpStream, meters: Option<Meters<'_>>) -> Outcome {
-    let copied = match meters {
-        None => copy::bidirectional(client, upstream, None, None).await,
-        Some(m) => {
-            let (route, endpoint) = (m.conn.route_edge(), m.endpoint);
-            let out = Count {
-                live: &m.conn.bytes_out,
-                metric: m.out,
-                edges: [route.map(|r| &r.bytes_out), endpoint.map(|e| &e.bytes_out)],
-            };
-            let inbound = Count {
-                live: &m.conn.bytes_in,
-                metric: m.inbound,
-                edges: [route.map(|r| &r.bytes_in), endpoint.map(|e| &e.bytes_in)],
-            };
-            copy::bidirectional(client, upstream, Some(out), Some(inbound)).await
-        }
-    };
-    match copied {
+///
+/// Not an `async fn`, for the reason `copy::bidirectional` gives: the future is the copy
+/// and nothing kept beside it (every idle connection's task holds it).
+pub(super) fn relay<'a>(
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    meters: Option<Meters<'a>>,
+) -> impl Future<Output = Outcome> + 'a {
+    let counts = meters.map(|m| {
+        let (route, endpoint) = (m.conn.route_edge(), m.endpoint);
+        let out = Count {
+            live: &m.conn.bytes_out,
+            metric: m.out,
+            edges: [route.map(|r| &r.bytes_out), endpoint.map(|e| &e.bytes_out)],
+        };
+        let inbound = Count {
+            live: &m.conn.bytes_in,
+            metric: m.inbound,
+            edges: [route.map(|r| &r.bytes_in), endpoint.map(|e| &e.bytes_in)],
+        };
+        (out, inbound)
+    });
+    let (out, inbound) = counts.unzip();
+    copy::bidirectional(client, upstream, out, inbound).map(|copied| match copied {
         Ok((to_upstream, to_client)) => {
             debug!(bytes.out = to_upstream, bytes.in = to_client, "closed");
             Outcome::Closed
@@ -120,5 +128,5 @@ pub(super) async fn relay(client: &TcpStream, upstream: &TcpStream, meters: Opti
             debug!(error = %e, "connection ended with an error");
             Outcome::Error
         }
-    }
+    })
 }

@@ -45,7 +45,7 @@ use tracing::{info, warn};
 
 use crate::{
     balance::Weighted,
-    origin::{Origin, Origins},
+    origin::{Comm, Origin, Origins},
 };
 
 /// The compiled programs, built by build.rs from `ebpf/`.
@@ -207,7 +207,7 @@ impl Origins for OrigDstTable {
             dst: o.dst.to_socket_addr(),
             pid: o.pid,
             cgroup_id: o.cgroup_id,
-            comm: o.comm_str().to_owned(),
+            comm: Comm::new(&o.comm),
             netns: o.netns_cookie,
             pod,
         })

@@ -72,7 +72,7 @@ pub fn check(snapshot: &Snapshot, agent: &AgentConfig, changes: Vec<Wanted>) -> 
         let mut owner = |addr: SocketAddr| {
             let other = claimed.get(&addr).cloned().or_else(|| {
                 let o = snapshot.service_for(addr)?;
-                (o.name != name && !removing.contains(&o.name)).then(|| o.name.clone())
+                (*o.name != *name && !removing.contains(&*o.name)).then(|| o.name.to_string())
             })?;
             (other != name).then(|| {
                 snapshot.service_named(&other).map_or_else(|| format!("`{other}`"), |s| s.config.origin.named(&other))

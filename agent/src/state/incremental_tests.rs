@@ -101,7 +101,7 @@ fn record(kernel: &mut Kernel, snap: &Snapshot, entries: Vec<KernelEntry>) {
             Some(s) => {
                 let table = e.table.unwrap_or_default();
                 let table = table.iter().map(|w| (w.addr, (w.share * 1e9).round() as u64, w.trial)).collect();
-                kernel.insert(e.addr, (snap.service(s.id as usize).name.clone(), s.kernel, table));
+                kernel.insert(e.addr, (snap.service(s.id as usize).name.to_string(), s.kernel, table));
             }
             None => {
                 kernel.remove(&e.addr);
@@ -121,8 +121,8 @@ fn by_name(snap: &Snapshot) -> BTreeMap<String, (ServiceConfig, Vec<String>, Vec
                 .iter()
                 .map(|e| format!("{} w{} {:?} t{}", e.addr, e.weight, e.tier, e.terminating))
                 .collect();
-            let branches = snap.branches(i).iter().map(|b| snap.service(b.target).name.clone()).collect();
-            (s.name.clone(), (s.full_config(), eps, branches))
+            let branches = snap.branches(i).iter().map(|b| snap.service(b.target).name.to_string()).collect();
+            (s.name.to_string(), (s.full_config(), eps, branches))
         })
         .collect()
 }
@@ -133,7 +133,7 @@ fn states(snap: &Snapshot) -> HashMap<(String, SocketAddr), (Arc<Service>, Arc<E
             s.balancer
                 .endpoints()
                 .iter()
-                .map(move |e| ((s.name.clone(), e.addr), (Arc::clone(s), Arc::clone(&e.state))))
+                .map(move |e| ((s.name.to_string(), e.addr), (Arc::clone(s), Arc::clone(&e.state))))
         })
         .collect()
 }
@@ -170,7 +170,7 @@ proptest! {
             record(&mut kernel, &next, next.kernel_entries(next.touched_addresses(&changes), now));
             // Untouched services are the same objects; a changed one keeps the state of
             // the endpoints it still has.
-            let touched: Vec<&str> = changes.iter().filter_map(|c| c.old.as_ref().map(|o| o.name.as_str())).collect();
+            let touched: Vec<&str> = changes.iter().filter_map(|c| c.old.as_ref().map(|o| &*o.name)).collect();
             for ((name, addr), (svc, state)) in &before {
                 let Some(now_svc) = next.service_named(name) else { continue };
                 if !touched.contains(&name.as_str()) {

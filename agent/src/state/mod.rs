@@ -39,7 +39,9 @@ pub type Resolved = std::collections::HashMap<Target, Vec<(SocketAddr, u32)>>;
 /// One logical service.
 #[derive(Debug)]
 pub struct Service {
-    pub name: String,
+    /// Shared with every connection entry that names it (`stats::conns`): one allocation
+    /// per service, not one per connection.
+    pub name: Arc<str>,
     /// Its config, without the endpoints when they are all addresses: the balancer's
     /// endpoints hold the same, and a cluster has 100,000 of them. [`Service::full_config`]
     /// puts them back.
@@ -344,7 +346,13 @@ impl Snapshot {
 
 fn departure(svc: &Service, e: &Endpoint, drain_timeout: Duration) -> Option<Departure> {
     let generation = e.state.start_draining()?;
-    Some(Departure { service: svc.name.clone(), addr: e.addr, state: Arc::clone(&e.state), drain_timeout, generation })
+    Some(Departure {
+        service: svc.name.to_string(),
+        addr: e.addr,
+        state: Arc::clone(&e.state),
+        drain_timeout,
+        generation,
+    })
 }
 
 impl Service {
@@ -366,7 +374,7 @@ impl Service {
                 .with_affinity(affinity);
         let endpoints_in_balancer = config.endpoints.iter().all(|e| e.target.addr().is_some());
         let config = if endpoints_in_balancer { without_endpoints(config) } else { config.clone() };
-        Self { name: config.name.clone(), config, endpoints_in_balancer, balancer, budget, metrics }
+        Self { name: config.name.as_str().into(), config, endpoints_in_balancer, balancer, budget, metrics }
     }
 
     /// The metric handles of endpoint `i` (of the balancer's endpoints).
@@ -506,7 +514,7 @@ mod tests {
             None,
         );
         for dst in ["10.96.0.1:80", "[::ffff:10.96.0.1]:80", "[fd96::1]:80"] {
-            assert_eq!(snap.service_for(dst.parse().unwrap()).map(|s| s.name.as_str()), Some("web"), "{dst}");
+            assert_eq!(snap.service_for(dst.parse().unwrap()).map(|s| &*s.name), Some("web"), "{dst}");
         }
         assert!(snap.service_for("10.96.0.1:81".parse().unwrap()).is_none());
         assert_eq!(snap.service_addresses().count(), 2);
@@ -559,11 +567,12 @@ mod tests {
         let snap = Snapshot::build(&cfg, &Resolved::new(), None);
         let now = Instant::now();
         let web = snap.index_named("web").unwrap();
-        let picks: Vec<&str> = (0..2000).map(|_| snap.service(snap.concrete(web, now)[0]).name.as_str()).collect();
+        let picks: Vec<&str> = (0..2000).map(|_| &*snap.service(snap.concrete(web, now)[0]).name).collect();
         let v2 = picks.iter().filter(|n| **n == "v2").count() as f64 / picks.len() as f64;
         assert!((0.07..0.13).contains(&v2), "90/10 split gave v2 {v2}");
         let db = snap.index_named("db").unwrap();
-        let order = |s: &Snapshot| s.concrete(db, now).iter().map(|&i| s.service(i).name.clone()).collect::<Vec<_>>();
+        let order =
+            |s: &Snapshot| s.concrete(db, now).iter().map(|&i| s.service(i).name.to_string()).collect::<Vec<_>>();
         assert_eq!(order(&snap), ["v2", "v1"], "first healthy branch first");
         let v2_ep = &snap.service_named("v2").unwrap().balancer.endpoints()[0];
         v2_ep.state.on_connect_failed(now, snap.service_named("v2").unwrap().balancer.accrual());
@@ -586,9 +595,9 @@ services:
         let snap = Snapshot::build(&cfg, &Resolved::new(), None);
         let now = Instant::now();
         let plan = snap.plan("10.96.0.1:80".parse().unwrap(), 7, now).unwrap();
-        assert_eq!(snap.service(plan.service).name, "web");
+        assert_eq!(&*snap.service(plan.service).name, "web");
         assert_eq!(plan.mode, Mode::Detect);
-        let names: Vec<&str> = plan.concrete.iter().map(|&i| snap.service(i).name.as_str()).collect();
+        let names: Vec<&str> = plan.concrete.iter().map(|&i| &*snap.service(i).name).collect();
         assert_eq!(names, ["v1", "v2"]);
         assert_eq!(plan.key, crate::balance::hash(7u64), "affinity follows the client cgroup");
         assert_eq!(snap.plan("10.96.0.1:6379".parse().unwrap(), 7, now).unwrap().mode, Mode::Opaque, "opaque port");

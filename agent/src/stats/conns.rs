@@ -20,7 +20,10 @@ use super::{
     signals::{Edges, Signals},
     tap::{Tap, TapClient, TapEvent},
 };
-use crate::workload::{Identity, Workloads};
+use crate::{
+    origin::Comm,
+    workload::{Identity, Workloads},
+};
 
 /// Lifecycle of a proxied connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -53,7 +56,7 @@ pub enum Via {
 #[derive(Debug, Clone)]
 pub struct Client {
     pub pid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub cgroup_id: u64,
     pub original_dst: SocketAddr,
     /// Cookie of the client's network namespace (the kernel's `SO_NETNS_COOKIE`).
@@ -68,7 +71,7 @@ impl Client {
     pub fn new(origin: &crate::origin::Origin, identity: Arc<Identity>) -> Self {
         Self {
             pid: origin.pid,
-            comm: origin.comm.clone(),
+            comm: origin.comm,
             cgroup_id: origin.cgroup_id,
             original_dst: origin.dst,
             netns: origin.netns,
@@ -90,7 +93,7 @@ impl Client {
     fn view(&self) -> ClientView {
         ClientView {
             pid: self.pid,
-            comm: self.comm.clone(),
+            comm: self.comm.to_string(),
             cgroup_id: self.cgroup_id,
             cgroup: self.identity.cgroup.clone(),
             workload: self.workload(),
@@ -120,12 +123,12 @@ pub struct ClientView {
     pub pod: bool,
 }
 
-/// Where it went.
+/// Where it went. (Service names are the snapshot's own, shared: no copy per connection.)
 #[derive(Debug, Clone, Serialize)]
 pub struct Route {
-    pub service: String,
+    pub service: Arc<str>,
     /// The concrete service, when routes led elsewhere.
-    pub concrete: String,
+    pub concrete: Arc<str>,
     pub endpoint: SocketAddr,
     pub locality: &'static str,
     pub attempts: u32,
@@ -136,12 +139,12 @@ pub struct Route {
 pub struct Conn {
     pub id: u64,
     pub peer: SocketAddr,
-    started: SystemTime,
+    /// When it was accepted (the wall-clock time `/conns` shows is worked out from it).
     started_at: Instant,
     via: Via,
     state: AtomicU8,
     client: OnceLock<Client>,
-    service: OnceLock<String>,
+    service: OnceLock<Arc<str>>,
     route: OnceLock<Route>,
     /// Its route edge (client workload -> service), once the service is known.
     edge: OnceLock<Arc<Signals>>,
@@ -164,7 +167,7 @@ pub struct ConnView {
     pub via: Via,
     pub peer: SocketAddr,
     pub client: Option<ClientView>,
-    pub service: Option<String>,
+    pub service: Option<Arc<str>>,
     pub route: Option<Route>,
     pub protocol: Option<&'static str>,
     pub sni: Option<String>,
@@ -192,6 +195,7 @@ impl Conn {
             1 => ConnState::Connecting,
             _ => ConnState::Open,
         };
+        let age = self.started_at.elapsed();
         ConnView {
             id: self.id,
             state,
@@ -203,8 +207,11 @@ impl Conn {
             protocol: self.protocol.get().copied(),
             sni: self.sni.get().cloned(),
             requests: self.requests.load(Ordering::Relaxed),
-            started_unix_ms: self.started.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0),
-            age_ms: self.started_at.elapsed().as_millis() as u64,
+            started_unix_ms: SystemTime::now()
+                .checked_sub(age)
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis()),
+            age_ms: age.as_millis() as u64,
             bytes_out: self.bytes_out.load(Ordering::Relaxed),
             bytes_in: self.bytes_in.load(Ordering::Relaxed),
         }
@@ -242,7 +249,6 @@ impl ConnTable {
         let conn = Arc::new(Conn {
             id,
             peer,
-            started: SystemTime::now(),
             started_at: Instant::now(),
             via,
             state: AtomicU8::new(ConnState::Resolving as u8),
@@ -325,13 +331,13 @@ impl ConnHandle {
 
     /// The service the connection is for, once known.
     pub fn service_name(&self) -> Option<&str> {
-        self.conn.service.get().map(String::as_str)
+        self.conn.service.get().map(|s| &**s)
     }
 
     /// The service it is for: from here on it counts on its route edge (client workload
     /// -> service), as open until it is dropped.
-    pub fn service(&self, name: &str) {
-        let _ = self.conn.service.set(name.to_owned());
+    pub fn service(&self, name: &Arc<str>) {
+        let _ = self.conn.service.set(Arc::clone(name));
         self.conn.state.store(ConnState::Connecting as u8, Ordering::Relaxed);
         if let Some(client) = self.conn.client.get() {
             let edge = self.table.edges.route(&client.identity.workload, name);
@@ -356,7 +362,7 @@ impl ConnHandle {
             kind,
             at_unix_ms: super::tap::unix_ms(),
             client: TapClient::of(c.client.get(), c.peer),
-            service: c.service.get().cloned().unwrap_or_default(),
+            service: c.service.get().map(|s| s.to_string()).unwrap_or_default(),
             endpoint: route.map(|r| r.endpoint),
             request: None,
             latency_ms: match route {
@@ -407,7 +413,7 @@ impl Drop for ConnHandle {
             client.netns = client.map(|x| x.netns),
             client.pod = client.map(|x| x.pod),
             orig.dst = client.map(|x| x.original_dst.to_string()),
-            service = c.service.get().map(String::as_str),
+            service = c.service.get().map(|s| &**s),
             protocol = c.protocol.get().copied(),
             tls.sni = c.sni.get().map(String::as_str),
             http.requests = c.requests.load(Ordering::Relaxed),
@@ -442,7 +448,7 @@ mod tests {
     fn table_tracks_open_connections_and_shows_live_bytes() {
         let table = Arc::new(ConnTable::new(Workloads::new(None), Arc::default(), true));
         let h = table.open(7, "127.0.0.1:5000".parse().unwrap(), Via::Agent);
-        h.service("web");
+        h.service(&"web".into());
         assert_eq!(table.list()[0].state, ConnState::Connecting);
         h.conn().bytes_out.fetch_add(5, Ordering::Relaxed);
         assert_eq!(table.list()[0].bytes_out, 5, "visible while open");
@@ -454,7 +460,7 @@ mod tests {
     fn a_disabled_table_registers_nothing() {
         let table = Arc::new(ConnTable::new(Workloads::new(None), Arc::default(), false));
         let h = table.open(1, "127.0.0.1:5000".parse().unwrap(), Via::Agent);
-        h.service("web");
+        h.service(&"web".into());
         assert!(table.list().is_empty());
         drop(h);
         assert!(table.is_empty());

@@ -62,7 +62,7 @@ impl TapClient {
             workload: client.map(|c| c.workload()).unwrap_or_default(),
             pod: client.and_then(|c| c.pod_name()),
             pid: client.map_or(0, |c| c.pid),
-            comm: client.map(|c| c.comm.clone()).unwrap_or_default(),
+            comm: client.map(|c| c.comm.to_string()).unwrap_or_default(),
             addr,
         }
     }

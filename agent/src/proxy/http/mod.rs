@@ -86,7 +86,7 @@ struct Downstream {
     http: Arc<Http>,
     state: watch::Receiver<Arc<Snapshot>>,
     /// The service the client dialled.
-    service: String,
+    service: Arc<str>,
     /// Affinity key (the client's cgroup) for ring-hash balancing.
     key: u64,
     version: Version,
@@ -171,7 +171,7 @@ impl Http {
         io: Prefixed<TcpStream>,
         version: Version,
         state: watch::Receiver<Arc<Snapshot>>,
-        service: String,
+        service: Arc<str>,
         key: u64,
         conn: Option<Arc<Conn>>,
         stop: CancellationToken,
