@@ -4,7 +4,8 @@
 //! * a `SockAddrV1` read from a map turns into a socket address and back unchanged, a
 //!   socket address into the key and back as its canonical form (IPv4 for v4-mapped;
 //!   no flow info or scope), and the kernel's raw v4/v6 words encode like the agent's;
-//! * `OrigDstV3::comm_str` is a NUL-free prefix of `comm`, or `?`;
+//! * the command name a record carries (`origin::Comm`, as the agent keeps it) reads as a
+//!   NUL-free prefix of its bytes, or `?`;
 //! * a table from any shares (NaN, infinities, huge, subnormal, trials, more endpoints
 //!   than fit) fills every slot with a kept endpoint, gives each kept one a slot, a trial
 //!   exactly one unless all are on trial, the others slots in proportion to their share
@@ -14,8 +15,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 
 use libfuzzer_sys::fuzz_target;
-use switchyard::{balance::Weighted, fuzzing::backends_table};
-use switchyard_common::{BackendsV2, MAX_BACKENDS, OrigDstV3, SockAddrV1, TABLE_SLOTS};
+use switchyard::{balance::Weighted, fuzzing::backends_table, origin::Comm};
+use switchyard_common::{BackendsV2, MAX_BACKENDS, SockAddrV1, TABLE_SLOTS};
 
 /// Bytes of one table entry: an f64 share and a flags byte.
 const ENTRY: usize = 9;
@@ -27,8 +28,8 @@ fuzz_target!(|data: &[u8]| {
     let (key, rest) = data.split_at(40);
     sock_addr(key[..20].try_into().unwrap());
     let comm: [u8; 16] = key[20..36].try_into().unwrap();
-    let orig = OrigDstV3 { comm, ..Default::default() };
-    let s = orig.comm_str();
+    let read = Comm::new(&comm);
+    let s = read.as_str();
     assert!(s == "?" || (comm.starts_with(s.as_bytes()) && !s.contains('\0')), "comm {comm:?} read as {s:?}");
     table(rest);
 });
