@@ -529,12 +529,37 @@ async fn a_connection_accepted_as_the_agent_stops_has_its_first_request_answered
         assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "one"), "{name}: {head}");
         assert!(head.to_ascii_lowercase().contains("connection: close"), "{name}: the answer says it closes: {head}");
     }
-    let mut c = H2::over(forced2).await;
-    let got = c.send(Request::get("http://svc/").body(Full::default()).unwrap()).await;
-    assert_eq!((got.status, got.text().as_str()), (StatusCode::OK, "two"), "forced http2");
+    // With h2's client, not hyper's: hyper's fails a request it has already sent when the
+    // agent's graceful GOAWAY (last stream 2^31-1, then the last one read) crosses it, and
+    // resets the stream the agent was answering (hyperium/hyper#2500). That was 1 run in
+    // 40 and 1 in 80 of this test; with h2's client, none in 80.
+    let (status, body) = h2_get(forced2).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "two"), "forced http2");
     // The connection that had served a request and sat idle was closed at the stop.
     assert!(idle.closed().await, "an idle keep-alive connection is closed when the agent stops");
     a.stop(Duration::from_secs(10)).await;
+}
+
+/// A GET over HTTP/2 on `stream` with the h2 crate's client (which finishes a stream the
+/// server's GOAWAY still covers): the status and the body.
+async fn h2_get(stream: tokio::net::TcpStream) -> (StatusCode, String) {
+    let (client, conn) = h2::client::handshake(stream).await.expect("an HTTP/2 handshake");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("the connection takes a request");
+    let (response, _) =
+        client.send_request(Request::get("http://svc/").body(()).unwrap(), true).expect("the request is sent");
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("a response within 10 s")
+        .expect("a response, not a stream error");
+    let (parts, mut body) = response.into_parts();
+    let mut text = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("the body");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        text.extend_from_slice(&chunk);
+    }
+    (parts.status, String::from_utf8_lossy(&text).into_owned())
 }
 
 /// A GET written by hand on `stream` (the connection `name`), its answer read to the
