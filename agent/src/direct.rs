@@ -97,14 +97,7 @@ impl Direct {
         let dst = canonical(o.dst.to_socket_addr());
         let conns = &self.stats.conns;
         let conn = conns.open(conns.next_id(), ev.client.to_socket_addr(), Via::Kernel);
-        let origin = crate::origin::Origin {
-            dst,
-            pid: o.pid,
-            cgroup_id: o.cgroup_id,
-            comm: crate::origin::Comm::new(&o.comm),
-            netns: o.netns_cookie,
-            pod: o.netns_cookie != self.events.host_netns,
-        };
+        let origin = crate::origin::Origin::recorded(o, dst, o.netns_cookie != self.events.host_netns);
         conn.client(&origin);
         if let Some(service) = self.snapshot.borrow().service_for(dst) {
             conn.service(&service.name);

@@ -9,6 +9,8 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
+use switchyard_common::OrigDstV3;
+
 /// Where a redirected client meant to go, and who it is.
 #[derive(Debug, Clone)]
 pub struct Origin {
@@ -20,6 +22,14 @@ pub struct Origin {
     pub netns: u64,
     /// True when that is not the agent's namespace: the client is a pod.
     pub pod: bool,
+}
+
+impl Origin {
+    /// What the connect program recorded (`o`), going to `dst`; `pod` if it came from
+    /// another network namespace than the agent's.
+    pub fn recorded(o: &OrigDstV3, dst: SocketAddr, pod: bool) -> Self {
+        Self { dst, pid: o.pid, cgroup_id: o.cgroup_id, comm: Comm::new(&o.comm), netns: o.netns_cookie, pod }
+    }
 }
 
 /// A process's command name as the kernel keeps it (16 bytes, NUL-padded), held inline:

@@ -45,7 +45,7 @@ use tracing::{info, warn};
 
 use crate::{
     balance::Weighted,
-    origin::{Comm, Origin, Origins},
+    origin::{Origin, Origins},
 };
 
 /// The compiled programs, built by build.rs from `ebpf/`.
@@ -203,14 +203,7 @@ impl Origins for OrigDstTable {
                 }
             }
         }
-        Some(Origin {
-            dst: o.dst.to_socket_addr(),
-            pid: o.pid,
-            cgroup_id: o.cgroup_id,
-            comm: Comm::new(&o.comm),
-            netns: o.netns_cookie,
-            pod,
-        })
+        Some(Origin::recorded(&o, o.dst.to_socket_addr(), pod))
     }
 }
 
