@@ -6,13 +6,16 @@
 use std::{
     io,
     net::SocketAddr,
-    os::fd::AsFd,
+    os::fd::AsRawFd as _,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use nix::sys::socket::{setsockopt, sockopt};
-use tokio::net::{TcpSocket, TcpStream};
+use nix::{
+    errno::Errno,
+    sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage, sockopt},
+};
+use tokio::{io::Interest, net::TcpStream};
 use tracing::debug;
 
 use super::attempt::{Attempt, Attempts, Limit};
@@ -122,11 +125,70 @@ pub async fn connect(
 /// an agent built without the kernel side (`app::Kernel::None`, the in-process tests)
 /// has no programs to get past, and setting a mark needs CAP_NET_ADMIN.
 pub async fn connect_marked(addr: SocketAddr, mark: u32, timeout: Duration) -> io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+    let fd = socket::socket(family, SockType::Stream, flags, None)?;
     if mark != 0 {
-        setsockopt(&socket.as_fd(), sockopt::Mark, &mark).map_err(io::Error::from)?;
+        socket::setsockopt(&fd, sockopt::Mark, &mark)?;
     }
-    tokio::time::timeout(timeout, socket.connect(addr))
+    match socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
+        Ok(()) | Err(Errno::EINPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+    tokio::time::timeout(timeout, established(stream))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("connect timed out after {timeout:?}")))?
+}
+
+/// Waits for a non-blocking connect to end. tokio's `TcpSocket::connect` reads the
+/// socket's error (`getsockopt(SO_ERROR)`) after every connect, a system call per
+/// upstream connection; the readiness event already tells: a connect that failed
+/// raises EPOLLERR (the kernel sets the socket's error as it closes it), one that worked
+/// only EPOLLOUT, since a socket still in SYN_SENT is not writable. So the error is read
+/// only when there is one.
+async fn established(stream: TcpStream) -> io::Result<TcpStream> {
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream.take_error()?.unwrap_or_else(|| {
+            io::Error::new(io::ErrorKind::NotConnected, "the socket closed as it connected")
+        }));
+    }
+    Ok(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connect_that_works_gives_a_connected_stream() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = connect_marked(addr, 0, Duration::from_secs(5)).await.unwrap();
+        let (accepted, peer) = listener.accept().await.unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), addr);
+        assert_eq!(stream.local_addr().unwrap(), peer);
+        drop(accepted);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_says_so() {
+        // A port that was just listened on and is closed now: nothing listens there.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let error = connect_marked(addr, 0, Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused, "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_ipv6_connect_says_so() {
+        let Ok(listener) = std::net::TcpListener::bind("[::1]:0") else {
+            assert!(std::env::var_os("CI").is_none(), "no IPv6 loopback under CI");
+            return;
+        };
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let error = connect_marked(addr, 0, Duration::from_secs(5)).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused, "{error}");
+    }
 }
