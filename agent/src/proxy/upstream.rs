@@ -150,9 +150,9 @@ pub async fn connect_marked(addr: SocketAddr, mark: u32, timeout: Duration) -> i
 async fn established(stream: TcpStream) -> io::Result<TcpStream> {
     let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
     if ready.is_error() || ready.is_write_closed() {
-        return Err(stream.take_error()?.unwrap_or_else(|| {
-            io::Error::new(io::ErrorKind::NotConnected, "the socket closed as it connected")
-        }));
+        return Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "the socket closed as it connected")));
     }
     Ok(stream)
 }
