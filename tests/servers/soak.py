@@ -249,14 +249,17 @@ class Http1(Worker):
         if not status:
             raise EOFError("closed before answering")
         headers = {}
-        while (line := self.reader.readline()) not in (b"\r\n", b""):
+        while (line := self.reader.readline()) != b"\r\n":
+            # EOF inside the head or the body: the connection was cut (the soak puts a
+            # cut down to its cause by time). Only bytes that came back different are
+            # corruption.
+            if not line.endswith(b"\n"):
+                raise ConnectionError("EOF inside the response head")
             k, _, v = line.decode().partition(":")
             headers[k.strip().lower()] = v.strip()
         length = int(headers.get("content-length", "0"))
         body = self.reader.read(length)
         if len(body) < length:
-            # EOF inside the body: the connection was cut (the soak puts a cut down to
-            # its cause by time). Only bytes that came back different are corruption.
             raise ConnectionError(f"EOF after {len(body)} of {length} body bytes")
         self.will_close = headers.get("connection", "").lower() == "close"
         return int(status.split()[1]), body
