@@ -120,14 +120,14 @@ def connect(target):
     return s
 
 
-def recv_exact(sock, n):
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError(f"EOF after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
+def read_exact(reader, n):
+    """`n` bytes from a buffered reader, whose `read(n)` returns what came before EOF:
+    fewer is a cut connection (the soak puts it down to its cause by time), never bytes
+    to compare."""
+    data = reader.read(n)
+    if len(data) < n:
+        raise ConnectionError(f"EOF after {len(data)} of {n} bytes")
+    return data
 
 
 class Bulk(Worker):
@@ -227,10 +227,7 @@ class Redis(Worker):
 
 
 def recv_line_body(reader, n):
-    body = reader.read(n + 2)
-    if len(body) != n + 2:
-        raise ConnectionError("EOF inside a bulk reply")
-    return body[:n]
+    return read_exact(reader, n + 2)[:n]
 
 
 class Http1(Worker):
@@ -250,17 +247,12 @@ class Http1(Worker):
             raise EOFError("closed before answering")
         headers = {}
         while (line := self.reader.readline()) != b"\r\n":
-            # EOF inside the head or the body: the connection was cut (the soak puts a
-            # cut down to its cause by time). Only bytes that came back different are
-            # corruption.
+            # EOF inside the head: a cut, as one inside the body is (`read_exact`).
             if not line.endswith(b"\n"):
                 raise ConnectionError("EOF inside the response head")
             k, _, v = line.decode().partition(":")
             headers[k.strip().lower()] = v.strip()
-        length = int(headers.get("content-length", "0"))
-        body = self.reader.read(length)
-        if len(body) < length:
-            raise ConnectionError(f"EOF after {len(body)} of {length} body bytes")
+        body = read_exact(self.reader, int(headers.get("content-length", "0")))
         self.will_close = headers.get("connection", "").lower() == "close"
         return int(status.split()[1]), body
 
