@@ -128,7 +128,10 @@ fn a_slow_backend_gets_a_visibly_smaller_share_under_p2c_ewma() {
         return;
     }
     let topo = Topology::with_hosts(3);
-    let _servers: Vec<Proc> = (0..3).map(|i| topo.echo_server(i, 7000, if i == 2 { 40 } else { 0 })).collect();
+    // Slow to answer, not to connect: only its open connections tell. 200 ms against
+    // about 1: on a starved CI machine every connection takes milliseconds, and at 40 ms
+    // the slow one held so few more connections that it drew a fifth of them.
+    let _servers: Vec<Proc> = (0..3).map(|i| topo.echo_server(i, 7000, if i == 2 { 200 } else { 0 })).collect();
     let eps: Vec<String> = (0..3).map(|i| ep(i, 7000)).collect();
     let agent =
         Agent::start(&topo, &config(&topo, "", &[service("echo", "10.96.0.10:7000", &eps, "balance: p2c-ewma")]));

@@ -64,7 +64,7 @@ pub fn availability_epoch() -> u64 {
 /// same veth peer), and a peak-sensitive estimate takes such an outlier at once: one
 /// unlucky connect made an endpoint lose every pairing. Between equals, load (open
 /// connections) decides, which is what matters there.
-const RTT_FLOOR: Duration = Duration::from_millis(1);
+pub const RTT_FLOOR: Duration = Duration::from_millis(1);
 /// Estimate for an endpoint never measured: the floor, what a nearby endpoint measures,
 /// so a new endpoint is neither flooded nor starved before its first sample.
 const DEFAULT_RTT: Duration = RTT_FLOOR;

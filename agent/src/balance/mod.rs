@@ -26,7 +26,7 @@ use std::{
 };
 
 pub use affinity::Affinity;
-pub use endpoint::{ActiveGuard, Endpoint, EndpointState, Tier, availability_epoch};
+pub use endpoint::{ActiveGuard, Endpoint, EndpointState, RTT_FLOOR, Tier, availability_epoch};
 pub use health::{Avail, Change};
 use ring::Ring;
 pub use ring::hash;

@@ -18,6 +18,7 @@ use std::{
 use smallvec::SmallVec;
 use tracing::{debug, info, warn};
 
+use super::upstream::ConnectTime;
 use crate::{
     balance::{ActiveGuard, Change, Endpoint, Tier},
     capacity::{self, Shortage},
@@ -192,9 +193,9 @@ impl<'s> Attempt<'s> {
         Target { service: self.service, index: self.index }
     }
 
-    /// A connect worked after `latency`.
-    pub fn connected(&self, metrics: &Metrics, latency: Duration) {
-        self.target().connected(metrics, latency);
+    /// A connect worked, taking `time`.
+    pub fn connected(&self, metrics: &Metrics, time: ConnectTime) {
+        self.target().connected(metrics, time);
     }
 
     /// A connect failed with `error`: the endpoint's failure, or the agent's own
@@ -241,10 +242,11 @@ impl<'s> Target<'s> {
         self.service.endpoint_metrics(self.index)
     }
 
-    /// A connect worked after `latency`.
-    pub fn connected(&self, metrics: &Metrics, latency: Duration) {
-        self.report(metrics, self.endpoint().state.on_connect_ok(latency, Instant::now()), "connect failures");
-        self.service.metrics.connect_latency(metrics).observe(latency.as_secs_f64());
+    /// A connect worked, taking `time`: the endpoint's part feeds its latency estimate,
+    /// what the client waited goes to the histogram.
+    pub fn connected(&self, metrics: &Metrics, time: ConnectTime) {
+        self.report(metrics, self.endpoint().state.on_connect_ok(time.endpoint, Instant::now()), "connect failures");
+        self.service.metrics.connect_latency(metrics).observe(time.waited.as_secs_f64());
     }
 
     /// A connect failed, for `reason`.

@@ -20,7 +20,7 @@ use tracing::debug;
 
 use super::attempt::{Attempt, Attempts, Limit};
 use crate::{
-    balance::{ActiveGuard, Endpoint, Tier},
+    balance::{ActiveGuard, Endpoint, RTT_FLOOR, Tier},
     state::{Service, Snapshot},
     stats::{Metrics, metrics::EndpointHandles},
 };
@@ -99,9 +99,9 @@ pub async fn connect(
         let t0 = Instant::now();
         match connect_marked(attempt.endpoint.addr, mark, attempt.connect_timeout(t0)).await {
             Ok(stream) => {
-                let latency = t0.elapsed();
-                attempt.connected(metrics, latency);
-                return Ok(Upstream::new(stream, attempt, latency));
+                let time = ConnectTime::measure(&stream, t0);
+                attempt.connected(metrics, time);
+                return Ok(Upstream::new(stream, attempt, time.waited));
             }
             Err(e) => {
                 debug!(attempt = attempt.number, service = %attempt.service.name, endpoint = %attempt.endpoint.addr, error = %e, "upstream connect failed");
@@ -157,6 +157,57 @@ async fn established(stream: TcpStream) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
+/// How long a connect took, in the two senses that differ on a busy node.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ConnectTime {
+    /// From the connect call until the agent saw it done: what the client waited (the
+    /// connect-latency histogram, `connect_us` in logs and `/conns`).
+    pub waited: Duration,
+    /// The endpoint's part, which feeds p2c's estimate (see [`ConnectTime::measure`]).
+    pub endpoint: Duration,
+}
+
+impl ConnectTime {
+    /// One figure for both: a connect the kernel timed (kernel mode's events).
+    pub fn kernel(latency: Duration) -> Self {
+        Self { waited: latency, endpoint: latency }
+    }
+
+    /// Times a connect that started at `since` and has just ended on `stream`.
+    ///
+    /// `waited` includes the agent's own delay: the handshake ends in the kernel, and the
+    /// agent sees it when its task next runs, milliseconds later on a loaded node, which
+    /// a peak-sensitive estimate takes at once (docs/balancing.md has the figures). So
+    /// when `waited` is long enough for p2c to see (the estimate's floor), the kernel's
+    /// handshake round trip (TCP_INFO) stands in for it, unless a SYN was resent: a
+    /// dropped SYN (a full accept queue: an overloaded endpoint) is the endpoint's delay,
+    /// and the round trip measured from the resent SYN would hide it. Below the floor
+    /// nothing is asked: the fast path makes no extra system call.
+    pub fn measure(stream: &TcpStream, since: Instant) -> Self {
+        let waited = since.elapsed();
+        if waited < RTT_FLOOR {
+            return Self::kernel(waited);
+        }
+        let endpoint = match tcp_info(stream) {
+            Ok(info) if info.tcpi_total_retrans == 0 => Duration::from_micros(info.tcpi_rtt.into()).min(waited),
+            _ => waited,
+        };
+        Self { waited, endpoint }
+    }
+}
+
+/// The kernel's TCP_INFO for `stream`. libc has the struct; nix has no option for it.
+fn tcp_info(stream: &TcpStream) -> io::Result<libc::tcp_info> {
+    // SAFETY: `tcp_info` is plain integers, so all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: valid fd, and a buffer of `len` bytes that the kernel fills up to `len`.
+    let rc = unsafe {
+        libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len)
+    };
+    if rc == 0 { Ok(info) } else { Err(io::Error::last_os_error()) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +221,44 @@ mod tests {
         assert_eq!(stream.peer_addr().unwrap(), addr);
         assert_eq!(stream.local_addr().unwrap(), peer);
         drop(accepted);
+    }
+
+    #[tokio::test]
+    async fn the_agents_own_delay_is_not_the_endpoints() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let t0 = Instant::now();
+        let stream = connect_marked(listener.local_addr().unwrap(), 0, Duration::from_secs(5)).await.unwrap();
+        // The agent busy elsewhere after the handshake ended.
+        std::thread::sleep(Duration::from_millis(30));
+        let time = ConnectTime::measure(&stream, t0);
+        assert!(time.waited >= Duration::from_millis(30), "{time:?}");
+        // Loopback's handshake takes microseconds; a few milliseconds of slack for a
+        // loaded machine still tells it from the 30 ms wait.
+        assert!(time.endpoint < Duration::from_millis(5), "{time:?}");
+    }
+
+    #[tokio::test]
+    async fn a_resent_syn_is_the_endpoints_delay() {
+        // A listener whose accept queue (backlog 0: one connection) is full drops the next
+        // SYN, as an overloaded endpoint does; the client resends it after its 1 s RTO.
+        let fd = socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        socket::bind(fd.as_raw_fd(), &SockaddrStorage::from("127.0.0.1:0".parse::<SocketAddr>().unwrap())).unwrap();
+        socket::listen(&fd, socket::Backlog::new(0).unwrap()).unwrap();
+        let listener = std::net::TcpListener::from(fd);
+        let addr = listener.local_addr().unwrap();
+        let _queued = std::net::TcpStream::connect(addr).unwrap();
+        let accepter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            let first = listener.accept().unwrap();
+            let second = listener.accept().unwrap();
+            (first, second)
+        });
+        let t0 = Instant::now();
+        let stream = connect_marked(addr, 0, Duration::from_secs(5)).await.unwrap();
+        let time = ConnectTime::measure(&stream, t0);
+        assert!(time.waited >= Duration::from_millis(900), "the SYN was not dropped: {time:?}");
+        assert_eq!(time.endpoint, time.waited);
+        drop(accepter.join().unwrap());
     }
 
     #[tokio::test]

@@ -469,8 +469,8 @@ impl Downstream {
                 });
             }
         };
-        if let Some(latency) = lent.connected_in {
-            attempt.connected(metrics, latency);
+        if let Some(time) = lent.connected_in {
+            attempt.connected(metrics, time);
         }
         let req = rebuild(parts, body.next());
         let send = lent.send(req);

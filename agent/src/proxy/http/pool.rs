@@ -22,7 +22,7 @@ use tracing::debug;
 use super::body::ReqBody;
 use crate::proxy::{
     counted::{Counted, Tally},
-    upstream::connect_marked,
+    upstream::{ConnectTime, connect_marked},
 };
 
 /// The HTTP version spoken to an endpoint: the client's own.
@@ -53,7 +53,7 @@ pub enum PoolError {
 pub struct Lent {
     /// How long the connect took, when this connection was opened for the request (an
     /// idle one taken from the pool: `None`).
-    pub connected_in: Option<Duration>,
+    pub connected_in: Option<ConnectTime>,
     sender: Sender,
     addr: SocketAddr,
     /// The connection's task: aborted when the connection is not given back, so a hung
@@ -97,7 +97,7 @@ impl Pool {
         let t0 = Instant::now();
         let stream =
             connect_marked(addr, mark, connect_timeout).await.map_err(|source| PoolError::Connect { addr, source })?;
-        let connected_in = Some(t0.elapsed());
+        let connected_in = Some(ConnectTime::measure(&stream, t0));
         let _ = stream.set_nodelay(true);
         // Counted into the endpoint of the request that opened it (an endpoint shared by
         // two services counts there for both).
