@@ -229,12 +229,12 @@ mod tests {
         let t0 = Instant::now();
         let stream = connect_marked(listener.local_addr().unwrap(), 0, Duration::from_secs(5)).await.unwrap();
         // The agent busy elsewhere after the handshake ended.
-        std::thread::sleep(Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(100));
         let time = ConnectTime::measure(&stream, t0);
-        assert!(time.waited >= Duration::from_millis(30), "{time:?}");
-        // Loopback's handshake takes microseconds; a few milliseconds of slack for a
-        // loaded machine still tells it from the 30 ms wait.
-        assert!(time.endpoint < Duration::from_millis(5), "{time:?}");
+        assert!(time.waited >= Duration::from_millis(100), "{time:?}");
+        // Loopback's handshake takes microseconds; the bound leaves a loaded machine's
+        // softirq delays room and still tells it from the wait.
+        assert!(time.endpoint <= time.waited / 4, "{time:?}");
     }
 
     #[tokio::test]
@@ -247,8 +247,9 @@ mod tests {
         let listener = std::net::TcpListener::from(fd);
         let addr = listener.local_addr().unwrap();
         let _queued = std::net::TcpStream::connect(addr).unwrap();
+        // Room for the connect below to go out before the queue is emptied.
         let accepter = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(500));
             let first = listener.accept().unwrap();
             let second = listener.accept().unwrap();
             (first, second)
