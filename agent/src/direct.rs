@@ -117,7 +117,7 @@ impl Direct {
         let service = Arc::clone(snapshot.service(concrete));
         let target = Target { service: &service, index };
         let latency = Duration::from_nanos(ev.ts_ns.saturating_sub(live.connect_ns));
-        target.connected(metrics, ConnectTime::kernel(latency));
+        target.connected(metrics, ConnectTime::one(latency));
         let handles = target.handles();
         handles.connections(metrics).inc();
         let gauge = handles.open(metrics).clone();

@@ -158,7 +158,7 @@ async fn established(stream: TcpStream) -> io::Result<TcpStream> {
 }
 
 /// How long a connect took, in the two senses that differ on a busy node.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy)]
 pub struct ConnectTime {
     /// From the connect call until the agent saw it done: what the client waited (the
     /// connect-latency histogram, `connect_us` in logs and `/conns`).
@@ -168,8 +168,9 @@ pub struct ConnectTime {
 }
 
 impl ConnectTime {
-    /// One figure for both: a connect the kernel timed (kernel mode's events).
-    pub fn kernel(latency: Duration) -> Self {
+    /// One figure for both: a connect the kernel timed (kernel mode's events), or one
+    /// too quick for the agent's delay in it to matter.
+    pub fn one(latency: Duration) -> Self {
         Self { waited: latency, endpoint: latency }
     }
 
@@ -186,7 +187,7 @@ impl ConnectTime {
     pub fn measure(stream: &TcpStream, since: Instant) -> Self {
         let waited = since.elapsed();
         if waited < RTT_FLOOR {
-            return Self::kernel(waited);
+            return Self::one(waited);
         }
         let endpoint = match tcp_info(stream) {
             Ok(info) if info.tcpi_total_retrans == 0 => Duration::from_micros(info.tcpi_rtt.into()).min(waited),
