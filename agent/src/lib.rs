@@ -19,8 +19,9 @@
 //! * [`balance`]: endpoint choice: health and ejection, locality tiers, the balancing
 //!   policies, session affinity. Pure, clocked by the caller.
 //! * [`proxy`]: listeners, the accept loop, protocol detection, opaque TCP (per-connection
-//!   counted byte copying) and HTTP (hyper, per-request balancing over pooled upstream
-//!   connections, retries under a budget, upgrades as tunnels on the same copy);
+//!   counted byte copying) and HTTP (hyper's server, per-request balancing over pooled
+//!   upstream connections: HTTP/1.1 by our own client `proxy::http::h1`, HTTP/2 by
+//!   hyper's; retries under a budget, upgrades as tunnels on the same copy);
 //!   `proxy::attempt` is the one attempt engine (tried set, deadline, pick, feedback)
 //!   under both, `proxy::upstream` connects over it, `proxy::outcome` is how a connection
 //!   ended.
@@ -96,7 +97,10 @@ pub mod fuzzing {
     pub use crate::{
         proxy::{
             detect::{Detected, MAX_PREFIX, classify, decide},
-            http::headers::{DTAB, dtab_target, is_upgrade, retryable, strip_hop_by_hop},
+            http::{
+                h1::{Decoded, decode_response},
+                headers::{DTAB, dtab_target, is_upgrade, retryable, strip_hop_by_hop},
+            },
         },
         redirect::table::encode as backends_table,
     };

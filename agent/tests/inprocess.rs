@@ -209,6 +209,51 @@ async fn pooled_http1_connections_come_back_after_any_response_and_a_closed_one_
     server.abort();
 }
 
+/// An endpoint's connection fields are its own hop's: an HTTP/1.0 answer delimited by
+/// its close, with `Connection: close` and `Keep-Alive`, reaches a keep-alive HTTP/1.1
+/// client whole, without those fields and without closing the client's connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoints_close_and_framing_stay_on_its_own_hop() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer =
+                    b"HTTP/1.0 200 OK\r\nconnection: close\r\nkeep-alive: timeout=5\r\nx-app: kept\r\n\r\nall of it";
+                let _ = s.write_all(answer).await;
+            });
+        }
+    });
+    let services = format!(r#"  - {{ name: web, addresses: ["{WEB}"], endpoints: ["{addr}"], protocol: http1 }}"#);
+    let a = agent("", &services, web()).await;
+    let mut client = H1::connect(a.proxy).await;
+    for i in 0..2 {
+        let got = client.get("/").await;
+        assert_eq!((got.status, got.text()), (StatusCode::OK, "all of it".into()), "request {i}");
+        assert_eq!(got.header("x-app"), Some("kept"), "end-to-end fields pass");
+        assert_eq!((got.header("connection"), got.header("keep-alive")), (None, None), "request {i}: {got:?}");
+    }
+    assert!(!client.closed().await, "the client's connection stays open");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "the endpoint's closed connections were not reused"
+    );
+    server.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_and_unreachable_endpoints_get_answers_the_agent_makes_plain_or_grpc() {
     let hung = Endpoint::h1(Arc::new(|_| {

@@ -31,7 +31,7 @@ impl Tally {
         Tally::Client { conn: Arc::clone(conn), route: conn.route_edge().cloned() }
     }
 
-    fn read(&self, n: usize) {
+    pub(crate) fn read(&self, n: usize) {
         let n = n as u64;
         match self {
             Tally::Client { conn, route } => {
@@ -47,7 +47,7 @@ impl Tally {
         }
     }
 
-    fn written(&self, n: usize) {
+    pub(crate) fn written(&self, n: usize) {
         let n = n as u64;
         match self {
             Tally::Client { conn, route } => {

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::http::HeaderMap;
 
+use super::h1;
 use crate::balance::ActiveGuard;
 
 /// What a request body left behind for a replay.
@@ -132,11 +133,48 @@ impl Body for ReqBody {
     }
 }
 
+/// What a body error is, whichever side it comes from.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body from an endpoint: read by the agent's own HTTP/1 client, or by
+/// hyper's (HTTP/2, upgrades).
+pub enum Upstream {
+    H1(h1::Body),
+    Hyper(Incoming),
+}
+
+impl Body for Upstream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = match self.get_mut() {
+            Upstream::H1(b) => ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(BoxError::from)),
+            Upstream::Hyper(b) => ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(BoxError::from)),
+        };
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Upstream::H1(b) => b.is_end_stream(),
+            Upstream::Hyper(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Upstream::H1(b) => b.size_hint(),
+            Upstream::Hyper(b) => b.size_hint(),
+        }
+    }
+}
+
 pub enum RespBody {
     Upstream {
         /// A frame read ahead (a gRPC response's first frame, looked at for its status).
         first: Option<Frame<Bytes>>,
-        inner: Incoming,
+        inner: Upstream,
         _guard: Option<ActiveGuard>,
     },
     /// A response the agent makes itself (502, 504, ...).
@@ -144,7 +182,7 @@ pub enum RespBody {
 }
 
 impl RespBody {
-    pub fn upstream(inner: Incoming, guard: Option<ActiveGuard>) -> Self {
+    pub fn upstream(inner: Upstream, guard: Option<ActiveGuard>) -> Self {
         RespBody::Upstream { first: None, inner, _guard: guard }
     }
 
@@ -172,16 +210,16 @@ impl RespBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RespBody::Upstream { first, inner, _guard } => {
                 let frame = match first.take() {
                     Some(f) => Some(Ok(f)),
-                    None => ready!(Pin::new(inner).poll_frame(cx)),
+                    None => ready!(Pin::new(&mut *inner).poll_frame(cx)),
                 };
-                if !matches!(frame, Some(Ok(_))) {
+                if !matches!(frame, Some(Ok(_))) || inner.is_end_stream() {
                     // Ended: the endpoint is no longer busy with this request.
                     *_guard = None;
                 }
@@ -259,7 +297,7 @@ mod tests {
         let req = Request::builder().uri("http://grpc/test.Echo/Who").body(http_body_util::Empty::<Bytes>::new());
         let resp = sender.send_request(req.unwrap()).await.unwrap();
         assert!(resp.headers().get("grpc-status").is_none(), "not a trailers-only response");
-        let mut body = RespBody::upstream(resp.into_body(), None);
+        let mut body = RespBody::upstream(Upstream::Hyper(resp.into_body()), None);
         let trailers = body.peek_trailers(std::time::Duration::from_secs(5)).await.expect("trailers seen");
         assert_eq!(trailers["grpc-status"], "14");
         // The peeked frame is still delivered to the client.

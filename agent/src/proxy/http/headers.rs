@@ -17,6 +17,12 @@ pub const DTAB: &str = "l5d-dtab";
 /// Drop the connection-specific fields: those `Connection` lists and the fixed set. An
 /// upgrade request keeps `Connection: upgrade` and `Upgrade`, which the upstream needs.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none: one pass over the names instead of a lookup per field
+    // (every request and response comes through here). Fields `Connection` lists need
+    // a `Connection` field, which is in the set.
+    if !headers.keys().any(is_fixed_hop_by_hop) {
+        return;
+    }
     // TE: only `trailers` means anything end to end (gRPC sends it). Read before the
     // listed fields go, since RFC 9110 §10.1.4 has a sender of TE list it in
     // `Connection`, and from every TE line, not only the first.
@@ -48,6 +54,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+/// The connection-specific fields every message may carry, whatever `Connection` lists.
+fn is_fixed_hop_by_hop(name: &HeaderName) -> bool {
+    [header::CONNECTION, header::TE, header::TRANSFER_ENCODING, header::UPGRADE].contains(name)
+        || name == "keep-alive"
+        || name == "proxy-connection"
 }
 
 /// An HTTP/1.1 upgrade (WebSocket) or a CONNECT tunnel: after the response the

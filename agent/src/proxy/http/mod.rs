@@ -31,11 +31,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use self::{
-    body::{Replay, ReqBody, RespBody},
+    body::{Replay, ReqBody, RespBody, Upstream},
     headers::{dtab_target, is_upgrade, retryable, strip_hop_by_hop},
     idle::{InFlight, Tracked},
     observe::{Observed, Record},
-    pool::{Lent, Pool, PoolError},
+    pool::{Lent, Pool, PoolError, SendError},
     retry::{Failure, Retry},
 };
 pub use self::{pool::Version, rewind::Rewind as Prefixed};
@@ -61,6 +61,7 @@ use crate::{
 };
 
 mod body;
+pub(crate) mod h1;
 pub(crate) mod headers;
 mod idle;
 mod observe;
@@ -93,6 +94,8 @@ struct Downstream {
     conn: Option<Arc<Conn>>,
     /// An accepted upgrade, run once hyper hands the connection over.
     tunnel: Mutex<Option<Tunnel>>,
+    /// The agent stopping: every HTTP/1 answer after it says `Connection: close`.
+    stop: CancellationToken,
 }
 
 /// An upgrade the endpoint accepted: both sides' upgraded connections, the endpoint's
@@ -123,7 +126,7 @@ impl Answerer {
 /// What one attempt at an endpoint came to.
 enum Exchange {
     /// Response headers, and how long they took.
-    Answered(Response<Incoming>, Duration),
+    Answered(Response<Upstream>, Duration),
     /// No response: how the attempt failed (the caller makes the answer).
     Failed(Failure),
     /// A pooled connection had closed; the request comes back unsent.
@@ -176,7 +179,17 @@ impl Http {
         conn: Option<Arc<Conn>>,
         stop: CancellationToken,
     ) -> Result<(), hyper::Error> {
-        let down = Arc::new(Downstream { http: self, state, service, key, version, conn, tunnel: Mutex::default() });
+        let stopping = stop.clone();
+        let down = Arc::new(Downstream {
+            http: self,
+            state,
+            service,
+            key,
+            version,
+            conn,
+            tunnel: Mutex::default(),
+            stop: stopping,
+        });
         let flight = InFlight::new();
         let (d, f) = (Arc::clone(&down), flight.clone());
         let svc = service_fn(move |req| {
@@ -302,7 +315,18 @@ impl Downstream {
                 Box::new((Arc::clone(&stats.tap), t))
             }),
         });
-        resp.map(|b| Observed::new(b, record))
+        let mut resp = resp.map(|b| Observed::new(b, record));
+        if self.version == Version::Http1
+            && self.stop.is_cancelled()
+            && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+        {
+            // The connection's last answer says so. hyper's graceful shutdown (`drain`)
+            // adds this only when it comes before the answer's head is written, and an
+            // answer from a fast endpoint can be written within the poll that read the
+            // request, before `drain` gets to call it.
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
     }
 
     /// The service named by an allowed `l5d-dtab` override, else the dialled one.
@@ -403,7 +427,10 @@ impl Downstream {
                     let (mut rparts, rbody) = resp.into_parts();
                     // Each hop speaks its own version: an HTTP/1.0 answer from the endpoint
                     // must not turn the client's keep-alive HTTP/1.1 connection into 1.0.
+                    // And its own connection: the endpoint's `Connection: close` or
+                    // framing is not the client's (RFC 9110 section 7.6.1).
                     rparts.version = parts.version;
+                    strip_hop_by_hop(&mut rparts.headers, false);
                     let may_retry = attempts.made() < retry.attempts() && body.replay.can_replay();
                     let mut resp = Response::from_parts(rparts, RespBody::upstream(rbody, None));
                     let mut retry_it = retryable(resp.status(), resp.headers(), &policy.retry);
@@ -453,7 +480,7 @@ impl Downstream {
         let connect_timeout = attempt.connect_timeout(t0).min(timeout.unwrap_or(Duration::MAX));
         let pool = &self.http.pool;
         let tally = || self.tally(attempt);
-        let mut lent: Lent = match pool.lend(addr, self.version, self.http.mark, connect_timeout, idle, tally).await {
+        let lent: Lent = match pool.lend(addr, self.version, self.http.mark, connect_timeout, idle, tally).await {
             Ok(l) => l,
             Err(e) => {
                 debug!(attempt = attempt.number, endpoint = %addr, error = %e, "upstream HTTP connection failed");
@@ -472,35 +499,30 @@ impl Downstream {
         if let Some(time) = lent.connected_in {
             attempt.connected(metrics, time);
         }
-        let req = rebuild(parts, body.next());
-        let send = lent.send(req);
+        let send = lent.send(parts, body.next());
         let sent = match timeout {
             Some(t) => tokio::time::timeout(t.saturating_sub(t0.elapsed()), send).await.ok(),
             None => Some(send.await),
         };
+        // The connection goes with the request: an HTTP/1 one closes when it was not
+        // answered, or comes back to the pool when the response's body ends.
         match sent {
             None => {
-                lent.discard();
                 debug!(attempt = attempt.number, endpoint = %addr, "no response headers in time");
                 attempt.responded(metrics, false, Duration::ZERO);
                 Exchange::Failed(Failure::Timeout)
             }
-            Some(Err(mut e)) => {
-                let never_sent = e.take_message();
-                debug!(attempt = attempt.number, endpoint = %addr, error = %e.error(), unsent = never_sent.is_some(), "upstream request failed");
-                lent.discard();
-                match never_sent {
-                    Some(req) => Exchange::Unsent(req.into_body()),
+            Some(Err(SendError { unsent, error })) => {
+                debug!(attempt = attempt.number, endpoint = %addr, error = %error, unsent = unsent.is_some(), "upstream request failed");
+                match unsent {
+                    Some(body) => Exchange::Unsent(body),
                     None => {
                         attempt.responded(metrics, false, Duration::ZERO);
                         Exchange::Failed(Failure::Broke)
                     }
                 }
             }
-            Some(Ok(resp)) => {
-                pool.give_back(lent);
-                Exchange::Answered(resp, t0.elapsed())
-            }
+            Some(Ok(resp)) => Exchange::Answered(resp, t0.elapsed()),
         }
     }
 
@@ -578,10 +600,10 @@ impl Downstream {
             let answerer = by();
             *self.tunnel.lock().unwrap() = Some(Tunnel { downstream, upstream, bytes, endpoint, _guard: guard });
             let (parts, body) = resp.into_parts();
-            return (Response::from_parts(parts, RespBody::upstream(body, None)), Some(answerer));
+            return (Response::from_parts(parts, RespBody::upstream(Upstream::Hyper(body), None)), Some(answerer));
         }
         let (parts, body) = resp.into_parts();
-        (Response::from_parts(parts, RespBody::upstream(body, Some(guard))), Some(by()))
+        (Response::from_parts(parts, RespBody::upstream(Upstream::Hyper(body), Some(guard))), Some(by()))
     }
 
     /// Copy bytes both ways between the two upgraded connections until both close, with
@@ -682,17 +704,6 @@ fn tap_event<B>(conn: &Conn, req: &Request<B>, service: &str) -> TapEvent {
         bytes_in: None,
         outcome: None,
     }
-}
-
-/// The same request again, for another attempt (extensions, which hyper does not send,
-/// are not carried).
-fn rebuild(parts: &Parts, body: ReqBody) -> Request<ReqBody> {
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req
 }
 
 fn is_grpc<B>(req: &Request<B>) -> bool {

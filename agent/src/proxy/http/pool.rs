@@ -1,25 +1,25 @@
 //! Upstream HTTP connections, kept per endpoint and reused across requests and client
-//! connections: HTTP/2 connections are shared (one multiplexed connection per endpoint),
-//! HTTP/1.1 ones are lent to one request at a time. Connections carry the agent's mark
+//! connections: HTTP/2 connections are shared (one multiplexed connection per endpoint,
+//! hyper's, with its task), HTTP/1.1 ones (`h1`) are lent to one request at a time and
+//! come back when its response body has been read. Connections carry the agent's mark
 //! like every upstream socket, and are closed after `idle` without use.
 
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use hyper::{
-    Request, Response,
-    body::Incoming,
-    client::conn::{TrySendError, http1, http2},
-};
+use hyper::{Request, Response, client::conn::http2, http::request::Parts};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::task::AbortHandle;
 use tracing::debug;
 
-use super::body::ReqBody;
+use super::{
+    body::{BoxError, ReqBody, Upstream},
+    h1,
+};
 use crate::proxy::{
     counted::{Counted, Tally},
     upstream::{ConnectTime, connect_marked},
@@ -48,33 +48,38 @@ pub enum PoolError {
     },
 }
 
-/// A connection lent out for one request. Dropping it without [`Pool::give_back`]
-/// (a timed-out or failed request) closes the connection.
+/// A connection lent out for one request. Dropping it unused closes an HTTP/1 one.
 pub struct Lent {
     /// How long the connect took, when this connection was opened for the request (an
     /// idle one taken from the pool: `None`).
     pub connected_in: Option<ConnectTime>,
     sender: Sender,
-    addr: SocketAddr,
-    /// The connection's task: aborted when the connection is not given back, so a hung
-    /// endpoint does not keep a half-used HTTP/1 connection open.
-    task: AbortHandle,
+    home: Home,
 }
 
 enum Sender {
-    H1(http1::SendRequest<ReqBody>),
-    H2(http2::SendRequest<ReqBody>),
+    /// Driven by the request that holds it (`h1`).
+    H1(Box<h1::Conn>),
+    /// Driven by a task of its own, shared by every request to the endpoint.
+    H2 { sender: http2::SendRequest<ReqBody>, task: AbortHandle },
 }
 
 struct Idle {
     sender: Sender,
-    task: AbortHandle,
     since: Instant,
 }
 
+type Idles = Mutex<HashMap<(SocketAddr, Version), Vec<Idle>>>;
+
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<(SocketAddr, Version), Vec<Idle>>>,
+    idle: Arc<Idles>,
+}
+
+/// Where an HTTP/1 connection goes back to when its response has been read.
+pub struct Home {
+    idle: Arc<Idles>,
+    addr: SocketAddr,
 }
 
 /// HTTP/1 connections kept per endpoint; more are closed when they come back.
@@ -91,8 +96,9 @@ impl Pool {
         idle_timeout: Duration,
         tally: impl FnOnce() -> Option<Tally>,
     ) -> Result<Lent, PoolError> {
-        if let Some(lent) = self.take_idle(addr, version, idle_timeout) {
-            return Ok(lent);
+        let home = Home { idle: Arc::clone(&self.idle), addr };
+        if let Some(sender) = self.take_idle(addr, version, idle_timeout) {
+            return Ok(Lent { connected_in: None, sender, home });
         }
         let t0 = Instant::now();
         let stream =
@@ -101,55 +107,46 @@ impl Pool {
         let _ = stream.set_nodelay(true);
         // Counted into the endpoint of the request that opened it (an endpoint shared by
         // two services counts there for both).
-        let io = TokioIo::new(Counted::new(stream, tally()));
-        let handshake = |source| PoolError::Handshake { addr, source };
-        let (sender, task) = match version {
-            Version::Http1 => {
-                let (sender, conn) = http1::handshake(io).await.map_err(handshake)?;
-                (Sender::H1(sender), tokio::spawn(drive(conn, addr)).abort_handle())
-            }
+        let sender = match version {
+            Version::Http1 => Sender::H1(h1::Conn::new(stream, tally())),
             Version::Http2 => {
-                let (sender, conn) = http2::handshake(TokioExecutor::new(), io).await.map_err(handshake)?;
-                (Sender::H2(sender), tokio::spawn(drive(conn, addr)).abort_handle())
+                let io = TokioIo::new(Counted::new(stream, tally()));
+                let (sender, conn) = http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .map_err(|source| PoolError::Handshake { addr, source })?;
+                let task = tokio::spawn(drive(conn, addr)).abort_handle();
+                // Shared from the start: later requests multiplex onto it.
+                let shared = Sender::H2 { sender: sender.clone(), task: task.clone() };
+                self.put(addr, version, Idle { sender: shared, since: Instant::now() });
+                Sender::H2 { sender, task }
             }
         };
-        if let Sender::H2(s) = &sender {
-            // Shared from the start: later requests multiplex onto it.
-            self.put(addr, version, Idle { sender: Sender::H2(s.clone()), task: task.clone(), since: Instant::now() });
-        }
-        Ok(Lent { connected_in, sender, addr, task })
+        Ok(Lent { connected_in, sender, home })
     }
 
-    fn take_idle(&self, addr: SocketAddr, version: Version, idle_timeout: Duration) -> Option<Lent> {
+    fn take_idle(&self, addr: SocketAddr, version: Version, idle_timeout: Duration) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap();
         let conns = idle.get_mut(&(addr, version))?;
         let now = Instant::now();
-        prune(conns, now, idle_timeout);
         match version {
             // HTTP/2: share the connection, keep it in the pool.
-            Version::Http2 => conns.iter_mut().find(|c| c.sender.is_ready()).map(|c| {
-                c.since = now;
-                let Sender::H2(s) = &c.sender else { unreachable!("h2 pool holds h2 senders") };
-                Lent { connected_in: None, sender: Sender::H2(s.clone()), addr, task: c.task.clone() }
-            }),
-            // HTTP/1: one request at a time; a connection still streaming its last response
-            // is not ready and stays where it is.
-            Version::Http1 => {
-                let i = conns.iter().position(|c| c.sender.is_ready())?;
-                let c = conns.swap_remove(i);
-                Some(Lent { connected_in: None, sender: c.sender, addr, task: c.task })
+            Version::Http2 => {
+                prune(conns, now, idle_timeout);
+                conns.iter_mut().find(|c| c.sender.is_ready()).map(|c| {
+                    c.since = now;
+                    let Sender::H2 { sender, task } = &c.sender else { unreachable!("h2 pool holds h2 senders") };
+                    Sender::H2 { sender: sender.clone(), task: task.clone() }
+                })
             }
-        }
-    }
-
-    /// Return an HTTP/1 connection once its response headers are in; HTTP/2 ones are
-    /// shared and were never taken out.
-    pub fn give_back(&self, lent: Lent) {
-        if let Sender::H1(_) = lent.sender {
-            let mut idle = self.idle.lock().unwrap();
-            let conns = idle.entry((lent.addr, Version::Http1)).or_default();
-            if conns.len() < MAX_IDLE_H1 {
-                conns.push(Idle { sender: lent.sender, task: lent.task, since: Instant::now() });
+            // HTTP/1: one request at a time, on the connection used last (the others wait
+            // for `sweep` to look at them).
+            Version::Http1 => {
+                while let Some(c) = conns.pop() {
+                    if !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout {
+                        return Some(c.sender);
+                    }
+                }
+                None
             }
         }
     }
@@ -170,36 +167,99 @@ impl Pool {
     }
 }
 
-impl Lent {
-    /// Send a request. A request that was never written (the connection had closed) comes
-    /// back in the error, body unread, to go elsewhere.
-    pub async fn send(&mut self, req: Request<ReqBody>) -> Result<Response<Incoming>, TrySendError<Request<ReqBody>>> {
-        match &mut self.sender {
-            Sender::H1(s) => s.try_send_request(req).await,
-            Sender::H2(s) => s.try_send_request(req).await,
+#[cfg(test)]
+impl Pool {
+    /// Where an HTTP/1 connection to `addr` would come back to.
+    pub fn home(&self, addr: SocketAddr) -> Home {
+        Home { idle: Arc::clone(&self.idle), addr }
+    }
+
+    /// The HTTP/1 connection to `addr` that came back last.
+    pub fn take_h1(&self, addr: SocketAddr) -> Option<Box<h1::Conn>> {
+        match self.idle.lock().unwrap().get_mut(&(addr, Version::Http1))?.pop()?.sender {
+            Sender::H1(c) => Some(c),
+            Sender::H2 { .. } => None,
         }
     }
 
-    /// Abort the connection (for HTTP/2, only this lender's view of it: the shared
-    /// connection stays, the request's stream is reset when its future is dropped).
-    pub fn discard(self) {
-        if let Sender::H1(_) = self.sender {
-            self.task.abort();
+    /// How many HTTP/1 connections to `addr` are idle in the pool.
+    pub fn idle_h1(&self, addr: SocketAddr) -> usize {
+        self.idle.lock().unwrap().get(&(addr, Version::Http1)).map_or(0, Vec::len)
+    }
+}
+
+impl Home {
+    /// Keep an HTTP/1 connection whose response ended, for the next request.
+    pub fn put(self, mut conn: Box<h1::Conn>) {
+        if !conn.idle() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap();
+        let conns = idle.entry((self.addr, Version::Http1)).or_default();
+        if conns.len() < MAX_IDLE_H1 {
+            conns.push(Idle { sender: Sender::H1(conn), since: Instant::now() });
         }
     }
 }
 
-impl Sender {
-    fn is_closed(&self) -> bool {
-        match self {
-            Sender::H1(s) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
+impl Lent {
+    /// Send a request (`parts` are read, and copied only for hyper's HTTP/2 client) and
+    /// await the response head. A request that was never written (the connection had
+    /// closed) comes back in the error, body unread, to go elsewhere.
+    pub async fn send(self, parts: &Parts, body: ReqBody) -> Result<Response<Upstream>, SendError> {
+        match self.sender {
+            Sender::H1(conn) => match conn.send(parts, body, self.home).await {
+                Ok(resp) => Ok(resp.map(Upstream::H1)),
+                Err(h1::SendError::Unsent(body, e)) => Err(SendError { unsent: Some(body), error: e.into() }),
+                Err(h1::SendError::Failed(e)) => Err(SendError { unsent: None, error: e.into() }),
+            },
+            Sender::H2 { mut sender, .. } => match sender.try_send_request(rebuild(parts, body)).await {
+                Ok(resp) => Ok(resp.map(Upstream::Hyper)),
+                Err(mut e) => {
+                    let unsent = e.take_message().map(Request::into_body);
+                    Err(SendError { unsent, error: e.into_error().into() })
+                }
+            },
         }
     }
+}
+
+/// The same request again, for another attempt (extensions, which hyper does not send,
+/// are not carried).
+fn rebuild(parts: &Parts, body: ReqBody) -> Request<ReqBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req
+}
+
+/// A request that got no response head: why, and its body if it was never sent.
+pub struct SendError {
+    pub unsent: Option<ReqBody>,
+    pub error: BoxError,
+}
+
+impl Sender {
+    /// Whether the endpoint closed it (for HTTP/1 without a system call, mostly).
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(c) => c.is_closed(),
+            Sender::H2 { sender, .. } => sender.is_closed(),
+        }
+    }
+
     fn is_ready(&self) -> bool {
         match self {
-            Sender::H1(s) => s.is_ready(),
-            Sender::H2(s) => s.is_ready(),
+            Sender::H1(_) => true,
+            Sender::H2 { sender, .. } => sender.is_ready(),
+        }
+    }
+
+    fn close(&self) {
+        if let Sender::H2 { task, .. } = self {
+            task.abort();
         }
     }
 }
@@ -209,7 +269,7 @@ fn prune(conns: &mut Vec<Idle>, now: Instant, idle_timeout: Duration) {
     conns.retain(|c| {
         let keep = !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout;
         if !keep {
-            c.task.abort();
+            c.sender.close();
         }
         keep
     });
