@@ -211,7 +211,8 @@ async fn pooled_http1_connections_come_back_after_any_response_and_a_closed_one_
 
 /// An endpoint's connection fields are its own hop's: an HTTP/1.0 answer delimited by
 /// its close, with `Connection: close` and `Keep-Alive`, reaches a keep-alive HTTP/1.1
-/// client whole, without those fields and without closing the client's connection.
+/// client whole, without those fields and without closing the client's connection; an
+/// HTTP/1.0 client gets it delimited by its own connection's close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoints_close_and_framing_stay_on_its_own_hop() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -251,6 +252,15 @@ async fn an_endpoints_close_and_framing_stay_on_its_own_hop() {
         2,
         "the endpoint's closed connections were not reused"
     );
+    // An HTTP/1.0 client (no Host) gets a body of unknown length delimited by the close.
+    let mut old = tokio::net::TcpStream::connect(a.proxy).await.unwrap();
+    old.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), old.read_to_string(&mut answer)).await.unwrap().unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a whole head");
+    assert!(head.starts_with("HTTP/1.0 200 OK"), "{answer:?}");
+    assert!(!head.to_ascii_lowercase().contains("transfer-encoding"), "{answer:?}");
+    assert_eq!(body, "all of it");
     server.abort();
 }
 

@@ -139,7 +139,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A response body from an endpoint: read by the agent's own HTTP/1 client, or by
 /// hyper's (HTTP/2, upgrades).
 pub enum Upstream {
-    H1(h1::Body),
+    H1(h1::Body<ReqBody>),
     Hyper(Incoming),
 }
 

@@ -22,19 +22,14 @@ use std::{
 };
 
 use bytes::{Buf as _, Bytes, BytesMut};
-use futures::FutureExt as _;
-use http_body_util::BodyExt as _;
 use hyper::{
     Method, Response, StatusCode, Version,
-    body::{Body as _, Frame, SizeHint},
+    body::{Frame, SizeHint},
     header::{self, HeaderMap, HeaderName, HeaderValue},
     http::request::Parts,
 };
 use smallvec::SmallVec;
-use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWrite as _, net::TcpStream};
 
 use super::{body::BoxError, pool::Home};
 use crate::proxy::counted::Tally;
@@ -44,6 +39,8 @@ const MAX_HEADERS: usize = 100;
 /// The largest response head, and the largest chunk-size line or trailer section
 /// (hyper's client buffer limit, so nothing it passed is refused now).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
+/// The longest chunk size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
 /// Request body bytes gathered behind the head before they are written.
 const GATHER: usize = 64 * 1024;
 /// Bytes asked of the socket per read: from this, doubled while reads fill it.
@@ -66,6 +63,8 @@ pub enum Error {
     ContentLength,
     #[error("malformed chunked response body")]
     Chunked,
+    #[error("a Transfer-Encoding other than chunked alone in HTTP/1.1")]
+    TransferEncoding,
     #[error("101 Switching Protocols to a request that asked for no upgrade")]
     UnaskedUpgrade,
     #[error("read the client's request body")]
@@ -162,84 +161,60 @@ impl Conn {
 
     /// Send a request (its head `parts`, which are only read: a retry sends them again,
     /// so they are not copied into a request of their own) and read its response head.
-    /// The response body reads the rest from this connection, and gives it to `home` at
-    /// its end if it can carry another request.
+    /// The response body reads the rest from this connection (and writes the rest of the
+    /// request body, if any), and gives it to `home` at its end if it can carry another
+    /// request.
     pub async fn send<B>(
         mut self: Box<Self>,
         parts: &Parts,
-        mut body: B,
+        body: B,
         home: Home,
-    ) -> Result<Response<Body>, SendError<B>>
+    ) -> Result<Response<Body<B>>, SendError<B>>
     where
         B: hyper::body::Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
         let head_request = parts.method == Method::HEAD;
-        let framing = encode_head(parts, body.size_hint(), &mut self.out);
-        // Body frames already at hand go out with the head, in one write: a small body
-        // mostly arrives with its request.
-        let mut polled = false;
-        let mut ended = body.is_end_stream();
-        let mut finished = false;
-        while !ended && self.out.len() < GATHER {
-            match body.frame().now_or_never() {
-                None => break,
-                Some(None) => ended = true,
-                Some(Some(Ok(frame))) => {
-                    polled = true;
-                    finished = encode_frame(frame, framing, &mut self.out);
-                    ended = finished || body.is_end_stream();
+        let mut sending = Sending::new(parts, body, std::mem::take(&mut self.out));
+        // Whether the request went out whole; why it could not.
+        let mut sent = false;
+        let mut refused = None;
+        // The request is written while the response head is awaited: an endpoint may
+        // answer (413, a redirect) before it has read it all, or without reading it.
+        let head = std::future::poll_fn(|cx| {
+            let Conn { stream, tally, buf, read_size, .. } = &mut *self;
+            if !sent && refused.is_none() {
+                match sending.poll_send(stream, tally.as_ref(), cx) {
+                    Poll::Pending => {}
+                    Poll::Ready(Ok(())) => sent = true,
+                    // The client's body broke: the request can not be completed.
+                    Poll::Ready(Err(e @ Error::RequestBody(_))) => return Poll::Ready(Err(e)),
+                    // The endpoint may still answer: it can have stopped reading to.
+                    Poll::Ready(Err(e)) => refused = Some(e),
                 }
-                Some(Some(Err(e))) => return Err(SendError::Failed(Error::RequestBody(e.into()))),
             }
-        }
-        if ended && !finished {
-            finish_body(framing, None, &mut self.out);
-        }
-        let out = std::mem::take(&mut self.out);
-        let written = write_counted(&mut self.stream, &out, self.tally.as_ref()).await;
-        self.out = out;
-        self.out.clear();
-        if let Err((n, e)) = written {
-            return Err(match n == 0 && self.reused && !polled {
-                true => SendError::Unsent(body, Error::Write(e)),
-                false => SendError::Failed(Error::Write(e)),
-            });
-        }
-        let Conn { stream, tally, buf, out, read_size, .. } = &mut *self;
-        let (head, whole) = if ended {
-            (read_head(stream, buf, read_size, tally.as_ref(), head_request).await, true)
-        } else {
-            // The rest of the body goes out while the response is awaited: an endpoint
-            // may answer (413, a redirect) before it has read it all.
-            let (mut r, mut w) = stream.split();
-            let sending = send_rest(&mut w, &mut body, framing, out, tally.as_ref());
-            let reading = read_head(&mut r, buf, read_size, tally.as_ref(), head_request);
-            tokio::pin!(sending, reading);
-            let mut sent = None;
-            let head = loop {
-                tokio::select! {
-                    biased;
-                    head = &mut reading => break head,
-                    r = &mut sending, if sent.is_none() => match r {
-                        // The client's body broke: the request can not be completed.
-                        Err(e @ Error::RequestBody(_)) => return Err(SendError::Failed(e)),
-                        // The endpoint may have answered before it stopped reading.
-                        r => sent = Some(r),
-                    },
-                }
-            };
-            match (head, sent) {
-                // A body that could not be written, and no answer: the write's error says why.
-                (Err(_), Some(Err(e))) => (Err(e), false),
-                (head, sent) => (head, matches!(sent, Some(Ok(())))),
+            poll_head(stream, buf, read_size, tally.as_ref(), head_request, cx)
+        })
+        .await;
+        let spent = refused.is_some();
+        let head = match (head, refused) {
+            (Ok(head), _) => head,
+            (Err(_), Some(e)) if sending.written == 0 && self.reused && !sending.polled => {
+                return Err(SendError::Unsent(sending.body, e));
             }
+            // A request that could not be written, and no answer: the write's error says why.
+            (Err(Error::RequestBody(e)), _) => return Err(SendError::Failed(Error::RequestBody(e))),
+            (Err(_), Some(e)) | (Err(e), None) => return Err(SendError::Failed(e)),
         };
-        let head = head.map_err(SendError::Failed)?;
         self.reused = true;
-        // Reused only if the request went out whole and both sides keep it alive.
-        let home = (whole && head.keep_alive).then_some(home);
-        let mut body = Body { conn: Some(self), decode: head.decode, home };
+        if sent {
+            self.out = std::mem::take(&mut sending.out);
+        }
+        // Reused only if both sides keep it alive and the request could be written whole.
+        let home = (head.keep_alive && !spent).then_some(home);
+        // Boxed: only a request still streaming has one, and the body stays small.
+        let sending = (!sent && !spent).then(|| Box::new(sending));
+        let mut body = Body { conn: Some(self), decode: head.decode, home, sending };
         // A response without a body gives its connection back at once.
         body.check_end();
         let mut resp = Response::new(body);
@@ -253,10 +228,140 @@ impl Conn {
     }
 }
 
+/// A request on its way out: its encoded bytes not yet written and the body frames still
+/// to come. Driven beside the response: before its head, and after it by the response
+/// body (an endpoint that echoes a body streams its answer as the body comes in).
+struct Sending<B> {
+    body: B,
+    framing: Framing,
+    /// The trailer fields the request declared (`Trailer`): the only ones sent.
+    trailers: SmallVec<[HeaderName; 2]>,
+    /// Encoded, written up to `at`.
+    out: Vec<u8>,
+    at: usize,
+    /// Bytes written, all told.
+    written: usize,
+    /// Whether a frame was taken from the body (it can no longer go elsewhere whole).
+    polled: bool,
+    ended: bool,
+}
+
+impl<B> Sending<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn new(parts: &Parts, body: B, mut out: Vec<u8>) -> Self {
+        out.clear();
+        let framing = encode_head(parts, body.size_hint(), &mut out);
+        let trailers = parts
+            .headers
+            .get_all(header::TRAILER)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(sendable_trailer)
+            .collect();
+        let ended = body.is_end_stream();
+        let mut sending = Self { body, framing, trailers, out, at: 0, written: 0, polled: false, ended };
+        if ended {
+            sending.finish(None);
+        }
+        sending
+    }
+
+    /// Write what there is; `Ready(Ok)` once the whole request is out. Body frames at
+    /// hand go behind what waits to be written, so that the head and a small body leave
+    /// in one write.
+    fn poll_send(
+        &mut self,
+        stream: &mut TcpStream,
+        tally: Option<&Tally>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Error>> {
+        loop {
+            while !self.ended && self.out.len() - self.at < GATHER {
+                match Pin::new(&mut self.body).poll_frame(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(None) => {
+                        self.ended = true;
+                        self.finish(None);
+                    }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        self.polled = true;
+                        match frame.into_data() {
+                            Ok(data) => encode_data(&data, self.framing, &mut self.out),
+                            Err(frame) => {
+                                self.ended = true;
+                                self.finish(frame.trailers_ref());
+                            }
+                        }
+                        if !self.ended && self.body.is_end_stream() {
+                            self.ended = true;
+                            self.finish(None);
+                        }
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(Error::RequestBody(e.into()))),
+                }
+            }
+            if self.at == self.out.len() {
+                self.out.clear();
+                self.at = 0;
+                // Not ended: the body's poll above has its waker.
+                return if self.ended { Poll::Ready(Ok(())) } else { Poll::Pending };
+            }
+            let n = ready!(Pin::new(&mut *stream).poll_write(cx, &self.out[self.at..])).map_err(Error::Write)?;
+            if n == 0 {
+                return Poll::Ready(Err(Error::Write(io::ErrorKind::WriteZero.into())));
+            }
+            if let Some(t) = tally {
+                t.written(n);
+            }
+            self.at += n;
+            self.written += n;
+        }
+    }
+
+    /// The end of a chunked body: the last chunk and the declared trailers.
+    fn finish(&mut self, trailers: Option<&HeaderMap>) {
+        if self.framing != Framing::Chunked {
+            return;
+        }
+        self.out.extend_from_slice(b"0\r\n");
+        for (name, value) in trailers.into_iter().flatten() {
+            if self.trailers.contains(name) {
+                put_field(&mut self.out, name.as_str().as_bytes(), value.as_bytes());
+            }
+        }
+        self.out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Fields a trailer may not carry, whatever the request declared (hyper's list: framing,
+/// routing, authentication and fields a recipient would act on before the body).
+fn sendable_trailer(name: &HeaderName) -> bool {
+    ![
+        header::AUTHORIZATION,
+        header::CACHE_CONTROL,
+        header::CONTENT_ENCODING,
+        header::CONTENT_LENGTH,
+        header::CONTENT_RANGE,
+        header::CONTENT_TYPE,
+        header::HOST,
+        header::MAX_FORWARDS,
+        header::SET_COOKIE,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+    ]
+    .contains(name)
+}
+
 /// The request line and header fields, with the framing the body has: a length when it
 /// is known (hyper's server has checked the client's `content-length` against it, and it
-/// is written again from the body so the two can never differ), else chunked. Always
-/// HTTP/1.1: a proxy speaks its own version (RFC 9110 section 6.2).
+/// is written again from the body so the two can never differ), else chunked. HTTP/1.1:
+/// a proxy speaks its own version (RFC 9110 section 6.2).
 fn encode_head(parts: &Parts, size: SizeHint, out: &mut Vec<u8>) -> Framing {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -266,7 +371,17 @@ fn encode_head(parts: &Parts, size: SizeHint, out: &mut Vec<u8>) -> Framing {
         (None, Some(p)) => out.extend_from_slice(p.as_str().as_bytes()),
         (None, None) => out.push(b'/'),
     }
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    // HTTP/1.1 needs a Host (RFC 9112 section 3.2): an absolute target's authority, else
+    // an HTTP/1.0 client that sent none has its request go as HTTP/1.0, as it came.
+    let host = parts.headers.contains_key(header::HOST);
+    let http10 = !host && parts.uri.authority().is_none() && parts.version == Version::HTTP_10;
+    out.extend_from_slice(if http10 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
+    if let (false, Some(authority)) = (host, parts.uri.authority()) {
+        put_field(out, b"host", authority.as_str().as_bytes());
+    }
+    if http10 {
+        put_field(out, b"connection", b"keep-alive");
+    }
     for (name, value) in &parts.headers {
         if name != header::CONTENT_LENGTH {
             put_field(out, name.as_str().as_bytes(), value.as_bytes());
@@ -297,98 +412,17 @@ fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// One request body frame, framed; whether it ended the body (trailers come last).
-/// Trailers are sent only in a chunked body: one of known length has nowhere to put
-/// them (as with hyper).
-fn encode_frame(frame: Frame<Bytes>, framing: Framing, out: &mut Vec<u8>) -> bool {
-    match frame.into_data() {
-        Ok(data) if framing == Framing::Chunked => {
-            if !data.is_empty() {
-                let _ = write!(out, "{:x}\r\n", data.len());
-                out.extend_from_slice(&data);
-                out.extend_from_slice(b"\r\n");
-            }
-            false
+/// One chunk of request body, framed.
+fn encode_data(data: &[u8], framing: Framing, out: &mut Vec<u8>) {
+    match framing {
+        // An empty chunk would end the body.
+        Framing::Chunked if data.is_empty() => {}
+        Framing::Chunked => {
+            let _ = write!(out, "{:x}\r\n", data.len());
+            out.extend_from_slice(data);
+            out.extend_from_slice(b"\r\n");
         }
-        Ok(data) => {
-            out.extend_from_slice(&data);
-            false
-        }
-        Err(frame) => {
-            finish_body(framing, frame.trailers_ref(), out);
-            true
-        }
-    }
-}
-
-/// The end of a chunked body: the last chunk and the trailer section.
-fn finish_body(framing: Framing, trailers: Option<&HeaderMap>, out: &mut Vec<u8>) {
-    if framing != Framing::Chunked {
-        return;
-    }
-    out.extend_from_slice(b"0\r\n");
-    for (name, value) in trailers.into_iter().flatten() {
-        put_field(out, name.as_str().as_bytes(), value.as_bytes());
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
-/// Write all of `bytes`, counting what went; on failure, how much had gone.
-async fn write_counted<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    bytes: &[u8],
-    tally: Option<&Tally>,
-) -> Result<(), (usize, io::Error)> {
-    let mut done = 0;
-    while done < bytes.len() {
-        match w.write(&bytes[done..]).await {
-            Ok(0) => return Err((done, io::ErrorKind::WriteZero.into())),
-            Ok(n) => {
-                done += n;
-                if let Some(t) = tally {
-                    t.written(n);
-                }
-            }
-            Err(e) => return Err((done, e)),
-        }
-    }
-    Ok(())
-}
-
-/// The rest of a request body, after what went with the head.
-async fn send_rest<W, B>(
-    w: &mut W,
-    body: &mut B,
-    framing: Framing,
-    out: &mut Vec<u8>,
-    tally: Option<&Tally>,
-) -> Result<(), Error>
-where
-    W: AsyncWrite + Unpin,
-    B: hyper::body::Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    loop {
-        out.clear();
-        let ended = match body.frame().await {
-            None => {
-                finish_body(framing, None, out);
-                true
-            }
-            Some(Ok(frame)) => {
-                let trailers = encode_frame(frame, framing, out);
-                let ended = trailers || body.is_end_stream();
-                if ended && !trailers {
-                    finish_body(framing, None, out);
-                }
-                ended
-            }
-            Some(Err(e)) => return Err(Error::RequestBody(e.into())),
-        };
-        write_counted(w, out, tally).await.map_err(|(_, e)| Error::Write(e))?;
-        if ended {
-            return Ok(());
-        }
+        _ => out.extend_from_slice(data),
     }
 }
 
@@ -403,21 +437,22 @@ struct Head {
 }
 
 /// Read until a final response head is in (informational ones are skipped).
-async fn read_head<R: AsyncRead + Unpin>(
-    r: &mut R,
+fn poll_head(
+    stream: &mut TcpStream,
     buf: &mut BytesMut,
     read_size: &mut usize,
     tally: Option<&Tally>,
     head_request: bool,
-) -> Result<Head, Error> {
+    cx: &mut Context<'_>,
+) -> Poll<Result<Head, Error>> {
     loop {
         if let Some(head) = parse_head(buf, head_request)? {
-            return Ok(head);
+            return Poll::Ready(Ok(head));
         }
         buf.reserve(*read_size);
-        let n = r.read_buf(buf).await.map_err(Error::Read)?;
+        let n = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf)).map_err(Error::Read)?;
         if n == 0 {
-            return Err(Error::Closed);
+            return Poll::Ready(Err(Error::Closed));
         }
         if let Some(t) = tally {
             t.read(n);
@@ -470,7 +505,7 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
         let decode = if head_request || matches!(code, 204 | 304) {
             Decode::Done
         } else {
-            match framing(&headers)? {
+            match framing(&headers, version)? {
                 Framing::Length(0) => Decode::Done,
                 Framing::Length(n) => Decode::Length(n),
                 Framing::Chunked => {
@@ -509,12 +544,22 @@ fn keeps_alive(headers: &HeaderMap, version: Version) -> bool {
 }
 
 /// How a response body is delimited.
-fn framing(headers: &HeaderMap) -> Result<Framing, Error> {
+fn framing(headers: &HeaderMap, version: Version) -> Result<Framing, Error> {
     if headers.contains_key(header::TRANSFER_ENCODING) {
-        // Chunked only as the last coding; any other ends at the close.
-        let last = headers.get_all(header::TRANSFER_ENCODING).iter().next_back().and_then(|v| v.to_str().ok());
-        let chunked = last.and_then(|v| v.rsplit(',').next()).is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
-        return Ok(if chunked { Framing::Chunked } else { Framing::Close });
+        // Chunked alone, and from HTTP/1.1 only (RFC 9112 section 6.1): the field is
+        // hop-by-hop and dropped, so another coding would reach the client undone, and
+        // an HTTP/1.0 message that has one is framed faultily.
+        let mut codings = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+            .map(str::trim)
+            .filter(|c| !c.is_empty());
+        let chunked = codings.next().is_some_and(|c| c.eq_ignore_ascii_case("chunked")) && codings.next().is_none();
+        return match chunked && version == Version::HTTP_11 {
+            true => Ok(Framing::Chunked),
+            false => Err(Error::TransferEncoding),
+        };
     }
     // Every content-length line, and every value in a list, must agree.
     let mut length = None;
@@ -534,21 +579,30 @@ fn framing(headers: &HeaderMap) -> Result<Framing, Error> {
     Ok(length.map_or(Framing::Close, Framing::Length))
 }
 
-/// A response body, read from its connection as the client's side asks for it.
-pub struct Body {
+/// A response body, read from its connection as the client's side asks for it, with
+/// the rest of its request's body written as it comes.
+pub struct Body<B> {
     /// Until the body has ended (then pooled or closed).
     conn: Option<Box<Conn>>,
     decode: Decode,
     /// The pool, when the connection may carry another request once the body is read.
     home: Option<Home>,
+    /// The request, while not all written.
+    sending: Option<Box<Sending<B>>>,
 }
 
-impl Body {
-    /// At the end, the connection goes back to the pool (or closes).
+impl<B> Body<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// At the end, the connection goes back to the pool if its request went out whole,
+    /// or closes (an endpoint that answered before reading all of it).
     fn check_end(&mut self) {
         if self.decode == Decode::Done
             && let Some(conn) = self.conn.take()
             && let Some(home) = self.home.take()
+            && self.sending.is_none()
         {
             home.put(conn);
         }
@@ -557,6 +611,23 @@ impl Body {
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         loop {
             let Some(conn) = self.conn.as_mut() else { return Poll::Ready(None) };
+            if let Some(sending) = self.sending.as_mut() {
+                match sending.poll_send(&mut conn.stream, conn.tally.as_ref(), cx) {
+                    Poll::Pending => {}
+                    Poll::Ready(Ok(())) => {
+                        conn.out = std::mem::take(&mut sending.out);
+                        self.sending = None;
+                    }
+                    // The client's body broke: so does the exchange.
+                    Poll::Ready(Err(e @ Error::RequestBody(_))) => return Poll::Ready(Some(Err(e))),
+                    // The endpoint stopped reading: its answer may still come whole, on a
+                    // connection spent.
+                    Poll::Ready(Err(_)) => {
+                        self.sending = None;
+                        self.home = None;
+                    }
+                }
+            }
             match self.decode.step(&mut conn.buf) {
                 Ok(Step::More) => {}
                 Ok(Step::Frame(frame)) => {
@@ -617,13 +688,12 @@ impl Decode {
                     return Ok(Step::Frame(Frame::data(data)));
                 }
                 Decode::Close if !buf.is_empty() => return Ok(Step::Frame(Frame::data(buf.split().freeze()))),
-                Decode::Chunked(Chunk::Size) => match httparse::parse_chunk_size(buf) {
-                    Ok(httparse::Status::Complete((used, size))) => {
+                Decode::Chunked(Chunk::Size) => match chunk_line(buf)? {
+                    Some((used, size)) => {
                         buf.advance(used);
                         *self = Decode::Chunked(if size == 0 { Chunk::Trailers } else { Chunk::Data(size) });
                     }
-                    Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Ok(Step::More),
-                    _ => return Err(Error::Chunked),
+                    None => return Ok(Step::More),
                 },
                 Decode::Chunked(Chunk::End) if buf.len() >= 2 => {
                     if &buf[..2] != b"\r\n" {
@@ -697,6 +767,42 @@ pub fn decode_response<'a>(reads: impl IntoIterator<Item = &'a [u8]>, head_reque
     Ok(Decoded { status, headers: head.headers, body, trailers, keep_alive: head.keep_alive })
 }
 
+/// A chunk's size line (RFC 9112 section 7.1: `1*HEXDIG [ BWS ";" chunk-ext ] CRLF`):
+/// its length and the size, once it is all in. Stricter than httparse's, which takes an
+/// empty line for the last chunk (a body cut short, and the rest read as the next
+/// response), and with hyper's rules: no bare LF, no control bytes, a bounded line.
+fn chunk_line(buf: &[u8]) -> Result<Option<(usize, u64)>, Error> {
+    let digits = buf.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits > 16 {
+        return Err(Error::Chunked);
+    }
+    let mut extension = false;
+    for (i, &b) in buf.iter().enumerate().skip(digits) {
+        if i >= MAX_CHUNK_LINE || digits == 0 {
+            return Err(Error::Chunked);
+        }
+        match b {
+            b'\r' => {
+                let Some(&next) = buf.get(i + 1) else { return Ok(None) };
+                if next != b'\n' {
+                    return Err(Error::Chunked);
+                }
+                let hex = std::str::from_utf8(&buf[..digits]).map_err(|_| Error::Chunked)?;
+                let size = u64::from_str_radix(hex, 16).map_err(|_| Error::Chunked)?;
+                return Ok(Some((i + 2, size)));
+            }
+            b' ' | b'\t' => {}
+            b';' => extension = true,
+            b if b < 0x20 || b == 0x7f || !extension => return Err(Error::Chunked),
+            _ => {}
+        }
+    }
+    if buf.len() >= MAX_CHUNK_LINE {
+        return Err(Error::Chunked);
+    }
+    Ok(None)
+}
+
 fn trailer_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, Error> {
     let mut map = HeaderMap::with_capacity(fields.len());
     for f in fields {
@@ -707,7 +813,11 @@ fn trailer_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, Error> {
     Ok(map)
 }
 
-impl hyper::body::Body for Body {
+impl<B> hyper::body::Body for Body<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = Error;
 
@@ -717,6 +827,7 @@ impl hyper::body::Body for Body {
         if let Some(Err(_)) = &frame {
             // A broken body: the connection is not used again.
             this.conn = None;
+            this.sending = None;
             this.decode = Decode::Done;
         }
         Poll::Ready(frame)
@@ -741,7 +852,7 @@ mod tests {
 
     use http_body_util::{BodyExt as _, Empty, Full, StreamBody};
     use tokio::{
-        io::{AsyncBufReadExt as _, BufReader},
+        io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
         net::TcpListener,
         sync::mpsc,
     };
@@ -809,14 +920,18 @@ mod tests {
     }
 
     /// The status, the body and the trailers of a response read to its end.
-    async fn read(resp: Response<Body>) -> (u16, String, Option<HeaderMap>) {
+    async fn read<B>(resp: Response<Body<B>>) -> (u16, String, Option<HeaderMap>)
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
         let status = resp.status().as_u16();
         let collected = resp.into_body().collect().await.unwrap();
         let trailers = collected.trailers().cloned();
         (status, String::from_utf8(collected.to_bytes().to_vec()).unwrap(), trailers)
     }
 
-    async fn send_one<B>(conn: Box<Conn>, req: Request<B>, pool: &Pool, addr: SocketAddr) -> Response<Body>
+    async fn send_one<B>(conn: Box<Conn>, req: Request<B>, pool: &Pool, addr: SocketAddr) -> Response<Body<B>>
     where
         B: hyper::body::Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
@@ -909,6 +1024,9 @@ mod tests {
             ("HTTP/1.1 200 OK\r\ncontent-length: -5\r\n\r\nhello", "invalid content-length"),
             ("HTTP/1.1 2x0 OK\r\n\r\n", "malformed response head"),
             ("HTTP/1.1 101 Switching Protocols\r\n\r\n", "101 Switching"),
+            ("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n", "Transfer-Encoding"),
+            ("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n", "Transfer-Encoding"),
+            ("HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n", "Transfer-Encoding"),
             (many.leak(), "malformed response head"),
         ];
         for (answer, expected) in cases {
@@ -919,11 +1037,16 @@ mod tests {
                 _ => panic!("{answer:?}: accepted"),
             }
         }
-        // A bad chunk size fails the body, not the head.
-        let (addr, _seen) = endpoint(vec!["HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n"]).await;
-        let resp = send_one(conn(addr).await, get(Method::GET), &Pool::default(), addr).await;
-        let err = resp.into_body().collect().await.expect_err("a broken body");
-        assert_eq!(err.to_string(), "malformed chunked response body");
+        // A bad chunk size line fails the body, not the head. An empty one is not the last
+        // chunk (httparse's reading): the body would end early and the rest of it be read
+        // as the next request's response.
+        for line in ["zz\r\n", "\r\n", ";ext\r\n", "5\nhello", "5 x\r\n", "5;a\nb\r\n", "11111111111111111\r\n"] {
+            let answer = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n{line}");
+            let (addr, _seen) = endpoint(vec![answer.leak()]).await;
+            let resp = send_one(conn(addr).await, get(Method::GET), &Pool::default(), addr).await;
+            let err = resp.into_body().collect().await.expect_err("a broken body");
+            assert_eq!(err.to_string(), "malformed chunked response body", "{line:?}");
+        }
     }
 
     /// What goes out: HTTP/1.1, the client's fields, a length the body has or chunks, and
@@ -931,26 +1054,37 @@ mod tests {
     #[tokio::test]
     async fn requests_are_written_with_the_framing_their_body_has() {
         let ok = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
-        let (addr, mut seen) = endpoint(vec![ok, ok, ok]).await;
+        let (addr, mut seen) = endpoint(vec![ok, ok, ok, ok, ok]).await;
         let pool = Pool::default();
         let mut c = conn(addr).await;
         let post = Request::builder()
             .method(Method::POST)
             .uri("/p?q=1")
             .version(Version::HTTP_10)
+            .header("host", "web")
             .header("content-length", "999")
             .body(Full::new(Bytes::from_static(b"abc")))
             .unwrap();
         let empty = Request::builder().method(Method::PUT).uri("/e").body(Empty::<Bytes>::new()).unwrap();
-        for req in [post.map(|b| b.boxed()), empty.map(|b| b.boxed()), get(Method::GET).map(|b| b.boxed())] {
+        // HTTP/1.1 needs a Host: taken from an absolute target, or the request goes as the
+        // HTTP/1.0 it came as.
+        let old = Request::builder().uri("/old").version(Version::HTTP_10).body(Empty::<Bytes>::new()).unwrap();
+        let absolute = Request::builder().uri("http://web:8080/abs").body(Empty::<Bytes>::new()).unwrap();
+        let requests = [post.map(|b| b.boxed()), empty.map(|b| b.boxed()), get(Method::GET).map(|b| b.boxed())];
+        for req in requests.into_iter().chain([old.map(|b| b.boxed()), absolute.map(|b| b.boxed())]) {
             let resp = send_one(c, req, &pool, addr).await;
             let _ = read(resp).await;
             c = pool.take_h1(addr).expect("pooled again");
         }
-        let heads: Vec<String> = [seen.recv().await, seen.recv().await, seen.recv().await].map(Option::unwrap).into();
-        assert_eq!(heads[0], "POST /p?q=1 HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc");
+        let mut heads = Vec::new();
+        for _ in 0..5 {
+            heads.push(seen.recv().await.unwrap());
+        }
+        assert_eq!(heads[0], "POST /p?q=1 HTTP/1.1\r\nhost: web\r\ncontent-length: 3\r\n\r\nabc");
         assert_eq!(heads[1], "PUT /e HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
         assert_eq!(heads[2], "GET /x HTTP/1.1\r\nhost: web\r\n\r\n");
+        assert_eq!(heads[3], "GET /old HTTP/1.0\r\nconnection: keep-alive\r\n\r\n");
+        assert_eq!(heads[4], "GET http://web:8080/abs HTTP/1.1\r\nhost: web:8080\r\n\r\n");
     }
 
     #[tokio::test]
@@ -961,18 +1095,26 @@ mod tests {
         let later = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
             tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"defg")))).unwrap();
+            // Only what the request declared, and never a field a trailer may not carry.
             let mut trailers = HeaderMap::new();
             trailers.insert("x-sum", "7".parse().unwrap());
+            trailers.insert("x-undeclared", "1".parse().unwrap());
+            trailers.insert("host", "elsewhere".parse().unwrap());
             tx.unbounded_send(Ok(Frame::trailers(trailers))).unwrap();
         });
-        let req = Request::builder().method(Method::POST).uri("/up").body(StreamBody::new(rx)).unwrap();
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("/up")
+            .header("trailer", "x-sum, host")
+            .body(StreamBody::new(rx))
+            .unwrap();
         let pool = Pool::default();
         let resp = send_one(conn(addr).await, req, &pool, addr).await;
         later.await.unwrap();
         assert_eq!(read(resp).await.0, 201);
         assert_eq!(
             seen.recv().await.unwrap(),
-            "POST /up HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\nx-sum: 7\r\n\r\n"
+            "POST /up HTTP/1.1\r\ntrailer: x-sum, host\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\nx-sum: 7\r\n\r\n"
         );
         assert_eq!(pool.idle_h1(addr), 1);
     }
@@ -1035,5 +1177,82 @@ mod tests {
             Ok(_) => panic!("answered on a reset connection"),
         }
         drop(kept);
+    }
+
+    /// An endpoint that answers at once and echoes the body as it comes (a stream): the
+    /// rest of the request goes out while its answer streams back, and the connection,
+    /// both ended, is kept.
+    #[tokio::test]
+    async fn a_request_body_keeps_going_out_while_its_answer_streams_back() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let mut s = BufReader::new(s);
+            let mut line = String::new();
+            while line != "\r\n" {
+                line.clear();
+                s.read_line(&mut line).await.unwrap();
+            }
+            s.get_mut().write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await.unwrap();
+            // Each chunk back as it came, to the last.
+            loop {
+                line.clear();
+                s.read_line(&mut line).await.unwrap();
+                let size = usize::from_str_radix(line.trim(), 16).unwrap();
+                let mut data = vec![0; size + 2];
+                s.read_exact(&mut data).await.unwrap();
+                s.get_mut().write_all(line.as_bytes()).await.unwrap();
+                s.get_mut().write_all(&data).await.unwrap();
+                if size == 0 {
+                    break;
+                }
+            }
+            let _ = s.read_to_end(&mut Vec::new()).await;
+        });
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Sent>();
+        tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"one")))).unwrap();
+        let req = Request::builder().method(Method::POST).uri("/echo").body(StreamBody::new(rx)).unwrap();
+        let pool = Pool::default();
+        let mut body = tokio::time::timeout(Duration::from_secs(5), send_one(conn(addr).await, req, &pool, addr))
+            .await
+            .expect("the head, before the request has ended")
+            .into_body();
+        for (sent, next) in [("one", Some("two")), ("two", None)] {
+            let frame = tokio::time::timeout(Duration::from_secs(5), body.frame()).await.expect("the echo comes");
+            assert_eq!(&frame.unwrap().unwrap().into_data().unwrap()[..], sent.as_bytes());
+            match next {
+                Some(n) => tx.unbounded_send(Ok(Frame::data(Bytes::from_static(n.as_bytes())))).unwrap(),
+                None => tx.close_channel(),
+            }
+        }
+        let end = tokio::time::timeout(Duration::from_secs(5), body.frame()).await.expect("the end comes");
+        assert!(end.is_none());
+        assert_eq!(pool.idle_h1(addr), 1, "both ended: kept");
+    }
+
+    /// An endpoint that answers without reading a large body (the socket's buffers full,
+    /// the write blocked): the answer still comes.
+    #[tokio::test]
+    async fn an_answer_comes_through_while_the_request_is_stuck_unread() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 4\r\n\r\nbig!").await.unwrap();
+            let _ = held.await;
+        });
+        let big = Full::new(Bytes::from(vec![b'x'; 32 << 20]));
+        let req = Request::builder().method(Method::PUT).uri("/big").body(big).unwrap();
+        let pool = Pool::default();
+        let resp = tokio::time::timeout(Duration::from_secs(5), send_one(conn(addr).await, req, &pool, addr))
+            .await
+            .expect("answered while the write was stuck");
+        assert_eq!(read(resp).await.1, "big!");
+        assert_eq!(pool.idle_h1(addr), 0, "its request unfinished, the connection is spent");
+        drop(release);
     }
 }
