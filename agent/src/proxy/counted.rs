@@ -16,7 +16,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::stats::{conns::Conn, signals::Signals};
 
-/// Where one stream's bytes are counted.
+/// Where one stream's bytes are counted (cloned for the two halves of a split socket).
+#[derive(Clone)]
 pub enum Tally {
     /// The client's connection: reads are bytes out (towards the service).
     Client { conn: Arc<Conn>, route: Option<Arc<Signals>> },

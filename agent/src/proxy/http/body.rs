@@ -172,8 +172,10 @@ impl Body for Upstream {
 
 pub enum RespBody {
     Upstream {
-        /// A frame read ahead (a gRPC response's first frame, looked at for its status).
-        first: Option<Frame<Bytes>>,
+        /// A frame read ahead (a gRPC response's first frame, looked at for its status),
+        /// or the error that came instead: passed on, so a broken body is not taken for
+        /// one that ended.
+        first: Option<Result<Frame<Bytes>, BoxError>>,
         inner: Upstream,
         _guard: Option<ActiveGuard>,
     },
@@ -200,11 +202,11 @@ impl RespBody {
         let RespBody::Upstream { first, inner, .. } = self else { return None };
         if first.is_none() && !inner.is_end_stream() {
             use http_body_util::BodyExt as _;
-            if let Ok(Some(Ok(frame))) = tokio::time::timeout(wait, inner.frame()).await {
+            if let Ok(Some(frame)) = tokio::time::timeout(wait, inner.frame()).await {
                 *first = Some(frame);
             }
         }
-        first.as_ref().and_then(|f| f.trailers_ref())
+        first.as_ref().and_then(|f| f.as_ref().ok()).and_then(|f| f.trailers_ref())
     }
 }
 
@@ -216,7 +218,7 @@ impl Body for RespBody {
         match self.get_mut() {
             RespBody::Upstream { first, inner, _guard } => {
                 let frame = match first.take() {
-                    Some(f) => Some(Ok(f)),
+                    Some(f) => Some(f),
                     None => ready!(Pin::new(&mut *inner).poll_frame(cx)),
                 };
                 if !matches!(frame, Some(Ok(_))) || inner.is_end_stream() {

@@ -16,7 +16,9 @@
 //! limits on a response head (100 fields, about 400 KiB).
 
 use std::{
+    future::Future as _,
     io::{self, Write as _},
+    marker::PhantomData,
     pin::Pin,
     task::{Context, Poll, ready},
 };
@@ -29,7 +31,14 @@ use hyper::{
     http::request::Parts,
 };
 use smallvec::SmallVec;
-use tokio::{io::AsyncWrite as _, net::TcpStream};
+use tokio::{
+    io::AsyncWrite,
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+};
+use tokio_util::task::AbortOnDropHandle;
 
 use super::{body::BoxError, pool::Home};
 use crate::proxy::counted::Tally;
@@ -81,7 +90,7 @@ pub enum SendError<B> {
 
 /// One upstream HTTP/1.1 connection, idle in the pool or carrying one request.
 pub struct Conn {
-    stream: TcpStream,
+    io: Io,
     tally: Option<Tally>,
     /// Bytes read and not yet used.
     buf: BytesMut,
@@ -91,6 +100,25 @@ pub struct Conn {
     /// Whether it has carried a request before (a write that fails on it may be an idle
     /// close racing the request: the request was then never seen).
     reused: bool,
+}
+
+/// The socket. Split only while a task finishes writing a request body that outlived its
+/// answer's head: the response is read here, and the request body written there, each
+/// at its own pace (the client's side reads the one and feeds the other; a client that
+/// sends all before it reads must not stall its upload behind its unread answer).
+enum Io {
+    Whole(TcpStream),
+    Split { read: OwnedReadHalf, upload: Upload },
+}
+
+/// The write half's task, and what it came to.
+enum Upload {
+    /// Aborted if the connection is dropped with it still running (the response broke
+    /// or its client went away); let go to finish on its own once the response ended.
+    Running(AbortOnDropHandle<Result<OwnedWriteHalf, Error>>),
+    Done(OwnedWriteHalf),
+    /// The endpoint stopped reading (or the task ended otherwise): the connection is spent.
+    Failed,
 }
 
 /// How a message body is delimited (RFC 9112 section 6).
@@ -124,20 +152,55 @@ enum Decode {
 impl Conn {
     /// Boxed: it moves between the pool and response bodies, one pointer.
     pub fn new(stream: TcpStream, tally: Option<Tally>) -> Box<Self> {
-        Box::new(Self { stream, tally, buf: BytesMut::new(), out: Vec::new(), read_size: READ_MIN, reused: false })
+        let io = Io::Whole(stream);
+        Box::new(Self { io, tally, buf: BytesMut::new(), out: Vec::new(), read_size: READ_MIN, reused: false })
+    }
+
+    /// Hand the write half to a task that finishes `sending`.
+    fn split<B>(self, sending: Sending<B>) -> Self
+    where
+        B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let Conn { io, tally, buf, out, read_size, reused } = self;
+        let Io::Whole(stream) = io else { unreachable!("split once, after the head") };
+        let (read, write) = stream.into_split();
+        let task = tokio::spawn(upload(sending, write, tally.clone()));
+        let upload = Upload::Running(AbortOnDropHandle::new(task));
+        Conn { io: Io::Split { read, upload }, tally, buf, out, read_size, reused }
+    }
+
+    /// The connection whole again once its response ended: `None` if it can not carry
+    /// another request (its upload failed, or is still going, and is let finish alone).
+    fn rejoin(self: Box<Self>) -> Option<Box<Self>> {
+        if let Io::Whole(_) = self.io {
+            return Some(self);
+        }
+        let Conn { io, tally, buf, out, read_size, reused } = *self;
+        let stream = match io {
+            Io::Whole(stream) => stream,
+            Io::Split { read, upload: Upload::Done(write) } => read.reunite(write).ok()?,
+            Io::Split { upload: Upload::Running(task), .. } => {
+                drop(task.detach());
+                return None;
+            }
+            Io::Split { upload: Upload::Failed, .. } => return None,
+        };
+        Some(Box::new(Conn { io: Io::Whole(stream), tally, buf, out, read_size, reused }))
     }
 
     /// Whether the endpoint closed this idle connection (or wrote to it unasked, which
     /// leaves it as useless). No system call unless the socket became readable since
     /// its last read, which on an idle connection is only ever that.
     pub fn is_closed(&self) -> bool {
+        let Io::Whole(stream) = &self.io else { return true };
         let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-        match self.stream.poll_read_ready(&mut cx) {
+        match stream.poll_read_ready(&mut cx) {
             Poll::Pending => false,
             Poll::Ready(Err(_)) => true,
             // Readiness can be left over from a read that filled its buffer exactly: ask.
             Poll::Ready(Ok(())) => {
-                !matches!(self.stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                !matches!(stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
         }
     }
@@ -171,7 +234,7 @@ impl Conn {
         home: Home,
     ) -> Result<Response<Body<B>>, SendError<B>>
     where
-        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let head_request = parts.method == Method::HEAD;
@@ -182,7 +245,9 @@ impl Conn {
         // The request is written while the response head is awaited: an endpoint may
         // answer (413, a redirect) before it has read it all, or without reading it.
         let head = std::future::poll_fn(|cx| {
-            let Conn { stream, tally, buf, read_size, .. } = &mut *self;
+            let Conn { io, tally, buf, read_size, .. } = &mut *self;
+            // Whole: only a connection whose upload came back is pooled (`rejoin`).
+            let Io::Whole(stream) = io else { return Poll::Ready(Err(Error::Closed)) };
             if !sent && refused.is_none() {
                 match sending.poll_send(stream, tally.as_ref(), cx) {
                     Poll::Pending => {}
@@ -209,12 +274,12 @@ impl Conn {
         self.reused = true;
         if sent {
             self.out = std::mem::take(&mut sending.out);
+        } else if !spent {
+            self = Box::new((*self).split(sending));
         }
         // Reused only if both sides keep it alive and the request could be written whole.
         let home = (head.keep_alive && !spent).then_some(home);
-        // Boxed: only a request still streaming has one, and the body stays small.
-        let sending = (!sent && !spent).then(|| Box::new(sending));
-        let mut body = Body { conn: Some(self), decode: head.decode, home, sending };
+        let mut body = Body { conn: Some(self), decode: head.decode, home, _request: PhantomData };
         // A response without a body gives its connection back at once.
         body.check_end();
         let mut resp = Response::new(body);
@@ -274,9 +339,9 @@ where
     /// Write what there is; `Ready(Ok)` once the whole request is out. Body frames at
     /// hand go behind what waits to be written, so that the head and a small body leave
     /// in one write.
-    fn poll_send(
+    fn poll_send<W: AsyncWrite + Unpin>(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut W,
         tally: Option<&Tally>,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(), Error>> {
@@ -338,6 +403,20 @@ where
     }
 }
 
+/// The rest of a request body, on the write half; the half back when all is written.
+async fn upload<B>(
+    mut sending: Sending<B>,
+    mut write: OwnedWriteHalf,
+    tally: Option<Tally>,
+) -> Result<OwnedWriteHalf, Error>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    std::future::poll_fn(|cx| sending.poll_send(&mut write, tally.as_ref(), cx)).await?;
+    Ok(write)
+}
+
 /// Fields a trailer may not carry, whatever the request declared (hyper's list: framing,
 /// routing, authentication and fields a recipient would act on before the body).
 fn sendable_trailer(name: &HeaderName) -> bool {
@@ -377,7 +456,13 @@ fn encode_head(parts: &Parts, size: SizeHint, out: &mut Vec<u8>) -> Framing {
     let http10 = !host && parts.uri.authority().is_none() && parts.version == Version::HTTP_10;
     out.extend_from_slice(if http10 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
     if let (false, Some(authority)) = (host, parts.uri.authority()) {
-        put_field(out, b"host", authority.as_str().as_bytes());
+        // Host and port: never the userinfo an absolute target may carry.
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(authority.host().as_bytes());
+        if let Some(port) = authority.port() {
+            let _ = write!(out, ":{port}");
+        }
+        out.extend_from_slice(b"\r\n");
     }
     if http10 {
         put_field(out, b"connection", b"keep-alive");
@@ -468,6 +553,9 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
         let mut resp = httparse::Response::new(&mut []);
         let len =
             match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut fields) {
+                // The limit on a whole head too: one that comes in one read is refused as
+                // one that comes in many is (what the fuzz target holds to).
+                Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => return Err(Error::HeadTooLarge),
                 Ok(httparse::Status::Complete(len)) => len,
                 Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(Error::HeadTooLarge),
                 Ok(httparse::Status::Partial) => return Ok(None),
@@ -579,30 +667,27 @@ fn framing(headers: &HeaderMap, version: Version) -> Result<Framing, Error> {
     Ok(length.map_or(Framing::Close, Framing::Length))
 }
 
-/// A response body, read from its connection as the client's side asks for it, with
-/// the rest of its request's body written as it comes.
+/// A response body, read from its connection as the client's side asks for it.
 pub struct Body<B> {
     /// Until the body has ended (then pooled or closed).
     conn: Option<Box<Conn>>,
     decode: Decode,
     /// The pool, when the connection may carry another request once the body is read.
     home: Option<Home>,
-    /// The request, while not all written.
-    sending: Option<Box<Sending<B>>>,
+    /// The request body's type, which an upload task of the connection's writes.
+    _request: PhantomData<fn(B)>,
 }
 
-impl<B> Body<B>
-where
-    B: hyper::body::Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
+impl<B> Body<B> {
     /// At the end, the connection goes back to the pool if its request went out whole,
-    /// or closes (an endpoint that answered before reading all of it).
+    /// or closes (after an upload still going finishes: an endpoint that answered before
+    /// reading all of the body still gets it all).
     fn check_end(&mut self) {
         if self.decode == Decode::Done
             && let Some(conn) = self.conn.take()
+            // First: it also lets an upload still going finish, pooled or not.
+            && let Some(conn) = conn.rejoin()
             && let Some(home) = self.home.take()
-            && self.sending.is_none()
         {
             home.put(conn);
         }
@@ -611,22 +696,21 @@ where
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         loop {
             let Some(conn) = self.conn.as_mut() else { return Poll::Ready(None) };
-            if let Some(sending) = self.sending.as_mut() {
-                match sending.poll_send(&mut conn.stream, conn.tally.as_ref(), cx) {
-                    Poll::Pending => {}
-                    Poll::Ready(Ok(())) => {
-                        conn.out = std::mem::take(&mut sending.out);
-                        self.sending = None;
-                    }
+            if let Io::Split { upload, .. } = &mut conn.io
+                && let Upload::Running(task) = upload
+                && let Poll::Ready(done) = Pin::new(task).poll(cx)
+            {
+                *upload = match done {
+                    Ok(Ok(write)) => Upload::Done(write),
                     // The client's body broke: so does the exchange.
-                    Poll::Ready(Err(e @ Error::RequestBody(_))) => return Poll::Ready(Some(Err(e))),
+                    Ok(Err(e @ Error::RequestBody(_))) => return Poll::Ready(Some(Err(e))),
                     // The endpoint stopped reading: its answer may still come whole, on a
                     // connection spent.
-                    Poll::Ready(Err(_)) => {
-                        self.sending = None;
+                    _ => {
                         self.home = None;
+                        Upload::Failed
                     }
-                }
+                };
             }
             match self.decode.step(&mut conn.buf) {
                 Ok(Step::More) => {}
@@ -644,7 +728,10 @@ where
             let spare = conn.buf.capacity() - conn.buf.len();
             // Through `AsyncRead`, which clears tokio's readiness after a short read: no
             // empty read to learn the socket is drained.
-            let read = tokio_util::io::poll_read_buf(Pin::new(&mut conn.stream), cx, &mut conn.buf);
+            let read = match &mut conn.io {
+                Io::Whole(stream) => tokio_util::io::poll_read_buf(Pin::new(stream), cx, &mut conn.buf),
+                Io::Split { read, .. } => tokio_util::io::poll_read_buf(Pin::new(read), cx, &mut conn.buf),
+            };
             let n = ready!(read).map_err(Error::Read)?;
             if let Some(t) = &conn.tally {
                 t.read(n);
@@ -705,6 +792,7 @@ impl Decode {
                 Decode::Chunked(Chunk::Trailers) => {
                     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
                     return match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((used, _))) if used > MAX_HEAD => Err(Error::Chunked),
                         Ok(httparse::Status::Complete((used, fields))) => {
                             let trailers = trailer_map(fields)?;
                             buf.advance(used);
@@ -813,11 +901,7 @@ fn trailer_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, Error> {
     Ok(map)
 }
 
-impl<B> hyper::body::Body for Body<B>
-where
-    B: hyper::body::Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
+impl<B> hyper::body::Body for Body<B> {
     type Data = Bytes;
     type Error = Error;
 
@@ -827,7 +911,6 @@ where
         if let Some(Err(_)) = &frame {
             // A broken body: the connection is not used again.
             this.conn = None;
-            this.sending = None;
             this.decode = Decode::Done;
         }
         Poll::Ready(frame)
@@ -933,7 +1016,7 @@ mod tests {
 
     async fn send_one<B>(conn: Box<Conn>, req: Request<B>, pool: &Pool, addr: SocketAddr) -> Response<Body<B>>
     where
-        B: hyper::body::Body<Data = Bytes> + Unpin,
+        B: hyper::body::Body<Data = Bytes> + Unpin + Send + 'static,
         B::Error: Into<BoxError>,
     {
         let (parts, body) = req.into_parts();
@@ -1069,7 +1152,7 @@ mod tests {
         // HTTP/1.1 needs a Host: taken from an absolute target, or the request goes as the
         // HTTP/1.0 it came as.
         let old = Request::builder().uri("/old").version(Version::HTTP_10).body(Empty::<Bytes>::new()).unwrap();
-        let absolute = Request::builder().uri("http://web:8080/abs").body(Empty::<Bytes>::new()).unwrap();
+        let absolute = Request::builder().uri("http://u:p@web:8080/abs").body(Empty::<Bytes>::new()).unwrap();
         let requests = [post.map(|b| b.boxed()), empty.map(|b| b.boxed()), get(Method::GET).map(|b| b.boxed())];
         for req in requests.into_iter().chain([old.map(|b| b.boxed()), absolute.map(|b| b.boxed())]) {
             let resp = send_one(c, req, &pool, addr).await;
@@ -1084,7 +1167,7 @@ mod tests {
         assert_eq!(heads[1], "PUT /e HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
         assert_eq!(heads[2], "GET /x HTTP/1.1\r\nhost: web\r\n\r\n");
         assert_eq!(heads[3], "GET /old HTTP/1.0\r\nconnection: keep-alive\r\n\r\n");
-        assert_eq!(heads[4], "GET http://web:8080/abs HTTP/1.1\r\nhost: web:8080\r\n\r\n");
+        assert_eq!(heads[4], "GET http://u:p@web:8080/abs HTTP/1.1\r\nhost: web:8080\r\n\r\n");
     }
 
     #[tokio::test]
@@ -1119,12 +1202,15 @@ mod tests {
         assert_eq!(pool.idle_h1(addr), 1);
     }
 
-    /// An endpoint may answer before it has read the body (413, a redirect): the answer
-    /// comes through, and the connection, its request unfinished, is not used again.
+    /// An endpoint may answer before it has read the body (a 202 to an upload it stores
+    /// afterwards): the answer comes through at once, the rest of the body still reaches
+    /// the endpoint whole, and the connection, its request unfinished when its answer
+    /// ended, is not pooled.
     #[tokio::test]
-    async fn an_early_answer_ends_a_body_still_streaming() {
+    async fn an_early_answer_comes_through_and_the_body_still_goes_out_whole() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let (got, stored) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let (s, _) = listener.accept().await.unwrap();
             let mut s = BufReader::new(s);
@@ -1133,19 +1219,25 @@ mod tests {
                 line.clear();
                 s.read_line(&mut line).await.unwrap();
             }
-            s.get_mut().write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n").await.unwrap();
-            let _ = s.read_to_end(&mut Vec::new()).await;
+            s.get_mut().write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+            let mut rest = String::new();
+            let _ = s.read_to_string(&mut rest).await;
+            let _ = got.send(rest);
         });
         let (tx, rx) = futures::channel::mpsc::unbounded::<Sent>();
         tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"first")))).unwrap();
-        let req = Request::builder().method(Method::POST).uri("/big").body(StreamBody::new(rx)).unwrap();
+        let req = Request::builder().method(Method::POST).uri("/store").body(StreamBody::new(rx)).unwrap();
         let pool = Pool::default();
         let resp = tokio::time::timeout(Duration::from_secs(5), send_one(conn(addr).await, req, &pool, addr))
             .await
             .expect("answered while the body was open");
-        assert_eq!(read(resp).await.0, 413);
+        assert_eq!(read(resp).await.0, 202);
         assert_eq!(pool.idle_h1(addr), 0);
+        // The answer is done and dropped; the body goes on.
+        tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"second")))).unwrap();
         drop(tx);
+        let rest = tokio::time::timeout(Duration::from_secs(5), stored).await.expect("the upload ends").unwrap();
+        assert_eq!(rest, "5\r\nfirst\r\n6\r\nsecond\r\n0\r\n\r\n");
     }
 
     /// An idle connection the endpoint closed is seen as closed; a request written on a
