@@ -151,26 +151,7 @@ async fn pooled_http1_connections_come_back_after_any_response_and_a_closed_one_
     .await;
     // An endpoint that closes each connection after one response, without saying so
     // (no `connection: close`): the pooled connection dies while idle.
-    let closing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let closing_addr = closing.local_addr().unwrap();
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    let server = tokio::spawn(async move {
-        while let Ok((mut s, _)) = closing.accept().await {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
-            });
-        }
-    });
+    let (closing_addr, accepted, server) = one_answer_each(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
     let services = format!(
         r#"  - {{ name: web, addresses: ["{WEB}"], endpoints: ["{}"], protocol: http1, http: {{ retry: {{ attempts: 1 }} }} }}
   - {{ name: closing, addresses: ["10.96.0.2:80"], endpoints: ["{closing_addr}"], protocol: http1, http: {{ retry: {{ attempts: 1 }} }} }}
@@ -215,28 +196,8 @@ async fn pooled_http1_connections_come_back_after_any_response_and_a_closed_one_
 /// HTTP/1.0 client gets it delimited by its own connection's close.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoints_close_and_framing_stay_on_its_own_hop() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    let server = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let answer =
-                    b"HTTP/1.0 200 OK\r\nconnection: close\r\nkeep-alive: timeout=5\r\nx-app: kept\r\n\r\nall of it";
-                let _ = s.write_all(answer).await;
-            });
-        }
-    });
+    let answer = b"HTTP/1.0 200 OK\r\nconnection: close\r\nkeep-alive: timeout=5\r\nx-app: kept\r\n\r\nall of it";
+    let (addr, accepted, server) = one_answer_each(answer).await;
     let services = format!(r#"  - {{ name: web, addresses: ["{WEB}"], endpoints: ["{addr}"], protocol: http1 }}"#);
     let a = agent("", &services, web()).await;
     let mut client = H1::connect(a.proxy).await;
@@ -262,6 +223,34 @@ async fn an_endpoints_close_and_framing_stay_on_its_own_hop() {
     assert!(!head.to_ascii_lowercase().contains("transfer-encoding"), "{answer:?}");
     assert_eq!(body, "all of it");
     server.abort();
+}
+
+/// An endpoint that writes `answer` once on each connection, after the request head,
+/// and then closes it without saying so; it counts the connections it accepted.
+async fn one_answer_each(
+    answer: &'static [u8],
+) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(answer).await;
+            });
+        }
+    });
+    (addr, accepted, server)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -994,6 +994,18 @@ mod tests {
         (addr, rx)
     }
 
+    /// The next connection to `listener`, its request head read.
+    async fn accept_head(listener: &TcpListener) -> BufReader<TcpStream> {
+        let (s, _) = listener.accept().await.unwrap();
+        let mut s = BufReader::new(s);
+        let mut line = String::new();
+        while line != "\r\n" {
+            line.clear();
+            s.read_line(&mut line).await.unwrap();
+        }
+        s
+    }
+
     async fn conn(addr: SocketAddr) -> Box<Conn> {
         Conn::new(TcpStream::connect(addr).await.unwrap(), None)
     }
@@ -1212,13 +1224,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (got, stored) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let (s, _) = listener.accept().await.unwrap();
-            let mut s = BufReader::new(s);
-            let mut line = String::new();
-            while line != "\r\n" {
-                line.clear();
-                s.read_line(&mut line).await.unwrap();
-            }
+            let mut s = accept_head(&listener).await;
             s.get_mut().write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n").await.unwrap();
             let mut rest = String::new();
             let _ = s.read_to_string(&mut rest).await;
@@ -1279,17 +1285,11 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
-            let (s, _) = listener.accept().await.unwrap();
-            let mut s = BufReader::new(s);
-            let mut line = String::new();
-            while line != "\r\n" {
-                line.clear();
-                s.read_line(&mut line).await.unwrap();
-            }
+            let mut s = accept_head(&listener).await;
             s.get_mut().write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await.unwrap();
             // Each chunk back as it came, to the last.
             loop {
-                line.clear();
+                let mut line = String::new();
                 s.read_line(&mut line).await.unwrap();
                 let size = usize::from_str_radix(line.trim(), 16).unwrap();
                 let mut data = vec![0; size + 2];
