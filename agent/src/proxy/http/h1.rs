@@ -11,9 +11,11 @@
 //!
 //! What hyper's client did that this must too: framing by RFC 9112 section 6 (chunked,
 //! length, until close; none for HEAD, 1xx, 204, 304), informational responses skipped,
-//! a connection reused only when both sides keep it alive and the body was read to its
-//! end, an endpoint's early answer to a request still sending its body, and the same
-//! limits on a response head (100 fields, about 400 KiB).
+//! a connection reused only when both sides keep it alive and both the request and the
+//! response ended, a request body written on after an early answer's head (by a task on
+//! the write half, `Io::Split`), and the same limits on a response head (100 fields,
+//! about 400 KiB). Where it is stricter (chunk size lines, transfer codings), docs/http.md
+//! says why.
 
 use std::{
     future::Future as _,
