@@ -42,7 +42,7 @@ use tokio::{
 };
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{body::BoxError, pool::Home};
+use super::{body::BoxError, headers::has_token, pool::Home};
 use crate::proxy::counted::Tally;
 
 /// The most header fields in a response head (hyper's client default).
@@ -614,15 +614,6 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Er
         };
         return Ok(Some(Head { status, version, reason, headers, decode, keep_alive }));
     }
-}
-
-fn has_token(headers: &HeaderMap, field: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(field)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Whether the endpoint keeps the connection open after this response.

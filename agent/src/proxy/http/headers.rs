@@ -26,12 +26,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // TE: only `trailers` means anything end to end (gRPC sends it). Read before the
     // listed fields go, since RFC 9110 §10.1.4 has a sender of TE list it in
     // `Connection`, and from every TE line, not only the first.
-    let trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    let trailers = has_token(headers, header::TE, "trailers");
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -67,13 +62,17 @@ fn is_fixed_hop_by_hop(name: &HeaderName) -> bool {
 /// connection carries opaque bytes.
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.method() == Method::CONNECT
-        || (req.headers().contains_key(header::UPGRADE)
-            && req
-                .headers()
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
+        || (req.headers().contains_key(header::UPGRADE) && has_token(req.headers(), header::CONNECTION, "upgrade"))
+}
+
+/// Whether any `field` line lists `token` (a comma-separated list, case aside).
+pub fn has_token(headers: &HeaderMap, field: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(field)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// RFC 9110 §9.2.2: sending these twice has the effect of sending them once.
