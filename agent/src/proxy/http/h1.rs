@@ -34,7 +34,7 @@ use hyper::{
 };
 use smallvec::SmallVec;
 use tokio::{
-    io::AsyncWrite,
+    io::{AsyncRead, AsyncWrite},
     net::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
@@ -536,15 +536,32 @@ fn poll_head(
         if let Some(head) = parse_head(buf, head_request)? {
             return Poll::Ready(Ok(head));
         }
-        buf.reserve(*read_size);
-        let n = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, buf)).map_err(Error::Read)?;
-        if n == 0 {
+        if ready!(poll_fill(stream, buf, read_size, tally, cx))? == 0 {
             return Poll::Ready(Err(Error::Closed));
         }
-        if let Some(t) = tally {
-            t.read(n);
-        }
     }
+}
+
+/// Read what the socket has into `buf`, counted. Through `AsyncRead`, which clears
+/// tokio's readiness after a short read: no empty read to learn the socket is drained.
+/// Reads ask for `read_size`, doubled while they fill it.
+fn poll_fill<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    read_size: &mut usize,
+    tally: Option<&Tally>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<usize, Error>> {
+    buf.reserve(*read_size);
+    let spare = buf.capacity() - buf.len();
+    let n = ready!(tokio_util::io::poll_read_buf(Pin::new(r), cx, buf)).map_err(Error::Read)?;
+    if let Some(t) = tally {
+        t.read(n);
+    }
+    if n == spare {
+        *read_size = (*read_size * 2).min(READ_MAX);
+    }
+    Poll::Ready(Ok(n))
 }
 
 /// A final response head from the front of `buf` (taken off it), if it is all there.
@@ -717,22 +734,12 @@ impl<B> Body<B> {
                 }
                 Err(e) => return Poll::Ready(Some(Err(e))),
             }
-            conn.buf.reserve(conn.read_size);
-            let spare = conn.buf.capacity() - conn.buf.len();
-            // Through `AsyncRead`, which clears tokio's readiness after a short read: no
-            // empty read to learn the socket is drained.
-            let read = match &mut conn.io {
-                Io::Whole(stream) => tokio_util::io::poll_read_buf(Pin::new(stream), cx, &mut conn.buf),
-                Io::Split { read, .. } => tokio_util::io::poll_read_buf(Pin::new(read), cx, &mut conn.buf),
+            let Conn { io, tally, buf, read_size, .. } = &mut **conn;
+            let read = match io {
+                Io::Whole(stream) => poll_fill(stream, buf, read_size, tally.as_ref(), cx),
+                Io::Split { read, .. } => poll_fill(read, buf, read_size, tally.as_ref(), cx),
             };
-            let n = ready!(read).map_err(Error::Read)?;
-            if let Some(t) = &conn.tally {
-                t.read(n);
-            }
-            if n == spare {
-                conn.read_size = (conn.read_size * 2).min(READ_MAX);
-            }
-            if n == 0 {
+            if ready!(read)? == 0 {
                 // A close-delimited body ends here; any other was cut short.
                 self.conn = None;
                 return Poll::Ready(self.decode.at_eof().err().map(Err));
